@@ -1,0 +1,73 @@
+"""One format for bad-parameter errors, used at every public boundary.
+
+Every message names the parameter, what is allowed and the value received:
+``The 'sigma' parameter must be a float in [0, inf). Got -1.0 instead.``
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A parameter has a value that is not allowed."""
+
+
+def fail(name: str, allowed: str, value: Any) -> ConfigError:
+    return ConfigError(f"The '{name}' parameter must be {allowed}. Got {value!r} instead.")
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it lies in the interval, else raise ConfigError."""
+    lo = "(" if low_open or low == -math.inf else "["
+    hi = ")" if high_open or high == math.inf else "]"
+    allowed = f"a float in {lo}{_fmt(low)}, {_fmt(high)}{hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(name, allowed, value)
+    v = float(value)
+    if math.isnan(v):
+        raise fail(name, allowed, value)
+    if v < low or (low_open and v == low) or v > high or (high_open and v == high):
+        raise fail(name, allowed, value)
+    return v
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as an int in [low, high], else raise ConfigError."""
+    lo = "-inf" if low is None else str(low)
+    hi = "inf" if high is None else str(high)
+    allowed = f"an integer in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise fail(name, allowed, value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise fail(name, allowed, value)
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ConfigError listing them."""
+    choices = list(choices)
+    if value not in choices:
+        raise fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
+    return value
+
+
+def _fmt(x: float) -> str:
+    if x == math.inf:
+        return "inf"
+    if x == -math.inf:
+        return "-inf"
+    return repr(x) if not float(x).is_integer() else str(int(x)) if abs(x) < 1e15 else repr(x)
