@@ -1,0 +1,212 @@
+"""Local training of all clients of a round as one batched computation (Section 3.1).
+
+Client i starts from the global model w~_{t-1} and runs tau_i steps of plain
+SGD, w_s = w_{s-1} - eta * g_i(w_{s-1}; xi_s), each g_i the mean cross-entropy
+gradient over a mini-batch of n_B samples (a short last batch is averaged over
+its actual size). It sends w_{t tau_i} - w~_{t-1}.
+
+Instead of a Python loop over clients, every local step of every client is one
+batched tensor operation: the K clients' parameters are a (K, D) tensor and the
+s-th batches of all clients a (K, n_B, d) tensor. Clients with fewer local
+iterations (tau_i < max tau) or a short batch are handled by per-sample
+weights: a padded slot has weight 0, so the result is exactly that of the
+per-client loop (:func:`local_updates_loop`, kept as the reference).
+
+Batches are drawn per client per round from ``numpy_generator(seed, "batches",
+t, i)``: each local epoch is a fresh permutation of the client's shard cut into
+ceil(n_i / n_B) batches; tau_i batches are taken in order. Attackers poison the
+first q_B positions of each batch (Section 3.2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from crfl.model import Model
+from crfl.rng import numpy_generator
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """The federated training data: shared storage plus each client's sample indices."""
+
+    x: torch.Tensor  # (n, d) storage dtype (uint8 pixels or float32 features)
+    y: torch.Tensor  # (n,) int64
+    input_scale: float
+    indices: tuple[np.ndarray, ...]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.indices)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.array([len(ix) for ix in self.indices], dtype=np.int64)
+
+    def inputs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Model inputs x / input_scale for storage rows (any shape of row indices)."""
+        x = self.x[rows].to(dtype)
+        return x.div_(self.input_scale) if self.input_scale != 1.0 else x
+
+
+def local_iterations(sizes: Sequence[int], batch_size: int, local_iters: int | None, local_epochs: int) -> np.ndarray:
+    """tau_i: a fixed number of iterations, or local_epochs * ceil(n_i / n_B)."""
+    if local_iters is not None:
+        return np.full(len(sizes), int(local_iters), dtype=np.int64)
+    return np.array([local_epochs * math.ceil(n / batch_size) for n in sizes], dtype=np.int64)
+
+
+def client_batches(num_samples: int, batch_size: int, tau: int, rng: np.random.Generator) -> np.ndarray:
+    """(tau, n_B) positions into a client's shard, -1 where a short last batch has no sample."""
+    per_epoch = math.ceil(num_samples / batch_size)
+    out = np.full((tau, batch_size), -1, dtype=np.int64)
+    s = 0
+    while s < tau:
+        perm = rng.permutation(num_samples)
+        for j in range(per_epoch):
+            if s >= tau:
+                break
+            chunk = perm[j * batch_size : (j + 1) * batch_size]
+            out[s, : len(chunk)] = chunk
+            s += 1
+    return out
+
+
+def client_round_batches(shard: np.ndarray, client: int, batch_size: int, tau: int, seed: int, t: int) -> np.ndarray:
+    """Global sample indices of client ``client``'s batches in round t: (tau, n_B), -1 padded.
+
+    A pure function of (seed, t, client): a client computing alone (e.g. a Flower ClientApp)
+    draws exactly the batches it draws in the batched simulator.
+    """
+    pos = client_batches(len(shard), batch_size, int(tau), numpy_generator(seed, "batches", t, client))
+    return np.where(pos >= 0, shard[np.maximum(pos, 0)], -1)
+
+
+def round_batches(data: ClientData, batch_size: int, tau: np.ndarray, seed: int, t: int) -> np.ndarray:
+    """Global sample indices of every client's batches in round t: (K, max tau, n_B), -1 padded."""
+    K = data.num_clients
+    idx = np.full((K, int(tau.max()), batch_size), -1, dtype=np.int64)
+    for i, shard in enumerate(data.indices):
+        idx[i, : tau[i]] = client_round_batches(shard, i, batch_size, int(tau[i]), seed, t)
+    return idx
+
+
+@dataclass(frozen=True)
+class Poison:
+    """Which batch slots are poisoned in this round, with what trigger, to which label."""
+
+    mask: torch.Tensor  # (K, tau, n_B) bool
+    deltas: torch.Tensor  # (K, d) trigger per client (zero rows for benign clients)
+    target: int
+    low: float = 0.0
+    high: float = 1.0
+
+
+def poison_slots(idx: np.ndarray, attackers: Sequence[int], q_B: int) -> torch.Tensor:
+    """The first q_B positions of every (non-empty) batch of each attacker (Section 3.2)."""
+    mask = np.zeros(idx.shape, dtype=bool)
+    for a in attackers:
+        mask[a, :, :q_B] = idx[a, :, :q_B] >= 0
+    return torch.from_numpy(mask)
+
+
+@dataclass
+class PoisonStats:
+    """Actual ||x' - x|| of the poisoned samples per attacker (clamping can shrink the trigger)."""
+
+    count: np.ndarray
+    max_norm: np.ndarray
+    sum_norm: np.ndarray
+
+    @staticmethod
+    def empty(K: int) -> "PoisonStats":
+        return PoisonStats(np.zeros(K, np.int64), np.zeros(K), np.zeros(K))
+
+    def add(self, k: torch.Tensor, norms: torch.Tensor) -> None:
+        kk = k.numpy()
+        nn_ = norms.double().numpy()
+        np.add.at(self.count, kk, 1)
+        np.add.at(self.sum_norm, kk, nn_)
+        np.maximum.at(self.max_norm, kk, nn_)
+
+
+def _batch(
+    data: ClientData, idx_s: torch.Tensor, pmask_s: torch.Tensor | None, poison: Poison | None, dtype: torch.dtype,
+    stats: PoisonStats | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (K, n_B, d), labels (K, n_B) and averaging weights (K, n_B) of one local step."""
+    valid = idx_s >= 0
+    rows = idx_s.clamp(min=0)
+    X = data.inputs(rows, dtype)
+    Y = data.y[rows]
+    if poison is not None and pmask_s is not None and bool(pmask_s.any()):
+        k, j = torch.nonzero(pmask_s, as_tuple=True)
+        clean = X[k, j]
+        dirty = torch.clamp(clean + poison.deltas[k].to(dtype), poison.low, poison.high)
+        X[k, j] = dirty
+        Y = Y.clone()
+        Y[k, j] = poison.target
+        if stats is not None:
+            stats.add(k, torch.linalg.vector_norm((dirty - clean).double(), dim=1))
+    count = valid.sum(dim=1, keepdim=True).clamp(min=1)
+    weight = valid.to(dtype) / count.to(dtype)
+    return X, Y, weight
+
+
+def local_updates(
+    model: Model,
+    params: torch.Tensor,
+    data: ClientData,
+    idx: np.ndarray,
+    lr: float,
+    poison: Poison | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, PoisonStats]:
+    """Run every client's local SGD at once; return the updates w_i - w (K, D) and poison stats."""
+    K, tau_max, _ = idx.shape
+    idx_t = torch.from_numpy(idx)
+    local = params.to(dtype).unsqueeze(0).repeat(K, 1)
+    stats = PoisonStats.empty(K)
+    for s in range(tau_max):
+        pm = poison.mask[:, s] if poison is not None else None
+        X, Y, weight = _batch(data, idx_t[:, s], pm, poison, dtype, stats)
+        local.sub_(model.loss_grad(local, X, Y, weight), alpha=lr)
+    return local - params.to(dtype).unsqueeze(0), stats
+
+
+def local_updates_loop(
+    model: Model,
+    params: torch.Tensor,
+    data: ClientData,
+    idx: np.ndarray,
+    lr: float,
+    poison: Poison | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference implementation: a plain loop over clients and steps with autograd (for tests)."""
+    K, tau_max, _ = idx.shape
+    out = []
+    for k in range(K):
+        w = params.to(dtype).clone()
+        for s in range(tau_max):
+            rows = idx[k, s][idx[k, s] >= 0]
+            if len(rows) == 0:
+                continue
+            X = data.inputs(torch.from_numpy(rows), dtype)
+            Y = data.y[torch.from_numpy(rows)].clone()
+            if poison is not None:
+                pm = poison.mask[k, s][: len(rows)]
+                X[pm] = torch.clamp(X[pm] + poison.deltas[k].to(dtype), poison.low, poison.high)
+                Y[pm] = poison.target
+            w_req = w.clone().requires_grad_(True)
+            loss = F.cross_entropy(model.logits(w_req.unsqueeze(0), X.unsqueeze(0))[0], Y)
+            (g,) = torch.autograd.grad(loss, w_req)
+            w = w - lr * g
+        out.append(w - params.to(dtype))
+    return torch.stack(out)

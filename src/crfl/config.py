@@ -1,0 +1,345 @@
+"""Run configuration: typed sections, presets, ``--set key=value`` overrides.
+
+A configuration is resolved in layers: defaults < preset < config file <
+``--set`` overrides (< command-line shortcuts such as ``--dataset``). The
+resolved configuration, with every parameter, is written next to every result
+(``config.yaml``) and is all a run needs to be repeated.
+
+Symbols follow the paper: ``clients.lr`` = eta, ``clients.batch_size`` = n_B,
+``clients.local_iters`` = tau (or ``local_epochs``), ``attack.poison_per_batch``
+= q_B, ``attack.gamma`` = gamma, ``attack.rounds`` = t_adv, ``server.rounds`` =
+T, ``server.rho`` = rho_t, ``server.sigma`` = sigma_t, ``certify.sigma_T``,
+``certify.M``, ``certify.alpha``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crfl.attacks import PAPER_PIXELS
+from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist-5k"
+    data_dir: str | None = None
+    partition: str = "iid"  # iid | natural | dirichlet
+    num_clients: int | None = 20
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2  # mnist-5k's stratified split
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "logistic"  # logistic (the paper's) | mlp
+    hidden: int = 64
+    init: str = "default"  # default (nn.Linear's uniform) | zeros
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    lr: float = 0.001
+    batch_size: int = 100
+    local_iters: int | None = None  # tau; None: local_epochs * ceil(n_i / n_B)
+    local_epochs: int = 1
+    weighting: str = "uniform"  # p_i: uniform | samples
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    num_attackers: int = 1  # R
+    attackers: list[int] | None = None  # explicit client ids; default 0..R-1
+    rounds: list[int] | None = field(default_factory=lambda: [10])  # t_adv
+    every: int | None = None
+    start: int | None = None
+    poison_per_batch: int = 5  # q_B
+    target: int | str = "auto"  # dataset default (0 for images, 7 for LOAN)
+    gamma: float = 10.0
+    trigger: str = "auto"  # pixel | loan | dba (auto: pixel for images, loan for tables)
+    magnitude: float = 0.1  # ||delta||
+    pixels: list[list[int]] = field(default_factory=lambda: [list(p) for p in PAPER_PIXELS])
+    features: list[str] | None = None
+    dba_parts: int | None = None
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    name: str = "fedavg"  # fedavg | rfa | median | trimmed-mean | krum
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    rounds: int = 100  # T
+    rho: Any = field(default_factory=lambda: {"kind": "linear", "a": 0.1, "b": 2.0, "cap": 15.0})
+    sigma: Any = 0.01  # sigma_t, t <= T-1: a number or a list of T-1 values
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    method: str = "auto"  # auto (exact for linear models) | exact | monte-carlo
+    M: int = 1000
+    alpha: float = 0.001
+    bound: str = "clopper-pearson"  # hoeffding | clopper-pearson
+    coverage: str = "simultaneous"  # simultaneous | paper
+    selection: int = 0  # size of a separate selection sample (Cohen et al.); 0: none
+    sigma_T: float = 0.01
+    lipschitz: str = "sound"  # sound | paper
+    radii: list[float] | None = None  # grid for the certified-accuracy tables (None: automatic)
+    num_test: int | None = None  # certify the first n test points (None: all)
+    twin: bool = False
+    twin_scaling: bool = True  # the clean twin keeps the gamma scaling (the theorem's virtual benign process)
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 1
+    preset: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A new config with dotted-key overrides, e.g. ``replace(**{"attack.gamma": 100})``."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            set_dotted(d, k, v)
+        return from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# building and validating
+
+
+def _union_members(tp: Any) -> list[Any]:
+    """The members of a Union / X | Y type, or [tp] for any other type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return list(typing.get_args(tp))
+    return [tp]
+
+
+def _is_optional(tp: Any) -> bool:
+    return type(None) in _union_members(tp)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise fail(prefix or "config", "a mapping", data)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the configuration"
+        raise ConfigError(f"Unknown parameter(s) {unknown} in {where}; valid: {', '.join(names)}.")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        key = f"{prefix}.{name}" if prefix else name
+        val = data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, val, key)
+        else:
+            kwargs[name] = _coerce(key, tp, val)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, tp: Any, val: Any) -> Any:
+    if val is None:
+        if _is_optional(tp) or tp is Any:
+            return None
+        raise fail(key, f"a value of type {getattr(tp, '__name__', tp)}", val)
+    base = [a for a in _union_members(tp) if a is not type(None)]
+    if int in base and float not in base and isinstance(val, int) and not isinstance(val, bool):
+        return val
+    if float in base and isinstance(val, (int, float)) and not isinstance(val, bool):
+        return float(val)
+    if str in base and isinstance(val, str):
+        return val
+    if bool in base and isinstance(val, bool):
+        return val
+    for b in base:
+        origin = typing.get_origin(b)
+        if origin is list and isinstance(val, (list, tuple)):
+            return list(val)
+        if origin is dict and isinstance(val, dict):
+            return dict(val)
+    if tp is Any:
+        return val
+    names = " or ".join(getattr(b, "__name__", str(b)) for b in base)
+    raise fail(key, f"of type {names}", val)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check every parameter that can be checked without the data; errors name parameter and value."""
+    check_int("seed", cfg.seed, low=0)
+    d = cfg.data
+    check_choice("data.partition", d.partition, ["iid", "natural", "dirichlet"])
+    if d.num_clients is not None:
+        check_int("data.num_clients", d.num_clients, low=1)
+    check_real("data.dirichlet_alpha", d.dirichlet_alpha, low=0.0, low_open=True)
+    check_real("data.test_fraction", d.test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_choice("model.init", cfg.model.init, ["default", "zeros"])
+    c = cfg.clients
+    check_real("clients.lr", c.lr, low=0.0, low_open=True)
+    check_int("clients.batch_size", c.batch_size, low=1)
+    if c.local_iters is not None:
+        check_int("clients.local_iters", c.local_iters, low=1)
+    check_int("clients.local_epochs", c.local_epochs, low=1)
+    check_choice("clients.weighting", c.weighting, ["uniform", "samples"])
+    a = cfg.attack
+    check_int("attack.num_attackers", a.num_attackers, low=0)
+    if a.attackers is not None and len(a.attackers) != a.num_attackers:
+        raise fail(
+            "attack.attackers", f"a list of attack.num_attackers = {a.num_attackers} client ids", a.attackers
+        )
+    check_int("attack.poison_per_batch", a.poison_per_batch, low=0, high=c.batch_size)
+    if a.target != "auto":
+        check_int("attack.target", a.target, low=0)
+    check_real("attack.gamma", a.gamma, low=0.0)
+    check_choice("attack.trigger", a.trigger, ["auto", "pixel", "loan", "dba"])
+    check_real("attack.magnitude", a.magnitude, low=0.0)
+    s = cfg.server
+    check_int("server.rounds", s.rounds, low=1)
+    if a.num_attackers > 0 and a.every is None and a.rounds:
+        for r in a.rounds:
+            check_int("attack.rounds", r, low=1, high=s.rounds)
+    from crfl.schedule import RhoSchedule, SigmaSchedule
+
+    rho = RhoSchedule.from_config(s.rho)
+    for t in (1, s.rounds):
+        rho(t)
+    SigmaSchedule.from_config(s.sigma, s.rounds)
+    r = cfg.run
+    check_choice("run.dtype", r.dtype, ["float32", "float64"])
+    check_int("run.eval_every", r.eval_every, low=1)
+    check_int("run.checkpoint_every", r.checkpoint_every, low=1)
+    if r.threads is not None:
+        check_int("run.threads", r.threads, low=1)
+    z = cfg.certify
+    check_choice("certify.method", z.method, ["auto", "exact", "monte-carlo"])
+    check_int("certify.M", z.M, low=1)
+    check_real("certify.alpha", z.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_choice("certify.bound", z.bound, ["hoeffding", "clopper-pearson"])
+    check_choice("certify.coverage", z.coverage, ["simultaneous", "paper"])
+    check_int("certify.selection", z.selection, low=0)
+    check_real("certify.sigma_T", z.sigma_T, low=0.0, low_open=True)
+    check_choice("certify.lipschitz", z.lipschitz, ["sound", "paper"])
+    if z.num_test is not None:
+        check_int("certify.num_test", z.num_test, low=1)
+    if z.radii is not None:
+        for i, v in enumerate(z.radii):
+            check_real(f"certify.radii[{i}]", v, low=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets, files and overrides
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("crfl.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    check_choice("preset", name, preset_names())
+    text = resources.files("crfl.presets").joinpath(f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    data["preset"] = name
+    return data
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"The 'config' parameter must name a YAML file. Got {str(p)!r} instead (no such file).")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"The config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config file {str(p)!r} must hold a mapping of sections. Got {type(data).__name__}.")
+    return data
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        if p not in cur or not isinstance(cur[p], dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value: ``attack.gamma=100``, ``server.sigma=[0.01, 0.02]``."""
+    if "=" not in text:
+        raise ConfigError(f"The '--set' parameter must look like key=value. Got {text!r} instead.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options", "rho"):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """defaults < preset < config file < overrides."""
+    data: dict[str, Any] = Config().to_dict()
+    if preset is not None:
+        data = deep_merge(data, load_preset(preset))
+    if config_file is not None:
+        data = deep_merge(data, load_config_file(config_file))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for k, v in items:
+        set_dotted(data, k, v)
+    return from_dict(data)

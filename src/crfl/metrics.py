@@ -1,0 +1,52 @@
+"""Certified accuracy and certified rate (Section 6.1).
+
+For test points i with label y_i, prediction c_i (ABSTAIN = -1) and radius RAD_i:
+    certified rate at r     = (1/m) sum_i 1{RAD_i >= r}
+    certified accuracy at r = (1/m) sum_i 1{c_i = y_i and RAD_i >= r}
+An abstention has RAD_i = 0 and c_i = -1, so it counts in neither.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ABSTAIN = -1
+
+
+def certified_rate(radius: np.ndarray, predicted: np.ndarray, r: np.ndarray) -> np.ndarray:
+    radius = np.asarray(radius, dtype=float)
+    ok = (np.asarray(predicted) != ABSTAIN)[:, None] & (radius[:, None] >= np.asarray(r, dtype=float)[None, :])
+    return ok.mean(axis=0) if len(radius) else np.zeros(len(r))
+
+
+def certified_accuracy(radius: np.ndarray, predicted: np.ndarray, label: np.ndarray, r: np.ndarray) -> np.ndarray:
+    radius = np.asarray(radius, dtype=float)
+    correct = (np.asarray(predicted) == np.asarray(label)) & (np.asarray(predicted) != ABSTAIN)
+    ok = correct[:, None] & (radius[:, None] >= np.asarray(r, dtype=float)[None, :])
+    return ok.mean(axis=0) if len(radius) else np.zeros(len(r))
+
+
+def radius_grid(radii: list[np.ndarray], points: int = 41, fixed: list[float] | None = None) -> np.ndarray:
+    """0 .. the largest finite certified radius over the given sets (plus any fixed radii)."""
+    finite = [r[np.isfinite(r) & (r > 0)] for r in radii]
+    top = max((float(f.max()) for f in finite if len(f)), default=0.0)
+    grid = np.linspace(0.0, top * 1.02 if top > 0 else 1.0, points)
+    if fixed:
+        grid = np.union1d(grid, np.asarray(fixed, dtype=float))
+    return grid
+
+
+def curve_table(radius: np.ndarray, predicted: np.ndarray, label: np.ndarray, grid: np.ndarray) -> list[dict[str, float]]:
+    acc = certified_accuracy(radius, predicted, label, grid)
+    rate = certified_rate(radius, predicted, grid)
+    return [{"radius": float(r), "certified_accuracy": float(a), "certified_rate": float(c)} for r, a, c in zip(grid, acc, rate)]
+
+
+def finite_max(radius: np.ndarray) -> float:
+    r = np.asarray(radius, dtype=float)
+    r = r[r > 0]
+    if len(r) == 0:
+        return 0.0
+    return float(r.max()) if np.all(np.isfinite(r)) else math.inf

@@ -1,0 +1,173 @@
+"""Models as functions of a flat parameter vector, batched over clients.
+
+The paper's model is multinomial logistic regression: one linear layer with
+bias, softmax, cross-entropy (Section 6.1). Its parameters are one flat vector
+w = [vec(W) (C x d, row-major), b (C)] — the layout of
+``torch.nn.utils.parameters_to_vector(nn.Linear(d, C))`` — and ||w|| is the
+norm the server clips (bias included). Every model here exposes the same three
+batched operations over K parameter vectors at once:
+
+- ``logits(params (K, D), X (K, n, d)) -> (K, n, C)``
+- ``loss_grad(params (K, D), X (K, n, d), Y (K, n), weight (K, n)) -> (K, D)``:
+  the gradient of sum_j weight_j * CE(x_j, y_j) for each of the K models;
+- ``init(generator) -> (D,)``.
+
+:class:`LinearModel` computes the gradient in closed form, (P - Y)^T [X, 1]
+(Appendix B.6, Eq. 24); :class:`ModuleModel` wraps any ``torch.nn.Module`` with
+``torch.func`` (vmap of grad over the client axis) for empirical runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crfl.validation import check_choice, check_int
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """Multinomial logistic regression with bias (the paper's model)."""
+
+    num_features: int
+    num_classes: int
+    is_linear: bool = True
+    name: str = "logistic"
+
+    @property
+    def num_params(self) -> int:
+        return self.num_classes * self.num_features + self.num_classes
+
+    def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (..., C, d), b (..., C)) views of flat parameters (..., D)."""
+        cd = self.num_classes * self.num_features
+        lead = params.shape[:-1]
+        return params[..., :cd].reshape(*lead, self.num_classes, self.num_features), params[..., cd:]
+
+    def logits(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        W, b = self.split(params)
+        return torch.baddbmm(b.unsqueeze(1), X, W.transpose(1, 2))
+
+    def loss_grad(self, params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """d/dw sum_j weight_j * CE(softmax(W x_j + b), y_j) = sum_j weight_j (P_j - e_{y_j}) [x_j; 1]^T."""
+        G = torch.softmax(self.logits(params, X), dim=-1)
+        G.scatter_add_(-1, Y.unsqueeze(-1), -torch.ones_like(Y, dtype=G.dtype).unsqueeze(-1))
+        G.mul_(weight.unsqueeze(-1))
+        gW = torch.bmm(G.transpose(1, 2), X)
+        gb = G.sum(dim=1)
+        return torch.cat([gW.flatten(1), gb], dim=1)
+
+    def predict(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """Predicted classes of one parameter vector (D,) on inputs X (n, d)."""
+        W, b = self.split(params)
+        return torch.addmm(b, X, W.T).argmax(dim=1)
+
+    def init(self, generator: torch.Generator, dtype: torch.dtype = torch.float32, kind: str = "default") -> torch.Tensor:
+        """PyTorch's nn.Linear initialisation U(-1/sqrt(d), 1/sqrt(d)) from an explicit generator, or zeros."""
+        if kind == "zeros":
+            return torch.zeros(self.num_params, dtype=dtype)
+        bound = 1.0 / math.sqrt(self.num_features)
+        return (torch.rand(self.num_params, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+    def to_module(self, params: torch.Tensor) -> nn.Linear:
+        lin = nn.Linear(self.num_features, self.num_classes)
+        W, b = self.split(params)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        return lin
+
+
+class ModuleModel:
+    """Any ``torch.nn.Module`` mapping (n, d) inputs to (n, C) logits, batched over clients with torch.func."""
+
+    is_linear = False
+
+    def __init__(self, module: nn.Module, num_features: int, num_classes: int, name: str = "module") -> None:
+        self.module = module
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.name = name
+        self._names = [n for n, _ in module.named_parameters()]
+        self._shapes = [p.shape for _, p in module.named_parameters()]
+        self._sizes = [p.numel() for _, p in module.named_parameters()]
+
+    @property
+    def num_params(self) -> int:
+        return sum(self._sizes)
+
+    def unflatten(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        lead = params.shape[:-1]
+        parts = torch.split(params, self._sizes, dim=-1)
+        return {n: p.reshape(*lead, *s) for n, p, s in zip(self._names, parts, self._shapes)}
+
+    def _call(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.module, p, (x,))
+
+    def logits(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return torch.vmap(self._call)(self.unflatten(params), X)
+
+    def loss_grad(self, params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return (F.cross_entropy(self._call(p, x), y, reduction="none") * w).sum()
+
+        grads = torch.vmap(torch.func.grad(loss))(self.unflatten(params), X, Y, weight)
+        return torch.cat([grads[n].flatten(1) for n in self._names], dim=1)
+
+    def predict(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return self._call(self.unflatten(params), X).argmax(dim=1)
+
+    def init(self, generator: torch.Generator, dtype: torch.dtype = torch.float32, kind: str = "default") -> torch.Tensor:
+        """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every parameter (fan_in of the layer it belongs to)."""
+        if kind == "zeros":
+            return torch.zeros(self.num_params, dtype=dtype)
+        parts = []
+        fan_in = self.num_features
+        for shape, size in zip(self._shapes, self._sizes):
+            if len(shape) >= 2:
+                fan_in = int(math.prod(shape[1:]))
+            bound = 1.0 / math.sqrt(fan_in)
+            parts.append((torch.rand(size, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+        return torch.cat(parts).to(dtype)
+
+    def to_module(self, params: torch.Tensor) -> nn.Module:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(params.to(next(self.module.parameters()).dtype), self.module.parameters())
+        return self.module
+
+
+Model = LinearModel | ModuleModel
+
+_MODELS: dict[str, Callable[..., Model]] = {}
+
+
+def _mlp(num_features: int, num_classes: int, hidden: int = 64) -> ModuleModel:
+    hidden = check_int("model.hidden", hidden, low=1)
+    net = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    return ModuleModel(net, num_features, num_classes, name="mlp")
+
+
+_MODELS["logistic"] = lambda num_features, num_classes, **kw: LinearModel(num_features, num_classes)
+_MODELS["mlp"] = _mlp
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(name: str, num_features: int, num_classes: int, **options: object) -> Model:
+    """Build a registered model: ``logistic`` (the paper's) or ``mlp`` (empirical runs only)."""
+    check_choice("model.name", name, model_names())
+    return _MODELS[name](num_features, num_classes, **options)
+
+
+def wrap_module(module: nn.Module, num_features: int, num_classes: int) -> Model:
+    """Use any torch.nn.Module; an ``nn.Linear`` becomes the closed-form LinearModel."""
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        return LinearModel(module.in_features, module.out_features)
+    return ModuleModel(module.float(), num_features, num_classes, name=type(module).__name__)

@@ -1,0 +1,59 @@
+"""The CRFL server step (Algorithm 1): aggregate, clip the model norm to rho_t, perturb.
+
+The step wraps any aggregation rule: given the aggregated update it forms
+w_t = w~_{t-1} + update, clips the *global model's* whole parameter vector
+(weights and bias) to norm rho_t, and for t <= T-1 adds N(0, sigma_t^2 I) drawn
+from the round's own generator. The output of round T is Clip_{rho_T}(w_T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crfl.rng import torch_generator
+
+
+def clip_to_norm(w: torch.Tensor, rho: float) -> tuple[torch.Tensor, float]:
+    """Clip_rho(w) = w / max(1, ||w|| / rho) (Section 4.1). Returns (clipped, ||w|| before)."""
+    norm = float(torch.linalg.vector_norm(w.double()))
+    scale = max(1.0, norm / rho)
+    return (w / scale if scale > 1.0 else w.clone()), norm
+
+
+def gaussian_noise(shape: torch.Size | tuple[int, ...], sigma: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """epsilon ~ N(0, sigma^2 I) from an explicit generator."""
+    return torch.randn(shape, generator=generator, dtype=dtype) * sigma
+
+
+@dataclass(frozen=True)
+class ServerStepInfo:
+    norm_before_clip: float
+    rho: float
+    sigma: float
+    clipped: bool
+
+
+def server_step(
+    w_prev: torch.Tensor,
+    update: torch.Tensor,
+    *,
+    t: int,
+    rounds: int,
+    rho_t: float,
+    sigma_t: float,
+    seed: int,
+) -> tuple[torch.Tensor, ServerStepInfo]:
+    """One server update of Algorithm 1: w_t = w~_{t-1} + update; Clip_{rho_t}; + eps_t if t <= T-1.
+
+    The noise of round t comes from ``torch_generator(seed, "server-noise", t)``, so a resumed run
+    and a clean twin run draw the same noise.
+    """
+    w = w_prev + update
+    clipped, norm = clip_to_norm(w, rho_t)
+    sigma = sigma_t if t < rounds else 0.0
+    if sigma > 0:
+        gen = torch_generator(seed, "server-noise", t)
+        clipped = clipped + gaussian_noise(clipped.shape, sigma, gen, torch.float64).to(clipped.dtype)
+    return clipped, ServerStepInfo(norm_before_clip=norm, rho=rho_t, sigma=sigma, clipped=norm > rho_t)
