@@ -294,10 +294,17 @@ def certify_run(
     progress: bool = False,
     dataset: Dataset | None = None,
     module: torch.nn.Module | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Certify the final model of a finished run; write certificates, summary blocks and plots."""
-    run = Path(run_dir)
-    cfg, final, attack_log = load_run(run, overrides)
+    """Certify the final model of a finished run; write certificates, summary blocks and plots.
+
+    Results go into the run directory, or into ``out_dir`` (a sweep keeps one directory per
+    certification setting of the same training run); ``summary.json`` there starts from the run's.
+    """
+    src = Path(run_dir)
+    cfg, final, attack_log = load_run(src, overrides)
+    run = Path(out_dir) if out_dir is not None else src
+    run.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = prepare(cfg, dataset, module)
     params = final["params"]
@@ -332,7 +339,8 @@ def certify_run(
             "curve": curve_table(rad[k], pred, y, grid) if radius_ok else [],
         }
     summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    base_summary = summary_path if summary_path.is_file() else src / "summary.json"
+    summary = json.loads(base_summary.read_text()) if base_summary.is_file() else {}
     summary["certificate"] = {
         "R": ing.R, "p": ing.p, "gamma": ing.gamma, "tau": ing.tau, "eta": ing.eta, "poison_ratio": ing.poison_ratio,
         "t_adv": ing.t_adv, "rho_t_adv": ing.rho_t_adv, "L_Z": ing.L_Z, "sigma_t_adv": ing.sigma_t_adv,
@@ -364,7 +372,7 @@ def certify_run(
     try:
         from crfl.plots import plot_run
 
-        plot_run(run)
+        plot_run(run, rounds_dir=src)
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         pass
     return summary
@@ -397,6 +405,12 @@ def twin_check(
     return out
 
 
+def _fmt_radius(r: float | None) -> str:
+    if r is None:
+        return "not certified"
+    return "inf" if r == math.inf else f"{r:.4g}"
+
+
 def print_summary(summary: dict[str, Any], radii_to_show: int = 5) -> None:
     res = summary.get("results", {})
     cert = summary.get("certificate", {})
@@ -408,7 +422,7 @@ def print_summary(summary: dict[str, Any], radii_to_show: int = 5) -> None:
         if not r:
             continue
         print(f"  {k:8s} base acc {r['base_accuracy']:.4f}  smoothed acc {r['smoothed_accuracy']:.4f}  "
-              f"abstain {r['abstain_rate']:.4f}  max radius {r['max_radius']}")
+              f"abstain {r['abstain_rate']:.4f}  max radius {_fmt_radius(r['max_radius'])}")
         curve = r.get("curve") or []
         if curve:
             step = max(1, len(curve) // radii_to_show)

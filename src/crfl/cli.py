@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crfl.config import preset_names, resolve
+from crfl.data.base import DataError
 from crfl.validation import ConfigError
 
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"crfl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -85,12 +85,13 @@ def plot_rounds(run: Path) -> list[Path]:
     return _save(fig, run / "rounds")
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+def plot_run(run_dir: str | Path, rounds_dir: str | Path | None = None) -> list[Path]:
     run = Path(run_dir)
+    rdir = Path(rounds_dir) if rounds_dir is not None else run
     out: list[Path] = []
     curves = {k: read_certificates(run / f"certificates_{k}.csv") for k in ("clean", "backdoor") if (run / f"certificates_{k}.csv").is_file()}
     if curves:
         out += plot_certified(curves, run / "certified", title=run.name)
-    if (run / "rounds.csv").is_file():
+    if (rdir / "rounds.csv").is_file() and rdir == run:
         out += plot_rounds(run)
     return out

@@ -306,27 +306,29 @@ class TrainResult:
 
 
 class _Progress:
+    """A progress bar on a terminal (redrawn in place); a line every ~10% of rounds otherwise."""
+
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 10)
 
     def update(self, t: int, rec: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or (not self.tty and t % self.every and t != self.total):
             return
         width = 28
         done = int(width * t / self.total)
-        el = time.perf_counter() - self.t0
-        acc = rec.get("clean_acc")
-        bd = rec.get("backdoor_acc")
-        msg = (
-            f"\r[{'#' * done}{'.' * (width - done)}] round {t}/{self.total}"
-            f"  acc {acc:.3f}" if isinstance(acc, float) else f"\r[{'#' * done}{'.' * (width - done)}] round {t}/{self.total}"
-        )
+        msg = f"[{'#' * done}{'.' * (width - done)}] round {t}/{self.total}"
+        acc, bd = rec.get("clean_acc"), rec.get("backdoor_acc")
+        if isinstance(acc, float):
+            msg += f"  acc {acc:.3f}"
         if isinstance(bd, float) and not math.isnan(bd):
             msg += f"  backdoor {bd:.3f}"
-        msg += f"  {el:.1f}s"
-        sys.stderr.write(msg)
-        if t == self.total:
-            sys.stderr.write("\n")
+        msg += f"  {time.perf_counter() - self.t0:.1f}s"
+        if self.tty:
+            sys.stderr.write("\r" + msg + ("\n" if t == self.total else ""))
+        else:
+            sys.stderr.write(msg + "\n")
         sys.stderr.flush()
 
 

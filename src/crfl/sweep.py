@@ -1,0 +1,315 @@
+"""Sweeps: one YAML spec, a grid of runs, content-addressed, resumable, parallel (Section 6).
+
+A spec names a base (preset + overrides), a grid of training overrides and,
+optionally, a grid of certification settings::
+
+    name: fig5-attackers
+    title: "Fig. 5: number of attackers R"
+    finding: "The stronger the attack (larger R), the smaller the certified radius."
+    base: {preset: mnist, dataset: fashion-mnist, set: {server.rounds: 100}}
+    grid: {attack.num_attackers: [1, 2, 3, 4]}
+    certify: {set: {certify.method: exact}, grid: {certify.M: [100, 1000]}}
+    radii: [0.0, 0.05, 0.1]
+
+Every training run lives in ``OUT/runs/<hash of its training config>/`` and every
+certification of it in ``cert-<hash of the certify settings>/`` inside: a
+finished run is never recomputed, an interrupted one resumes from its
+checkpoint, and certification settings that differ only in M or alpha share one
+training run. Runs go in parallel over processes; a failing run writes
+``error.txt`` and a ``failed`` row, and the others go on. ``results.csv`` has one
+row per (training run, certification setting).
+
+A spec with ``kind: numeric`` evaluates Corollary 1 on a grid without training
+(Fig. 9b: RAD against rho/sigma and T for fixed p_A, p_B).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crfl.config import Config, from_dict, resolve
+from crfl.io import atomic_write_text, write_csv, write_json
+from crfl.validation import ConfigError
+
+DONE = "DONE"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    title: str
+    finding: str
+    preset: str | None
+    base_set: dict[str, Any]
+    grid: dict[str, list[Any]]
+    cert_set: dict[str, Any]
+    cert_grid: dict[str, list[Any]]
+    radii: list[float]
+    kind: str = "train"
+    numeric: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("crfl.experiments").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_spec(path_or_name: str | Path) -> Spec:
+    """Read a spec file, or a built-in one by name (``crfl sweep fig5-attackers``)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        text = p.read_text()
+    elif str(path_or_name) in spec_names():
+        text = resources.files("crfl.experiments").joinpath(f"{path_or_name}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"The 'SPEC' parameter must be a YAML file or one of {', '.join(spec_names())}. Got {str(path_or_name)!r} instead."
+        )
+    raw = yaml.safe_load(text) or {}
+    allowed = {"name", "title", "finding", "base", "grid", "certify", "radii", "kind", "numeric", "label", "notes"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in sweep spec; allowed: {', '.join(sorted(allowed))}.")
+    base = raw.get("base") or {}
+    set_ = dict(base.get("set") or {})
+    if base.get("dataset"):
+        set_["data.name"] = base["dataset"]
+    cert = raw.get("certify") or {}
+    grid = {k: list(v) for k, v in (raw.get("grid") or {}).items()}
+    for k, v in grid.items():
+        if not v:
+            raise ConfigError(f"The grid key {k!r} of the sweep spec must list at least one value.")
+    return Spec(
+        name=str(raw.get("name") or p.stem),
+        title=str(raw.get("title") or raw.get("name") or p.stem),
+        finding=str(raw.get("finding") or ""),
+        preset=base.get("preset"),
+        base_set=set_,
+        grid=grid,
+        cert_set=dict(cert.get("set") or {}),
+        cert_grid={k: list(v) for k, v in (cert.get("grid") or {}).items()},
+        radii=[float(r) for r in raw.get("radii") or [0.0]],
+        kind=str(raw.get("kind") or "train"),
+        numeric=dict(raw.get("numeric") or {}),
+        label=raw.get("label"),
+        raw=raw,
+    )
+
+
+def _product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def training_key(cfg: Config) -> dict[str, Any]:
+    """The part of a config that determines the training run (not certification, not threads)."""
+    d = cfg.to_dict()
+    d.pop("certify")
+    d.pop("preset", None)
+    d["run"] = {k: v for k, v in d["run"].items() if k in ("dtype", "device", "eval_every")}
+    return d
+
+
+@dataclass
+class Job:
+    train_hash: str
+    config: dict[str, Any]
+    point: dict[str, Any]
+    certs: list[tuple[str, dict[str, Any], dict[str, Any]]]  # (cert hash, overrides, cert point)
+
+
+def expand(spec: Spec, extra: dict[str, Any] | None = None) -> list[Job]:
+    """The spec's runs, in a fixed order; ``extra`` overrides apply to every run (e.g. --dataset)."""
+    jobs = []
+    for point in _product(spec.grid):
+        over = {**spec.base_set, **(extra or {}), **point}
+        cfg = resolve(spec.preset, None, over)
+        key = training_key(cfg)
+        h = _hash(key)[:16]
+        certs = []
+        for cp in _product(spec.cert_grid):
+            full = cfg.replace(**{**spec.cert_set, **cp})  # validates the certify overrides
+            cz = full.to_dict()["certify"]
+            co = {f"certify.{k}": v for k, v in cz.items()}  # the whole block: a shared run's config may differ
+            certs.append((_hash(cz)[:10], co, cp))
+        jobs.append(Job(h, cfg.to_dict(), point, certs))
+    return jobs
+
+
+def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
+    """Train (or resume, or reuse) one run and certify it under each setting. Never raises."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    from crfl.certify import certify_run
+    from crfl.train import train
+
+    run = Path(run_dir)
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        if not (run / DONE).is_file():
+            if (run / "checkpoint.pt").is_file() or (run / "config.yaml").is_file():
+                train(None, run, resume=True)  # type: ignore[arg-type]
+            else:
+                train(from_dict(job.config), run)
+            atomic_write_text(run / DONE, "trained\n")
+        train_seconds = json.loads((run / "summary.json").read_text())["training"]["seconds"]
+        for ch, co, cp in job.certs:
+            cdir = run / f"cert-{ch}"
+            if not (cdir / DONE).is_file():
+                certify_run(run, overrides=co, out_dir=cdir)
+                atomic_write_text(cdir / DONE, "certified\n")
+            summary = json.loads((cdir / "summary.json").read_text())
+            rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
+                         "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
+    except Exception as e:  # noqa: BLE001 - a failing run must not stop the sweep
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "error.txt", "".join(traceback.format_exception(e)))
+        for ch, co, cp in job.certs:
+            if not any(r["cert_hash"] == ch for r in rows):
+                rows.append({"status": "failed", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
+                             "cert_point": cp, "error": f"{type(e).__name__}: {e}", "summary": {}})
+    for r in rows:
+        r["wall_seconds"] = time.perf_counter() - t0
+    return rows
+
+
+def _at(curve: list[dict[str, float]], r: float, key: str) -> float | None:
+    """Certified accuracy/rate at radius r, from the curve (recomputed exactly from the CSVs in plots)."""
+    best = None
+    for c in curve:
+        if c["radius"] <= r + 1e-12:
+            best = c[key]
+    return best
+
+
+def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any]:
+    from crfl.metrics import certified_accuracy, certified_rate
+    from crfl.plots import read_certificates
+
+    out: dict[str, Any] = {**row["point"], **row["cert_point"], "status": row["status"],
+                           "run": f"runs/{row['train_hash']}/cert-{row['cert_hash']}"}
+    s = row.get("summary") or {}
+    tr = s.get("training", {})
+    out["final_clean_acc"] = tr.get("final_clean_acc")
+    out["final_backdoor_acc"] = tr.get("final_backdoor_acc")
+    res = s.get("results", {})
+    cdir = run_root / row["train_hash"] / f"cert-{row['cert_hash']}"
+    for k in ("clean", "backdoor"):
+        r = res.get(k, {})
+        out[f"{k}_base_acc"] = r.get("base_accuracy")
+        out[f"{k}_smoothed_acc"] = r.get("smoothed_accuracy")
+        out[f"{k}_abstain"] = r.get("abstain_rate")
+        out[f"{k}_max_radius"] = r.get("max_radius")
+        f = cdir / f"certificates_{k}.csv"
+        if row["status"] == "ok" and f.is_file():
+            c = read_certificates(f)
+            acc = certified_accuracy(c["radius"], c["prediction"], c["label"], spec.radii)
+            rate = certified_rate(c["radius"], c["prediction"], spec.radii)
+            for r_, a_, c_ in zip(spec.radii, acc, rate):
+                out[f"{k}_cert_acc@{r_:g}"] = float(a_)
+                out[f"{k}_cert_rate@{r_:g}"] = float(c_)
+    out["train_seconds"] = row.get("train_seconds")
+    out["wall_seconds"] = row.get("wall_seconds")
+    out["error"] = row.get("error")
+    return out
+
+
+def sweep(
+    spec_path: str | Path,
+    out_dir: str | Path,
+    *,
+    jobs: int = 1,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run a sweep into ``out_dir``; return the results rows (also written to results.csv)."""
+    spec = load_spec(spec_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "numeric":
+        rows = numeric_study(spec)
+        write_csv(out / "results.csv", list(rows[0]), [list(r.values()) for r in rows])
+        write_json(out / "sweep.json", {"spec": spec.raw, "kind": "numeric"})
+        return rows
+    job_list = expand(spec, extra)
+    root = out / "runs"
+    write_json(out / "sweep.json", {
+        "spec": spec.raw, "extra": extra or {}, "kind": "train",
+        "jobs": [{"train_hash": j.train_hash, "point": j.point, "certs": [[h, cp] for h, _, cp in j.certs]} for j in job_list],
+    })
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs, len(job_list)))
+    threads = max(1, cores // jobs)
+    results: dict[int, list[dict[str, Any]]] = {}
+    if jobs == 1:
+        for i, j in enumerate(job_list):
+            results[i] = run_job(j, str(root / j.train_hash), threads)
+            _report(progress, i, len(job_list), j, results[i])
+    else:
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = {ex.submit(run_job, j, str(root / j.train_hash), threads): i for i, j in enumerate(job_list)}
+            for n, fut in enumerate(cf.as_completed(futs)):
+                i = futs[fut]
+                results[i] = fut.result()
+                _report(progress, n, len(job_list), job_list[i], results[i])
+    rows = [result_row(spec, r, root) for i in range(len(job_list)) for r in results[i]]
+    header: list[str] = []
+    for r in rows:
+        header += [k for k in r if k not in header]
+    write_csv(out / "results.csv", header, [[r.get(k) for k in header] for r in rows])
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed and progress:
+        print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))
+    return rows
+
+
+def _report(progress: bool, n: int, total: int, job: Job, rows: list[dict[str, Any]]) -> None:
+    if progress:
+        status = ",".join(sorted({r["status"] for r in rows}))
+        print(f"[{n + 1}/{total}] {job.point or '(base)'} {status} ({rows[0].get('wall_seconds', 0):.1f}s)", flush=True)
+
+
+def numeric_study(spec: Spec) -> list[dict[str, Any]]:
+    """Corollary 1 on a grid of rho/sigma and T with fixed p_A, p_B (Fig. 9b)."""
+    from crfl import lipschitz, radius
+
+    n = spec.numeric
+    p_a, p_b = float(n.get("p_a", 0.7)), float(n.get("p_b", 0.1))
+    sigma = float(n.get("sigma", 0.01))
+    t_adv = int(n.get("t_adv", 10))
+    p, gamma, tau = float(n.get("p", 0.05)), float(n.get("gamma", 10)), int(n.get("tau", 30))
+    eta, q = float(n.get("eta", 0.001)), float(n.get("poison_ratio", 0.05))
+    rho_adv = float(n.get("rho_t_adv", 3.0))
+    L_Z = lipschitz.lz_paper(rho_adv)
+    rows = []
+    for ratio in n.get("rho_over_sigma", [1, 2, 3, 4, 5]):
+        for T in n.get("rounds", [20, 50, 100, 200]):
+            k = max(0, int(T) - t_adv)
+            lc = radius.log_contraction([ratio * sigma] * k, [sigma] * k)
+            rad = radius.certified_radius(
+                [p_a], [p_b], sigma_t_adv=sigma, L_Z=L_Z, p=[p], gamma=[gamma], tau=[tau], eta=[eta],
+                poison_ratio=[q], log_contraction=lc,
+            )[0]
+            rows.append({"rho_over_sigma": ratio, "T": int(T), "log_contraction": lc, "radius": float(rad)})
+    return rows

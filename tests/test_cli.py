@@ -1,0 +1,45 @@
+"""The command line: train, resume, certify, run; every bad value gives one clear error and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crfl.cli import main
+
+
+def test_train_then_resume_then_certify(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "demo", "--set", "server.rounds=4", "--set", "attack.rounds=[2]", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "final clean accuracy" in printed and str(out) in printed
+    for f in ("config.yaml", "rounds.csv", "model_final.pt", "attack.json", "summary.json"):
+        assert (out / f).is_file()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0  # finished: resuming changes nothing
+    rc = main(["certify", str(out), "--quiet", "--num-test", "200"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["smoothing"]["method"] == "exact" and "clean" in s["results"]
+    assert (out / "certificates_clean.csv").is_file() and (out / "certified.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "nope", "--out", "X"], "The 'preset' parameter must be one of 'demo', 'emnist', 'loan', 'mnist'. Got 'nope'"),
+        (["train", "--dataset", "cifar", "--out", "X"], "The 'dataset' parameter must be one of"),
+        (["train", "--set", "server.sigma=-1", "--out", "X"], "The 'server.sigma' parameter must be a float in [0, inf). Got -1"),
+        (["train", "--set", "attack.poison_per_batch=500", "--out", "X"], "'attack.poison_per_batch' parameter must be an integer in [0, 100]"),
+        (["train", "--set", "gamma", "--out", "X"], "The '--set' parameter must look like key=value. Got 'gamma'"),
+        (["train", "--dataset", "mnist", "--data-dir", "/nonexistent", "--out", "X"], "/nonexistent"),
+        (["certify", "/nonexistent-run"], "has no config.yaml"),
+    ],
+)
+def test_bad_input_one_clear_error(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("crfl: error:")
+    assert "Traceback" not in err
