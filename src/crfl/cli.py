@@ -5,6 +5,8 @@
     crfl certify RUN_DIR [--method exact|monte-carlo] [--M N] [--alpha A] [--bound B] [--sigma-T S]
                          [--lipschitz paper|sound]
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
+    crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
+    crfl plot    DIR
 """
 
 from __future__ import annotations
@@ -130,6 +132,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from crfl.config import parse_override
+    from crfl.sweep import sweep
+
+    extra: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
+    if args.dataset:
+        extra["data.name"] = args.dataset
+    if args.data_dir:
+        extra["data.data_dir"] = args.data_dir
+    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not args.quiet)
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
+    return 1 if failed else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from crfl.plots import plot_run, plot_sweep
+
+    d = Path(args.dir)
+    if (d / "sweep.json").is_file():
+        paths = plot_sweep(d)
+    elif (d / "rounds.csv").is_file():
+        paths = plot_run(d)
+    else:
+        raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no rounds.csv or sweep.json).")
+    for p in paths:
+        print(p)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crfl", description="Certifiably Robust Federated Learning (Xie et al., ICML 2021)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_args(p_run, out_required=False)
     _add_certify_args(p_run)
     p_run.set_defaults(func=cmd_run)
+    p_sweep = sub.add_parser("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
+    p_sweep.add_argument("spec", help="a sweep YAML file or a built-in spec name (fig5-attackers-mnist, ...)")
+    p_sweep.add_argument("--out", required=True, help="the sweep directory")
+    p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    p_sweep.add_argument("--dataset", help="run every point on this dataset (e.g. fashion-mnist, loan-openintro)")
+    p_sweep.add_argument("--data-dir", help="directory with the dataset's files")
+    p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_sweep.add_argument("--quiet", action="store_true")
+    p_sweep.set_defaults(func=cmd_sweep)
+    p_plot = sub.add_parser("plot", help="plot a run or a sweep directory (reads only result files)")
+    p_plot.add_argument("dir")
+    p_plot.set_defaults(func=cmd_plot)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

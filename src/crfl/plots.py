@@ -95,3 +95,131 @@ def plot_run(run_dir: str | Path, rounds_dir: str | Path | None = None) -> list[
     if (rdir / "rounds.csv").is_file() and rdir == run:
         out += plot_rounds(run)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps (crfl plot DIR)
+
+
+def _label(point: dict, keys: list[str]) -> str:
+    def short(k: str) -> str:
+        return k.split(".")[-1]
+
+    return ", ".join(f"{short(k)}={point[k]}" for k in keys) or "base"
+
+
+def plot_sweep(sweep_dir: str | Path) -> list[Path]:
+    """Figures for a sweep directory written by ``crfl sweep``: one set per certification setting.
+
+    - ``<name>-certified-{clean,backdoor}``: certified accuracy (solid) per value of the varied
+      factor, with the base model's accuracy (dashed, same colour), as in the paper's Fig. 2;
+    - ``<name>-rate-{clean,backdoor}``: certified rate against radius;
+    - ``<name>-rounds``: clean accuracy and attack success over rounds;
+    - ``<name>-closeness``: ||w_t - w_t(twin)|| over rounds, where the twin was trained (Fig. 9a).
+    Numeric sweeps (Fig. 9b) plot RAD against T for each rho/sigma.
+    """
+    import json
+
+    d = Path(sweep_dir)
+    meta = json.loads((d / "sweep.json").read_text())
+    spec = meta["spec"]
+    name = spec.get("name", d.name)
+    title = spec.get("title", name)
+    figs = d / "figures"
+    figs.mkdir(exist_ok=True)
+    out: list[Path] = []
+    if meta.get("kind") == "numeric":
+        rows = read_csv(d / "results.csv")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for ratio in sorted({float(r["rho_over_sigma"]) for r in rows}):
+            sel = [r for r in rows if float(r["rho_over_sigma"]) == ratio]
+            ax.plot([int(r["T"]) for r in sel], [float(r["radius"]) for r in sel], marker="o", label=f"rho/sigma = {ratio:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rounds T")
+        ax.set_ylabel("certified radius RAD")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        return _save(fig, figs / name)
+    jobs = meta["jobs"]
+    keys = list(spec.get("grid") or {})
+    cert_keys = list((spec.get("certify") or {}).get("grid") or {})
+    runs = d / "runs"
+    by_cert: dict[str, list[tuple[str, dict, Path]]] = {}
+    for j in jobs:
+        for h, cp in j["certs"]:
+            label = _label({**j["point"], **cp}, keys + cert_keys)
+            group = _label(cp, cert_keys) if cert_keys and keys else "all"
+            by_cert.setdefault(group, []).append((label, j, runs / j["train_hash"] / f"cert-{h}"))
+    for group, items in by_cert.items():
+        suffix = "" if group == "all" else "-" + group.replace("=", "").replace(", ", "-")
+        for which in ("clean", "backdoor"):
+            curves = {}
+            base = {}
+            for label, _, cdir in items:
+                f = cdir / f"certificates_{which}.csv"
+                if not f.is_file():
+                    continue
+                curves[label] = read_certificates(f)
+                s = json.loads((cdir / "summary.json").read_text())
+                base[label] = s.get("results", {}).get(which, {}).get("base_accuracy")
+            if not curves:
+                continue
+            grid = radius_grid([c["radius"] for c in curves.values()], points=300)
+            for kind in ("certified", "rate"):
+                fig, ax = plt.subplots(figsize=(6, 4))
+                for i, (label, c) in enumerate(curves.items()):
+                    color = f"C{i % 10}"
+                    if kind == "certified":
+                        ax.plot(grid, certified_accuracy(c["radius"], c["prediction"], c["label"], grid), color=color, label=label)
+                        if base.get(label) is not None:
+                            ax.axhline(base[label], color=color, ls="--", lw=1)
+                    else:
+                        ax.plot(grid, certified_rate(c["radius"], c["prediction"], grid), color=color, label=label)
+                ax.set_xlabel("radius (backdoor magnitude ||delta||)")
+                ax.set_ylabel("certified accuracy" if kind == "certified" else "certified rate")
+                ax.set_ylim(0, 1.02)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+                ax.set_title(f"{title} — {which} test set" + ("" if group == "all" else f" ({group})"), fontsize=9)
+                out += _save(fig, figs / f"{name}-{kind}-{which}{suffix}")
+    # rounds and model closeness, once per training run
+    seen = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    twin_fig, twin_ax = plt.subplots(figsize=(6, 4))
+    any_twin = False
+    for i, j in enumerate(jobs):
+        rdir = runs / j["train_hash"]
+        if j["train_hash"] in seen or not (rdir / "rounds.csv").is_file():
+            continue
+        seen.append(j["train_hash"])
+        rows = read_csv(rdir / "rounds.csv")
+        t = [int(r["round"]) for r in rows]
+        val = lambda k: [float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]  # noqa: E731
+        label = _label(j["point"], keys)
+        axes[0].plot(t, val("clean_acc"), color=f"C{i % 10}", label=label)
+        axes[1].plot(t, val("backdoor_acc"), color=f"C{i % 10}", label=label)
+        tw = val("twin_distance")
+        if not all(np.isnan(tw)):
+            any_twin = True
+            twin_ax.plot(t, tw, color=f"C{i % 10}", label=label)
+    axes[0].set_ylabel("clean accuracy")
+    axes[1].set_ylabel("backdoor accuracy (attack success)")
+    for ax in axes:
+        ax.set_xlabel("round t")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    out += _save(fig, figs / f"{name}-rounds")
+    if any_twin:
+        twin_ax.set_xlabel("round t")
+        twin_ax.set_ylabel("l2 distance to the clean twin")
+        twin_ax.set_yscale("log")
+        twin_ax.grid(alpha=0.3)
+        twin_ax.legend(fontsize=7)
+        twin_ax.set_title(title, fontsize=9)
+        out += _save(twin_fig, figs / f"{name}-closeness")
+    else:
+        plt.close(twin_fig)
+    return out
