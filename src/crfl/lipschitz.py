@@ -1,0 +1,122 @@
+"""L_Z, the Lipschitz constant of the loss gradient with respect to the data (Assumption 2).
+
+For multinomial logistic regression with bias (the paper's model: logits
+z = W x + b, softmax P, cross-entropy with one-hot label Y), parameters
+w = (W, b), the per-sample gradient is
+
+    G(x) = d ell / d(W, b) = (P(x) - Y) x~^T,   x~ = [x; 1]   (Appendix B.6, Eq. 24, with bias)
+
+and L_Z bounds ||G(x) - G(x')|| / ||x - x'|| for the same label y (Lemma 1).
+
+- :func:`lz_paper`: Lemma 1 as printed, sqrt(2 + 2 rho + rho^2). Its proof uses
+  ||x|| <= 1 (``as ||x|| <= 1``, Appendix B.6); for image inputs in [0, 1]^784,
+  ||x|| is about 9-10 and the constant is *not* an upper bound (docs/theory.md (b)
+  gives a counterexample).
+- :func:`lz_sound`: valid for ||x||, ||x'|| <= B and ||w|| <= rho over all parameters
+  (bias included):
+
+      L_Z = (rho / 2) sqrt(B^2 + 1) + sqrt(2).
+
+  Proof (docs/theory.md (b)): along a direction u (||u|| = 1) the derivative of G is
+  (S W u) x~^T + (P - Y)[u; 0]^T with S = diag(P) - P P^T; ||S||_2 <= 1/2,
+  ||W||_2 <= ||W||_F <= rho, ||x~|| <= sqrt(B^2 + 1), ||P - Y||_2 <= sqrt(2); the mean
+  value inequality on the segment [x', x] (inside the ball of radius B) finishes it.
+  The constant is tight up to the additive sqrt(2): ratios of
+  sqrt(rho^2 (B^2 + 1) / 4 + 3/2) are approached (C >= 3).
+
+Helpers for tests and diagnostics compute the exact per-sample gradient in closed
+form (:func:`cross_entropy_gradient`) and the ratio above
+(:func:`gradient_difference_ratio`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from crfl.validation import ConfigError, check_real
+
+__all__ = [
+    "lz_paper",
+    "lz_sound",
+    "input_norm_bound",
+    "cross_entropy_gradient",
+    "gradient_difference_ratio",
+]
+
+
+def lz_paper(rho: float) -> float:
+    """Lemma 1 as printed: L_Z = sqrt(2 + 2 rho + rho^2) for ||w|| <= rho.
+
+    Valid only under the proof's premise ||x|| <= 1 (Appendix B.6); use
+    :func:`lz_sound` otherwise.
+    """
+    rho = check_real("rho", rho, low=0.0, high=math.inf, high_open=True)
+    return math.sqrt(2.0 + 2.0 * rho + rho * rho)
+
+
+def lz_sound(rho: float, input_norm_bound: float) -> float:
+    """A sound L_Z for logistic regression with bias: (rho / 2) sqrt(B^2 + 1) + sqrt(2).
+
+    Args:
+        rho: bound on the norm of all parameters (W, b) at which gradients are taken.
+        input_norm_bound: B with ||x|| <= B for clean and backdoored inputs.
+
+    Returns:
+        L_Z with ||G(x) - G(x')||_F <= L_Z ||x - x'|| for all ||x||, ||x'|| <= B, the same
+        label, and ||(W, b)|| <= rho (docs/theory.md, section (b)).
+    """
+    rho = check_real("rho", rho, low=0.0, high=math.inf, high_open=True)
+    B = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
+    return 0.5 * rho * math.sqrt(B * B + 1.0) + math.sqrt(2.0)
+
+
+def input_norm_bound(x: torch.Tensor, trigger_x: torch.Tensor | None = None) -> float:
+    """B = max ||x|| over the rows of x (n, d) and of its triggered version trigger_x (m, d).
+
+    The inputs must be in the model's input scale (e.g. pixels / 255).
+    """
+    best = 0.0
+    for name, t in (("x", x), ("trigger_x", trigger_x)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConfigError(f"The '{name}' parameter must be a 2-D floating point tensor (n, d). Got {got} instead.")
+        if t.shape[0] == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"The '{name}' parameter must hold finite values. Got a non-finite entry instead.")
+        best = max(best, float(torch.linalg.vector_norm(t.double(), dim=1).max()))
+    return best
+
+
+def cross_entropy_gradient(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The exact per-sample gradient of CE(softmax(W x + b), y) with respect to (W, b).
+
+    Args:
+        weight: (C, d); bias: (C,); x: (n, d); y: (n,) integer labels.
+
+    Returns:
+        (n, C*d + C): row j is vec((P_j - Y_j) x_j^T) followed by P_j - Y_j, the layout of
+        ``torch.nn.utils.parameters_to_vector`` for ``nn.Linear(d, C)`` (Eq. 24 with bias).
+    """
+    logits = x @ weight.T + bias
+    G = torch.softmax(logits, dim=-1)
+    G = G - torch.nn.functional.one_hot(y.long(), weight.shape[0]).to(G.dtype)
+    gw = G.unsqueeze(-1) * x.unsqueeze(-2)  # (n, C, d)
+    return torch.cat([gw.reshape(x.shape[0], -1), G], dim=1)
+
+
+def gradient_difference_ratio(
+    weight: torch.Tensor, bias: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """||grad ell(w; (x1, y)) - grad ell(w; (x2, y))|| / ||x1 - x2|| per row (Assumption 2's ratio).
+
+    Args:
+        weight: (C, d); bias: (C,); x1, x2: (n, d); y: (n,) labels shared by both inputs.
+    """
+    g1 = cross_entropy_gradient(weight, bias, x1, y)
+    g2 = cross_entropy_gradient(weight, bias, x2, y)
+    return torch.linalg.vector_norm(g1 - g2, dim=1) / torch.linalg.vector_norm(x1 - x2, dim=1)
