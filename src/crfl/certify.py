@@ -149,6 +149,31 @@ def radii(ing: Ingredients, p_a_lower: np.ndarray, p_b_upper: np.ndarray) -> np.
     )
 
 
+INVERSE_COLUMNS = ["index", "prediction", "delta_norm", "max_attackers", "max_gamma", "max_poison_ratio"]
+
+
+def inverse_rows(ing: Ingredients, sm: "Smoothed") -> list[list[Any]]:
+    """Section 5.1's inverse questions at the attack's ||delta||, per point (identical attackers like the first).
+
+    Client level: the largest number of attackers R; sample level: the largest poison ratio q_B/n_B;
+    and the largest scale factor gamma, for which the point's prediction is still certified.
+    """
+    common = dict(sigma_t_adv=ing.sigma_t_adv, L_Z=ing.L_Z, log_contraction=ing.log_contraction)
+    a = dict(p=ing.p[0], tau=ing.tau[0], eta=ing.eta[0])
+    if ing.sigma_t_adv <= 0:
+        n = len(sm.p_a_lower)
+        r_max = g_max = q_max = np.zeros(n)
+    else:
+        r_max = radius_mod.max_attackers(sm.p_a_lower, sm.p_b_upper, ing.delta_norm, gamma=ing.gamma[0],
+                                         poison_ratio=ing.poison_ratio[0], **a, **common)
+        g_max = radius_mod.max_scale(sm.p_a_lower, sm.p_b_upper, ing.delta_norm, R=ing.R,
+                                     poison_ratio=ing.poison_ratio[0], **a, **common)
+        q_max = radius_mod.max_poison_ratio(sm.p_a_lower, sm.p_b_upper, ing.delta_norm, R=ing.R, gamma=ing.gamma[0],
+                                            **a, **common)
+    pred = sm.prediction()
+    return [[i, int(pred[i]), ing.delta_norm, float(r_max[i]), float(g_max[i]), float(q_max[i])] for i in range(len(pred))]
+
+
 def assumption_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str, Any]]) -> dict[str, Any]:
     """Every assumption of Theorem 1 and whether it holds for this run."""
     B = ing.input_norm_bound
@@ -322,6 +347,8 @@ def certify_run(
     rad = {k: radii(ing, s.p_a_lower, s.p_b_upper) for k, s in sets.items()}
     for k, s in sets.items():
         write_csv(run / f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, rad[k], y, radius_ok))
+        if radius_ok:
+            write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(ing, s))
 
     base_pred = predict(setup, params, setup.dataset.x_test[:m]).numpy()
     base_pred_b = predict(setup, params, setup.dataset.x_test[:m], trigger=setup.plan.trigger).numpy()

@@ -191,7 +191,8 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
     if active and scaling:
         for a_id in plan.attackers:
             updates[a_id] *= plan.gamma
-    agg = aggregation.aggregate(cfg.aggregation.name, updates, setup.weights.to(updates.dtype), **cfg.aggregation.options)
+    # aggregate in float64: the attackers' weights p_i enter the certificate exactly
+    agg = aggregation.aggregate(cfg.aggregation.name, updates.double(), setup.weights, **cfg.aggregation.options)
     new, sinfo = server_step(
         params, agg.update.to(params.dtype), t=t, rounds=setup.rounds, rho_t=setup.rho(t),
         sigma_t=setup.sigma(t) if t < setup.rounds else 0.0, seed=cfg.seed,
