@@ -50,9 +50,17 @@ class ClientData:
         return np.array([len(ix) for ix in self.indices], dtype=np.int64)
 
     def inputs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Model inputs x / input_scale for storage rows (any shape of row indices)."""
-        x = self.x[rows].to(dtype)
-        return x.div_(self.input_scale) if self.input_scale != 1.0 else x
+        """Model inputs x / input_scale for storage rows (any shape of row indices).
+
+        ``index_select`` on the flat row list (several times faster than advanced indexing) and
+        one fused pass from the storage type to scaled floats.
+        """
+        flat = self.x.index_select(0, rows.reshape(-1))
+        if self.input_scale != 1.0:
+            x = torch.mul(flat, torch.tensor(1.0 / self.input_scale, dtype=dtype))
+        else:
+            x = flat.to(dtype)
+        return x.view(*rows.shape, self.x.shape[1])
 
 
 def local_iterations(sizes: Sequence[int], batch_size: int, local_iters: int | None, local_epochs: int) -> np.ndarray:
@@ -144,7 +152,7 @@ def _batch(
     valid = idx_s >= 0
     rows = idx_s.clamp(min=0)
     X = data.inputs(rows, dtype)
-    Y = data.y[rows]
+    Y = data.y.index_select(0, rows.reshape(-1)).view(rows.shape)
     if poison is not None and pmask_s is not None and bool(pmask_s.any()):
         k, j = torch.nonzero(pmask_s, as_tuple=True)
         clean = X[k, j]

@@ -30,6 +30,12 @@ from torch import nn
 from crfl.validation import check_choice, check_int
 
 
+def _softmax(z: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last (small) axis; torch.softmax is an order of magnitude slower for C ~ 10 on CPU."""
+    e = (z - z.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
 @dataclass(frozen=True)
 class LinearModel:
     """Multinomial logistic regression with bias (the paper's model)."""
@@ -55,7 +61,7 @@ class LinearModel:
 
     def loss_grad(self, params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """d/dw sum_j weight_j * CE(softmax(W x_j + b), y_j) = sum_j weight_j (P_j - e_{y_j}) [x_j; 1]^T."""
-        G = torch.softmax(self.logits(params, X), dim=-1)
+        G = _softmax(self.logits(params, X))
         G.scatter_add_(-1, Y.unsqueeze(-1), -torch.ones_like(Y, dtype=G.dtype).unsqueeze(-1))
         G.mul_(weight.unsqueeze(-1))
         gW = torch.bmm(G.transpose(1, 2), X)

@@ -68,6 +68,7 @@ class Setup:
     sigma: SigmaSchedule
     dtype: torch.dtype
     resolved: dict[str, Any] = field(default_factory=dict)
+    _eval_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def rounds(self) -> int:
@@ -247,15 +248,43 @@ def predict(setup: Setup, params: torch.Tensor, x: np.ndarray | torch.Tensor, tr
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+EVAL_CACHE_BYTES = 512 * 1024**2
+
+
+def _eval_inputs(setup: Setup) -> dict[str, Any]:
+    """Test inputs for the per-round evaluation, as model-ready floats when they fit in 512 MiB."""
+    c = setup._eval_cache
+    if not c:
+        ds = setup.dataset
+        y = torch.from_numpy(ds.y_test).long()
+        mask = (y != setup.plan.target).numpy()
+        c.update(y=y, mask=mask)
+        nbytes = ds.x_test.shape[0] * ds.x_test.shape[1] * torch.finfo(setup.dtype).bits // 8
+        if 2 * nbytes <= EVAL_CACHE_BYTES:
+            X = torch.from_numpy(ds.x_test).to(setup.dtype)
+            if ds.input_scale != 1.0:
+                X = X / ds.input_scale
+            c.update(X=X, Xb=setup.plan.trigger.apply(X[torch.from_numpy(mask)]))
+    return c
+
+
 def evaluate(setup: Setup, params: torch.Tensor) -> tuple[float, float]:
     """(clean test accuracy, backdoor accuracy = attack success on triggered non-target test points)."""
     ds = setup.dataset
-    y = torch.from_numpy(ds.y_test).long()
-    clean = float((predict(setup, params, ds.x_test) == y).double().mean())
-    mask = (y != setup.plan.target).numpy()
+    c = _eval_inputs(setup)
+    y, mask = c["y"], c["mask"]
+    p = params.to(setup.dtype)
+    if "X" in c:
+        clean_pred = setup.model.predict(p, c["X"])
+    else:
+        clean_pred = predict(setup, params, ds.x_test)
+    clean = float((clean_pred == y).double().mean())
     if mask.sum() == 0:
         return clean, math.nan
-    pred = predict(setup, params, ds.x_test[mask], trigger=setup.plan.trigger)
+    if "Xb" in c:
+        pred = setup.model.predict(p, c["Xb"])
+    else:
+        pred = predict(setup, params, ds.x_test[mask], trigger=setup.plan.trigger)
     return clean, float((pred == setup.plan.target).double().mean())
 
 
