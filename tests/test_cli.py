@@ -43,3 +43,15 @@ def test_bad_input_one_clear_error(argv, message, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert message in err and err.startswith("crfl: error:")
     assert "Traceback" not in err
+
+
+def test_run_without_arguments_is_the_demo(tmp_path, capsys, monkeypatch):
+    """The README's main job: train the demo preset on the built-in data and certify it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "final clean accuracy" in out and "cert acc" in out
+    s = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
+    assert s["training"]["final_clean_acc"] >= 0.85
+    assert s["certificate"]["radius_certified"] is True
+    assert s["results"]["clean"]["points"] == 1000
