@@ -142,7 +142,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.data_dir:
         extra["data.data_dir"] = args.data_dir
     rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not args.quiet)
-    failed = sum(r["status"] != "ok" for r in rows)
+    failed = sum(r.get("status", "ok") != "ok" for r in rows)
     print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
     return 1 if failed else 0
 

@@ -1,0 +1,27 @@
+"""CRFL (Xie et al., ICML 2021) on a real federation with Flower (flwr 1.41, Message API).
+
+- :mod:`crfl.flower.strategy`: :class:`CRFL`, the server step of Algorithm 1
+  (clip the aggregated model to rho_t, add seeded N(0, sigma_t^2 I) for t <= T-1)
+  as a wrapper around any Flower strategy; :class:`PackageAggregation` and
+  :class:`RFA`, the package's aggregation rules as Flower strategies.
+- :mod:`crfl.flower.client_app`: the client (benign or attacker) as a ``ClientApp``.
+- :mod:`crfl.flower.server_app`: the ``ServerApp``; writes the run directory of
+  ``crfl run`` and certifies the final model.
+- :mod:`crfl.flower.testing`: an in-process ``Grid`` for tests.
+
+``flwr run`` loads ``crfl.flower.server_app:app`` and ``crfl.flower.client_app:app``
+(see docs/flower.md). Importing this package turns Flower's telemetry and update
+check off unless the environment already sets ``FLWR_TELEMETRY_ENABLED`` /
+``FLWR_DISABLE_UPDATE_CHECK``; Flower reads them when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from crfl.flower.strategy import CRFL, RFA, ClientReply, PackageAggregation, ReplyRejected, RoundLog, check_reply  # noqa: E402
+
+__all__ = ["CRFL", "RFA", "ClientReply", "PackageAggregation", "ReplyRejected", "RoundLog", "check_reply"]

@@ -1,0 +1,155 @@
+"""The CRFL client as a Flower ``ClientApp`` (Algorithm 1, the client's loop; Section 3.2's attacker).
+
+A SuperNode is client i = ``partition-id`` of its ``node_config``. On a train
+message for round t it
+
+1. rebuilds the run from the ``crfl-config`` the server sent (cached per config):
+   the registered dataset, client i's shard, tau_i, p_i and the attack plan;
+2. starts from the received global model w~_{t-1} and runs tau_i steps of SGD on
+   the batches ``client_round_batches(shard_i, i, n_B, tau_i, seed, t)``, the very
+   batches the batched simulator draws for client i (:func:`crfl.train.run_round`);
+3. if it is an attacker and t is an attack round, poisons the first q_B samples
+   of every batch (trigger + label swap) and scales its update by gamma (model
+   replacement): it sends w~_{t-1} + gamma (w_i - w~_{t-1});
+4. replies with its local model and the metrics of :data:`crfl.flower.records.REPLY_METRICS`.
+
+The local training is :func:`crfl.clients.local_updates` on a batch of one
+client, so the Flower client and the simulator share one implementation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from crfl.clients import Poison, client_round_batches, local_updates, poison_slots
+from crfl.config import from_dict
+from crfl.data import Dataset
+from crfl.flower.records import (
+    ARRAYS_KEY,
+    CRFL_CONFIG,
+    METRICS_KEY,
+    NUM_PARTITIONS,
+    PARAMS_KEY,
+    PARTITION_ID,
+    SERVER_ROUND,
+    config_from_json,
+    record_to_params,
+)
+from crfl.train import Setup, prepare
+from crfl.validation import ConfigError, check_int
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's round: the model it sends and what it reports."""
+
+    model: torch.Tensor
+    metrics: dict[str, int | float]
+
+
+def client_round(setup: Setup, params: torch.Tensor, client: int, t: int) -> ClientResult:
+    """Client ``client``'s part of round t of Algorithm 1, from the global model ``params``.
+
+    Returns w~_{t-1} + u_i, with u_i = w_{t tau_i} - w~_{t-1} (multiplied by gamma for an
+    attacker in an attack round), in ``setup.dtype``.
+    """
+    cfg, plan = setup.cfg, setup.plan
+    K = setup.data.num_clients
+    client = check_int("partition-id", client, low=0, high=K - 1)
+    t0 = time.perf_counter()
+    tau = int(setup.tau[client])
+    n_B = cfg.clients.batch_size
+    idx = client_round_batches(setup.data.indices[client], client, n_B, tau, cfg.seed, t)[None]
+    attacking = plan.active(t) and plan.is_attacker(client)
+    poison = None
+    if attacking and plan.poison_per_batch > 0:
+        delta = plan.local_triggers[client].delta.to(setup.dtype)[None]
+        poison = Poison(mask=poison_slots(idx, [0], plan.poison_per_batch), deltas=delta, target=plan.target)
+    w = params.to(setup.dtype)
+    updates, stats = local_updates(setup.model, w, setup.data, idx, cfg.clients.lr, poison, setup.dtype)
+    if attacking:
+        updates[0] *= plan.gamma  # model replacement, as run_round scales it
+    model = w + updates[0]
+    n = int(min(setup.data.sizes[client], tau * n_B))
+    count = int(stats.count[0])
+    metrics: dict[str, int | float] = {
+        "partition-id": client,
+        "num-examples": n,
+        "weight": float(setup.weights[client]),
+        "tau": tau,
+        "lr": float(cfg.clients.lr),
+        "attacker": int(attacking),
+        "gamma": float(plan.gamma) if attacking else 1.0,
+        "poison-ratio": plan.poison_per_batch / n_B if attacking else 0.0,
+        "delta-norm": plan.local_triggers[client].norm if attacking else 0.0,
+        "poisoned-samples": count,
+        "delta-norm-max": float(stats.max_norm[0]),
+        "delta-norm-mean": float(stats.sum_norm[0] / max(1, count)),
+        "seconds": time.perf_counter() - t0,
+    }
+    return ClientResult(model, metrics)
+
+
+def _node_partition(context: Context, num_clients: int) -> int:
+    """Client index from the SuperNode's node_config; errors say which key is wrong."""
+    nc = context.node_config
+    if PARTITION_ID not in nc:
+        raise ConfigError(
+            f"The SuperNode's node_config must set '{PARTITION_ID}' (e.g. --node-config "
+            f"\"{PARTITION_ID}=0 {NUM_PARTITIONS}={num_clients}\"). Got {dict(nc)!r} instead."
+        )
+    k = check_int(f"node_config '{PARTITION_ID}'", nc[PARTITION_ID], low=0, high=num_clients - 1)
+    if NUM_PARTITIONS in nc:
+        check_int(f"node_config '{NUM_PARTITIONS}'", nc[NUM_PARTITIONS], low=num_clients, high=num_clients)
+    return k
+
+
+def make_client_app(dataset: Dataset | None = None, *, data_dir_key: str = "data-dir") -> ClientApp:
+    """A ``ClientApp`` running :func:`client_round`.
+
+    Args:
+        dataset: use this dataset instead of loading ``data.name`` (tests, notebooks; it is
+            pickled into Ray's workers in simulation).
+        data_dir_key: a node_config key that, when set, overrides ``data.data_dir`` on this
+            node (a SuperNode reading its own copy of the files).
+    """
+    app = ClientApp()
+    cache: dict[str, Setup] = {}
+
+    def setup_for(text: str, context: Context) -> Setup:
+        data_dir = context.node_config.get(data_dir_key)
+        key = f"{data_dir}\n{text}"
+        if key not in cache:
+            d = config_from_json(text)
+            if data_dir:
+                d.setdefault("data", {})["data_dir"] = str(data_dir)
+            cache.clear()  # one run at a time per worker
+            cache[key] = prepare(from_dict(d), dataset)
+        return cache[key]
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = next(iter(msg.content.config_records.values()))
+        if CRFL_CONFIG not in config:
+            raise ConfigError(f"The train message carries no '{CRFL_CONFIG}'; was it sent by the crfl ServerApp?")
+        setup = setup_for(str(config[CRFL_CONFIG]), context)
+        k = _node_partition(context, setup.data.num_clients)
+        t = int(config[SERVER_ROUND])
+        params = record_to_params(next(iter(msg.content.array_records.values())))
+        res = client_round(setup, params, k, t)
+        arrays = ArrayRecord({PARAMS_KEY: Array(np.ascontiguousarray(res.model.numpy()))})
+        content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(res.metrics)})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+#: The app ``flwr run`` loads (``crfl.flower.client_app:app``).
+app = make_client_app()
+
+__all__ = ["ClientResult", "app", "client_round", "make_client_app"]
