@@ -49,18 +49,17 @@ class ClientData:
     def sizes(self) -> np.ndarray:
         return np.array([len(ix) for ix in self.indices], dtype=np.int64)
 
-    def inputs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Model inputs x / input_scale for storage rows (any shape of row indices).
+    def raw_inputs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored values as floats (pixels 0..255) for storage rows (any shape of row indices).
 
-        ``index_select`` on the flat row list (several times faster than advanced indexing) and
-        one fused pass from the storage type to scaled floats.
+        ``index_select`` on the flat row list is several times faster than advanced indexing.
         """
-        flat = self.x.index_select(0, rows.reshape(-1))
-        if self.input_scale != 1.0:
-            x = torch.mul(flat, torch.tensor(1.0 / self.input_scale, dtype=dtype))
-        else:
-            x = flat.to(dtype)
-        return x.view(*rows.shape, self.x.shape[1])
+        return self.x.index_select(0, rows.reshape(-1)).to(dtype).view(*rows.shape, self.x.shape[1])
+
+    def inputs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Model inputs x / input_scale for storage rows (any shape of row indices)."""
+        x = self.raw_inputs(rows, dtype)
+        return x.mul_(1.0 / self.input_scale) if self.input_scale != 1.0 else x
 
 
 def local_iterations(sizes: Sequence[int], batch_size: int, local_iters: int | None, local_epochs: int) -> np.ndarray:
@@ -146,18 +145,23 @@ class PoisonStats:
 
 def _batch(
     data: ClientData, idx_s: torch.Tensor, pmask_s: torch.Tensor | None, poison: Poison | None, dtype: torch.dtype,
-    stats: PoisonStats | None,
+    stats: PoisonStats | None, scaled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs (K, n_B, d), labels (K, n_B) and averaging weights (K, n_B) of one local step."""
+    """Inputs (K, n_B, d), labels (K, n_B) and averaging weights (K, n_B) of one local step.
+
+    With ``scaled=False`` the inputs stay in storage units (x * input_scale) for a model that
+    folds the scale into its weights; the trigger is still applied in model units.
+    """
     valid = idx_s >= 0
     rows = idx_s.clamp(min=0)
-    X = data.inputs(rows, dtype)
+    X = data.inputs(rows, dtype) if scaled else data.raw_inputs(rows, dtype)
     Y = data.y.index_select(0, rows.reshape(-1)).view(rows.shape)
     if poison is not None and pmask_s is not None and bool(pmask_s.any()):
         k, j = torch.nonzero(pmask_s, as_tuple=True)
-        clean = X[k, j]
+        unit = 1.0 if scaled else data.input_scale
+        clean = X[k, j] / unit
         dirty = torch.clamp(clean + poison.deltas[k].to(dtype), poison.low, poison.high)
-        X[k, j] = dirty
+        X[k, j] = dirty * unit
         Y = Y.clone()
         Y[k, j] = poison.target
         if stats is not None:
@@ -181,10 +185,12 @@ def local_updates(
     idx_t = torch.from_numpy(idx)
     local = params.to(dtype).unsqueeze(0).repeat(K, 1)
     stats = PoisonStats.empty(K)
+    fold = getattr(model, "folds_input_scale", False) and data.input_scale != 1.0
     for s in range(tau_max):
         pm = poison.mask[:, s] if poison is not None else None
-        X, Y, weight = _batch(data, idx_t[:, s], pm, poison, dtype, stats)
-        local.sub_(model.loss_grad(local, X, Y, weight), alpha=lr)
+        X, Y, weight = _batch(data, idx_t[:, s], pm, poison, dtype, stats, scaled=not fold)
+        grad = model.loss_grad(local, X, Y, weight, 1.0 / data.input_scale) if fold else model.loss_grad(local, X, Y, weight)
+        local.sub_(grad, alpha=lr)
     return local - params.to(dtype).unsqueeze(0), stats
 
 
