@@ -135,3 +135,59 @@ def test_paper_lipschitz_flagged_unsound_for_image_norms(tmp_path, images28):
     assert s["certificate"]["L_Z"] == pytest.approx(math.sqrt(2 + 2 * 4.0 + 16.0))  # rho_{t_adv} = 0.5*4 + 2
     assert s["assumptions"]["checks"]["lipschitz"]["holds"] is False
     assert s["assumptions"]["radius_certified"] is False
+
+
+def test_short_last_batch_raises_the_effective_poison_ratio(tmp_path, images28):
+    """106 samples per client, n_B = 20, q_B = 4: five batches at 4/20 and a last one of 6 with 4/6."""
+    from crfl.clients import nominal_poison_ratio
+
+    ds = synthetic_images(n_train=848, n_test=100, side=28, classes=4, seed=5)
+    train(cfg28(), tmp_path / "r", dataset=ds)
+    log = json.loads((tmp_path / "r" / "attack.json").read_text())["rounds"][0]
+    expected = (5 * 4 / 20 + 4 / 6) / 6
+    assert log["tau"] == [6] and log["poison_ratio"] == pytest.approx([expected])
+    assert log["nominal_poison_ratio"] == [0.2]
+    assert nominal_poison_ratio(106, 20, 4, 6) == pytest.approx(expected)
+    s = certify_run(tmp_path / "r", dataset=ds)
+    assert s["certificate"]["poison_ratio"] == pytest.approx([expected])
+
+
+def test_start_norm_bound_for_L_Z(tmp_path, images28):
+    """sqrt(rho_{t-1}^2 + sigma_{t-1}^2 D) for t_adv > 1; the initial model's norm for t_adv = 1."""
+    from crfl.certify import start_norm_bound
+    from crfl.train import prepare
+
+    setup = prepare(cfg28(), images28)
+    D = setup.model.num_params
+    assert start_norm_bound(setup, 4) == pytest.approx(math.sqrt(3.5**2 + 0.05**2 * D))
+    from crfl.rng import torch_generator
+
+    w0 = setup.model.init(torch_generator(setup.cfg.seed, "init"))
+    assert start_norm_bound(setup, 1) == pytest.approx(float(w0.double().norm()))
+    train(cfg28(), tmp_path / "r", dataset=images28)
+    c = certify_run(tmp_path / "r", dataset=images28)["certificate"]
+    B = c["input_norm_bound"]
+    assert c["rho_for_L_Z"] == pytest.approx(start_norm_bound(setup, 4) + 5 * 0.002 * math.sqrt(2) * math.sqrt(B * B + 1))
+    assert c["L_Z"] == pytest.approx(c["rho_for_L_Z"] / 2 * math.sqrt(B * B + 1) + math.sqrt(2))
+
+
+@pytest.mark.parametrize("rule", ["rfa", "krum"])
+def test_update_dependent_weights_are_not_certified(tmp_path, images28, rule):
+    over = {"aggregation.name": rule}
+    if rule == "krum":
+        over["aggregation.options"] = {"f": 1}
+    train(cfg28(**over), tmp_path / "r", dataset=images28)
+    s = certify_run(tmp_path / "r", dataset=images28)
+    check = s["assumptions"]["checks"]["fixed_aggregation_weights"]
+    assert check["holds"] is False and rule in check["detail"]
+    assert s["certificate"]["radius_certified"] is False
+    assert "label swap" in s["assumptions"]["scope"][0]
+
+
+def test_rule_without_client_weights_reports_margins(tmp_path, images28):
+    train(cfg28(**{"aggregation.name": "median"}), tmp_path / "r", dataset=images28)
+    s = certify_run(tmp_path / "r", dataset=images28)
+    assert s["certificate"]["p"] is None and s["certificate"]["radius_certified"] is False
+    assert "no per-client weight" in s["assumptions"]["note"]
+    rows = read_csv(tmp_path / "r" / "certificates_clean.csv")
+    assert all(r["radius"] == "" for r in rows) and all(r["p_a_lower"] != "" for r in rows)

@@ -34,7 +34,8 @@ def test_train_then_resume_then_certify(tmp_path, capsys):
         (["train", "--set", "attack.poison_per_batch=500", "--out", "X"], "'attack.poison_per_batch' parameter must be an integer in [0, 100]"),
         (["train", "--set", "gamma", "--out", "X"], "The '--set' parameter must look like key=value. Got 'gamma'"),
         (["train", "--dataset", "mnist", "--data-dir", "/nonexistent", "--out", "X"], "/nonexistent"),
-        (["certify", "/nonexistent-run"], "has no config.yaml"),
+        (["certify", "/nonexistent-run"], "must be a training run directory. Got '/nonexistent-run' instead (no such directory)"),
+        (["certify", "."], "has no config.yaml"),
     ],
 )
 def test_bad_input_one_clear_error(argv, message, tmp_path, capsys, monkeypatch):

@@ -25,8 +25,10 @@ def test_interrupted_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypat
 
 
 def test_writers_round_trip(tmp_path):
-    io.write_json(tmp_path / "s.json", {"x": float("inf"), "y": [1, 2]})
-    assert (tmp_path / "s.json").read_text().startswith("{")
+    io.write_json(tmp_path / "s.json", {"x": float("inf"), "y": [1, 2.5], "z": float("nan")})
+    import json
+
+    assert json.loads((tmp_path / "s.json").read_text(), parse_constant=lambda c: 1 / 0) == {"x": "inf", "y": [1, 2.5], "z": None}
     io.write_csv(tmp_path / "c.csv", ["k", "v"], [["a", 0.1], ["b", None], ["c", [1, 2]]])
     rows = io.read_csv(tmp_path / "c.csv")
     assert rows == [{"k": "a", "v": "0.1"}, {"k": "b", "v": ""}, {"k": "c", "v": "1;2"}]

@@ -50,6 +50,15 @@ def test_content_addressing(tmp_path):
     assert [j.train_hash for j in expand(other)] == [j.train_hash for j in jobs]
 
 
+def test_grid_points_sharing_a_training_run_become_one_job(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "s.yaml", {**SPEC, "grid": {"attack.num_attackers": [1, 2],
+                                                                      "certify.alpha": [0.01, 0.001]}}))
+    jobs = expand(spec)
+    assert len(jobs) == 2 and [len(j.certs) for j in jobs] == [2, 2]
+    assert [c[2] for c in jobs[0].certs] == [{"attack.num_attackers": 1, "certify.alpha": 0.01},
+                                             {"attack.num_attackers": 1, "certify.alpha": 0.001}]
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     spec = write_spec(tmp_path / "s.yaml", SPEC)
     full = sweep(spec, tmp_path / "full", progress=False)

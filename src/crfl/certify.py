@@ -33,12 +33,13 @@ import torch
 import yaml
 
 from crfl import bounds, lipschitz, radius as radius_mod, smoothing
-from crfl.config import Config, from_dict
+from crfl.config import Config, from_dict, set_dotted
 from crfl.data import Dataset
 from crfl.io import write_csv, write_json
 from crfl.metrics import ABSTAIN, curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
 from crfl.schedule import contraction_schedule
+from crfl.clients import nominal_poison_ratio
 from crfl.train import Setup, predict, prepare
 from crfl.validation import ConfigError
 
@@ -55,7 +56,7 @@ class Ingredients:
 
     t_adv: int
     R: int
-    p: list[float]
+    p: list[float] | None  # None: the aggregation rule has no per-client weight
     gamma: list[float]
     tau: list[int]
     eta: list[float]
@@ -73,17 +74,16 @@ class Ingredients:
     source: str  # "attack.json" (the attack happened) or "config" (hypothetical attack)
 
 
-def input_norm_bound(setup: Setup) -> float:
+def training_input_norm_bound(setup: Setup) -> float:
     """B = max ||x|| over the training inputs, clean and with every attacker's trigger (Lemma 1's ||x||)."""
     ds = setup.dataset
-    triggers = [setup.plan.trigger] + list(setup.plan.local_triggers.values())
+    triggers = {id(t): t for t in [setup.plan.trigger, *setup.plan.local_triggers.values()]}.values()
     best = 0.0
     xs = torch.from_numpy(ds.x_train)
     for i in range(0, len(xs), 16384):
         X = xs[i : i + 16384].double() / ds.input_scale
-        best = max(best, float(torch.linalg.vector_norm(X, dim=1).max()))
         for trig in triggers:
-            best = max(best, float(torch.linalg.vector_norm(trig.apply(X), dim=1).max()))
+            best = max(best, lipschitz.input_norm_bound(X, trig.apply(X)))
     return best
 
 
@@ -94,14 +94,8 @@ def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: f
     if attack_log:
         rec = attack_log[0]
         t_adv = int(rec["round"])
-        p = rec["p"]
-        if p is None:
-            raise ConfigError(
-                f"The aggregation rule {cfg.aggregation.name!r} gives no per-client weight p_i, which Corollary 1 needs; "
-                "certify runs aggregated with fedavg, rfa or krum."
-            )
+        p = rec["p"]  # None where the rule has no per-client weight (median, trimmed mean)
         tau, gamma, eta, q = rec["tau"], rec["gamma"], rec["eta"], rec["poison_ratio"]
-        start_norm = float(rec["start_norm"])
         source = "attack.json"
     else:
         rounds = cfg.attack.rounds or []
@@ -113,8 +107,9 @@ def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: f
         tau = [int(setup.tau[a]) for a in attackers]
         gamma = [cfg.attack.gamma] * len(attackers)
         eta = [cfg.clients.lr] * len(attackers)
-        q = [cfg.attack.poison_per_batch / cfg.clients.batch_size] * len(attackers)
-        start_norm = setup.rho(t_adv - 1) if t_adv > 1 else math.nan
+        sizes = setup.data.sizes
+        q = [nominal_poison_ratio(int(sizes[a]), cfg.clients.batch_size, cfg.attack.poison_per_batch, int(setup.tau[a]))
+             for a in attackers]
         source = "config"
     rho_t_adv = setup.rho(t_adv)
     sigma_t_adv = setup.sigma(t_adv) if t_adv < T else cz.sigma_T
@@ -123,14 +118,10 @@ def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: f
         rho_lz = rho_t_adv
         L_Z = lipschitz.lz_paper(rho_lz)
     else:
-        # Every local iterate of round t_adv (backdoored and clean) starts at w~_{t_adv-1} and moves
-        # by at most eta * ||grad|| <= eta * sqrt(2) * sqrt(B^2 + 1) per step (docs/theory.md).
-        if not math.isfinite(start_norm):
-            start_norm = float(torch.linalg.vector_norm(torch.zeros(1)))
-        rho_lz = start_norm + max(tau) * max(eta) * math.sqrt(2.0) * math.sqrt(B * B + 1.0)
+        rho_lz = start_norm_bound(setup, t_adv) + max(tau) * max(eta) * math.sqrt(2.0) * math.sqrt(B * B + 1.0)
         L_Z = lipschitz.lz_sound(rho_lz, B)
     return Ingredients(
-        t_adv=t_adv, R=len(p), p=[float(v) for v in p], gamma=[float(v) for v in gamma], tau=[int(v) for v in tau],
+        t_adv=t_adv, R=len(tau), p=None if p is None else [float(v) for v in p], gamma=[float(v) for v in gamma], tau=[int(v) for v in tau],
         eta=[float(v) for v in eta], poison_ratio=[float(v) for v in q], delta_norm=plan.trigger.norm
         if plan.attackers else float(cfg.attack.magnitude),
         rho_t_adv=rho_t_adv, sigma_t_adv=float(sigma_t_adv), rho=rhos, sigma=sigmas,
@@ -139,9 +130,25 @@ def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: f
     )
 
 
+def start_norm_bound(setup: Setup, t_adv: int) -> float:
+    """A bound m with E||w~_{t_adv-1}||^2 <= m^2, for the L_Z of round t_adv (docs/theory.md (b)).
+
+    Every local iterate of round t_adv, in the backdoored and the clean process, starts at
+    w~_{t_adv-1} = Clip_{rho}(w) + eps and moves at most eta sqrt(2) sqrt(B^2 + 1) per step. The KL
+    bound of round t_adv is an average over w~_{t_adv-1} (joint convexity of KL), and L_Z enters it
+    squared, so a bound on sqrt(E||w~||^2) = sqrt(E||Clip(w)||^2 + sigma^2 D) <= sqrt(rho^2 + sigma^2 D)
+    is what is needed — not one realised norm. Round 1 starts from the fixed initial model w_0.
+    """
+    if t_adv <= 1:
+        w0 = setup.model.init(torch_generator(setup.cfg.seed, "init"), setup.dtype, setup.cfg.model.init)
+        return float(torch.linalg.vector_norm(w0.double()))
+    rho, sigma = setup.rho(t_adv - 1), setup.sigma(t_adv - 1)
+    return math.sqrt(rho * rho + sigma * sigma * setup.model.num_params)
+
+
 def radii(ing: Ingredients, p_a_lower: np.ndarray, p_b_upper: np.ndarray) -> np.ndarray:
     """Corollary 1 (Eq. 2) for every point; 0 where the point abstains."""
-    if ing.sigma_t_adv <= 0:
+    if ing.sigma_t_adv <= 0 or ing.p is None:
         return np.zeros(len(p_a_lower))
     return radius_mod.certified_radius(
         p_a_lower, p_b_upper, sigma_t_adv=ing.sigma_t_adv, L_Z=ing.L_Z, p=ing.p, gamma=ing.gamma, tau=ing.tau,
@@ -198,9 +205,24 @@ def assumption_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str,
         },
         "single_attack_round": {"holds": single, "detail": f"{len(attack_log)} attack round(s) (Corollary 1 covers one)"},
         "training_noise_at_t_adv": {"holds": ing.sigma_t_adv > 0, "detail": f"sigma_t_adv = {ing.sigma_t_adv}"},
+        "fixed_aggregation_weights": {
+            "holds": setup.cfg.aggregation.name == "fedavg",
+            "detail": (
+                "FedAvg: fixed p_i, so the benign updates cancel in Lemma 8"
+                if setup.cfg.aggregation.name == "fedavg"
+                else f"{setup.cfg.aggregation.name}: the weights depend on the updates themselves, so Lemma 8 does not "
+                "apply as proved; the radius uses the attacker's realised weight p_i "
+                + (f"= {ing.p}" if ing.p is not None else "(none: this rule has no per-client weight)")
+                + ", as the paper does for RFA"
+            ),
+        },
     }
     certified = all(c["holds"] for c in checks.values())
-    return {"radius_certified": certified, "checks": checks}
+    scope = [
+        "The radius bounds the trigger's magnitude ||delta_x|| (the paper's feature level, Appendix A.1). "
+        "The label swap delta_y is outside L_Z's scope: Lemma 1 takes y_1 = y_2, as the paper does.",
+    ]
+    return {"radius_certified": certified, "checks": checks, "scope": scope}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,14 +319,14 @@ def _rows(sm: Smoothed, rad: np.ndarray, labels: np.ndarray, radius_certified: b
 
 def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any], list[dict[str, Any]]]:
     run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"The 'RUN_DIR' parameter must be a training run directory. Got {str(run)!r} instead (no such directory).")
     for f in ("config.yaml", "model_final.pt", "attack.json"):
         if not (run / f).is_file():
             raise ConfigError(f"The run directory {str(run)!r} has no {f}: train it to the end first (crfl train --resume DIR).")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     cfg_dict = {k: v for k, v in saved.items() if k != "provenance"}
     for k, v in (overrides or {}).items():
-        from crfl.config import set_dotted
-
         set_dotted(cfg_dict, k, v)
     cfg = from_dict(cfg_dict)
     final = torch.load(run / "model_final.pt", weights_only=False)
@@ -334,7 +356,7 @@ def certify_run(
     setup = prepare(cfg, dataset, module)
     params = final["params"]
     X, Xb, y = _test_inputs(setup, cfg.certify.num_test)
-    B = input_norm_bound(setup)
+    B = training_input_norm_bound(setup)
     ing = certificate_ingredients(setup, attack_log, B)
     report = assumption_report(setup, ing, attack_log)
     method = smoothing_method(setup)
@@ -343,7 +365,7 @@ def certify_run(
     smooth_seconds = time.perf_counter() - t_s
     m = len(y)
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
-    radius_ok = bool(setup.model.is_linear)
+    radius_ok = bool(setup.model.is_linear) and ing.p is not None
     rad = {k: radii(ing, s.p_a_lower, s.p_b_upper) for k, s in sets.items()}
     for k, s in sets.items():
         write_csv(run / f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, rad[k], y, radius_ok))
@@ -386,10 +408,15 @@ def certify_run(
     }
     summary["results"] = results
     summary["assumptions"] = report
-    if not radius_ok:
+    if not setup.model.is_linear:
         summary["assumptions"]["note"] = (
             f"The model {setup.model.name!r} is not linear: Theorem 1 needs a convex, smooth loss with a known L_Z, "
             "so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported."
+        )
+    elif ing.p is None:
+        summary["assumptions"]["note"] = (
+            f"The aggregation rule {setup.cfg.aggregation.name!r} gives no per-client weight p_i, which Corollary 1 "
+            "needs, so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported."
         )
     twin = final.get("twin_params")
     if twin is not None:
@@ -432,10 +459,10 @@ def twin_check(
     return out
 
 
-def _fmt_radius(r: float | None) -> str:
+def _fmt_radius(r: float | str | None) -> str:
     if r is None:
         return "not certified"
-    return "inf" if r == math.inf else f"{r:.4g}"
+    return "inf" if r in (math.inf, "inf") else f"{r:.4g}"
 
 
 def print_summary(summary: dict[str, Any], radii_to_show: int = 5) -> None:

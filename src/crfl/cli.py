@@ -3,7 +3,7 @@
     crfl train   [--preset NAME] [--config FILE] [--dataset NAME] [--data-dir DIR] [--set k=v ...] --out DIR
     crfl train   --resume DIR
     crfl certify RUN_DIR [--method exact|monte-carlo] [--M N] [--alpha A] [--bound B] [--sigma-T S]
-                         [--lipschitz paper|sound]
+                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N]
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
     crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
     crfl plot    DIR
@@ -112,6 +112,16 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fresh_dir(base: Path) -> str:
+    """runs/demo, or runs/demo-2, runs/demo-3, ... : never overwrite an earlier run."""
+    if not base.exists():
+        return str(base)
+    n = 2
+    while Path(f"{base}-{n}").exists():
+        n += 1
+    return f"{base}-{n}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from crfl.certify import certify_run, print_summary
     from crfl.train import train
@@ -120,14 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         res = train(None, args.resume, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
     else:
         cfg = _config_from_args(args, default_preset="demo")
-        out = args.out or str(Path("runs") / (cfg.preset or "run"))
-        if args.out is None and (Path(out) / "config.yaml").exists():
-            import shutil
-
-            shutil.rmtree(out)
+        out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, progress=not args.quiet)
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), progress=not args.quiet)
     print_summary(summary)
     return 0
 

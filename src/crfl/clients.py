@@ -123,6 +123,30 @@ def poison_slots(idx: np.ndarray, attackers: Sequence[int], q_B: int) -> torch.T
     return torch.from_numpy(mask)
 
 
+def poison_ratio_per_step(idx: np.ndarray, mask: np.ndarray | torch.Tensor, client: int) -> float:
+    """Mean over the client's local steps of (poisoned samples / batch size) — Lemma 7's q_B/n_B.
+
+    Equal to q_B/n_B when every batch is full; a short last batch with r < n_B samples has
+    min(q_B, r)/r poisoned, more than q_B/n_B. Lemma 6 with a step-dependent ||B_s|| gives
+    Delta_tau <= 2 eta sum_s ||B_s||, so the certificate needs tau * (this mean) = sum_s q_s/n_s.
+    """
+    m = np.asarray(mask)[client]
+    valid = idx[client] >= 0
+    sizes = valid.sum(axis=1)
+    steps = sizes > 0
+    if not steps.any():
+        return 0.0
+    return float((m[steps].sum(axis=1) / sizes[steps]).mean())
+
+
+def nominal_poison_ratio(num_samples: int, batch_size: int, q_B: int, tau: int) -> float:
+    """:func:`poison_ratio_per_step` for the batch sizes a client of ``num_samples`` will see."""
+    per_epoch = math.ceil(num_samples / batch_size)
+    sizes = [min(batch_size, num_samples - j * batch_size) for j in range(per_epoch)]
+    seq = [sizes[s % per_epoch] for s in range(tau)]
+    return float(np.mean([min(q_B, r) / r for r in seq]))
+
+
 @dataclass
 class PoisonStats:
     """Actual ||x' - x|| of the poisoned samples per attacker (clamping can shrink the trigger)."""

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-ABSTAIN = -1
+from crfl.bounds import ABSTAIN
 
 
 def certified_rate(radius: np.ndarray, predicted: np.ndarray, r: np.ndarray) -> np.ndarray:

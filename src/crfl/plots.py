@@ -149,7 +149,7 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     by_cert: dict[str, list[tuple[str, dict, Path]]] = {}
     for j in jobs:
         for h, cp in j["certs"]:
-            label = _label({**j["point"], **cp}, keys + cert_keys)
+            label = _label(cp, keys + cert_keys)
             group = _label(cp, cert_keys) if cert_keys and keys else "all"
             by_cert.setdefault(group, []).append((label, j, runs / j["train_hash"] / f"cert-{h}"))
     for group, items in by_cert.items():

@@ -134,25 +134,30 @@ class Job:
     train_hash: str
     config: dict[str, Any]
     point: dict[str, Any]
-    certs: list[tuple[str, dict[str, Any], dict[str, Any]]]  # (cert hash, overrides, cert point)
+    certs: list[tuple[str, dict[str, Any], dict[str, Any]]]  # (cert hash, overrides, full grid point)
 
 
 def expand(spec: Spec, extra: dict[str, Any] | None = None) -> list[Job]:
-    """The spec's runs, in a fixed order; ``extra`` overrides apply to every run (e.g. --dataset)."""
-    jobs = []
+    """The spec's runs, in a fixed order; ``extra`` overrides apply to every run (e.g. --dataset).
+
+    Grid points that resolve to the same training configuration (a grid over a certify key, or
+    an override equal to the default) become one job with several certifications, so no two
+    processes ever write the same run directory.
+    """
+    jobs: dict[str, Job] = {}
     for point in _product(spec.grid):
         over = {**spec.base_set, **(extra or {}), **point}
         cfg = resolve(spec.preset, None, over)
-        key = training_key(cfg)
-        h = _hash(key)[:16]
-        certs = []
+        h = _hash(training_key(cfg))[:16]
+        job = jobs.setdefault(h, Job(h, cfg.to_dict(), point, []))
         for cp in _product(spec.cert_grid):
             full = cfg.replace(**{**spec.cert_set, **cp})  # validates the certify overrides
             cz = full.to_dict()["certify"]
             co = {f"certify.{k}": v for k, v in cz.items()}  # the whole block: a shared run's config may differ
-            certs.append((_hash(cz)[:10], co, cp))
-        jobs.append(Job(h, cfg.to_dict(), point, certs))
-    return jobs
+            ch = _hash(cz)[:10]
+            if all(c[0] != ch for c in job.certs):
+                job.certs.append((ch, co, {**point, **cp}))
+    return list(jobs.values())
 
 
 def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
@@ -207,7 +212,7 @@ def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any
     from crfl.metrics import certified_accuracy, certified_rate
     from crfl.plots import read_certificates
 
-    out: dict[str, Any] = {**row["point"], **row["cert_point"], "status": row["status"],
+    out: dict[str, Any] = {**row["cert_point"], "status": row["status"],
                            "run": f"runs/{row['train_hash']}/cert-{row['cert_hash']}"}
     s = row.get("summary") or {}
     tr = s.get("training", {})

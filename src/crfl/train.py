@@ -36,7 +36,9 @@ import yaml
 import crfl
 from crfl import aggregation
 from crfl.attacks import AttackPlan, attack_rounds, build_plan
-from crfl.clients import ClientData, Poison, local_iterations, local_updates, poison_slots, round_batches
+from crfl.clients import (
+    ClientData, Poison, local_iterations, local_updates, poison_ratio_per_step, poison_slots, round_batches,
+)
 from crfl.config import Config, from_dict
 from crfl.data import Dataset, load_dataset
 from crfl.data.partition import partition
@@ -219,7 +221,11 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
             "tau": [int(setup.tau[a]) for a in plan.attackers],
             "gamma": [plan.gamma] * len(plan.attackers),
             "eta": [cfg.clients.lr] * len(plan.attackers),
-            "poison_ratio": [plan.poison_per_batch / cfg.clients.batch_size] * len(plan.attackers),
+            # the mean over local steps of poisoned / batch size (> q_B/n_B when a last batch is short)
+            "poison_ratio": [
+                poison_ratio_per_step(idx, poison.mask, a) if poison is not None else 0.0 for a in plan.attackers
+            ],
+            "nominal_poison_ratio": [plan.poison_per_batch / cfg.clients.batch_size] * len(plan.attackers),
             "delta_norm": [plan.local_triggers[a].norm for a in plan.attackers],
             "poisoned_samples": [int(stats.count[a]) for a in plan.attackers],
             "actual_delta_norm_max": [float(stats.max_norm[a]) for a in plan.attackers],
@@ -438,7 +444,7 @@ def train(
         if stop_after is not None and t >= stop_after and t < T:
             return TrainResult(out, setup, params, records, attack_log, twin_params, seconds + time.perf_counter() - t0)
     seconds += time.perf_counter() - t0
-    write_final(out, setup, params, records, attack_log, twin_params, seconds, rounds_run=T - start + 1)
+    write_final(out, setup, params, records, attack_log, twin_params, seconds)
     return TrainResult(out, setup, params, records, attack_log, twin_params, seconds)
 
 
@@ -450,7 +456,6 @@ def write_final(
     attack_log: list[dict[str, Any]],
     twin_params: torch.Tensor | None,
     seconds: float,
-    rounds_run: int,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the end-of-run files (model_final.pt, rounds.csv, attack.json, summary.json's ``training``).
@@ -480,7 +485,7 @@ def write_final(
         "final_norm": float(torch.linalg.vector_norm(params.double())),
         "attack_rounds": list(setup.plan.rounds),
         "seconds": seconds,
-        "seconds_per_round": seconds / max(1, rounds_run),
+        "seconds_per_round": seconds / max(1, T),
         **(extra or {}),
     }
     write_json(summary_path, summary)

@@ -27,7 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from crfl.clients import Poison, client_round_batches, local_updates, poison_slots
+from crfl.clients import Poison, client_round_batches, local_updates, poison_ratio_per_step, poison_slots
 from crfl.config import from_dict
 from crfl.data import Dataset
 from crfl.flower.records import (
@@ -86,7 +86,9 @@ def client_round(setup: Setup, params: torch.Tensor, client: int, t: int) -> Cli
         "lr": float(cfg.clients.lr),
         "attacker": int(attacking),
         "gamma": float(plan.gamma) if attacking else 1.0,
-        "poison-ratio": plan.poison_per_batch / n_B if attacking else 0.0,
+        # mean over local steps of poisoned / batch size, as the simulator records it for the certificate
+        "poison-ratio": poison_ratio_per_step(idx, poison.mask, 0) if poison is not None else 0.0,
+        "nominal-poison-ratio": plan.poison_per_batch / n_B if attacking else 0.0,
         "delta-norm": plan.local_triggers[client].norm if attacking else 0.0,
         "poisoned-samples": count,
         "delta-norm-max": float(stats.max_norm[0]),

@@ -136,6 +136,7 @@ def _attack_entry(rec: RoundLog, attackers: list[int]) -> dict[str, Any]:
         "gamma": [float(m[a]["gamma"]) for a in attackers],
         "eta": [float(m[a]["lr"]) for a in attackers],
         "poison_ratio": [float(m[a]["poison-ratio"]) for a in attackers],
+        "nominal_poison_ratio": [float(m[a]["nominal-poison-ratio"]) for a in attackers],
         "delta_norm": [float(m[a]["delta-norm"]) for a in attackers],
         "poisoned_samples": [int(m[a]["poisoned-samples"]) for a in attackers],
         "actual_delta_norm_max": [float(m[a]["delta-norm-max"]) for a in attackers],
@@ -215,7 +216,7 @@ def run_federation(
     final = record_to_params(result.arrays).to(setup.dtype)
     hist = strategy.history
     write_final(
-        out, setup, final, records, attack_log, None, seconds, rounds_run=T,
+        out, setup, final, records, attack_log, None, seconds,
         extra={
             "engine": "flower",
             "replies_rejected": sum(len(h.rejected) for h in hist.values()),
