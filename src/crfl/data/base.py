@@ -83,6 +83,12 @@ def describe_datasets() -> dict[str, str]:
     return {k: v[1] for k, v in sorted(_REGISTRY.items())}
 
 
+def loader(name: str) -> Loader:
+    """The registered loader function of ``name``."""
+    check_choice("dataset", name, dataset_names())
+    return _REGISTRY[name][0]
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 1, **options: Any) -> Dataset:
     """Load a registered dataset; an unknown name lists the valid ones."""
     check_choice("dataset", name, dataset_names())
