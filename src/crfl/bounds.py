@@ -86,8 +86,8 @@ class BoundResult:
     Attributes:
         c_a: the predicted class c_A (int64).
         c_b: the runner-up class c_B (int64), reported for inspection.
-        n_a: votes for c_A in the estimation sample ``counts`` (int64).
-        n_b: votes for c_B in the estimation sample (int64).
+        n_a: votes for c_A in the estimation sample ``counts`` (int64); None for exact smoothing.
+        n_b: votes for c_B in the estimation sample (int64); None for exact smoothing.
         p_a_lower: lower confidence bound on p_{c_A} (float64).
         p_b_upper: upper confidence bound on max_{c != c_A} p_c (float64), or on p_{c_B}
             only for ``coverage="paper"``.
@@ -96,8 +96,8 @@ class BoundResult:
 
     c_a: np.ndarray
     c_b: np.ndarray
-    n_a: np.ndarray
-    n_b: np.ndarray
+    n_a: np.ndarray | None
+    n_b: np.ndarray | None
     p_a_lower: np.ndarray
     p_b_upper: np.ndarray
     abstain: np.ndarray
@@ -105,6 +105,11 @@ class BoundResult:
     def prediction(self) -> np.ndarray:
         """c_A where certified, ABSTAIN elsewhere."""
         return np.where(self.abstain, ABSTAIN, self.c_a)
+
+    def slice(self, start: int, stop: int) -> "BoundResult":
+        """The points start..stop-1 (e.g. the clean half of a clean + backdoored batch)."""
+        cut = lambda v: None if v is None else v[start:stop]  # noqa: E731
+        return BoundResult(*(cut(getattr(self, f)) for f in ("c_a", "c_b", "n_a", "n_b", "p_a_lower", "p_b_upper", "abstain")))
 
 
 # ---------------------------------------------------------------------------------------------

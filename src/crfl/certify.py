@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from crfl import bounds, lipschitz, radius as radius_mod, smoothing
+from crfl.bounds import BoundResult
 from crfl.config import Config, from_dict, set_dotted
 from crfl.data import Dataset
 from crfl.io import write_csv, write_json
@@ -159,7 +160,7 @@ def radii(ing: Ingredients, p_a_lower: np.ndarray, p_b_upper: np.ndarray) -> np.
 INVERSE_COLUMNS = ["index", "prediction", "delta_norm", "max_attackers", "max_gamma", "max_poison_ratio"]
 
 
-def inverse_rows(ing: Ingredients, sm: "Smoothed") -> list[list[Any]]:
+def inverse_rows(ing: Ingredients, sm: BoundResult) -> list[list[Any]]:
     """Section 5.1's inverse questions at the attack's ||delta||, per point (identical attackers like the first).
 
     Client level: the largest number of attackers R; sample level: the largest poison ratio q_B/n_B;
@@ -229,24 +230,6 @@ def assumption_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str,
 # smoothing
 
 
-@dataclass
-class Smoothed:
-    c_a: np.ndarray
-    c_b: np.ndarray
-    n_a: np.ndarray | None
-    n_b: np.ndarray | None
-    p_a_lower: np.ndarray
-    p_b_upper: np.ndarray
-    abstain: np.ndarray
-
-    def prediction(self) -> np.ndarray:
-        return np.where(self.abstain, ABSTAIN, self.c_a)
-
-    def slice(self, a: int, b: int) -> "Smoothed":
-        cut = lambda v: None if v is None else v[a:b]  # noqa: E731
-        return Smoothed(*(cut(getattr(self, f)) for f in ("c_a", "c_b", "n_a", "n_b", "p_a_lower", "p_b_upper", "abstain")))
-
-
 def smoothing_method(setup: Setup) -> str:
     m = setup.cfg.certify.method
     if m == "auto":
@@ -258,7 +241,7 @@ def smoothing_method(setup: Setup) -> str:
     return m
 
 
-def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> Smoothed:
+def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> BoundResult:
     """p_A_lower, p_B_upper (and votes) for inputs X under N(params, sigma_T^2 I)."""
     cz = setup.cfg.certify
     method = smoothing_method(setup)
@@ -267,17 +250,13 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> Smoothed:
         c_a, c_b, p_a_lo, p_b_up = smoothing.exact_top_two(W, b, X.double(), cz.sigma_T)
         c_a, c_b = np.asarray(c_a), np.asarray(c_b)
         p_a_lo, p_b_up = np.asarray(p_a_lo, dtype=float), np.asarray(p_b_up, dtype=float)
-        return Smoothed(c_a, c_b, None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up)
+        return BoundResult(c_a, c_b, None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up)
     gen = torch_generator(setup.cfg.seed, "smoothing", 0)
     counts = _counts(setup, params, X, cz.M, gen)
     sel = None
     if cz.selection > 0:
         sel = _counts(setup, params, X, cz.selection, torch_generator(setup.cfg.seed, "selection", 0)).numpy()
-    res = bounds.select_and_bound(counts.numpy(), cz.alpha, cz.bound, cz.coverage, selection_counts=sel)
-    return Smoothed(
-        np.asarray(res.c_a), np.asarray(res.c_b), np.asarray(res.n_a), np.asarray(res.n_b),
-        np.asarray(res.p_a_lower, dtype=float), np.asarray(res.p_b_upper, dtype=float), np.asarray(res.abstain),
-    )
+    return bounds.select_and_bound(counts.numpy(), cz.alpha, cz.bound, cz.coverage, selection_counts=sel)
 
 
 def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> torch.Tensor:
@@ -302,7 +281,7 @@ def _test_inputs(setup: Setup, n: int | None) -> tuple[torch.Tensor, torch.Tenso
     return X, Xb, ds.y_test[:m].astype(np.int64)
 
 
-def _rows(sm: Smoothed, rad: np.ndarray, labels: np.ndarray, radius_certified: bool) -> list[list[Any]]:
+def _rows(sm: BoundResult, rad: np.ndarray, labels: np.ndarray, radius_certified: bool) -> list[list[Any]]:
     pred = sm.prediction()
     rows = []
     for i in range(len(labels)):
@@ -433,7 +412,7 @@ def certify_run(
 
 
 def twin_check(
-    setup: Setup, params: torch.Tensor, twin_params: torch.Tensor, sets: dict[str, Smoothed], rad: dict[str, np.ndarray],
+    setup: Setup, params: torch.Tensor, twin_params: torch.Tensor, sets: dict[str, BoundResult], rad: dict[str, np.ndarray],
     X: torch.Tensor, Xb: torch.Tensor, delta_norm: float, attack_log: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Empirical check: where the certificate covers the attack (RAD >= ||delta||), does the clean twin agree?
