@@ -105,14 +105,13 @@ def round_time(setup, rounds: int = 10) -> float:
 
 def client_cost(setup) -> tuple[float, float]:
     """FLOP and minimal memory traffic (bytes) of one round of client work (linear model)."""
-    K = setup.data.num_clients
     steps = int(setup.tau.sum())
     nB = setup.cfg.clients.batch_size
     d, C = setup.dataset.num_features, setup.dataset.num_classes
     flop = steps * nB * (4 * d * C + 6 * C)  # forward X W^T, gradient G^T X, softmax and bias
     in_bytes = steps * nB * d * setup.dataset.x_train.itemsize  # each sample read once per step
     model_bytes = steps * 2 * (d * C + C) * 4  # parameters read and written per step
-    return flop, in_bytes + model_bytes + 0 * K
+    return flop, in_bytes + model_bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from crfl.metrics import ABSTAIN, curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
 from crfl.schedule import contraction_schedule
 from crfl.clients import nominal_poison_ratio
-from crfl.train import Setup, predict, prepare
+from crfl.train import Setup, model_inputs, prepare
 from crfl.validation import ConfigError
 
 CERT_COLUMNS = ["index", "label", "prediction", "n_a", "n_b", "p_a_lower", "p_b_upper", "radius", "correct"]
@@ -82,7 +82,7 @@ def training_input_norm_bound(setup: Setup) -> float:
     best = 0.0
     xs = torch.from_numpy(ds.x_train)
     for i in range(0, len(xs), 16384):
-        X = xs[i : i + 16384].double() / ds.input_scale
+        X = model_inputs(ds, xs[i : i + 16384], torch.float64)
         for trig in triggers:
             best = max(best, lipschitz.input_norm_bound(X, trig.apply(X)))
     return best
@@ -274,9 +274,7 @@ def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: to
 def _test_inputs(setup: Setup, n: int | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     ds: Dataset = setup.dataset
     m = len(ds.y_test) if n is None else min(n, len(ds.y_test))
-    X = torch.from_numpy(ds.x_test[:m]).to(torch.float32)
-    if ds.input_scale != 1.0:
-        X = X / ds.input_scale
+    X = model_inputs(ds, ds.x_test[:m], torch.float32)
     Xb = setup.plan.trigger.apply(X)
     return X, Xb, ds.y_test[:m].astype(np.int64)
 
@@ -317,7 +315,6 @@ def certify_run(
     run_dir: str | Path,
     *,
     overrides: dict[str, Any] | None = None,
-    progress: bool = False,
     dataset: Dataset | None = None,
     module: torch.nn.Module | None = None,
     out_dir: str | Path | None = None,
@@ -351,8 +348,8 @@ def certify_run(
         if radius_ok:
             write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(ing, s))
 
-    base_pred = predict(setup, params, setup.dataset.x_test[:m]).numpy()
-    base_pred_b = predict(setup, params, setup.dataset.x_test[:m], trigger=setup.plan.trigger).numpy()
+    base_pred = setup.model.predict(params.to(setup.dtype), X.to(setup.dtype)).numpy()
+    base_pred_b = setup.model.predict(params.to(setup.dtype), Xb.to(setup.dtype)).numpy()
     grid = radius_grid([rad["clean"], rad["backdoor"]], fixed=cfg.certify.radii)
     results: dict[str, Any] = {}
     for k, s in sets.items():

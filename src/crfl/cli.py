@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     from crfl.certify import certify_run, print_summary
 
-    summary = certify_run(args.run_dir, overrides=_certify_overrides(args), progress=not args.quiet)
+    summary = certify_run(args.run_dir, overrides=_certify_overrides(args))
     print_summary(summary)
     return 0
 
@@ -133,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), progress=not args.quiet)
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args))
     print_summary(summary)
     return 0
 

@@ -199,15 +199,6 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _at(curve: list[dict[str, float]], r: float, key: str) -> float | None:
-    """Certified accuracy/rate at radius r, from the curve (recomputed exactly from the CSVs in plots)."""
-    best = None
-    for c in curve:
-        if c["radius"] <= r + 1e-12:
-            best = c[key]
-    return best
-
-
 def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any]:
     from crfl.metrics import certified_accuracy, certified_rate
     from crfl.plots import read_certificates

@@ -35,14 +35,14 @@ import yaml
 
 import crfl
 from crfl import aggregation
-from crfl.attacks import AttackPlan, attack_rounds, build_plan
+from crfl.attacks import AttackPlan, attack_rounds, backdoor_test_mask, build_plan
 from crfl.clients import (
     ClientData, Poison, local_iterations, local_updates, poison_ratio_per_step, poison_slots, round_batches,
 )
 from crfl.config import Config, from_dict
 from crfl.data import Dataset, dataset_names, load_dataset
 from crfl.data.partition import partition
-from crfl.io import read_csv, torch_save, write_dict_csv, write_json, write_yaml
+from crfl.io import torch_save, write_dict_csv, write_json, write_yaml
 from crfl.model import Model, build_model, wrap_module
 from crfl.rng import torch_generator
 from crfl.schedule import RhoSchedule, SigmaSchedule
@@ -69,7 +69,6 @@ class Setup:
     rho: RhoSchedule
     sigma: SigmaSchedule
     dtype: torch.dtype
-    resolved: dict[str, Any] = field(default_factory=dict)
     _eval_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -255,15 +254,19 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
 # evaluation
 
 
+def model_inputs(ds: Dataset, x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored rows (uint8 pixels, float features) as model inputs x / input_scale."""
+    X = torch.as_tensor(x).to(dtype)
+    return X / ds.input_scale if ds.input_scale != 1.0 else X
+
+
 @torch.no_grad()
 def predict(setup: Setup, params: torch.Tensor, x: np.ndarray | torch.Tensor, trigger=None, chunk: int = 8192) -> torch.Tensor:
     """Base-model predictions on stored inputs (optionally with the trigger added), in chunks."""
     xs = torch.as_tensor(x)
     out = []
     for i in range(0, len(xs), chunk):
-        X = xs[i : i + chunk].to(setup.dtype)
-        if setup.dataset.input_scale != 1.0:
-            X = X / setup.dataset.input_scale
+        X = model_inputs(setup.dataset, xs[i : i + chunk], setup.dtype)
         if trigger is not None:
             X = trigger.apply(X)
         out.append(setup.model.predict(params.to(setup.dtype), X))
@@ -279,13 +282,11 @@ def _eval_inputs(setup: Setup) -> dict[str, Any]:
     if not c:
         ds = setup.dataset
         y = torch.from_numpy(ds.y_test).long()
-        mask = (y != setup.plan.target).numpy()
+        mask = backdoor_test_mask(y, setup.plan.target).numpy()
         c.update(y=y, mask=mask)
         nbytes = ds.x_test.shape[0] * ds.x_test.shape[1] * torch.finfo(setup.dtype).bits // 8
         if 2 * nbytes <= EVAL_CACHE_BYTES:
-            X = torch.from_numpy(ds.x_test).to(setup.dtype)
-            if ds.input_scale != 1.0:
-                X = X / ds.input_scale
+            X = model_inputs(ds, ds.x_test, setup.dtype)
             c.update(X=X, Xb=setup.plan.trigger.apply(X[torch.from_numpy(mask)]))
     return c
 
@@ -506,6 +507,3 @@ def write_final(
     }
     write_json(summary_path, summary)
 
-
-def load_rounds(run_dir: str | Path) -> list[dict[str, str]]:
-    return read_csv(Path(run_dir) / "rounds.csv")
