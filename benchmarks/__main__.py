@@ -29,7 +29,8 @@ import torch
 import crfl
 from crfl.config import resolve
 from crfl.data import Dataset, load_dataset
-from crfl.train import prepare, run_round, train
+from crfl.setup import prepare
+from crfl.train import run_round, train
 
 AUTHORS_ROUND_S = 6.29  # measured on this 2-core machine for the paper's MNIST setting (issue 5)
 AUTHORS_SMOOTH_PER_MODEL_S = 1.64  # per noisy model, 1632 test points
@@ -192,7 +193,8 @@ import resource, statistics, time, torch, json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from benchmarks.__main__ import synthetic_images
 from crfl.config import resolve
-from crfl.train import prepare, run_round
+from crfl.setup import prepare
+from crfl.train import run_round
 ds = synthetic_images({100_000 if quick else 697_932}, 10_000, 47)
 cfg = resolve("emnist", None, {{"data.name": "mnist-5k", "clients.local_iters": 70}})
 setup = prepare(cfg, ds)

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from crfl.config import resolve
-from crfl.rng import torch_generator
-from crfl.train import prepare, run_round
+from crfl.setup import prepare
+from crfl.train import run_round
 
 
 THREADS = 1  # torch threads everywhere (set by --threads); on a busy 2-core machine 2 threads run 10-50x slower
@@ -40,7 +40,7 @@ def _config(clients: int, rounds: int):
 
 def simulator(clients: int, rounds: int) -> list[float]:
     setup = prepare(_config(clients, rounds))
-    params = setup.model.init(torch_generator(setup.cfg.seed, "init"), setup.dtype, setup.cfg.model.init)
+    params = setup.w0.clone()
     times = []
     for t in range(1, rounds + 1):
         t0 = time.perf_counter()

@@ -155,7 +155,7 @@ def test_short_last_batch_raises_the_effective_poison_ratio(tmp_path, images28):
 def test_start_norm_bound_for_L_Z(tmp_path, images28):
     """sqrt(rho_{t-1}^2 + sigma_{t-1}^2 D) for t_adv > 1; the initial model's norm for t_adv = 1."""
     from crfl.certify import start_norm_bound
-    from crfl.train import prepare
+    from crfl.setup import prepare
 
     setup = prepare(cfg28(), images28)
     D = setup.model.num_params

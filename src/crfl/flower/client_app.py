@@ -41,7 +41,7 @@ from crfl.flower.records import (
     config_from_json,
     record_to_params,
 )
-from crfl.train import Setup, prepare
+from crfl.setup import Setup, prepare
 from crfl.validation import ConfigError, check_int
 
 

@@ -40,8 +40,8 @@ from crfl.data import Dataset
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog
 from crfl.io import write_json, write_yaml
-from crfl.rng import torch_generator
-from crfl.train import Setup, evaluate, prepare, resolved_config, write_final
+from crfl.setup import Setup, evaluate, prepare, resolved_config
+from crfl.train import write_final
 from crfl.validation import ConfigError, check_int, check_real
 
 log = logging.getLogger("crfl.flower")
@@ -180,7 +180,7 @@ def run_federation(
     log.info("crfl over Flower: %d clients, T = %d rounds, aggregation %s; run directory %s",
              setup.data.num_clients, T, type(strategy.strategy).__name__, out.resolve())
 
-    params0 = setup.model.init(torch_generator(cfg.seed, "init"), setup.dtype, cfg.model.init)
+    params0 = setup.w0.clone()
     records: list[dict[str, Any]] = []
     attack_log: list[dict[str, Any]] = []
 
