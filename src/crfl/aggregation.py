@@ -67,11 +67,15 @@ class AggregateResult:
             mean of the updates (coordinate median, trimmed mean).
         info: diagnostics (RFA iterations and objective values, Krum scores and
             selected clients, ...).
+        fixed_weights: True when ``weights`` do not depend on the updates' values (FedAvg):
+            the aggregation is then a fixed convex combination, nonexpansive in the updates,
+            which the coupled certificate needs (docs/theory.md (g)).
     """
 
     update: torch.Tensor
     weights: torch.Tensor | None
     info: dict[str, Any] = field(default_factory=dict)
+    fixed_weights: bool = False
 
 
 Aggregator = Callable[..., AggregateResult]
@@ -129,7 +133,7 @@ def aggregate(
 @register_aggregator("fedavg", "Weighted mean sum_i p_i u_i (McMahan et al., 2017).")
 def fedavg(updates: torch.Tensor, client_weights: torch.Tensor) -> AggregateResult:
     """FedAvg: the weighted mean ``sum_i p_i u_i``; the effective weights are the p_i."""
-    return AggregateResult(update=client_weights @ updates, weights=client_weights, info={})
+    return AggregateResult(update=client_weights @ updates, weights=client_weights, info={}, fixed_weights=True)
 
 
 @register_aggregator(

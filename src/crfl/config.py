@@ -108,7 +108,6 @@ class CertifyConfig:
     radii: list[float] | None = None  # grid for the certified-accuracy tables (None: automatic)
     num_test: int | None = None  # certify the first n test points (None: all)
     twin: bool = False
-    twin_scaling: bool = True  # the clean twin keeps the gamma scaling (the theorem's virtual benign process)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import torch
 from crfl.validation import ConfigError, check_real
 
 __all__ = [
+    "centred_operator_norm",
     "lz_paper",
     "lz_sound",
     "input_norm_bound",
@@ -70,6 +71,20 @@ def lz_sound(rho: float, input_norm_bound: float) -> float:
     rho = check_real("rho", rho, low=0.0, high=math.inf, high_open=True)
     B = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
     return 0.5 * rho * math.sqrt(B * B + 1.0) + math.sqrt(2.0)
+
+
+def centred_operator_norm(weight: torch.Tensor) -> float:
+    """||(I - 11^T / C) W||_2, the spectral norm of the class-centred weight matrix W (C, d).
+
+    S = diag(P) - P P^T has S 1 = 0, so S W = S (I - 11^T/C) W and ||S W||_2 <= ||(I - 11^T/C) W||_2 / 2:
+    shifting every class row of W by the same vector changes no softmax (docs/theory.md (g)).
+    """
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ConfigError(f"The 'weight' parameter must be a 2-D tensor (C, d). Got {got} instead.")
+    W = weight.double()
+    Wc = W - W.mean(dim=0, keepdim=True)
+    return float(torch.linalg.matrix_norm(Wc, ord=2))
 
 
 def input_norm_bound(x: torch.Tensor, trigger_x: torch.Tensor | None = None) -> float:

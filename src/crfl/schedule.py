@@ -13,7 +13,7 @@ and certification smooths with its own sigma_T.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,11 +77,18 @@ class RhoSchedule:
 
 @dataclass(frozen=True)
 class SigmaSchedule:
-    """sigma_t for rounds t = 1..T-1: a constant, or one value per round."""
+    """sigma_t for rounds t = 1..T-1: a constant, or one value per round; sigma_T = 0 in training.
+
+    Algorithm 1 adds no noise in the last round (its output is Clip_{rho_T}(w_T)); this is the
+    one place that rule lives. ``rounds`` = T (None: no last round is known, every t is noisy).
+    """
 
     values: tuple[float, ...] | float = 0.01
+    rounds: int | None = None
 
     def __call__(self, t: int) -> float:
+        if self.rounds is not None and t >= self.rounds:
+            return 0.0
         if isinstance(self.values, tuple):
             return self.values[t - 1]
         return float(self.values)
@@ -99,8 +106,8 @@ class SigmaSchedule:
                     f"a list of {len(value)} values",
                 )
             vals = tuple(check_real(f"server.sigma[{i}]", v, low=0.0) for i, v in enumerate(value))
-            return SigmaSchedule(vals)
-        return SigmaSchedule(check_real("server.sigma", value, low=0.0))
+            return SigmaSchedule(vals, rounds)
+        return SigmaSchedule(check_real("server.sigma", value, low=0.0), rounds)
 
 
 def contraction_schedule(

@@ -33,6 +33,7 @@ class ServerStepInfo:
     rho: float
     sigma: float
     clipped: bool
+    pre_noise: torch.Tensor | None = None  # Clip_{rho_t}(w_t), before eps_t is added
 
 
 def server_step(
@@ -53,7 +54,8 @@ def server_step(
     w = w_prev + update
     clipped, norm = clip_to_norm(w, rho_t)
     sigma = sigma_t if t < rounds else 0.0
+    pre_noise = clipped
     if sigma > 0:
         gen = torch_generator(seed, "server-noise", t)
         clipped = clipped + gaussian_noise(clipped.shape, sigma, gen, torch.float64).to(clipped.dtype)
-    return clipped, ServerStepInfo(norm_before_clip=norm, rho=rho_t, sigma=sigma, clipped=norm > rho_t)
+    return clipped, ServerStepInfo(norm_before_clip=norm, rho=rho_t, sigma=sigma, clipped=norm > rho_t, pre_noise=pre_noise)

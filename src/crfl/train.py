@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from crfl import aggregation
-from crfl.clients import Poison, local_updates, poison_ratio_per_step, poison_slots, round_batches
+from crfl.clients import Poison, local_updates, nominal_poison_ratio, poison_ratio_per_step, poison_slots, round_batches
 from crfl.config import Config, from_dict
 from crfl.data import Dataset
 from crfl.io import torch_save, write_dict_csv, write_json, write_yaml
@@ -42,7 +42,7 @@ from crfl.validation import ConfigError
 
 ROUND_COLUMNS = [
     "round", "clean_acc", "backdoor_acc", "norm_before_clip", "rho", "sigma", "clipped",
-    "attack", "attacker_weights", "twin_distance",
+    "attack", "attacker_weights", "aggregation_fixed_weights", "twin_distance",
 ]
 
 
@@ -55,14 +55,19 @@ class RoundResult:
     params: torch.Tensor
     info: dict[str, Any]
     attack: dict[str, Any] | None
+    pre_noise: torch.Tensor | None = None  # Clip_{rho_t}(w_t) before eps_t (kept for attack rounds)
 
 
-def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = True, scaling: bool = True) -> RoundResult:
+def run_round(
+    setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = True, trigger: bool = True, scaling: bool = True
+) -> RoundResult:
     """Round t of Algorithm 1 from w~_{t-1} = params; returns w~_t (or Clip(w_T) when t = T).
 
-    ``attacking=False`` gives the clean twin: the same batches and noise, no poisoned samples;
-    with ``scaling=True`` the attackers still scale their (benign) update by gamma, which is the
-    virtual benign process M(D) of the proof of Theorem 2 (Appendix B.3).
+    ``trigger=False`` gives the counterfactual twin that the certificate compares with (the
+    paper's D against D'): the same batches and noise, the attackers' poisoned slots keep the
+    target label and the gamma scaling, only the trigger delta_x is left out.
+    ``attacking=False`` drops the poisoning altogether (no label swap either); ``scaling=False``
+    drops the model-replacement scaling.
     """
     cfg, plan = setup.cfg, setup.plan
     K = setup.data.num_clients
@@ -71,8 +76,9 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
     poison = None
     if active and attacking and plan.poison_per_batch > 0:
         deltas = torch.zeros(K, setup.dataset.num_features, dtype=setup.dtype)
-        for a_id, trig in plan.local_triggers.items():
-            deltas[a_id] = trig.delta.to(setup.dtype)
+        if trigger:
+            for a_id, trig in plan.local_triggers.items():
+                deltas[a_id] = trig.delta.to(setup.dtype)
         poison = Poison(mask=poison_slots(idx, plan.attackers, plan.poison_per_batch), deltas=deltas, target=plan.target)
     updates, stats = local_updates(setup.model, params, setup.data, idx, cfg.clients.lr, poison, setup.dtype)
     if active and scaling:
@@ -82,7 +88,7 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
     agg = aggregation.aggregate(cfg.aggregation.name, updates.double(), setup.weights, **cfg.aggregation.options)
     new, sinfo = server_step(
         params, agg.update.to(params.dtype), t=t, rounds=setup.rounds, rho_t=setup.rho(t),
-        sigma_t=setup.sigma(t) if t < setup.rounds else 0.0, seed=cfg.seed,
+        sigma_t=setup.sigma(t), seed=cfg.seed,
     )
     info = {
         "norm_before_clip": sinfo.norm_before_clip,
@@ -90,33 +96,80 @@ def run_round(setup: Setup, params: torch.Tensor, t: int, *, attacking: bool = T
         "sigma": sinfo.sigma,
         "clipped": int(sinfo.clipped),
         "attack": int(active and attacking),
+        "aggregation_fixed_weights": int(agg.fixed_weights),
     }
     attack = None
     if active:
         w = agg.weights
         p_eff = [float(w[a]) for a in plan.attackers] if w is not None else None
         info["attacker_weights"] = p_eff
-        attack = {
-            "round": t,
-            "start_norm": float(torch.linalg.vector_norm(params.double())),
-            "attackers": list(plan.attackers),
-            "p": p_eff,
-            "configured_p": [float(setup.weights[a]) for a in plan.attackers],
-            "tau": [int(setup.tau[a]) for a in plan.attackers],
-            "gamma": [plan.gamma] * len(plan.attackers),
-            "eta": [cfg.clients.lr] * len(plan.attackers),
-            # the mean over local steps of poisoned / batch size (> q_B/n_B when a last batch is short)
-            "poison_ratio": [
+        measured = {
+            "poison_ratio_per_step": [
                 poison_ratio_per_step(idx, poison.mask, a) if poison is not None else 0.0 for a in plan.attackers
             ],
-            "nominal_poison_ratio": [plan.poison_per_batch / cfg.clients.batch_size] * len(plan.attackers),
-            "delta_norm": [plan.local_triggers[a].norm for a in plan.attackers],
             "poisoned_samples": [int(stats.count[a]) for a in plan.attackers],
             "actual_delta_norm_max": [float(stats.max_norm[a]) for a in plan.attackers],
             "actual_delta_norm_mean": [float(stats.sum_norm[a] / max(1, stats.count[a])) for a in plan.attackers],
-            "aggregation": {k: v for k, v in agg.info.items() if isinstance(v, (int, float, str, list))},
         }
-    return RoundResult(new, info, attack)
+        attack = attack_record(setup, t, params, p_eff, aggregation_info=agg.info, measured=measured)
+    return RoundResult(new, info, attack, sinfo.pre_noise if active else None)
+
+
+def attack_record(
+    setup: Setup,
+    t: int,
+    start_params: torch.Tensor,
+    p: list[float] | None,
+    *,
+    aggregation_info: dict[str, Any] | None = None,
+    measured: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """attack.json's entry for attack round t, from server-owned quantities only.
+
+    The certificate's ingredients come from the server's configuration and what it sent: the
+    attackers and gamma of the threat model it certifies against, tau_i and eta of the local
+    training it prescribes, q_B/n_B per local step from the batch sizes of the shard it assigned
+    (:func:`crfl.clients.nominal_poison_ratio`), the aggregation weight p_i it applied, and the
+    broadcast model w~_{t-1} it sent (its norm and the class-centred operator norm of its weight
+    matrix, which L_Z needs). ``measured`` holds what the simulator observed (bookkeeping only).
+    """
+    cfg, plan = setup.cfg, setup.plan
+    attackers = list(plan.attackers)
+    sizes = setup.data.sizes
+    tau = [int(setup.tau[a]) for a in attackers]
+    rec: dict[str, Any] = {
+        "round": int(t),
+        "attackers": attackers,
+        "p": None if p is None else [float(v) for v in p],
+        "configured_p": [float(setup.weights[a]) for a in attackers],
+        "tau": tau,
+        "gamma": [float(plan.gamma)] * len(attackers),
+        "eta": [float(cfg.clients.lr)] * len(attackers),
+        # the mean over local steps of q_s / n_s (> q_B/n_B when a last batch is short)
+        "poison_ratio": [
+            nominal_poison_ratio(int(sizes[a]), cfg.clients.batch_size, plan.poison_per_batch, tau[i])
+            for i, a in enumerate(attackers)
+        ],
+        "nominal_poison_ratio": [plan.poison_per_batch / cfg.clients.batch_size] * len(attackers),
+        "delta_norm": [float(plan.local_triggers[a].norm) for a in attackers],
+        "start_norm": float(torch.linalg.vector_norm(start_params.double())),
+        "start_centred_opnorm": centred_opnorm(setup, start_params),
+    }
+    if aggregation_info:
+        rec["aggregation"] = {k: v for k, v in aggregation_info.items() if isinstance(v, (int, float, str, list))}
+    if measured:
+        rec["measured"] = measured
+    return rec
+
+
+def centred_opnorm(setup: Setup, params: torch.Tensor) -> float | None:
+    """||(I - 11^T/C) W||_2 of a linear model's weight matrix (None for other models); see lipschitz.lz_centred."""
+    if not setup.model.is_linear:
+        return None
+    from crfl.lipschitz import centred_operator_norm
+
+    W, _ = setup.model.split(params.double())
+    return centred_operator_norm(W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +253,7 @@ def train(
     start, records, attack_log = 1, [], []
     params = setup.w0.clone()
     twin_params = params.clone() if twin else None
+    attack_state: dict[str, Any] = {}  # the first attack round: round, pre-noise aggregate (and the twin's)
     seconds = 0.0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
@@ -208,6 +262,7 @@ def train(
         start = ck["round"] + 1
         params, records, attack_log = ck["params"], ck["records"], ck["attack_log"]
         twin_params = ck.get("twin_params") if twin else None
+        attack_state = ck.get("attack_state", {})
         seconds = ck.get("seconds", 0.0)
     bar = _Progress(T, progress)
     t0 = time.perf_counter()
@@ -217,8 +272,13 @@ def train(
         rec: dict[str, Any] = {"round": t, **res.info}
         if res.attack is not None:
             attack_log.append(res.attack)
+            if not attack_state:
+                attack_state = {"round": t, "pre_noise": res.pre_noise}
         if twin_params is not None:
-            twin_params = run_round(setup, twin_params, t, attacking=False, scaling=setup.cfg.certify.twin_scaling).params
+            tw = run_round(setup, twin_params, t, trigger=False)
+            twin_params = tw.params
+            if attack_state.get("round") == t:
+                attack_state["twin_pre_noise"] = tw.pre_noise
             rec["twin_distance"] = float(torch.linalg.vector_norm((params - twin_params).double()))
         if t % setup.cfg.run.eval_every == 0 or t == T:
             rec["clean_acc"], rec["backdoor_acc"] = evaluate(setup, params)
@@ -232,6 +292,7 @@ def train(
                     "round": t,
                     "params": params,
                     "twin_params": twin_params,
+                    "attack_state": attack_state,
                     "records": records,
                     "attack_log": attack_log,
                     "config": resolved,
@@ -241,7 +302,7 @@ def train(
         if stop_after is not None and t >= stop_after and t < T:
             return TrainResult(out, setup, params, records, attack_log, twin_params, seconds + time.perf_counter() - t0)
     seconds += time.perf_counter() - t0
-    write_final(out, setup, params, records, attack_log, twin_params, seconds)
+    write_final(out, setup, params, records, attack_log, twin_params, seconds, attack_state=attack_state)
     return TrainResult(out, setup, params, records, attack_log, twin_params, seconds)
 
 
@@ -254,6 +315,7 @@ def write_final(
     twin_params: torch.Tensor | None,
     seconds: float,
     extra: dict[str, Any] | None = None,
+    attack_state: dict[str, Any] | None = None,
 ) -> None:
     """Write the end-of-run files (model_final.pt, rounds.csv, attack.json, summary.json's ``training``).
 
@@ -269,6 +331,9 @@ def write_final(
     }
     if twin_params is not None:
         final["twin_params"] = twin_params
+    if attack_state:
+        # the first attack round's Clip(w_{t_adv}) before eps_{t_adv}: the mixture certificate's start
+        final["attack_state"] = attack_state
     write_dict_csv(out / "rounds.csv", ROUND_COLUMNS, records)
     torch_save(out / "model_final.pt", final)
     write_json(out / "attack.json", {"trigger_norm": setup.plan.trigger.norm, "rounds": attack_log})
