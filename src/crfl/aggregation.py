@@ -44,6 +44,7 @@ from crfl.validation import ConfigError, check_choice, check_int, check_real
 
 __all__ = [
     "AggregateResult",
+    "ZeroWeightSum",
     "aggregate",
     "aggregator_names",
     "describe_aggregators",
@@ -306,6 +307,10 @@ def _weighted_distance_sum(u: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor
     return float(alpha @ torch.linalg.vector_norm(u - v, dim=1))
 
 
+class ZeroWeightSum(ConfigError):
+    """The client weights of a round sum to 0: there is nothing to average (the caller skips the round)."""
+
+
 def _bad(name: str, allowed: str, got: str) -> ConfigError:
     """The validation module's message format, for values too large to repr."""
     return ConfigError(f"The '{name}' parameter must be {allowed}. Got {got} instead.")
@@ -348,8 +353,13 @@ def _check_client_weights(client_weights: Any, updates: torch.Tensor) -> torch.T
     if w.shape != (k,):
         raise _bad("client_weights", allowed, f"a tensor of shape {tuple(w.shape)}")
     w = w.to(dtype=torch.float64, device=updates.device)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise _bad("client_weights", allowed, _list(w.tolist()))
+    if not float(w.sum()) > 0:
+        raise ZeroWeightSum(
+            f"The 'client_weights' parameter must have a positive sum; the {k} weights {_list(w.tolist())} sum to 0, "
+            "so the round has no weighted mean. Refusing to aggregate it."
+        )
     return (w / w.sum()).to(updates.dtype)
 
 

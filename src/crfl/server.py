@@ -8,6 +8,7 @@ from the round's own generator. The output of round T is Clip_{rho_T}(w_T).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +17,24 @@ from crfl.rng import torch_generator
 
 
 def clip_to_norm(w: torch.Tensor, rho: float) -> tuple[torch.Tensor, float]:
-    """Clip_rho(w) = w / max(1, ||w|| / rho) (Section 4.1). Returns (clipped, ||w|| before)."""
-    norm = float(torch.linalg.vector_norm(w.double()))
-    scale = max(1.0, norm / rho)
-    return (w / scale if scale > 1.0 else w.clone()), norm
+    """Clip_rho(w) = w / max(1, ||w|| / rho) (Section 4.1). Returns (clipped, ||w|| before).
+
+    The norm and the division are computed in float64 and the result is cast back to w's dtype:
+    a float32 model with entries near 3e38 has a norm (and a scale ||w|| / rho) beyond float32's
+    range, and dividing by that scale in float32 (inf) would turn the model into zeros. A model
+    with a NaN or infinite entry has no norm to clip to and raises ValueError.
+    """
+    wd = w.double()
+    norm = float(torch.linalg.vector_norm(wd))
+    if not math.isfinite(norm):
+        bad = int((~torch.isfinite(wd)).sum())
+        raise ValueError(
+            f"The model to clip must be finite; it has {bad} NaN or infinite entries (norm {norm}). "
+            "Refusing to clip it to rho_t."
+        )
+    if norm <= rho:
+        return w.clone(), norm
+    return (wd / (norm / rho)).to(w.dtype), norm
 
 
 def gaussian_noise(shape: torch.Size | tuple[int, ...], sigma: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
