@@ -108,6 +108,7 @@ class CertifyConfig:
     radii: list[float] | None = None  # grid for the certified-accuracy tables (None: automatic)
     num_test: int | None = None  # certify the first n test points (None: all)
     twin: bool = False
+    input_norm_bound: float | None = None  # B >= ||x|| for every client input (None: max over the training data)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ def validate(cfg: Config) -> None:
     check_choice("certify.lipschitz", z.lipschitz, ["sound", "paper"])
     if z.num_test is not None:
         check_int("certify.num_test", z.num_test, low=1)
+    if z.input_norm_bound is not None:
+        check_real("certify.input_norm_bound", z.input_norm_bound, low=0.0, low_open=True)
     if z.radii is not None:
         for i, v in enumerate(z.radii):
             check_real(f"certify.radii[{i}]", v, low=0.0)
