@@ -25,6 +25,7 @@ _STREAMS = {
     "selection": 7,
     "attack": 8,
     "misc": 9,
+    "client-sampling": 10,
 }
 
 
