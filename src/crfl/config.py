@@ -97,7 +97,10 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class CertifyConfig:
-    method: str = "auto"  # auto (exact for linear models) | exact | monte-carlo
+    reading: str = "coupled"  # coupled (per-run twin) | mixture (over training noise) | paper (Corollary 1 as printed)
+    method: str = "auto"  # auto (exact for linear models) | exact | monte-carlo | margin (linear base model, coupled)
+    bound_form: str = "neyman-pearson"  # neyman-pearson (Gaussian mechanism) | kl (Theorem 3's KL budget)
+    training_samples: int = 100  # K continuations of the mixture reading
     M: int = 1000
     alpha: float = 0.001
     bound: str = "clopper-pearson"  # hoeffding | clopper-pearson
@@ -252,7 +255,10 @@ def validate(cfg: Config) -> None:
     if r.threads is not None:
         check_int("run.threads", r.threads, low=1)
     z = cfg.certify
-    check_choice("certify.method", z.method, ["auto", "exact", "monte-carlo"])
+    check_choice("certify.reading", z.reading, ["coupled", "mixture", "paper"])
+    check_choice("certify.method", z.method, ["auto", "exact", "monte-carlo", "margin"])
+    check_choice("certify.bound_form", z.bound_form, ["neyman-pearson", "kl"])
+    check_int("certify.training_samples", z.training_samples, low=1)
     check_int("certify.M", z.M, low=1)
     check_real("certify.alpha", z.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
     check_choice("certify.bound", z.bound, ["hoeffding", "clopper-pearson"])
