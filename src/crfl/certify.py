@@ -295,20 +295,10 @@ def _rows(sm: BoundResult, rad: np.ndarray, labels: np.ndarray, radius_certified
 
 
 def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any], list[dict[str, Any]]]:
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ConfigError(f"The 'RUN_DIR' parameter must be a training run directory. Got {str(run)!r} instead (no such directory).")
-    for f in ("config.yaml", "model_final.pt", "attack.json"):
-        if not (run / f).is_file():
-            raise ConfigError(f"The run directory {str(run)!r} has no {f}: train it to the end first (crfl train --resume DIR).")
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    cfg_dict = {k: v for k, v in saved.items() if k != "provenance"}
-    for k, v in (overrides or {}).items():
-        set_dotted(cfg_dict, k, v)
-    cfg = from_dict(cfg_dict)
-    final = torch.load(run / "model_final.pt", weights_only=False)
-    attack_log = json.loads((run / "attack.json").read_text())["rounds"]
-    return cfg, final, attack_log
+    """(config with overrides, model_final.pt, attack records) of a finished run: :func:`crfl.rundir.load_run`."""
+    from crfl import rundir
+
+    return rundir.load_run(run_dir, overrides)
 
 
 def certify_run(

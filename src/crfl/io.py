@@ -1,7 +1,9 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written result.
+"""Atomic file writes and tolerant YAML: a crash or Ctrl-C never leaves a half-written result.
 
-Each writer writes to a temporary file in the same directory, flushes and
-fsyncs it, then ``os.replace``s it over the target (atomic on POSIX).
+Each writer writes to a temporary file ``.NAME.XXXXXXXX.tmp`` in the same directory
+(:data:`TEMP_PATTERN`; :mod:`crfl.rundir` sweeps those a killed process left behind),
+flushes and fsyncs it, then ``os.replace``s it over the target (atomic on POSIX).
+Files get the mode the umask gives (0666 & ~umask), as ``open`` would, not mkstemp's 0600.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,11 +22,29 @@ import torch
 import yaml
 
 
+TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")  # what atomic_write_bytes leaves when killed
+
+
+def _file_mode() -> int:
+    """0666 & ~umask: the mode ``open`` gives a new file (read without changing the umask where possible)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -73,6 +94,22 @@ def _finite(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [_finite(v) for v in o]
     return o
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 and users do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (safe); numbers are read as users write them (``1e-3`` is 0.001)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:

@@ -32,7 +32,8 @@ class RhoSchedule:
     def __post_init__(self) -> None:
         check_choice("server.rho.kind", self.kind, ["constant", "linear"])
         check_real("server.rho.a", self.a)
-        check_real("server.rho.cap", self.cap, low=0.0, low_open=True)
+        if self.cap != math.inf:  # no cap (None in the config)
+            check_real("server.rho.cap", self.cap, low=0.0, low_open=True)
         if self.kind == "constant":
             check_real("server.rho.b", self.b, low=0.0, low_open=True)
 

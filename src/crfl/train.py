@@ -9,18 +9,17 @@ t derives from (seed, t), so a resumed run repeats an uninterrupted one exactly
 and a clean *twin* run (same seed, attackers benign) sees the same batches and
 the same noise (used by the certification's model-closeness check, Fig. 9a).
 
-Run directory (every file written atomically):
+Run directory (owned by :mod:`crfl.rundir`: claimed, hash-checked, final files as one result set):
     config.yaml     fully resolved configuration (+ package, torch and dataset provenance)
     rounds.csv      one row per round: accuracy, attack success, norms, rho_t, sigma_t, attacker weights
     attack.json     per attack round: attackers' p_i, tau_i, q_B/n_B, gamma, eta, ||delta|| (configured, actual)
-    model_final.pt  Clip_{rho_T}(w_T): the output of Algorithm 1 (and the twin's, with --twin)
-    checkpoint.pt   the state after the last finished round (for --resume)
+    model_final.pt  Clip_{rho_T}(w_T): the output of Algorithm 1 (and the twin's, with --twin), with the config hash
+    checkpoint.pt   the state after the last finished round (for --resume), with the config hash
     summary.json    the ``training`` block (certification adds its own blocks)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -29,21 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-
-from crfl import aggregation
+from crfl import aggregation, rundir
 from crfl.clients import Poison, local_updates, nominal_poison_ratio, poison_ratio_per_step, poison_slots, round_batches
-from crfl.config import Config, from_dict
+from crfl.config import Config
 from crfl.data import Dataset
-from crfl.io import torch_save, write_dict_csv, write_json, write_yaml
 from crfl.server import server_step
 from crfl.setup import Setup, evaluate, prepare, resolved_config
 from crfl.validation import ConfigError
 
-ROUND_COLUMNS = [
-    "round", "clean_acc", "backdoor_acc", "norm_before_clip", "rho", "sigma", "clipped",
-    "attack", "attacker_weights", "aggregation_fixed_weights", "twin_distance",
-]
+ROUND_COLUMNS = rundir.ROUND_COLUMNS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +169,6 @@ def centred_opnorm(setup: Setup, params: torch.Tensor) -> float | None:
 # the run
 
 
-def config_for_compare(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in ("provenance", "certify", "run")}
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -218,6 +207,29 @@ class _Progress:
         sys.stderr.flush()
 
 
+def diverged(setup: Setup, t: int, what: str) -> ConfigError:
+    """The error for a round whose models or updates stopped being finite: the round and the settings."""
+    cfg = setup.cfg
+    return ConfigError(
+        f"Training diverged in round {t} of {setup.rounds}: {what} holds NaN or inf. The step size "
+        f"'clients.lr' = {cfg.clients.lr!r} (with 'clients.local_iters' = {cfg.clients.local_iters!r}, "
+        f"'attack.gamma' = {cfg.attack.gamma!r}) is too large for this data; lower 'clients.lr' or 'attack.gamma'."
+    )
+
+
+def _round(setup: Setup, params: torch.Tensor, t: int, **kw: Any) -> RoundResult:
+    """run_round, with divergence reported as the round and the setting, not an internal name."""
+    try:
+        res = run_round(setup, params, t, **kw)
+    except ConfigError as e:
+        if "finite" in str(e):
+            raise diverged(setup, t, "a client update") from None
+        raise
+    if not bool(torch.isfinite(res.params).all()):
+        raise diverged(setup, t, "the global model")
+    return res
+
+
 def train(
     cfg: Config,
     out_dir: str | Path,
@@ -229,36 +241,49 @@ def train(
     twin: bool | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Run (or resume) Algorithm 1 into ``out_dir``. ``stop_after`` ends early after that round (tests)."""
-    out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise ConfigError(f"The '--resume' directory {str(out)!r} holds no config.yaml: nothing to resume.")
-        saved = yaml.safe_load((out / "config.yaml").read_text())
-        saved_cfg = {k: v for k, v in saved.items() if k != "provenance"}
-        cfg = from_dict(saved_cfg)
-    elif (out / "config.yaml").exists():
-        raise ConfigError(
-            f"The '--out' directory {str(out)!r} already holds a run; use --resume to continue it or choose another directory."
-        )
-    twin = cfg.certify.twin if twin is None else twin
-    setup = prepare(cfg, dataset, module)
-    resolved = resolved_config(setup)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_yaml(out / "config.yaml", resolved)
+    """Run (or resume) Algorithm 1 into ``out_dir``. ``stop_after`` ends early after that round (tests).
 
+    The run directory is claimed for the whole run (:mod:`crfl.rundir`): a fresh run needs a new
+    or empty directory, a resume finds its config.yaml there, and a second writer is refused.
+    The setup is resolved before anything is written, so a bad config or dataset leaves nothing.
+    """
+    if resume:
+        run = rundir.resume_run(out_dir)
+    else:
+        setup = prepare(cfg, dataset, module)
+        run = rundir.create_run(out_dir)
+    with run:
+        if resume:
+            saved = run.read_config()
+            cfg = run.load_config()
+            setup = prepare(cfg, dataset, module)
+        twin = setup.cfg.certify.twin if twin is None else twin
+        resolved = resolved_config(setup)
+        if resume:
+            chash = rundir.config_hash(saved)
+            if chash != rundir.config_hash(resolved):
+                raise rundir.RunDirError(
+                    f"{run.path / rundir.CONFIG} does not resolve to itself against its data (config hash "
+                    f"{chash} != {rundir.config_hash(resolved)}): the dataset changed; restore it or retrain."
+                )
+        else:
+            run.write_config(resolved)
+            chash = rundir.config_hash(resolved)
+        return _loop(setup, run, chash, resume=resume, progress=progress, twin=twin, stop_after=stop_after)
+
+
+def _loop(
+    setup: Setup, run: rundir.RunDir, chash: str, *, resume: bool, progress: bool, twin: bool, stop_after: int | None
+) -> TrainResult:
+    out = run.path
     T = setup.rounds
     start, records, attack_log = 1, [], []
     params = setup.w0.clone()
     twin_params = params.clone() if twin else None
     attack_state: dict[str, Any] = {}  # the first attack round: round, pre-noise aggregate (and the twin's)
     seconds = 0.0
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        if config_for_compare(ck["config"]) != config_for_compare(resolved):
-            raise ConfigError(f"The checkpoint in {str(out)!r} was written by a different configuration; refusing to resume.")
+    ck = run.read_checkpoint() if resume else None
+    if ck is not None:
         start = ck["round"] + 1
         params, records, attack_log = ck["params"], ck["records"], ck["attack_log"]
         twin_params = ck.get("twin_params") if twin else None
@@ -267,7 +292,7 @@ def train(
     bar = _Progress(T, progress)
     t0 = time.perf_counter()
     for t in range(start, T + 1):
-        res = run_round(setup, params, t)
+        res = _round(setup, params, t)
         params = res.params
         rec: dict[str, Any] = {"round": t, **res.info}
         if res.attack is not None:
@@ -275,7 +300,7 @@ def train(
             if not attack_state:
                 attack_state = {"round": t, "pre_noise": res.pre_noise}
         if twin_params is not None:
-            tw = run_round(setup, twin_params, t, trigger=False)
+            tw = _round(setup, twin_params, t, trigger=False)
             twin_params = tw.params
             if attack_state.get("round") == t:
                 attack_state["twin_pre_noise"] = tw.pre_noise
@@ -285,9 +310,7 @@ def train(
         records.append(rec)
         bar.update(t, rec)
         if t == T or t % setup.cfg.run.checkpoint_every == 0 or (stop_after is not None and t >= stop_after):
-            write_dict_csv(out / "rounds.csv", ROUND_COLUMNS, records)
-            torch_save(
-                ckpt_path,
+            run.write_checkpoint(
                 {
                     "round": t,
                     "params": params,
@@ -295,14 +318,14 @@ def train(
                     "attack_state": attack_state,
                     "records": records,
                     "attack_log": attack_log,
-                    "config": resolved,
                     "seconds": seconds + time.perf_counter() - t0,
                 },
+                chash,
             )
         if stop_after is not None and t >= stop_after and t < T:
             return TrainResult(out, setup, params, records, attack_log, twin_params, seconds + time.perf_counter() - t0)
     seconds += time.perf_counter() - t0
-    write_final(out, setup, params, records, attack_log, twin_params, seconds, attack_state=attack_state)
+    write_final(out, setup, params, records, attack_log, twin_params, seconds, attack_state=attack_state, run=run)
     return TrainResult(out, setup, params, records, attack_log, twin_params, seconds)
 
 
@@ -316,10 +339,13 @@ def write_final(
     seconds: float,
     extra: dict[str, Any] | None = None,
     attack_state: dict[str, Any] | None = None,
+    run: rundir.RunDir | None = None,
 ) -> None:
-    """Write the end-of-run files (model_final.pt, rounds.csv, attack.json, summary.json's ``training``).
+    """Write the end-of-run result set (model_final.pt, rounds.csv, attack.json, summary.json's ``training``).
 
-    Shared by the simulator and the Flower server, so both leave the same run directory.
+    Shared by the simulator and the Flower server, so both leave the same run directory. The four
+    files are one staged result set (all or none). ``run``: the claimed run directory; without it
+    ``out`` is claimed for the write (the caller must not hold its claim).
     """
     T = setup.rounds
     final: dict[str, Any] = {
@@ -328,27 +354,27 @@ def write_final(
         "num_features": setup.dataset.num_features,
         "num_classes": setup.dataset.num_classes,
         "linear": setup.model.is_linear,
+        "config_hash": rundir.config_hash(resolved_config(setup)),
     }
     if twin_params is not None:
         final["twin_params"] = twin_params
     if attack_state:
         # the first attack round's Clip(w_{t_adv}) before eps_{t_adv}: the mixture certificate's start
         final["attack_state"] = attack_state
-    write_dict_csv(out / "rounds.csv", ROUND_COLUMNS, records)
-    torch_save(out / "model_final.pt", final)
-    write_json(out / "attack.json", {"trigger_norm": setup.plan.trigger.norm, "rounds": attack_log})
     last = records[-1] if records else {}
-    summary_path = out / "summary.json"
-    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["training"] = {
-        "rounds": T,
-        "final_clean_acc": last.get("clean_acc"),
-        "final_backdoor_acc": last.get("backdoor_acc"),
-        "final_norm": float(torch.linalg.vector_norm(params.double())),
-        "attack_rounds": list(setup.plan.rounds),
-        "seconds": seconds,
-        "seconds_per_round": seconds / max(1, T),
-        **(extra or {}),
-    }
-    write_json(summary_path, summary)
-
+    block = rundir.TrainingBlock(
+        rounds=T,
+        final_clean_acc=last.get("clean_acc"),
+        final_backdoor_acc=last.get("backdoor_acc"),
+        final_norm=float(torch.linalg.vector_norm(params.double())),
+        attack_rounds=list(setup.plan.rounds),
+        seconds=seconds,
+        seconds_per_round=seconds / max(1, T),
+        extra=dict(extra or {}),
+    )
+    log = rundir.AttackLog(setup.plan.trigger.norm, [rundir.AttackRecord(**r) for r in attack_log])
+    with run.results() if run is not None else rundir.results_for(out) as rs:
+        rs.write_dict_csv(rundir.ROUNDS, ROUND_COLUMNS, records)
+        rs.torch_save(rundir.MODEL, final)
+        rs.write_json(rundir.ATTACKS, log.to_dict())
+        rs.update_summary({"training": block.to_dict()})

@@ -28,14 +28,17 @@ def check_real(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """Return ``value`` as a float if it lies in the interval, else raise ConfigError."""
+    """Return ``value`` as a float if it lies in the interval, else raise ConfigError.
+
+    An infinite bound is always open: ``.inf`` is not in ``[0, inf)``.
+    """
     lo = "(" if low_open or low == -math.inf else "["
     hi = ")" if high_open or high == math.inf else "]"
     allowed = f"a float in {lo}{_fmt(low)}, {_fmt(high)}{hi}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail(name, allowed, value)
     v = float(value)
-    if math.isnan(v):
+    if math.isnan(v) or math.isinf(v):
         raise fail(name, allowed, value)
     if v < low or (low_open and v == low) or v > high or (high_open and v == high):
         raise fail(name, allowed, value)
