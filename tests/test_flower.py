@@ -33,8 +33,14 @@ from crfl.aggregation import aggregate  # noqa: E402
 from crfl.config import resolve  # noqa: E402
 from crfl.flower.client_app import client_round, make_client_app  # noqa: E402
 from crfl.flower.records import record_to_params  # noqa: E402
-from crfl.flower.server_app import build_strategy, config_from_run_config, default_inner_strategy, run_federation  # noqa: E402
-from crfl.flower.strategy import CRFL, PackageAggregation  # noqa: E402
+from crfl.flower.server_app import (  # noqa: E402
+    FederationFailed,
+    build_strategy,
+    config_from_run_config,
+    default_inner_strategy,
+    run_federation,
+)
+from crfl.flower.strategy import CRFL, PackageAggregation, Sampling  # noqa: E402
 from crfl.flower.testing import LocalGrid, server_identity  # noqa: E402
 from crfl.rng import torch_generator  # noqa: E402
 from crfl.server import server_step  # noqa: E402
@@ -71,10 +77,10 @@ class Recording(CRFL):
         return arrays, metrics
 
 
-def recording_strategy(setup):
+def recording_strategy(setup, **kwargs):
     return Recording(
         default_inner_strategy(setup), rho=setup.rho, sigma=setup.sigma, rounds=setup.rounds,
-        seed=setup.cfg.seed, num_clients=setup.data.num_clients,
+        seed=setup.cfg.seed, num_clients=setup.data.num_clients, weights=setup.weights, **kwargs,
     )
 
 
@@ -116,11 +122,13 @@ def test_flower_rounds_equal_simulator(tmp_path, agg):
     sim = train(cfg, tmp_path / "sim", dataset=ds)
     assert [e["round"] for e in run.attack_log] == [e["round"] for e in sim.attack_log] == [2]
     a, b = run.attack_log[0], sim.attack_log[0]
-    for key in ("attackers", "configured_p", "tau", "gamma", "eta", "poison_ratio", "delta_norm", "poisoned_samples"):
+    for key in ("round", "attackers", "configured_p", "tau", "gamma", "eta", "poison_ratio", "nominal_poison_ratio", "delta_norm"):
         assert a[key] == b[key], key
-    np.testing.assert_allclose(a["p"], b["p"], rtol=1e-5)
+    for key in ("p", "start_norm", "start_centred_opnorm"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
     for r, s in zip(run.records, sim.records):
         assert r["attack"] == s["attack"] and r["clipped"] == s["clipped"]
+        assert r["aggregation_fixed_weights"] == s["aggregation_fixed_weights"] == int(agg == "fedavg")
         assert math.isclose(r["norm_before_clip"], s["norm_before_clip"], rel_tol=1e-5)
         assert r["clean_acc"] == pytest.approx(s["clean_acc"], abs=0.02)
 
@@ -146,8 +154,11 @@ def test_run_directory_is_certified(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["engine"] == "flower"
     assert summary["training"]["replies_rejected"] == 0
-    assert summary["certificate"]["t_adv"] == 2 and summary["certificate"]["source"] == "attack.json"
-    assert summary["certificate"]["p"] == pytest.approx([0.25])
+    assert summary["training"]["certifiable"] is True and summary["training"]["rounds_without_valid_replies"] == []
+    cert = summary["certificate"]
+    assert [r["round"] for r in cert["attack_rounds"]] == [2] and cert["attack_rounds"][0]["p"] == pytest.approx([0.25])
+    # the server declares the input domain [0, 1]^64 of the 8x8 images: B = sqrt(64), not max ||x|| of client data
+    assert cert["input_norm_bound"] == pytest.approx(8.0)
     assert summary["results"]["clean"]["points"] == len(ds.y_test)
     flower = json.loads((out / "flower.json").read_text())
     assert [r["accepted"] for r in flower["rounds"]] == [[0, 1, 2, 3]] * cfg.server.rounds
@@ -163,6 +174,7 @@ def test_wraps_flower_strategies(tmp_path):
     K = setup.data.num_clients
     inner = FedMedian(fraction_evaluate=0.0, min_train_nodes=K, min_available_nodes=K)
     strategy = Recording(inner, rho=setup.rho, sigma=setup.sigma, rounds=setup.rounds, seed=cfg.seed, num_clients=K)
+    assert strategy.summary() is None
     with server_identity():
         run_federation(LocalGrid(make_client_app(ds), K), setup, tmp_path / "run", strategy=strategy)
     ref = simulator_models(prepare(cfg, ds))
@@ -188,8 +200,10 @@ def _bad_client(kind):
         elif kind == "inf":
             model = params.copy()
             model[5] = np.inf
-        elif kind == "overflow":  # finite entries whose norm overflows float64
+        elif kind == "overflow":  # finite float64 entries whose norm overflows float64
             model = np.full(params.size, 1e300, dtype=np.float64)
+        elif kind == "float16":
+            model = params.astype(np.float16)
         metrics = {"partition-id": int(context.node_config["partition-id"]), "num-examples": 10, "weight": 0.1,
                    "tau": 1, "lr": 0.1, "attacker": 0, "gamma": 1.0, "poison-ratio": 0.0, "delta-norm": 0.0,
                    "poisoned-samples": 0, "delta-norm-max": 0.0, "delta-norm-mean": 0.0, "seconds": 0.0}
@@ -212,7 +226,7 @@ def test_malformed_replies_are_dropped(tmp_path, caplog, agg):
     lines = [r.getMessage() for r in caplog.records if r.name == "crfl.flower" and "rejected" in r.getMessage()]
     assert len(lines) == len(bad) * cfg.server.rounds
     text = "\n".join(lines)
-    for needle in ("wrong shape", "NaN value", "infinite value(s): infinite norm", "norm overflows", "RuntimeError: disk full"):
+    for needle in ("wrong shape", "NaN value", "infinite value(s): infinite norm", "has dtype float64; the global model's is float32", "RuntimeError: disk full"):
         assert needle in text, needle
     for line in lines:
         assert line.startswith("Round ") and "node " in line and "The round goes on without it." in line
@@ -234,35 +248,42 @@ def test_malformed_replies_are_dropped(tmp_path, caplog, agg):
     summary = json.loads((run.out_dir / "summary.json").read_text())
     assert summary["training"]["replies_rejected"] == len(bad) * cfg.server.rounds
     flower = json.loads((run.out_dir / "flower.json").read_text())
-    assert {r["partition"] for r in flower["rounds"][0]["rejected"]} == {3, 4, 5, 6, None}
+    assert {r["partition"] for r in flower["rounds"][0]["rejected"]} == {3, 4, 5, 6, 7}
 
 
 def test_no_valid_reply_still_clips_and_perturbs(tmp_path, caplog):
     ds = synthetic_images()
     cfg = small_config(**{"data.num_clients": 2, "server.rounds": 2, "attack.num_attackers": 0, "attack.rounds": None})
     caplog.set_level(logging.WARNING, logger="crfl.flower")
-    setup, strategy, run = flower_run(cfg, ds, tmp_path / "run", overrides={0: _bad_client("nan"), 1: _bad_client("raises")})
-    w0 = setup.model.init(torch_generator(cfg.seed, "init"), setup.dtype, cfg.model.init)
-    expect, _ = server_step(w0, torch.zeros_like(w0), t=1, rounds=2, rho_t=setup.rho(1), sigma_t=setup.sigma(1), seed=cfg.seed)
+    setup = prepare(cfg, ds)
+    strategy = recording_strategy(setup)
+    grid = LocalGrid(make_client_app(ds), 2, overrides={0: _bad_client("nan"), 1: _bad_client("raises")})
+    with server_identity(), pytest.raises(FederationFailed, match="No client contributed to any of the 2 rounds"):
+        run_federation(grid, setup, tmp_path / "run", strategy=strategy, certify=True, dataset=ds)
+    expect, _ = server_step(setup.w0, torch.zeros_like(setup.w0), t=1, rounds=2, rho_t=setup.rho(1), sigma_t=setup.sigma(1), seed=cfg.seed)
     torch.testing.assert_close(strategy.models[1], expect)
     assert any("no valid reply" in r.getMessage() for r in caplog.records)
-    assert run.attack_log == []
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["training"]["rounds_without_valid_replies"] == [1, 2]
+    assert summary["training"]["certifiable"] is False and "certificate" not in summary
+    assert not (tmp_path / "run" / "certificates_clean.csv").exists()
 
 
-def test_duplicate_partition_is_rejected(tmp_path, caplog):
+def test_impostor_partition_is_rejected(tmp_path, caplog):
     ds = synthetic_images()
     cfg = small_config(**{"data.num_clients": 3, "server.rounds": 1, "attack.rounds": [1]})
     app = make_client_app(ds)
 
-    def impostor(msg, context):  # node 2 claims to be partition 1
+    def impostor(msg, context):  # node 2 says it trained partition 1
         reply = app(msg, context)
         reply.content["metrics"]["partition-id"] = 1
         return reply
 
     caplog.set_level(logging.WARNING, logger="crfl.flower")
     _, strategy, _ = flower_run(cfg, ds, tmp_path / "run", overrides={2: impostor})
-    assert strategy.history[1].accepted == [0]
-    assert sum("claim partition 1" in r.getMessage() for r in caplog.records) == 2
+    assert strategy.history[1].accepted == [0, 1]
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "it names partition 1; the server assigned partition 2 to this node" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,13 +292,17 @@ def test_duplicate_partition_is_rejected(tmp_path, caplog):
 
 def test_crfl_validates_its_arguments():
     with pytest.raises(ConfigError, match="The 'rounds' parameter must be an integer in \\[1, inf\\]. Got 0 instead."):
-        CRFL(rho=1.0, sigma=0.01, rounds=0, seed=1)
+        CRFL(rho=1.0, sigma=0.01, rounds=0, seed=1, num_clients=2)
     with pytest.raises(ConfigError, match="The 'rho' parameter"):
-        CRFL(rho=-1.0, sigma=0.01, rounds=3, seed=1)
+        CRFL(rho=-1.0, sigma=0.01, rounds=3, seed=1, num_clients=2)
     with pytest.raises(ConfigError, match="The 'aggregation.name' parameter must be one of"):
         PackageAggregation("mean")
     with pytest.raises(ConfigError, match="not another CRFL wrapper"):
-        CRFL(CRFL(rho=1.0, sigma=0.0, rounds=2, seed=1), rho=1.0, sigma=0.0, rounds=2, seed=1)
+        CRFL(CRFL(rho=1.0, sigma=0.0, rounds=2, seed=1, num_clients=2), rho=1.0, sigma=0.0, rounds=2, seed=1, num_clients=2)
+    with pytest.raises(ConfigError, match="The 'weights' parameter must be 2 finite non-negative numbers"):
+        CRFL(rho=1.0, sigma=0.0, rounds=2, seed=1, num_clients=2, weights=[0.5, float("nan")])
+    with pytest.raises(ConfigError, match="The 'sample-count' parameter must be an integer in \\[1, 2\\]"):
+        CRFL(rho=1.0, sigma=0.0, rounds=2, seed=1, num_clients=2, sampling=Sampling(count=3))
 
 
 def test_separate_noise_seed_changes_only_the_noise(tmp_path):

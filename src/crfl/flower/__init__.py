@@ -2,26 +2,39 @@
 
 - :mod:`crfl.flower.strategy`: :class:`CRFL`, the server step of Algorithm 1
   (clip the aggregated model to rho_t, add seeded N(0, sigma_t^2 I) for t <= T-1)
-  as a wrapper around any Flower strategy; :class:`PackageAggregation` and
-  :class:`RFA`, the package's aggregation rules as Flower strategies.
+  as a wrapper around any Flower strategy, with server-owned weights, partition
+  binding (:class:`Roster`) and client sampling (:class:`Sampling`);
+  :class:`PackageAggregation` and :class:`RFA`, the package's aggregation rules as
+  Flower strategies.
 - :mod:`crfl.flower.client_app`: the client (benign or attacker) as a ``ClientApp``.
 - :mod:`crfl.flower.server_app`: the ``ServerApp``; writes the run directory of
-  ``crfl run`` and certifies the final model.
+  ``crfl run``, resumes it, and certifies the final model.
+- :mod:`crfl.flower.worker`: a long-lived ClientApp process for a deployed SuperNode.
+- :mod:`crfl.flower.provenance`: the marker of a Flower run directory (no flwr import).
 - :mod:`crfl.flower.testing`: an in-process ``Grid`` for tests.
 
 ``flwr run`` loads ``crfl.flower.server_app:app`` and ``crfl.flower.client_app:app``
 (see docs/flower.md). Importing this package turns Flower's telemetry and update
 check off unless the environment already sets ``FLWR_TELEMETRY_ENABLED`` /
-``FLWR_DISABLE_UPDATE_CHECK``; Flower reads them when it is first imported.
+``FLWR_DISABLE_UPDATE_CHECK``; Flower reads them when it is first imported. The
+names below are imported from :mod:`crfl.flower.strategy` on first use, so
+``crfl.flower.provenance`` can be imported where flwr is not installed.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from crfl.flower.strategy import CRFL, RFA, ClientReply, PackageAggregation, ReplyRejected, RoundLog, check_reply  # noqa: E402
+__all__ = ["CRFL", "RFA", "ClientReply", "PackageAggregation", "ReplyRejected", "Roster", "RoundLog", "Sampling", "check_reply"]
 
-__all__ = ["CRFL", "RFA", "ClientReply", "PackageAggregation", "ReplyRejected", "RoundLog", "check_reply"]
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from crfl.flower import strategy
+
+        return getattr(strategy, name)
+    raise AttributeError(f"module 'crfl.flower' has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """The CRFL client as a Flower ``ClientApp`` (Algorithm 1, the client's loop; Section 3.2's attacker).
 
-A SuperNode is client i = ``partition-id`` of its ``node_config``. On a train
+A SuperNode is client i = the ``partition-id`` the server assigned to it (sent in
+every train message; the server binds partitions to node identities). On a train
 message for round t it
 
 1. rebuilds the run from the ``crfl-config`` the server sent (cached per config):
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +36,6 @@ from crfl.flower.records import (
     ARRAYS_KEY,
     CRFL_CONFIG,
     METRICS_KEY,
-    NUM_PARTITIONS,
     PARAMS_KEY,
     PARTITION_ID,
     SERVER_ROUND,
@@ -98,18 +99,18 @@ def client_round(setup: Setup, params: torch.Tensor, client: int, t: int) -> Cli
     return ClientResult(model, metrics)
 
 
-def _node_partition(context: Context, num_clients: int) -> int:
-    """Client index from the SuperNode's node_config; errors say which key is wrong."""
-    nc = context.node_config
-    if PARTITION_ID not in nc:
+def _assigned_partition(config: Any, context: Context, num_clients: int) -> int:
+    """The partition the server assigned to this node (train ConfigRecord); errors say which key is wrong.
+
+    The server binds partitions to nodes (crfl.flower.strategy.Roster); a node's own
+    ``node_config`` ``partition-id`` (set by Flower's simulation) is not consulted.
+    """
+    if PARTITION_ID not in config:
         raise ConfigError(
-            f"The SuperNode's node_config must set '{PARTITION_ID}' (e.g. --node-config "
-            f"\"{PARTITION_ID}=0 {NUM_PARTITIONS}={num_clients}\"). Got {dict(nc)!r} instead."
+            f"The train message carries no '{PARTITION_ID}': the crfl ServerApp assigns every node its partition. "
+            f"Got the keys {sorted(config)} instead."
         )
-    k = check_int(f"node_config '{PARTITION_ID}'", nc[PARTITION_ID], low=0, high=num_clients - 1)
-    if NUM_PARTITIONS in nc:
-        check_int(f"node_config '{NUM_PARTITIONS}'", nc[NUM_PARTITIONS], low=num_clients, high=num_clients)
-    return k
+    return check_int(f"train config '{PARTITION_ID}'", config[PARTITION_ID], low=0, high=num_clients - 1)
 
 
 def make_client_app(dataset: Dataset | None = None, *, data_dir_key: str = "data-dir") -> ClientApp:
@@ -141,7 +142,7 @@ def make_client_app(dataset: Dataset | None = None, *, data_dir_key: str = "data
         if CRFL_CONFIG not in config:
             raise ConfigError(f"The train message carries no '{CRFL_CONFIG}'; was it sent by the crfl ServerApp?")
         setup = setup_for(str(config[CRFL_CONFIG]), context)
-        k = _node_partition(context, setup.data.num_clients)
+        k = _assigned_partition(config, context, setup.data.num_clients)
         t = int(config[SERVER_ROUND])
         params = record_to_params(next(iter(msg.content.array_records.values())))
         res = client_round(setup, params, k, t)

@@ -9,7 +9,9 @@ its arrays in key order, so the CRFL wrapper clips the norm of *all* parameters.
 The ServerApp sends the fully resolved crfl configuration (JSON) in every train
 message's ``ConfigRecord`` under ``crfl-config``: clients never guess the
 schedule, the seed or the attack. A client answers with one ``ArrayRecord``
-(its local model) and one ``MetricRecord`` with the keys of :data:`REPLY_METRICS`.
+(its local model) and one ``MetricRecord`` whose keys belong to :data:`REPLY_METRICS`.
+The server tells each node which partition it trains (``partition-id`` in the train
+message's ``ConfigRecord``): partitions are bound to node identities by the server.
 """
 
 from __future__ import annotations
@@ -32,27 +34,31 @@ CONFIG_KEY = "config"
 #: ConfigRecord entries the ServerApp adds to every train message.
 CRFL_CONFIG = "crfl-config"
 SERVER_ROUND = "server-round"
-#: node_config keys that place a SuperNode in the federation (Flower's simulation names).
+#: The partition the server assigns to a node (train ConfigRecord) and, in a reply, the one it trained;
+#: node_config keys of Flower's simulation (the client ignores them: the server assigns).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 
-#: The MetricRecord of a client's reply: name -> meaning. Every client sends all of them,
-#: benign ones with zeros, so Flower's consistency check across replies passes.
-REPLY_METRICS: dict[str, str] = {
-    "partition-id": "client index i (0..N-1): its shard and its place in the aggregation",
-    "num-examples": "samples the client trained on this round, min(n_i, tau_i n_B)",
-    "weight": "the configured p_i (clients.weighting), the aggregation weight",
-    "tau": "tau_i, local iterations",
-    "lr": "eta_i, local learning rate",
-    "attacker": "1 if the client poisoned and scaled this round, else 0",
-    "gamma": "the scale applied to the update (1 for benign clients)",
-    "poison-ratio": "mean over local steps of poisoned / batch size (q_B / n_B with full batches; 0 if benign)",
-    "nominal-poison-ratio": "the configured q_B / n_B (0 for benign clients)",
-    "delta-norm": "||delta|| of the client's local trigger (0 for benign clients)",
-    "poisoned-samples": "number of poisoned samples trained on",
-    "delta-norm-max": "largest actual ||x' - x|| after clamping",
-    "delta-norm-mean": "mean actual ||x' - x|| after clamping",
-    "seconds": "local training time",
+#: The MetricRecord of a client's reply: name -> (kind, meaning). The server validates every reply
+#: against this schema (unknown keys, wrong types and non-finite values are rejected), never against
+#: what the other clients sent. None of these values enters an aggregation weight or a certificate:
+#: the server owns p_i, tau_i, eta, gamma and q_B/n_B; the client's numbers are bookkeeping that the
+#: simulation records under ``measured``.
+REPLY_METRICS: dict[str, tuple[str, str]] = {
+    "partition-id": ("int", "the partition the client trained on; must be the one the server assigned"),
+    "num-examples": ("int", "samples the client trained on this round, min(n_i, tau_i n_B)"),
+    "weight": ("float", "the client's configured p_i as it read it (ignored: the server's table is used)"),
+    "tau": ("int", "tau_i the client ran (ignored: the server prescribes it)"),
+    "lr": ("float", "eta_i the client used (ignored: the server prescribes it)"),
+    "attacker": ("int", "1 if the client poisoned and scaled this round (simulation bookkeeping)"),
+    "gamma": ("float", "the scale the client applied (simulation bookkeeping)"),
+    "poison-ratio": ("float", "mean over local steps of poisoned / batch size (simulation bookkeeping)"),
+    "nominal-poison-ratio": ("float", "the configured q_B / n_B (simulation bookkeeping)"),
+    "delta-norm": ("float", "||delta|| of the client's local trigger (simulation bookkeeping)"),
+    "poisoned-samples": ("int", "number of poisoned samples trained on"),
+    "delta-norm-max": ("float", "largest actual ||x' - x|| after clamping"),
+    "delta-norm-mean": ("float", "mean actual ||x' - x|| after clamping"),
+    "seconds": ("float", "local training time"),
 }
 
 

@@ -9,18 +9,29 @@ Flower's own round loop (``Strategy.start``). After round T it writes the same
 run directory as ``crfl run``::
 
     config.yaml     resolved configuration (+ provenance, with a ``flower`` block)
-    rounds.csv      one row per round (accuracy, norms, rho_t, sigma_t, attack, attacker weights)
-    attack.json     per attack round: the attackers' effective p_i and their reported tau, gamma, eta, ...
-    model_final.pt  Clip_{rho_T}(w_T)
+    rounds.csv      one row per round (accuracy, norms, rho_t, sigma_t, attack, attacker weights,
+                    aggregation_fixed_weights)
+    attack.json     per attack round: crfl.train.attack_record, from server-owned quantities only
+                    (clients' reports under ``measured``)
+    model_final.pt  Clip_{rho_T}(w_T) (+ the first attack round's pre-noise aggregate)
     summary.json    the ``training`` block (+ certificate blocks with ``certify = true``)
-    flower.json     per round: nodes messaged, replies kept / rejected (with the reason) / missing
+    flower.json     per round: S_t, nodes messaged, replies kept / rejected (with the reason) / missing
+    flower_checkpoint.pt  the state after the last finished round (``resume = true`` continues from it)
 
 and, with ``certify = true``, runs :func:`crfl.certify.certify_run` on it
-(certificates, summary blocks, plots).
+(certificates, summary blocks, plots), unless a round had no valid reply: such
+a run says so in ``summary.json`` and is not certified.
+
+The certificate's input-norm bound: the server never sees client data, so it
+sets ``certify.input_norm_bound`` (unless the configuration does) from the input
+domain every crfl dataset declares, model inputs in [0, 1]^d: B = sqrt(d), or
+from the run config's ``input-norm-bound``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import sys
@@ -37,12 +48,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from crfl.config import Config, resolve
 from crfl.data import Dataset
+from crfl.flower.provenance import CHECKPOINT, ENGINE
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
-from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog
-from crfl.io import write_json, write_yaml
+from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
+from crfl import io, rundir
 from crfl.setup import Setup, evaluate, prepare, resolved_config
-from crfl.train import write_final
-from crfl.validation import ConfigError, check_int, check_real
+from crfl.train import attack_record, write_final
+from crfl.validation import ConfigError, check_int, check_real, fail
 
 log = logging.getLogger("crfl.flower")
 
@@ -54,8 +66,18 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
     "out-dir": ("runs/flower-{run_id}", "run directory; {run_id} is replaced by Flower's run id; prefer an absolute path"),
     "certify": (True, "certify the final model after training (crfl.certify.certify_run)"),
     "round-timeout": (600.0, "seconds to wait for the replies of one round"),
+    "node-timeout": (120.0, "seconds a round waits for the nodes it needs to be connected"),
     "noise-seed": (-1, "seed of the server noise; -1 uses the run seed (as the simulator does)"),
+    "sample-fraction": (1.0, "fraction of the N clients sampled per round (ceil(fraction N)); 1: all (Algorithm 1)"),
+    "sample-count": (0, "number of clients sampled per round; 0: use sample-fraction"),
+    "node-partitions": ("", "the operator's binding 'NODE_ID=PARTITION ...'; empty: the first N nodes seen, by node id"),
+    "input-norm-bound": (-1.0, "B >= ||x|| for every client input, for the certificate; -1: sqrt(d), inputs in [0, 1]^d"),
+    "resume": (False, "continue the interrupted run in out-dir from its flower_checkpoint.pt"),
 }
+
+
+class FederationFailed(RuntimeError):
+    """No client contributed to any round: the run directory is written, but there is nothing to certify."""
 
 
 @dataclass
@@ -70,6 +92,7 @@ class FlowerRun:
     history: dict[int, RoundLog]
     seconds: float
     summary: dict[str, Any] | None = None
+    finished: bool = True
 
 
 def parse_overrides(text: str) -> list[str]:
@@ -98,14 +121,14 @@ def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRec
 
 
 def default_inner_strategy(setup: Setup) -> Strategy:
-    """Flower's FedAvg for ``fedavg``, else the package's rule; every client in every round (Algorithm 1).
+    """Flower's FedAvg for ``fedavg``, else the package's rule.
 
-    Clients are weighted by the metric ``weight`` = p_i as configured (``clients.weighting``).
+    Clients are weighted by the metric ``weight``, which :class:`CRFL` sets to the server's p_i
+    (``clients.weighting`` over the partition sizes the server assigned) on every reply.
     """
-    K = setup.data.num_clients
     common: dict[str, Any] = dict(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=K, min_evaluate_nodes=0,
-        min_available_nodes=K, weighted_by_key="weight", train_metrics_aggr_fn=_train_metrics,
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+        min_available_nodes=1, weighted_by_key="weight", train_metrics_aggr_fn=_train_metrics,
     )
     agg = setup.cfg.aggregation
     if agg.name == "fedavg" and not agg.options:
@@ -113,39 +136,83 @@ def default_inner_strategy(setup: Setup) -> Strategy:
     return PackageAggregation(agg.name, agg.options, **common)
 
 
-def build_strategy(setup: Setup, inner: Strategy | None = None, *, noise_seed: int | None = None) -> CRFL:
-    """The CRFL wrapper with the run's rho_t and sigma_t schedules (the simulator's objects)."""
+def parse_node_partitions(text: str) -> dict[int, int] | None:
+    """'12345=0 67890=1' (or comma-separated) -> {12345: 0, 67890: 1}; empty -> None."""
+    pairs = [p for p in str(text).replace(",", " ").split() if p]
+    if not pairs:
+        return None
+    out: dict[int, int] = {}
+    for pair in pairs:
+        node, sep, pid = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(node)] = int(pid)
+        except ValueError:
+            raise fail("node-partitions", "'NODE_ID=PARTITION' pairs separated by spaces or commas", pair) from None
+    return out
+
+
+def sampling_from_run_config(rc: dict[str, Any]) -> Sampling:
+    count = check_int("sample-count", rc.get("sample-count", 0), low=0)
+    fraction = check_real("sample-fraction", rc.get("sample-fraction", 1.0), low=0.0, high=1.0, low_open=True)
+    if count:
+        return Sampling(count=count)
+    return Sampling(fraction=fraction) if fraction < 1.0 else Sampling()
+
+
+def build_strategy(
+    setup: Setup,
+    inner: Strategy | None = None,
+    *,
+    noise_seed: int | None = None,
+    sampling: Sampling | None = None,
+    node_partitions: dict[int, int] | None = None,
+    node_timeout: float = 120.0,
+) -> CRFL:
+    """The CRFL wrapper with the run's rho_t and sigma_t schedules and p_i table (the simulator's objects)."""
     return CRFL(
         inner if inner is not None else default_inner_strategy(setup),
         rho=setup.rho, sigma=setup.sigma, rounds=setup.rounds, seed=setup.cfg.seed,
-        noise_seed=noise_seed, num_clients=setup.data.num_clients,
+        num_clients=setup.data.num_clients, weights=setup.weights, noise_seed=noise_seed,
+        sampling=sampling, node_partitions=node_partitions, node_timeout=node_timeout,
     )
 
 
-def _attack_entry(rec: RoundLog, attackers: list[int]) -> dict[str, Any]:
-    """attack.json's entry for one round, from what the attackers reported and how they were aggregated."""
-    m = rec.metrics
-    weights = [rec.weight_of(a) for a in attackers] if rec.weights is not None else None
-    return {
-        "round": rec.round,
-        "start_norm": rec.start_norm,
-        "attackers": attackers,
-        "p": weights,
-        "configured_p": [float(m[a]["weight"]) for a in attackers],
-        "tau": [int(m[a]["tau"]) for a in attackers],
-        "gamma": [float(m[a]["gamma"]) for a in attackers],
-        "eta": [float(m[a]["lr"]) for a in attackers],
-        "poison_ratio": [float(m[a]["poison-ratio"]) for a in attackers],
-        "nominal_poison_ratio": [float(m[a]["nominal-poison-ratio"]) for a in attackers],
-        "delta_norm": [float(m[a]["delta-norm"]) for a in attackers],
-        "poisoned_samples": [int(m[a]["poisoned-samples"]) for a in attackers],
-        "actual_delta_norm_max": [float(m[a]["delta-norm-max"]) for a in attackers],
-        "actual_delta_norm_mean": [float(m[a]["delta-norm-mean"]) for a in attackers],
-        "aggregation": rec.aggregation,
+def with_input_norm_bound(setup: Setup, bound: float | None = None) -> Setup:
+    """The setup with ``certify.input_norm_bound`` set by the server: the configured value, else ``bound``,
+    else sqrt(d), the norm bound of crfl's model inputs in [0, 1]^d (the server does not see client data)."""
+    if setup.cfg.certify.input_norm_bound is not None:
+        return setup
+    if bound is None:
+        bound = math.sqrt(setup.dataset.num_features)
+    bound = check_real("input-norm-bound", bound, low=0.0, low_open=True)
+    return dataclasses.replace(setup, cfg=setup.cfg.replace(**{"certify.input_norm_bound": float(bound)}))
+
+
+def _attack_entry(setup: Setup, rec: RoundLog, start: torch.Tensor) -> dict[str, Any]:
+    """attack.json's entry for attack round t: crfl.train.attack_record from server-owned quantities.
+
+    p_i is the weight the server applied to the configured attacker (0 when its partition was not
+    sampled or its reply not aggregated). What the attackers' replies reported is kept under
+    ``measured`` and never enters a certificate.
+    """
+    attackers = list(setup.plan.attackers)
+    ps = [rec.weight_of(a) for a in attackers]
+    p = None if any(v is None for v in ps) else [float(v) for v in ps]
+    measured = {
+        "reported_by_clients": {str(a): rec.metrics[a] for a in attackers if a in rec.metrics},
+        "sampled": [a in rec.sampled for a in attackers],
         "clients_aggregated": len(rec.accepted),
         "replies_rejected": len(rec.rejected),
         "replies_missing": len(rec.missing),
     }
+    return attack_record(setup, rec.round, start, p, aggregation_info=rec.aggregation, measured=measured)
+
+
+def _noise_tag(seed: int) -> str:
+    """A digest of the noise seed: a resumed run must use the same one; the seed itself is not stored."""
+    return hashlib.blake2b(str(int(seed)).encode(), digest_size=8).hexdigest()
 
 
 def run_federation(
@@ -157,80 +224,148 @@ def run_federation(
     certify: bool = False,
     round_timeout: float = 600.0,
     dataset: Dataset | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    input_norm_bound: float | None = None,
 ) -> FlowerRun:
-    """Run Algorithm 1 over a Flower grid into ``out_dir`` and (optionally) certify the result."""
-    out = Path(out_dir)
-    if (out / "config.yaml").exists():
-        raise ConfigError(f"The 'out-dir' directory {str(out)!r} already holds a run; choose another directory.")
+    """Run Algorithm 1 over a Flower grid into ``out_dir`` and (optionally) certify the result.
+
+    ``resume`` continues the run in ``out_dir`` from its ``flower_checkpoint.pt`` (the same
+    configuration, sampling and noise seed are required); ``stop_after`` ends after that round
+    (tests of resume).
+    """
     round_timeout = check_real("round-timeout", round_timeout, low=0.0, low_open=True)
+    setup = with_input_norm_bound(setup, input_norm_bound)
     cfg, T = setup.cfg, setup.rounds
     strategy = strategy if strategy is not None else build_strategy(setup)
     if strategy.rounds != T:
         raise ConfigError(f"The strategy was built for T = {strategy.rounds} rounds but the run has T = {T}.")
+    if strategy.num_clients != setup.data.num_clients:
+        raise ConfigError(f"The strategy was built for N = {strategy.num_clients} clients but the run has N = {setup.data.num_clients}.")
     if cfg.certify.twin:
         log.warning("certify.twin: the clean twin run is a simulator feature; the Flower run trains no twin.")
     resolved = resolved_config(setup)
+    resolved["provenance"]["engine"] = ENGINE
     resolved["provenance"]["flower"] = {
         "flwr_version": flwr.__version__,
         "inner_strategy": type(strategy.strategy).__name__,
         "noise_seed": "run seed" if strategy.noise_seed == cfg.seed else "separate (not recorded)",
+        "sampling": strategy.sampling.describe(),
+        "binding": "operator's node table" if strategy.roster.fixed else "server: first N nodes seen, by node id",
+        "input_norm_bound": f"sqrt(d) = {cfg.certify.input_norm_bound:.6g}: model inputs in [0, 1]^d"
+        if input_norm_bound is None else "run config",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", resolved)
-    log.info("crfl over Flower: %d clients, T = %d rounds, aggregation %s; run directory %s",
-             setup.data.num_clients, T, type(strategy.strategy).__name__, out.resolve())
+    chash = rundir.config_hash(resolved)
+    state_tag = {"noise": _noise_tag(strategy.noise_seed), "sampling": strategy.sampling.describe()}
+    if resume:
+        run = rundir.resume_run(out_dir, param="out-dir")
+        ckpt_path = run.path / CHECKPOINT
+        if not ckpt_path.is_file():
+            run.release()
+            raise ConfigError(f"The 'out-dir' directory {str(out_dir)!r} holds no {CHECKPOINT}: there is no Flower run to resume.")
+    else:
+        run = rundir.create_run(out_dir, param="out-dir")
+        ckpt_path = run.path / CHECKPOINT
+    out = run.path
+    with run:
+        plan = setup.plan
+        params = setup.w0.clone()
+        records: list[dict[str, Any]] = []
+        attack_log: list[dict[str, Any]] = []
+        attack_state: dict[str, Any] = {}
+        past_rounds: list[dict[str, Any]] = []  # flower.json rows, those before a resume included
+        seconds, start = 0.0, 1
+        if resume:
+            ck = torch.load(ckpt_path, weights_only=False)
+            if ck.get("config_hash") != chash or rundir.config_hash(run.read_config()) != chash or ck.get("state_tag") != state_tag:
+                raise ConfigError(
+                    f"The checkpoint in {str(out)!r} was written with a different configuration, sampling or noise seed; "
+                    "refusing to resume."
+                )
+            start, params = ck["round"] + 1, ck["params"]
+            records, attack_log, attack_state = ck["records"], ck["attack_log"], ck["attack_state"]
+            past_rounds, seconds = ck["flower_rounds"], ck["seconds"]
+            log.info("Resuming the Flower run in %s after round %d of %d.", out.resolve(), ck["round"], T)
+        else:
+            run.write_config(resolved)
+        log.info("crfl over Flower: %d clients (%s), T = %d rounds, aggregation %s; run directory %s",
+                 setup.data.num_clients, strategy.sampling.describe(), T, type(strategy.strategy).__name__, out.resolve())
 
-    params0 = setup.w0.clone()
-    records: list[dict[str, Any]] = []
-    attack_log: list[dict[str, Any]] = []
+        train_config = {CRFL_CONFIG: config_to_json(cfg.to_dict())}
+        t0 = time.perf_counter()
+        for t in range(start, T + 1):
+            if plan.active(t) and not attack_state:
+                strategy.keep_pre_noise.add(t)
+            arrays = params_to_record(params)
+            messages = list(strategy.configure_train(t, arrays, ConfigRecord(dict(train_config)), grid))
+            replies = list(grid.send_and_receive(messages, timeout=round_timeout)) if messages else []
+            new_arrays, _ = strategy.aggregate_train(t, replies)
+            rec = strategy.history[t]
+            row: dict[str, Any] = {
+                "round": t, "norm_before_clip": rec.norm_before_clip, "rho": rec.rho, "sigma": rec.sigma,
+                "clipped": int(rec.clipped), "attack": int(plan.active(t)),
+                "aggregation_fixed_weights": int(rec.fixed_weights),
+            }
+            if plan.active(t):
+                entry = _attack_entry(setup, rec, params)
+                row["attacker_weights"] = entry["p"]
+                attack_log.append(entry)
+                if not attack_state and t in strategy.pre_noise:
+                    attack_state = {"round": t, "pre_noise": strategy.pre_noise.pop(t).to(setup.dtype)}
+                if entry["p"] is not None and not any(entry["p"]):
+                    log.warning("Round %d is an attack round of the threat model but no attacker's reply was aggregated (p = 0).", t)
+            params = record_to_params(new_arrays).to(setup.dtype)
+            if t % cfg.run.eval_every == 0 or t == T:
+                row["clean_acc"], row["backdoor_acc"] = evaluate(setup, params)
+            records.append(row)
+            past_rounds.append(rec.to_dict())
+            io.torch_save(ckpt_path, {
+                "round": t, "params": params, "records": records, "attack_log": attack_log, "attack_state": attack_state,
+                "flower_rounds": past_rounds, "config_hash": chash, "state_tag": state_tag,
+                "seconds": seconds + time.perf_counter() - t0,
+            })
+            if stop_after is not None and t >= stop_after and t < T:
+                return FlowerRun(out, setup, params, records, attack_log, dict(strategy.history),
+                                 seconds + time.perf_counter() - t0, finished=False)
+        seconds += time.perf_counter() - t0
 
-    def evaluate_fn(t: int, arrays: Any) -> MetricRecord | None:
-        if t == 0:
-            return None
-        params = record_to_params(arrays).to(setup.dtype)
-        rec = strategy.history[t]
-        attackers = sorted(p for p in rec.accepted if int(rec.metrics[p].get("attacker", 0)) == 1)
-        row: dict[str, Any] = {
-            "round": t, "norm_before_clip": rec.norm_before_clip, "rho": rec.rho, "sigma": rec.sigma,
-            "clipped": int(rec.clipped), "attack": int(bool(attackers)),
-        }
-        if setup.plan.active(t) and not attackers:
-            log.warning("Round %d is an attack round but no attacker's reply was aggregated.", t)
-        if attackers:
-            entry = _attack_entry(rec, attackers)
-            row["attacker_weights"] = entry["p"]
-            attack_log.append(entry)
-        if t % cfg.run.eval_every == 0 or t == T:
-            row["clean_acc"], row["backdoor_acc"] = evaluate(setup, params)
-        records.append(row)
-        shown = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
-        return MetricRecord({k.replace("_", "-"): float(v) for k, v in shown.items()})
-
-    train_config = ConfigRecord({CRFL_CONFIG: config_to_json(setup.cfg.to_dict())})
-    t0 = time.perf_counter()
-    result = strategy.start(
-        grid, params_to_record(params0), num_rounds=T, timeout=round_timeout,
-        train_config=train_config, evaluate_fn=evaluate_fn,
-    )
-    seconds = time.perf_counter() - t0
-    final = record_to_params(result.arrays).to(setup.dtype)
-    hist = strategy.history
-    write_final(
-        out, setup, final, records, attack_log, None, seconds,
-        extra={
-            "engine": "flower",
-            "replies_rejected": sum(len(h.rejected) for h in hist.values()),
-            "replies_missing": sum(len(h.missing) for h in hist.values()),
-            "rounds_with_every_client": sum(len(h.accepted) == setup.data.num_clients for h in hist.values()),
-        },
-    )
-    write_json(out / "flower.json", {"rounds": [hist[t].to_dict() for t in sorted(hist)]})
-    run = FlowerRun(out, setup, final, records, attack_log, dict(hist), seconds)
-    if certify:
+        without = [r["round"] for r in past_rounds if r["skipped"] is not None]
+        contributed = T - len(without)
+        certifiable = not without
+        reason = None if certifiable else (
+            f"round(s) {without} aggregated no update (no valid reply, or weights summing to 0): "
+            "the run is not the process the certificate describes"
+        )
+        write_final(
+            out, setup, params, records, attack_log, None, seconds,
+            extra={
+                "engine": ENGINE,
+                "replies_rejected": sum(len(r["rejected"]) for r in past_rounds),
+                "replies_missing": sum(len(r["missing"]) for r in past_rounds),
+                "rounds_with_every_client": sum(len(r["accepted"]) == setup.data.num_clients for r in past_rounds),
+                "rounds_without_valid_replies": without,
+                "rounds_with_contributions": contributed,
+                "sampling": strategy.sampling.describe(),
+                "certifiable": certifiable,
+                "not_certifiable_because": reason,
+            },
+            attack_state=attack_state or None,
+            run=run,
+        )
+        with run.results() as rs:
+            rs.write_json("flower.json", {"rounds": past_rounds})
+    result = FlowerRun(out, setup, params, records, attack_log, dict(strategy.history), seconds)
+    if contributed == 0:
+        raise FederationFailed(
+            f"No client contributed to any of the {T} rounds (see {out / 'flower.json'}); the run is not certified."
+        )
+    if certify and not certifiable:
+        log.warning("Not certifying %s: %s.", out, reason)
+    elif certify:
         from crfl.certify import certify_run
 
-        run.summary = certify_run(out, dataset=dataset)
-    return run
+        result.summary = certify_run(out, dataset=dataset)
+    return result
 
 
 def _ensure_log_handler() -> None:
@@ -267,13 +402,18 @@ def make_server_app(
         c = cfg if cfg is not None else config_from_run_config(rc)
         out = Path(out_dir) if out_dir is not None else Path(str(rc["out-dir"]).format(run_id=context.run_id))
         noise_seed = check_int("noise-seed", rc["noise-seed"], low=-1)
+        bound = check_real("input-norm-bound", rc["input-norm-bound"], low=-1.0)
         setup = prepare(c, dataset)
-        strategy = build_strategy(setup, inner, noise_seed=None if noise_seed < 0 else noise_seed)
+        strategy = build_strategy(
+            setup, inner, noise_seed=None if noise_seed < 0 else noise_seed, sampling=sampling_from_run_config(rc),
+            node_partitions=parse_node_partitions(str(rc["node-partitions"])),
+            node_timeout=check_real("node-timeout", rc["node-timeout"], low=0.0),
+        )
         run = run_federation(
             grid, setup, out, strategy=strategy,
             certify=bool(rc["certify"]) if certify is None else certify,
             round_timeout=float(rc["round-timeout"]) if round_timeout is None else round_timeout,
-            dataset=dataset,
+            dataset=dataset, resume=bool(rc["resume"]), input_norm_bound=bound if bound > 0 else None,
         )
         last = run.records[-1] if run.records else {}
         log.info("Finished: %d rounds in %.1f s; clean accuracy %s, backdoor accuracy %s; run directory %s",

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.serverapp import Grid
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -39,7 +39,11 @@ class LocalGrid(Grid):
         num_nodes: N.
         overrides: partition id -> another callable for that node (e.g. a malformed client).
         shuffle_seed: seed of the reply order; None keeps the sending order.
-        node_ids: the node ids (default: distinct large ids unrelated to the partition ids).
+        node_ids: the node ids (default: distinct large ids unrelated to the partition ids, increasing,
+            so that the server's automatic binding gives node k partition k).
+        unavailable: node indices whose messages come back as Flower's NODE_UNAVAILABLE error
+            reply (a node that left after the round's messages were sent).
+        connected: node indices listed by ``get_node_ids`` (default: all).
     """
 
     def __init__(
@@ -50,8 +54,13 @@ class LocalGrid(Grid):
         overrides: Mapping[int, ClientFn] | None = None,
         shuffle_seed: int | None = 0,
         node_ids: list[int] | None = None,
+        unavailable: Iterable[int] = (),
+        connected: Iterable[int] | None = None,
     ) -> None:
-        ids = node_ids or [int(v) for v in np.random.default_rng(12345).choice(10**9, size=num_nodes, replace=False) + 10**9]
+        ids = node_ids or sorted(int(v) for v in np.random.default_rng(12345).choice(10**9, size=num_nodes, replace=False) + 10**9)
+        self.node_ids = list(ids)
+        self.unavailable = {ids[k] for k in unavailable}
+        self.connected = set(ids) if connected is None else {ids[k] for k in connected}
         self._apps: dict[int, tuple[ClientFn, int]] = {}
         for k, nid in enumerate(ids):
             self._apps[nid] = ((overrides or {}).get(k, client_app), k)
@@ -80,7 +89,7 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._apps)
+        return [n for n in self._apps if n in self.connected]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -101,6 +110,8 @@ class LocalGrid(Grid):
         return replies
 
     def _deliver(self, msg: Message) -> Message:
+        if msg.metadata.dst_node_id in self.unavailable:
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="the node is gone"), reply_to=msg)
         app, _ = self._apps[msg.metadata.dst_node_id]
         try:
             return app(msg, self.contexts[msg.metadata.dst_node_id])
