@@ -92,7 +92,7 @@ def test_failing_run_is_reported_and_others_finish(tmp_path, capsys):
     bad = {**SPEC, "grid": {"attack.num_attackers": [1, 9]}}  # 9 attackers among 4 clients
     rows = sweep(write_spec(tmp_path / "s.yaml", bad), tmp_path / "o", progress=True)
     assert [r["status"] for r in rows] == ["ok", "failed"]
-    assert "attack.attackers" in rows[1]["error"]
+    assert "attack.num_attackers" in rows[1]["error"]  # the parameter the user set
     err_files = list((tmp_path / "o" / "runs").glob("*/error.txt"))
     assert len(err_files) == 1 and "ConfigError" in err_files[0].read_text()
     assert "1 run(s) failed" in capsys.readouterr().out

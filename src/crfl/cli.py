@@ -7,19 +7,36 @@
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
     crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
     crfl plot    DIR
+
+Every expected failure (a bad parameter, a corrupt or foreign file, an OS error, a full disk)
+is one line ``crfl: error: ...`` naming the parameter or file, the problem and what to do,
+with exit status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import errno
 import sys
 from pathlib import Path
 from typing import Any
 
 from crfl.config import preset_names, resolve
 from crfl.data.base import DataError
-from crfl.validation import ConfigError
+from crfl.rundir import RunDirError
+from crfl.validation import ConfigError, check_int
+
+EXPECTED = (ConfigError, DataError, RunDirError)
+RESUME_CONFLICTS = {"preset": "--preset", "config": "--config", "dataset": "--dataset", "data_dir": "--data-dir",
+                    "overrides": "--set", "out": "--out", "twin": "--twin"}
+INTERRUPTED = {
+    "train": "every file written so far is complete. Resume with: crfl train --resume {dir}",
+    "run": "every file written so far is complete. Resume with: crfl run --resume {dir}",
+    "certify": "the run's previous results are unchanged. Rerun: crfl certify {dir}",
+    "sweep": "results.csv lists the runs that finished. Rerun the same command to finish the sweep.",
+    "plot": "no figure was half-written.",
+}
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
@@ -36,7 +53,17 @@ def _add_train_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
 
 
 def _add_certify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["auto", "exact", "monte-carlo"], help="smoothing: exact (linear models) or Monte Carlo")
+    p.add_argument("--reading", choices=["coupled", "mixture", "paper"],
+                   help="what the certificate promises: coupled (this run vs its trigger-free twin, default), "
+                        "mixture (the law over training noise), paper (Corollary 1 as printed; not a certificate)")
+    p.add_argument("--training-samples", dest="training_samples", type=int, metavar="K",
+                   help="mixture reading with K independent continuations from the attack round (implies --reading mixture)")
+    p.add_argument("--bound-form", dest="bound_form", choices=["neyman-pearson", "kl"],
+                   help="how the probabilities become a distance budget: Neyman-Pearson (default) or the KL form")
+    p.add_argument("--input-norm-bound", dest="input_norm_bound", type=float, metavar="B",
+                   help="a bound B >= ||x|| on every training input (default: the maximum over the training data)")
+    p.add_argument("--method", choices=["auto", "exact", "monte-carlo", "margin"],
+                   help="smoothing: exact (linear models) or Monte Carlo; margin: the linear base model itself (coupled)")
     p.add_argument("--M", type=int, help="number of noisy models (Monte Carlo)")
     p.add_argument("--alpha", type=float, help="failure probability of the confidence bounds")
     p.add_argument("--bound", choices=["hoeffding", "clopper-pearson"], help="confidence bound")
@@ -48,10 +75,13 @@ def _add_certify_args(p: argparse.ArgumentParser) -> None:
 
 def _certify_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
-    for k in ("method", "M", "alpha", "bound", "coverage", "sigma_T", "lipschitz", "num_test"):
+    for k in ("reading", "training_samples", "bound_form", "input_norm_bound", "method", "M", "alpha", "bound",
+              "coverage", "sigma_T", "lipschitz", "num_test"):
         v = getattr(args, k, None)
         if v is not None:
             out[f"certify.{k}"] = v
+    if getattr(args, "training_samples", None) is not None and getattr(args, "reading", None) in (None, "mixture"):
+        out["certify.reading"] = "mixture"
     if getattr(args, "twin", False):
         out["certify.twin"] = True
     return out
@@ -90,9 +120,20 @@ def _print_training(res) -> None:
         print(f"  {k:<{w}}  {v}")
 
 
+def _check_resume_alone(args: argparse.Namespace) -> None:
+    """--resume continues a run with its own config.yaml: other training flags would be ignored, so refuse them."""
+    given = [flag for k, flag in RESUME_CONFLICTS.items() if getattr(args, k, None)]
+    if args.resume and given:
+        raise ConfigError(
+            f"The '--resume' parameter continues a run with its saved config.yaml and takes no {', '.join(given)}. "
+            f"Got {', '.join(given)} instead; drop them, or start a new run with --out."
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crfl.train import train
 
+    _check_resume_alone(args)
     if args.resume:
         res = train(None, args.resume, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
     else:
@@ -105,11 +146,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from crfl.certify import certify_run, print_summary
+    from crfl.certify import certify_run
 
     summary = certify_run(args.run_dir, overrides=_certify_overrides(args))
-    print_summary(summary)
+    _report_certification(summary, Path(args.run_dir))
     return 0
+
+
+def _fmt_radius(r: float | str | None) -> str:
+    if r is None:
+        return "not certified"
+    return "inf" if r in (math.inf, "inf") else f"{r:.4g}"
+
+
+def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show: int = 5) -> None:
+    """Print the certification summary (reading, guarantee, curve, fraction certified at the attack's ||delta||); plot it."""
+    res = summary.get("results", {})
+    cert = summary.get("certificate", {})
+    sm = summary.get("smoothing", {})
+    reading = cert.get("reading")
+    extra = f", K = {cert['training_samples']}" if cert.get("training_samples") else ""
+    sigma = f", sigma_T = {sm.get('sigma_T')}" if sm.get("sigma_T") is not None else ""
+    print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {cert.get('radius_certified')}")
+    if cert.get("guarantee"):
+        print(f"  guarantee: {cert['guarantee']}")
+    if not cert.get("radius_certified"):
+        failed = [k for k, c in summary.get("assumptions", {}).get("checks", {}).items() if not c.get("holds")]
+        if failed:
+            print(f"  not certified: {', '.join(failed)} (see summary.json 'assumptions')")
+    delta = cert.get("delta_norm")
+    for k in ("clean", "backdoor"):
+        r = res.get(k)
+        if not r:
+            continue
+        print(f"  {k:8s} base acc {r['base_accuracy']:.4f}  smoothed acc {r['smoothed_accuracy']:.4f}  "
+              f"abstain {r['abstain_rate']:.4f}  max radius {_fmt_radius(r['max_radius'])}")
+        if r.get("certified_at_attack") is not None and delta is not None:
+            print(f"    certified at the attack's ||delta|| = {delta:.4g}: {r['certified_at_attack']:.4f} of the points "
+                  f"({r['certified_correct_at_attack']:.4f} certified and correct)")
+        curve = r.get("curve") or []
+        if curve:
+            step = max(1, len(curve) // radii_to_show)
+            shown = curve[::step][:radii_to_show]
+            print("    radius   " + "  ".join(f"{c['radius']:9.4g}" for c in shown))
+            print("    cert acc " + "  ".join(f"{c['certified_accuracy']:9.4f}" for c in shown))
+            print("    cert rate" + "  ".join(f"{c['certified_rate']:9.4f}" for c in shown))
+    tw = summary.get("twin")
+    if tw:
+        for k in ("clean", "backdoor"):
+            print(f"  twin check ({k}): {tw[k]['covered_points']} points certified at RAD >= ||delta|| = "
+                  f"{tw['delta_norm']:.3g}; the twin ({tw.get('compared_with')}) agrees on {tw[k]['agreement']}, "
+                  f"violations {tw[k].get('violations')}")
+    from crfl.plots import plot_run
+
+    plot_run(run_dir)
 
 
 def _fresh_dir(base: Path) -> str:
@@ -123,9 +213,10 @@ def _fresh_dir(base: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from crfl.certify import certify_run, print_summary
+    from crfl.certify import certify_run
     from crfl.train import train
 
+    _check_resume_alone(args)
     if args.resume:
         res = train(None, args.resume, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
     else:
@@ -134,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
     summary = certify_run(res.out_dir, overrides=_certify_overrides(args))
-    print_summary(summary)
+    _report_certification(summary, Path(res.out_dir))
     return 0
 
 
@@ -142,6 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from crfl.config import parse_override
     from crfl.sweep import sweep
 
+    check_int("--jobs", args.jobs, low=1)
     extra: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
     if args.dataset:
         extra["data.name"] = args.dataset
@@ -157,6 +249,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from crfl.plots import plot_run, plot_sweep
 
     d = Path(args.dir)
+    if not d.is_dir():
+        raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no such directory).")
     if (d / "sweep.json").is_file():
         paths = plot_sweep(d)
     elif (d / "rounds.csv").is_file():
@@ -168,22 +262,46 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_message(e: BaseException) -> str:
+    """The one line for an expected failure: the file or parameter, the problem, what to do."""
+    if isinstance(e, EXPECTED):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" {e.filename!r}" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"No space left on the device of{where} (disk full). Files already written are complete; free space and rerun."
+        todo = {errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+                errno.EROFS: "choose a writable location", errno.ENOTDIR: "a path component is a file, not a directory",
+                errno.ENOENT: "check the path"}.get(e.errno or 0, "check the path and the device")
+        return f"Cannot access{where}: {e.strerror or e}; {todo}."
+    if isinstance(e, UnicodeDecodeError):
+        return f"A file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8."
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crfl", description="Certifiably Robust Federated Learning (Xie et al., ICML 2021)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="crfl", description="Certifiably Robust Federated Learning (Xie et al., ICML 2021)",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="federated training with clipping and noise (Algorithm 1)")
+
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p_train = add("train", help="federated training with clipping and noise (Algorithm 1)")
     _add_train_args(p_train, out_required=False)
     p_train.set_defaults(func=cmd_train)
-    p_cert = sub.add_parser("certify", help="certify a training run (Algorithm 2, Corollary 1)")
+    p_cert = add("certify", help="certify a training run (Algorithm 2, Corollary 1)")
     p_cert.add_argument("run_dir")
     _add_certify_args(p_cert)
     p_cert.add_argument("--quiet", action="store_true")
     p_cert.set_defaults(func=cmd_certify)
-    p_run = sub.add_parser("run", help="train and certify in one command (default: the demo preset)")
+    p_run = add("run", help="train and certify in one command (default: the demo preset)")
     _add_train_args(p_run, out_required=False)
     _add_certify_args(p_run)
     p_run.set_defaults(func=cmd_run)
-    p_sweep = sub.add_parser("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
+    p_sweep = add("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
     p_sweep.add_argument("spec", help="a sweep YAML file or a built-in spec name (fig5-attackers-mnist, ...)")
     p_sweep.add_argument("--out", required=True, help="the sweep directory")
     p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
@@ -192,18 +310,28 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p_sweep.add_argument("--quiet", action="store_true")
     p_sweep.set_defaults(func=cmd_sweep)
-    p_plot = sub.add_parser("plot", help="plot a run or a sweep directory (reads only result files)")
+    p_plot = add("plot", help="plot a run or a sweep directory (reads only result files)")
     p_plot.add_argument("dir")
     p_plot.set_defaults(func=cmd_plot)
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
-        print(f"crfl: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("\ncrfl: interrupted; every file written so far is complete. Resume with --resume DIR.", file=sys.stderr)
+        d = getattr(args, "resume", None) or getattr(args, "out", None) or getattr(args, "run_dir", None) or "DIR"
+        print(f"\ncrfl: interrupted; {INTERRUPTED[args.command].format(dir=d)}", file=sys.stderr)
         return 130
+    except (*EXPECTED, OSError, UnicodeDecodeError) as e:
+        if debug:
+            raise
+        print(f"crfl: error: {_error_message(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - an unexpected failure: one line, the traceback behind --debug
+        if debug:
+            raise
+        print(f"crfl: internal error: {type(e).__name__}: {e}. Rerun with --debug for the traceback and report it.",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from crfl.attacks import PAPER_PIXELS
+from crfl.io import load_yaml
 from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
 
 
@@ -286,21 +287,33 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> dict[str, Any]:
     check_choice("preset", name, preset_names())
     text = resources.files("crfl.presets").joinpath(f"{name}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    data = load_yaml(text) or {}
     data["preset"] = name
     return data
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    return read_yaml_mapping(path, "config", "sections")
+
+
+def read_yaml_mapping(path: str | Path, param: str, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; a missing, non-UTF-8 or malformed file names the parameter and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"The 'config' parameter must name a YAML file. Got {str(p)!r} instead (no such file).")
+        raise ConfigError(f"The '{param}' parameter must name a YAML file. Got {str(p)!r} instead (no such file).")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"The {param} file {str(p)!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save it as UTF-8."
+        ) from None
+    try:
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"The config file {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"The {param} file {str(p)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"The config file {str(p)!r} must hold a mapping of sections. Got {type(data).__name__}.")
+        raise ConfigError(f"The {param} file {str(p)!r} must hold a mapping of {what}. Got {type(data).__name__} instead.")
     return data
 
 
@@ -321,7 +334,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = load_yaml(raw) if raw.strip() != "" else None
     except yaml.YAMLError:
         value = raw
     return key, value

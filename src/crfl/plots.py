@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -16,30 +17,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from crfl.io import read_csv  # noqa: E402
+from io import BytesIO  # noqa: E402
+
+from crfl.io import atomic_write_bytes, read_csv  # noqa: E402
+from crfl.rundir import RunDir, RunDirError  # noqa: E402
 from crfl.metrics import certified_accuracy, certified_rate, radius_grid  # noqa: E402
 
 
 def _save(fig, base: Path) -> list[Path]:
+    """PNG and PDF, each written atomically (unique temporary name, so concurrent plots never collide)."""
     out = []
-    for ext in ("png", "pdf"):
-        p = base.with_suffix(f".{ext}")
-        tmp = p.with_name(f".{p.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        tmp.replace(p)
-        out.append(p)
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            p = base.with_suffix(f".{ext}")
+            buf = BytesIO()
+            fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight")
+            atomic_write_bytes(p, buf.getvalue())
+            out.append(p)
+    finally:
+        plt.close(fig)
     return out
 
 
 def read_certificates(path: Path) -> dict[str, np.ndarray]:
-    rows = read_csv(path)
-    rad = np.array([float(r["radius"]) if r["radius"] not in ("", None) else 0.0 for r in rows])
-    return {
-        "radius": rad,
-        "prediction": np.array([int(r["prediction"]) for r in rows]),
-        "label": np.array([int(r["label"]) for r in rows]),
-    }
+    """radius, prediction, label of a certificates_<kind>.csv, validated (complete, not truncated)."""
+    path = Path(path)
+    c = RunDir(path.parent).read_certificates(path.stem.removeprefix("certificates_"))
+    return {"radius": c.radius, "prediction": c.prediction, "label": c.label}
 
 
 def plot_certified(curves: dict[str, dict[str, np.ndarray]], base: Path, title: str = "") -> list[Path]:
@@ -61,9 +65,9 @@ def plot_certified(curves: dict[str, dict[str, np.ndarray]], base: Path, title: 
 
 
 def plot_rounds(run: Path) -> list[Path]:
-    rows = read_csv(run / "rounds.csv")
+    rows = [dataclasses.asdict(r) for r in RunDir(run).read_rounds()]
     t = [int(r["round"]) for r in rows]
-    f = lambda k: [float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]  # noqa: E731
+    f = lambda k: [float(r[k]) if r.get(k) is not None else np.nan for r in rows]  # noqa: E731
     twin = f("twin_distance")
     n = 2 if not all(np.isnan(twin)) else 1
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
@@ -71,7 +75,7 @@ def plot_rounds(run: Path) -> list[Path]:
     ax.plot(t, f("clean_acc"), label="clean accuracy")
     ax.plot(t, f("backdoor_acc"), label="backdoor accuracy (attack success)")
     for r in rows:
-        if r.get("attack") == "1":
+        if r.get("attack") == 1:
             ax.axvline(int(r["round"]), color="red", alpha=0.3, lw=1)
     ax.set_xlabel("round t")
     ax.set_ylim(0, 1.02)
@@ -118,10 +122,12 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     - ``<name>-closeness``: ||w_t - w_t(twin)|| over rounds, where the twin was trained (Fig. 9a).
     Numeric sweeps (Fig. 9b) plot RAD against T for each rho/sigma.
     """
-    import json
-
     d = Path(sweep_dir)
-    meta = json.loads((d / "sweep.json").read_text())
+    meta = RunDir(d).read_json("sweep.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict) or (
+        meta.get("kind") != "numeric" and not isinstance(meta.get("jobs"), list)
+    ):
+        raise RunDirError(f"{d / 'sweep.json'} is not a crfl sweep file (needs 'spec' and 'jobs'); rerun crfl sweep.")
     spec = meta["spec"]
     name = spec.get("name", d.name)
     title = spec.get("title", name)
@@ -162,7 +168,7 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
                 if not f.is_file():
                     continue
                 curves[label] = read_certificates(f)
-                s = json.loads((cdir / "summary.json").read_text())
+                s = RunDir(cdir).read_summary()
                 base[label] = s.get("results", {}).get(which, {}).get("base_accuracy")
             if not curves:
                 continue
@@ -194,9 +200,9 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
         if j["train_hash"] in seen or not (rdir / "rounds.csv").is_file():
             continue
         seen.append(j["train_hash"])
-        rows = read_csv(rdir / "rounds.csv")
+        rows = [dataclasses.asdict(r) for r in RunDir(rdir).read_rounds()]
         t = [int(r["round"]) for r in rows]
-        val = lambda k: [float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]  # noqa: E731
+        val = lambda k: [float(r[k]) if r.get(k) is not None else np.nan for r in rows]  # noqa: E731
         label = _label(j["point"], keys)
         axes[0].plot(t, val("clean_acc"), color=f"C{i % 10}", label=label)
         axes[1].plot(t, val("backdoor_acc"), color=f"C{i % 10}", label=label)

@@ -230,7 +230,7 @@ class CertificateTable:
         return len(self.index)
 
 
-CERT_COLUMNS = ["index", "label", "prediction", "n_a", "n_b", "p_a_lower", "p_b_upper", "radius", "correct"]
+CERT_COLUMNS = ["index", "label", "prediction", "p_a_lower", "p_b_upper", "radius"]  # at least these (certify may add)
 
 
 def _is_number(x: Any) -> bool:
@@ -356,9 +356,10 @@ def _os_error(e: OSError, path: Path, todo: str) -> RunDirError:
 class RunDir:
     """A run directory, read or claimed. Writers need the claim (:func:`create_run`, :func:`resume_run`)."""
 
-    def __init__(self, path: str | Path, claim: Claim | None = None) -> None:
+    def __init__(self, path: str | Path, claim: Claim | None = None, created: bool = False) -> None:
         self.path = Path(path)
         self.claim = claim
+        self.created = created  # the claim created the directory
 
     # -- lifetime
     def release(self) -> None:
@@ -370,6 +371,17 @@ class RunDir:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+    def discard_unstarted(self) -> None:
+        """Remove a fresh run that never reached a checkpoint (its config.yaml, and the directory if the claim made it)."""
+        self._need_claim()
+        if self.exists(CHECKPOINT):
+            return
+        (self.path / CONFIG).unlink(missing_ok=True)
+        sweep_stale(self.path)
+        if self.created and not [n for n in os.listdir(self.path) if n != LOCK]:
+            self.release()
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def _need_claim(self) -> None:
         if self.claim is None or not self.claim.held:
@@ -466,6 +478,9 @@ class RunDir:
                 "Restore the original config.yaml (certification settings go on the command line) or retrain."
             )
 
+    def read_json(self, name: str, todo: str = "rerun the command that wrote it") -> Any:
+        return _json(self.path / name, self.read_text(name, todo))
+
     def read_attacks(self) -> AttackLog:
         path = self.path / ATTACKS
         d = _json(path, self.read_text(ATTACKS, "train the run to the end first (crfl train --resume DIR)"))
@@ -513,7 +528,7 @@ class RunDir:
 
         name = f"certificates_{kind}.csv"
         path = self.path / name
-        rows = _csv_rows(path, self.read_text(name, "rerun crfl certify"), CERT_COLUMNS)
+        rows = _csv_rows(path, self.read_text(name, "rerun crfl certify"), CERT_COLUMNS, exact=False)
         try:
             cols = {
                 "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
@@ -562,16 +577,17 @@ def _json(path: Path, text: str) -> Any:
         raise RunDirError(f"{path} is not valid JSON ({e}); rerun the command that wrote it.") from None
 
 
-def _csv_rows(path: Path, text: str, columns: Sequence[str]) -> list[dict[str, str]]:
+def _csv_rows(path: Path, text: str, columns: Sequence[str], exact: bool = True) -> list[dict[str, str]]:
+    """Rows of a CSV file whose header is ``columns`` (or, ``exact=False``, includes them)."""
     reader = csv.reader(_io.StringIO(text))
-    header = next(reader, None)
-    if header != list(columns):
+    header = next(reader, None) or []
+    if (header != list(columns)) if exact else (set(columns) - set(header) or len(set(header)) != len(header)):
         raise RunDirError(f"{path} is not a crfl {path.name} (header {header!r}, expected {list(columns)!r}).")
     rows = []
     for i, r in enumerate(reader, start=2):
-        if len(r) != len(columns):
-            raise RunDirError(f"{path} line {i} has {len(r)} fields, expected {len(columns)}: truncated or corrupt.")
-        rows.append(dict(zip(columns, r)))
+        if len(r) != len(header):
+            raise RunDirError(f"{path} line {i} has {len(r)} fields, expected {len(header)}: truncated or corrupt.")
+        rows.append(dict(zip(header, r)))
     if text and not text.endswith("\n"):
         raise RunDirError(f"{path} ends in the middle of a line: truncated.")
     return rows
@@ -619,7 +635,7 @@ def create_run(path: str | Path, param: str = "--out") -> RunDir:
         if created:
             shutil.rmtree(p, ignore_errors=True)
         raise
-    return RunDir(p, claim)
+    return RunDir(p, claim, created)
 
 
 def resume_run(path: str | Path, param: str = "--resume") -> RunDir:

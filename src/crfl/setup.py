@@ -24,11 +24,12 @@ from crfl.attacks import AttackPlan, attack_rounds, backdoor_test_mask, build_pl
 from crfl.clients import ClientData, local_iterations
 from crfl.config import Config
 from crfl.data import Dataset, dataset_names, load_dataset
+from crfl.data.base import check_dataset
 from crfl.data.partition import partition
 from crfl.model import Model, build_model, wrap_module
 from crfl.rng import torch_generator
 from crfl.schedule import RhoSchedule, SigmaSchedule
-from crfl.validation import ConfigError, check_choice
+from crfl.validation import ConfigError, check_choice, fail
 
 
 @dataclass
@@ -98,10 +99,14 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
     ds = dataset if dataset is not None else load_data(cfg)
+    check_dataset(ds)
+    derived_attackers = cfg.attack.attackers is None
     cfg = resolve_auto(cfg, ds)
     indices = partition(ds, cfg.data.partition, cfg.data.num_clients, cfg.seed, alpha=cfg.data.dirichlet_alpha)
     K = len(indices)
     a = cfg.attack
+    if derived_attackers and a.num_attackers > K:
+        raise fail("attack.num_attackers", f"an integer in [0, {K}] (at most the number of clients)", a.num_attackers)
     if module is not None:
         model = wrap_module(module, ds.num_features, ds.num_classes)
     else:

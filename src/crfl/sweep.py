@@ -29,7 +29,6 @@ import concurrent.futures as cf
 import hashlib
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import time
@@ -39,11 +38,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from crfl.config import Config, from_dict, resolve
-from crfl.io import atomic_write_text, write_csv, write_json
-from crfl.validation import ConfigError
+from crfl import rundir
+from crfl.config import Config, from_dict, read_yaml_mapping, resolve
+from crfl.io import atomic_write_text, load_yaml, write_csv, write_json
+from crfl.validation import ConfigError, check_real
 
 DONE = "DONE"
 
@@ -69,43 +67,87 @@ def spec_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("crfl.experiments").iterdir() if p.name.endswith(".yaml"))
 
 
+SPEC_KEYS = {"name", "title", "finding", "base", "grid", "certify", "radii", "kind", "numeric", "label", "notes"}
+NUMERIC_KEYS = {"p_a", "p_b", "sigma", "t_adv", "p", "gamma", "tau", "eta", "poison_ratio", "rho_t_adv",
+                "rho_over_sigma", "rounds"}
+
+
 def load_spec(path_or_name: str | Path) -> Spec:
-    """Read a spec file, or a built-in one by name (``crfl sweep fig5-attackers``)."""
+    """Read a spec file, or a built-in one by name (``crfl sweep fig5-attackers``), validated like a config."""
     p = Path(path_or_name)
     if p.is_file():
-        text = p.read_text()
+        raw = read_yaml_mapping(p, "SPEC", "spec keys")
+        where = f"the sweep spec {str(p)!r}"
     elif str(path_or_name) in spec_names():
-        text = resources.files("crfl.experiments").joinpath(f"{path_or_name}.yaml").read_text()
+        raw = load_yaml(resources.files("crfl.experiments").joinpath(f"{path_or_name}.yaml").read_text()) or {}
+        where = f"the built-in sweep spec {str(path_or_name)!r}"
     else:
         raise ConfigError(
             f"The 'SPEC' parameter must be a YAML file or one of {', '.join(spec_names())}. Got {str(path_or_name)!r} instead."
         )
-    raw = yaml.safe_load(text) or {}
-    allowed = {"name", "title", "finding", "base", "grid", "certify", "radii", "kind", "numeric", "label", "notes"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
-        raise ConfigError(f"Unknown key(s) {unknown} in sweep spec; allowed: {', '.join(sorted(allowed))}.")
-    base = raw.get("base") or {}
-    set_ = dict(base.get("set") or {})
+        raise ConfigError(f"Unknown key(s) {unknown} in {where}; allowed: {', '.join(sorted(SPEC_KEYS))}.")
+
+    def field_(key: str, allowed: str, value: Any) -> ConfigError:
+        return ConfigError(f"The '{key}' parameter of {where} must be {allowed}. Got {value!r} instead.")
+
+    def mapping(key: str, value: Any, keys: set[str] | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise field_(key, "a mapping", value)
+        if keys is not None and set(value) - keys:
+            raise field_(key, f"a mapping with keys among {', '.join(sorted(keys))}", sorted(set(value) - keys))
+        return value
+
+    def grid_of(key: str, value: Any) -> dict[str, list[Any]]:
+        out = {}
+        for k, v in mapping(key, value).items():
+            if not isinstance(v, list) or not v:
+                raise field_(f"{key}.{k}", "a non-empty list of values", v)
+            out[str(k)] = list(v)
+        return out
+
+    def real(key: str, x: Any) -> float:
+        try:
+            return check_real(key, x, low=0.0)
+        except ConfigError:
+            raise field_(key, "a float in [0, inf)", x) from None
+
+    kind = raw.get("kind") or "train"
+    if kind not in ("train", "numeric"):
+        raise field_("kind", "one of 'train', 'numeric'", kind)
+    base = mapping("base", raw.get("base"), {"preset", "dataset", "set"})
+    set_ = dict(mapping("base.set", base.get("set")))
     if base.get("dataset"):
         set_["data.name"] = base["dataset"]
-    cert = raw.get("certify") or {}
-    grid = {k: list(v) for k, v in (raw.get("grid") or {}).items()}
-    for k, v in grid.items():
-        if not v:
-            raise ConfigError(f"The grid key {k!r} of the sweep spec must list at least one value.")
+    if base.get("preset") is not None and not isinstance(base["preset"], str):
+        raise field_("base.preset", "a preset name", base["preset"])
+    cert = mapping("certify", raw.get("certify"), {"set", "grid"})
+    radii_raw = raw.get("radii") or [0.0]
+    if not isinstance(radii_raw, list):
+        raise field_("radii", "a list of radii in [0, inf)", radii_raw)
+    radii = [real(f"radii[{i}]", r) for i, r in enumerate(radii_raw)]
+    numeric = mapping("numeric", raw.get("numeric"), NUMERIC_KEYS)
+    for k, v in numeric.items():
+        for x in v if isinstance(v, list) else [v]:
+            real(f"numeric.{k}", x)
+    for k in ("name", "title", "finding", "label"):
+        if raw.get(k) is not None and not isinstance(raw[k], (str, int, float)):
+            raise field_(k, "a string", raw[k])
     return Spec(
         name=str(raw.get("name") or p.stem),
         title=str(raw.get("title") or raw.get("name") or p.stem),
         finding=str(raw.get("finding") or ""),
         preset=base.get("preset"),
         base_set=set_,
-        grid=grid,
-        cert_set=dict(cert.get("set") or {}),
-        cert_grid={k: list(v) for k, v in (cert.get("grid") or {}).items()},
-        radii=[float(r) for r in raw.get("radii") or [0.0]],
-        kind=str(raw.get("kind") or "train"),
-        numeric=dict(raw.get("numeric") or {}),
+        grid=grid_of("grid", raw.get("grid")),
+        cert_set=dict(mapping("certify.set", cert.get("set"))),
+        cert_grid=grid_of("certify.grid", cert.get("grid")),
+        radii=radii,
+        kind=kind,
+        numeric=dict(numeric),
         label=raw.get("label"),
         raw=raw,
     )
@@ -178,13 +220,13 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
             else:
                 train(from_dict(job.config), run)
             atomic_write_text(run / DONE, "trained\n")
-        train_seconds = json.loads((run / "summary.json").read_text())["training"]["seconds"]
+        train_seconds = rundir.RunDir(run).read_summary(required=True)["training"]["seconds"]
         for ch, co, cp in job.certs:
             cdir = run / f"cert-{ch}"
             if not (cdir / DONE).is_file():
                 certify_run(run, overrides=co, out_dir=cdir)
                 atomic_write_text(cdir / DONE, "certified\n")
-            summary = json.loads((cdir / "summary.json").read_text())
+            summary = rundir.RunDir(cdir).read_summary(required=True)
             rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
                          "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
     except Exception as e:  # noqa: BLE001 - a failing run must not stop the sweep
@@ -201,7 +243,6 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
 
 def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any]:
     from crfl.metrics import certified_accuracy, certified_rate
-    from crfl.plots import read_certificates
 
     out: dict[str, Any] = {**row["cert_point"], "status": row["status"],
                            "run": f"runs/{row['train_hash']}/cert-{row['cert_hash']}"}
@@ -219,9 +260,9 @@ def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any
         out[f"{k}_max_radius"] = r.get("max_radius")
         f = cdir / f"certificates_{k}.csv"
         if row["status"] == "ok" and f.is_file():
-            c = read_certificates(f)
-            acc = certified_accuracy(c["radius"], c["prediction"], c["label"], spec.radii)
-            rate = certified_rate(c["radius"], c["prediction"], spec.radii)
+            c = rundir.RunDir(cdir).read_certificates(k)
+            acc = certified_accuracy(c.radius, c.prediction, c.label, spec.radii)
+            rate = certified_rate(c.radius, c.prediction, spec.radii)
             for r_, a_, c_ in zip(spec.radii, acc, rate):
                 out[f"{k}_cert_acc@{r_:g}"] = float(a_)
                 out[f"{k}_cert_rate@{r_:g}"] = float(c_)
@@ -229,6 +270,70 @@ def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any
     out["wall_seconds"] = row.get("wall_seconds")
     out["error"] = row.get("error")
     return out
+
+
+def _claim_sweep(out: Path) -> rundir.Claim:
+    """Claim the sweep directory: new, empty, or a sweep's (sweep.json); one sweep at a time."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"The '--out' parameter must name a directory. Got {str(out)!r} instead (a file).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise rundir.RunDirError(f"Cannot create the sweep directory {str(out)!r}: {e.strerror}; choose a writable --out.") from None
+    claim = rundir.Claim.acquire(out, "sweep")
+    names = [n for n in os.listdir(out) if not rundir._is_ours(n)]
+    if names and "sweep.json" not in names:
+        claim.release()
+        raise ConfigError(
+            f"The '--out' parameter must name a new, empty or sweep directory. Got {str(out)!r} instead "
+            f"(it holds {', '.join(sorted(names)[:5])}, and no sweep.json); crfl never writes into it."
+        )
+    rundir.sweep_stale(out)
+    return claim
+
+
+def _write_results(out: Path, spec: Spec, job_list: list[Job], results: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    root = out / "runs"
+    rows = [result_row(spec, r, root) for i in range(len(job_list)) if i in results for r in results[i]]
+    header: list[str] = []
+    for r in rows:
+        header += [k for k in r if k not in header]
+    write_csv(out / "results.csv", header or ["status"], [[r.get(k) for k in header] for r in rows])
+    return rows
+
+
+def _worker_init() -> None:
+    """A sweep worker dies with its parent: PR_SET_PDEATHSIG where Linux has it, a watchdog thread always."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _stop_workers(ex: cf.ProcessPoolExecutor) -> None:
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join(timeout=5)
 
 
 def sweep(
@@ -239,16 +344,33 @@ def sweep(
     extra: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run a sweep into ``out_dir``; return the results rows (also written to results.csv)."""
+    """Run a sweep into ``out_dir``; return the results rows (also written to results.csv).
+
+    The sweep directory is claimed for the whole sweep (a second sweep on it is refused); every
+    training run is claimed by the job that trains it. Workers die with the parent; Ctrl-C stops
+    them at once and writes results.csv for the jobs that finished, then re-raises.
+    """
     spec = load_spec(spec_path)
+    jobs = int(jobs)
+    if jobs < 1:
+        raise ConfigError(f"The 'jobs' parameter must be an integer in [1, inf). Got {jobs!r} instead.")
+    job_list = expand(spec, extra) if spec.kind == "train" else []
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if spec.kind == "numeric":
-        rows = numeric_study(spec)
-        write_csv(out / "results.csv", list(rows[0]), [list(r.values()) for r in rows])
-        write_json(out / "sweep.json", {"spec": spec.raw, "kind": "numeric"})
-        return rows
-    job_list = expand(spec, extra)
+    claim = _claim_sweep(out)
+    try:
+        if spec.kind == "numeric":
+            rows = numeric_study(spec)
+            write_csv(out / "results.csv", list(rows[0]), [list(r.values()) for r in rows])
+            write_json(out / "sweep.json", {"spec": spec.raw, "kind": "numeric"})
+            return rows
+        return _run_jobs(spec, job_list, out, jobs, extra, progress)
+    finally:
+        claim.release()
+
+
+def _run_jobs(
+    spec: Spec, job_list: list[Job], out: Path, jobs: int, extra: dict[str, Any] | None, progress: bool
+) -> list[dict[str, Any]]:
     root = out / "runs"
     write_json(out / "sweep.json", {
         "spec": spec.raw, "extra": extra or {}, "kind": "train",
@@ -258,22 +380,27 @@ def sweep(
     jobs = max(1, min(jobs, len(job_list)))
     threads = max(1, cores // jobs)
     results: dict[int, list[dict[str, Any]]] = {}
-    if jobs == 1:
-        for i, j in enumerate(job_list):
-            results[i] = run_job(j, str(root / j.train_hash), threads)
-            _report(progress, i, len(job_list), j, results[i])
-    else:
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(run_job, j, str(root / j.train_hash), threads): i for i, j in enumerate(job_list)}
-            for n, fut in enumerate(cf.as_completed(futs)):
-                i = futs[fut]
-                results[i] = fut.result()
-                _report(progress, n, len(job_list), job_list[i], results[i])
-    rows = [result_row(spec, r, root) for i in range(len(job_list)) for r in results[i]]
-    header: list[str] = []
-    for r in rows:
-        header += [k for k in r if k not in header]
-    write_csv(out / "results.csv", header, [[r.get(k) for k in header] for r in rows])
+    try:
+        if jobs == 1:
+            for i, j in enumerate(job_list):
+                results[i] = run_job(j, str(root / j.train_hash), threads)
+                _report(progress, i, len(job_list), j, results[i])
+        else:
+            ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+            try:
+                futs = {ex.submit(run_job, j, str(root / j.train_hash), threads): i for i, j in enumerate(job_list)}
+                for n, fut in enumerate(cf.as_completed(futs)):
+                    i = futs[fut]
+                    results[i] = fut.result()
+                    _report(progress, n, len(job_list), job_list[i], results[i])
+            except BaseException:
+                _stop_workers(ex)
+                raise
+            ex.shutdown()
+    except KeyboardInterrupt:
+        _write_results(out, spec, job_list, results)
+        raise
+    rows = _write_results(out, spec, job_list, results)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed and progress:
         print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))

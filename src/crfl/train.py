@@ -212,8 +212,8 @@ def diverged(setup: Setup, t: int, what: str) -> ConfigError:
     cfg = setup.cfg
     return ConfigError(
         f"Training diverged in round {t} of {setup.rounds}: {what} holds NaN or inf. The step size "
-        f"'clients.lr' = {cfg.clients.lr!r} (with 'clients.local_iters' = {cfg.clients.local_iters!r}, "
-        f"'attack.gamma' = {cfg.attack.gamma!r}) is too large for this data; lower 'clients.lr' or 'attack.gamma'."
+        f"'clients.lr' = {cfg.clients.lr!r} (with 'attack.gamma' = {cfg.attack.gamma!r}) is too large "
+        "for this data; lower 'clients.lr' or 'attack.gamma'."
     )
 
 
@@ -269,7 +269,12 @@ def train(
         else:
             run.write_config(resolved)
             chash = rundir.config_hash(resolved)
-        return _loop(setup, run, chash, resume=resume, progress=progress, twin=twin, stop_after=stop_after)
+        try:
+            return _loop(setup, run, chash, resume=resume, progress=progress, twin=twin, stop_after=stop_after)
+        except ConfigError:
+            if not resume:
+                run.discard_unstarted()  # a fresh run that failed before its first checkpoint leaves nothing
+            raise
 
 
 def _loop(

@@ -93,4 +93,27 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 1, *
     """Load a registered dataset; an unknown name lists the valid ones."""
     check_choice("dataset", name, dataset_names())
     fn, _ = _REGISTRY[name]
-    return fn(Path(data_dir) if data_dir is not None else None, seed, **options)
+    return check_dataset(fn(Path(data_dir) if data_dir is not None else None, seed, **options))
+
+
+def check_dataset(ds: Dataset) -> Dataset:
+    """Reject empty or degenerate data at load time, naming the dataset and what is wrong."""
+    where = f"the dataset {ds.name!r}"
+    if ds.num_classes < 2:
+        raise DataError(f"{where} has {ds.num_classes} class(es); classification needs at least 2")
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise DataError(f"{where} has {split} inputs of shape {x.shape}; expected (samples, features) with features >= 1")
+        if len(y) == 0:
+            raise DataError(f"{where} has an empty {split} set; training and certification need at least one {split} sample")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{where} has {len(x)} {split} inputs but labels of shape {y.shape}; expected one label per input")
+        if int(y.min()) < 0 or int(y.max()) >= ds.num_classes:
+            raise DataError(f"{where} has {split} labels outside [0, {ds.num_classes}): found {int(y.min())}..{int(y.max())}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"{where} has NaN or infinite {split} features; fill or drop them before loading")
+    if x.shape[1] != ds.x_train.shape[1]:
+        raise DataError(f"{where} has {ds.x_train.shape[1]} train features but {x.shape[1]} test features")
+    if len(np.unique(ds.y_train)) < 2:
+        raise DataError(f"{where} has a single class in its training set; the model cannot learn to separate classes")
+    return ds

@@ -203,7 +203,7 @@ def preprocess_loans(
         if col in schema.drop:
             dropped[col] = "not a feature"
             continue
-        feats, why = _encode_column(df[col], categorical, max_categories)
+        feats, why = _encode_column(df[col], categorical, max_categories, source)
         if feats is None:
             dropped[col] = why
             continue
@@ -239,11 +239,11 @@ def _groups(col: pd.Series, schema: LoanSchema, source: str) -> tuple[np.ndarray
 
 
 def _encode_column(
-    col: pd.Series, categorical: str, max_categories: int
+    col: pd.Series, categorical: str, max_categories: int, source: str = "the loan table"
 ) -> tuple[tuple[np.ndarray, list[str]] | None, str]:
     """One column -> ((n, k) float32 block in [0, 1], k names), or (None, why it was dropped)."""
     name = str(col.name)
-    numbers = _as_numbers(col)
+    numbers = _as_numbers(col, source)
     if numbers is not None:
         return (_minmax(numbers)[:, None], [name]), ""
     text = col.astype("string").str.strip().replace("", pd.NA)
@@ -260,13 +260,25 @@ def _encode_column(
     return (block, [f"{name}={c}" for c in cats]), ""
 
 
-def _as_numbers(col: pd.Series) -> np.ndarray | None:
-    """float64 values of a numeric column, or of a text column of numbers (``13.5%``); else None."""
+def _as_numbers(col: pd.Series, source: str = "the loan table") -> np.ndarray | None:
+    """float64 values of a numeric column, or of a text column of numbers (``13.5%``); else None.
+
+    A column of mostly numbers with a few values that are not is an error naming them, never
+    silently dropped or one-hot encoded.
+    """
     if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
         return col.to_numpy(dtype=np.float64, na_value=np.nan)
     text = col.astype("string").str.strip().replace("", pd.NA)
     parsed = pd.to_numeric(text.str.removesuffix("%"), errors="coerce")
-    if parsed.notna().sum() != text.notna().sum():
+    n_text, n_num = int(text.notna().sum()), int(parsed.notna().sum())
+    if n_num != n_text and n_num > n_text / 2:
+        bad = text[parsed.isna() & text.notna()]
+        shown = ", ".join(repr(v) for v in bad.unique()[:3])
+        raise DataError(
+            f"column {col.name!r} of {source} holds numbers except {n_text - n_num} value(s) such as {shown} "
+            f"(first at row {int(bad.index[0])}); fix or blank those cells, or list the column among the dropped ones"
+        )
+    if n_num != n_text:
         return None
     return parsed.to_numpy(dtype=np.float64, na_value=np.nan)
 
