@@ -54,6 +54,7 @@ Ties in counts are broken deterministically: the lowest class index wins.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ __all__ = [
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "select_and_bound",
+    "mean_lower",
+    "mean_upper",
+    "mixture_bound",
 ]
 
 ABSTAIN = -1
@@ -101,6 +105,22 @@ class BoundResult:
     p_a_lower: np.ndarray
     p_b_upper: np.ndarray
     abstain: np.ndarray
+    log1m_p_a_lower: np.ndarray | None = None  # log(1 - p_a_lower), exact where p_a_lower rounds to 1
+    log_p_b_upper: np.ndarray | None = None  # log(p_b_upper), exact where p_b_upper underflows
+
+    def log1m_a(self) -> np.ndarray:
+        """log(1 - p_A_lower): the stored exact value, else from p_a_lower."""
+        if self.log1m_p_a_lower is not None:
+            return self.log1m_p_a_lower
+        with np.errstate(divide="ignore"):
+            return np.log1p(-self.p_a_lower)
+
+    def log_b(self) -> np.ndarray:
+        """log(p_B_upper): the stored exact value, else from p_b_upper."""
+        if self.log_p_b_upper is not None:
+            return self.log_p_b_upper
+        with np.errstate(divide="ignore"):
+            return np.log(self.p_b_upper)
 
     def prediction(self) -> np.ndarray:
         """c_A where certified, ABSTAIN elsewhere."""
@@ -109,7 +129,7 @@ class BoundResult:
     def slice(self, start: int, stop: int) -> "BoundResult":
         """The points start..stop-1 (e.g. the clean half of a clean + backdoored batch)."""
         cut = lambda v: None if v is None else v[start:stop]  # noqa: E731
-        return BoundResult(*(cut(getattr(self, f)) for f in ("c_a", "c_b", "n_a", "n_b", "p_a_lower", "p_b_upper", "abstain")))
+        return BoundResult(*(cut(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,3 +315,85 @@ def select_and_bound(
         p_b_upper=p_b_upper,
         abstain=p_a_lower <= p_b_upper,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# means of [0, 1] variables (the mixture certificate: one value per independent training run)
+
+
+def _kl_bernoulli(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """kl(p || q) = p log(p/q) + (1-p) log((1-p)/(1-q)), with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+        b = np.where(p < 1, (1 - p) * (np.log1p(-p) - np.log1p(-q)), 0.0)
+    return a + b
+
+
+def _mean_bound(mean: np.ndarray, K: int, alpha: float, upper: bool) -> np.ndarray:
+    m = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
+    level = math.log(1.0 / alpha) / K
+    # the feasible set {q : kl(m || q) <= level} is an interval around m; bisect its far end
+    lo, hi = (m.copy(), np.ones_like(m)) if upper else (np.zeros_like(m), m.copy())
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        inside = _kl_bernoulli(m, mid) <= level
+        if upper:
+            lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+        else:
+            lo, hi = np.where(inside, lo, mid), np.where(inside, mid, hi)
+    return hi if upper else lo
+
+
+def mean_lower(mean: np.ndarray | float, K: int, alpha: float) -> np.ndarray:
+    """Lower confidence bound at level alpha on E[X] from the mean of K i.i.d. X in [0, 1].
+
+    The Chernoff bound in binomial-KL form: P[mean - E X >= t] <= exp(-K kl(E X + t || E X)) holds
+    for every [0, 1]-valued X (Hoeffding 1963, Thm 1), so {q <= mean : K kl(mean || q) <= log(1/alpha)}
+    contains E X with probability >= 1 - alpha; the bound is its smallest point (bisection, returned
+    from below). Tighter than the additive Hoeffding bound near 0 and 1; for 0/1 variables it is the
+    Chernoff bound on a binomial proportion.
+    """
+    K = check_int("K", K, low=1)
+    return _mean_bound(np.asarray(mean), K, _check_alpha(alpha), upper=False)
+
+
+def mean_upper(mean: np.ndarray | float, K: int, alpha: float) -> np.ndarray:
+    """Upper confidence bound at level alpha on E[X] (see :func:`mean_lower`); returned from above."""
+    K = check_int("K", K, low=1)
+    return _mean_bound(np.asarray(mean), K, _check_alpha(alpha), upper=True)
+
+
+def mixture_bound(lower_mean: np.ndarray, upper_mean: np.ndarray, K: int, alpha: float) -> BoundResult:
+    """c_A, p_A_lower, p_B_upper of the mixture over K independent training runs.
+
+    Args:
+        lower_mean, upper_mean: (n, C) averages over the K runs of per-run lower / upper bounds
+            l_k(c) <= p_k(c) <= u_k(c) on the smoothed class probabilities of run k (exact
+            quadrature bounds for linear models: :func:`crfl.smoothing.exact_class_bounds`). The
+            mixture probability is p(c) = E_k p_k(c), with E l_k(c) <= p(c) <= E u_k(c).
+        K: the number of i.i.d. runs; alpha: total failure probability per point.
+
+    c_A is the argmax of the estimated mixture probability (the midpoint of the two means;
+    lowest index on ties). Every class gets both one-sided bounds at alpha / (2C) (Bonferroni
+    over 2C statements), so the data-selected c_A is covered: p_A_lower = L(c_A) and
+    p_B_upper = min(max_{c != c_A} U(c), 1 - p_A_lower), valid together with probability >= 1 - alpha.
+    """
+    lo = np.asarray(lower_mean, dtype=np.float64)
+    up = np.asarray(upper_mean, dtype=np.float64)
+    if lo.shape != up.shape or lo.ndim != 2 or lo.shape[1] < 2:
+        raise ConfigError(
+            f"The 'lower_mean' and 'upper_mean' parameters must be (n, C) arrays of one shape. Got {lo.shape} and {up.shape} instead."
+        )
+    n, C = lo.shape
+    level = _check_alpha(alpha) / (2.0 * C)
+    c_a = np.argmax(0.5 * (lo + up), axis=1).astype(np.int64)
+    rows = np.arange(n)
+    L = mean_lower(lo[rows, c_a], K, level)
+    U = mean_upper(up, K, level)
+    U[rows, c_a] = -np.inf
+    c_b = np.argmax(U, axis=1).astype(np.int64)
+    p_b = np.minimum(U[rows, c_b], 1.0 - L)
+    with np.errstate(divide="ignore"):
+        log1m = np.log1p(-L)
+        log_b = np.log(p_b)
+    return BoundResult(c_a, c_b, None, None, L, p_b, L <= p_b, log1m, log_b)

@@ -1,54 +1,251 @@
-"""Certification of a training run (Algorithm 2, Corollary 1, Theorem 1).
+"""Certification of a training run (Algorithm 2) under one of three readings of the guarantee.
 
-For every test point, clean and backdoored (trigger added, true label kept,
-Appendix A.3): the prediction of the parameter-smoothed final model
-Clip_{rho_T}(w_T) + N(0, sigma_T^2 I), or ABSTAIN, and the certified radius on
-the backdoor magnitude ||delta|| (Corollary 1).
+A certificate is a promise about a counterfactual. ``certify.reading`` says which one:
 
-The steps, each a separate function:
-1. smoothing — exact class probabilities for linear models (:func:`smoothing.exact_top_two`)
-   or Monte Carlo vote counts over M noisy models (:mod:`crfl.smoothing`);
-2. bounds — p_A_lower, p_B_upper (:mod:`crfl.bounds`), abstain when p_A_lower <= p_B_upper;
-3. radius — Corollary 1 with ingredients read from the run, never re-typed
-   (:func:`certificate_ingredients`): p_i is the attacker's actual aggregation
-   weight at t_adv (RFA's Weiszfeld weight), tau_i its actual number of local
-   iterations, rho_t and sigma_t from the one schedule training used.
+- ``coupled`` (default, :mod:`crfl.closeness`): fix this run's training randomness omega
+  (initial model, batches, server noise). The counterfactual is the run on the same omega whose
+  attackers' poisoned samples carry no trigger (same labels, same gamma scaling): the paper's D
+  against D'. The two final models are two fixed centres at distance <= ||delta|| c(B_0 + ||delta||);
+  parameter smoothing with sigma_T keeps c_A while that distance is below
+  sigma_T (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2 (Neyman-Pearson). p_A, p_B are the
+  smoothed probabilities around this run's final model (exact for linear models). With
+  ``method: margin`` the deployed linear base model itself is certified (no smoothing).
+- ``mixture`` (:mod:`crfl.mixture`): the law of the trained model over the server noise from the
+  attack round on (the paper's Theorems 2-3 read as written). p_A, p_B are mixture probabilities,
+  bounded from K independent continuations; the Gaussian mechanism at t_adv gives the radius.
+- ``paper``: Corollary 1 (Eq. 2) as printed, for reproduction only; written with
+  ``radius_certified: false``.
 
-Outputs in the run directory: ``certificates_clean.csv``,
-``certificates_backdoor.csv``, blocks ``certificate``, ``smoothing``,
-``results``, ``assumptions`` (and ``twin``) of ``summary.json``, and plots.
+Every reading: the test points (clean, and backdoored = trigger added, true label kept,
+Appendix A.3), their prediction or ABSTAIN, and the radius on ||delta||. Outputs in the run
+directory: ``certificates_clean.csv``, ``certificates_backdoor.csv`` (and ``inverse_*.csv`` for
+the paper reading), and the blocks ``certificate``, ``smoothing``, ``results``, ``assumptions``
+(and ``twin``) of ``summary.json``. Printing and plotting belong to the CLI.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from crfl import bounds, lipschitz, radius as radius_mod, smoothing
+from crfl import bounds, closeness, lipschitz, mixture, radius as radius_mod, smoothing
 from crfl.bounds import BoundResult
-from crfl.config import Config, from_dict, set_dotted
+from crfl.clients import nominal_poison_ratio
+from crfl.closeness import AttackTerm
+from crfl.config import Config
 from crfl.data import Dataset
 from crfl.io import write_csv, write_json
-from crfl.metrics import ABSTAIN, curve_table, finite_max, radius_grid
+from crfl.metrics import curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
 from crfl.schedule import contraction_schedule
-from crfl.clients import nominal_poison_ratio
 from crfl.setup import Setup, model_inputs, prepare
 from crfl.validation import ConfigError
 
-CERT_COLUMNS = ["index", "label", "prediction", "n_a", "n_b", "p_a_lower", "p_b_upper", "radius", "correct"]
+CERT_COLUMNS = [
+    "index", "label", "prediction", "n_a", "n_b", "p_a_lower", "p_b_upper", "log1m_p_a_lower", "log_p_b_upper",
+    "budget", "radius", "correct",
+]
+
+GUARANTEES = {
+    "coupled": (
+        "With this run's training randomness fixed (initial model, batches, server noise), the counterfactual run on "
+        "the same randomness whose attackers' poisoned samples carry no trigger (same labels, same scaling: data D "
+        "instead of D') gives the same parameter-smoothed prediction (sigma_T) at this input whenever the trigger's "
+        "norm ||delta|| is below the radius."
+    ),
+    "coupled-margin": (
+        "With this run's training randomness fixed (initial model, batches, server noise), the counterfactual run on "
+        "the same randomness whose attackers' poisoned samples carry no trigger (same labels, same scaling: data D "
+        "instead of D') deploys a linear model with the same prediction at this input whenever the trigger's norm "
+        "||delta|| is below the radius (no smoothing)."
+    ),
+    "mixture": (
+        "Averaged over the server noise from the attack round t_adv on (initial model, batches and earlier noise as in "
+        "this run) and the smoothing noise, training on data without the trigger (D) predicts the same class at this "
+        "input as the mixture of runs on D' does, whenever ||delta|| is below the radius; the mixture probabilities are "
+        "bounded from K independent continuations, with confidence 1 - alpha per point."
+    ),
+    "paper": (
+        "Corollary 1 (Eq. 2) as printed, for reproduction only: it combines one run's smoothing probabilities with a "
+        "bound on the laws of the final model over all training randomness, and its Lemma 1 L_Z assumes ||x|| <= 1, so "
+        "this number is not a certified radius."
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
-# ingredients of Corollary 1
+# the inputs of the sound readings
+
+
+@dataclass(frozen=True)
+class SoundIngredients:
+    """What the coupled and mixture radii are computed from (all written to summary.json)."""
+
+    reading: str
+    terms: tuple[AttackTerm, ...]  # the attack rounds, in order
+    input_norm_bound: float  # B_0 >= ||x|| of every clean training input (triggered ones: B_0 + ||delta||)
+    input_norm_source: str
+    sigma: float  # the Gaussian noise of the Neyman-Pearson step: sigma_T (coupled) or sigma_t_adv (mixture)
+    bound_form: str
+    delta_norm: float
+
+    def to_dict(self) -> dict[str, Any]:
+        terms = []
+        for k in self.terms:
+            terms.append({
+                "round": k.round, "p": list(k.p), "gamma": list(k.gamma), "eta": list(k.eta), "tau": list(k.tau),
+                "poison_ratio": list(k.poison_ratio), "Q": list(k.Q), "p_total": k.p_total,
+                "start_centred_opnorm": k.start_opnorm, "round_lipschitz": closeness.round_lipschitz(k),
+                "L_Z_at_B0": [lipschitz.lz_centred(k.start_opnorm, t, e, self.input_norm_bound) for t, e in zip(k.tau, k.eta)],
+            })
+        return {
+            "attack_rounds": terms,
+            "input_norm_bound": self.input_norm_bound,
+            "input_norm_source": self.input_norm_source,
+            "deviation_coefficient_at_B0": closeness.deviation_coefficient(self.terms, self.input_norm_bound),
+            "sigma": self.sigma,
+            "delta_norm": self.delta_norm,
+        }
+
+
+def clean_input_norm_bound(setup: Setup) -> float:
+    """B_0 = max ||x|| over the clean training inputs (what only a simulator knows; a federation sets it)."""
+    xs = torch.from_numpy(setup.dataset.x_train)
+    best = 0.0
+    for i in range(0, len(xs), 16384):
+        best = max(best, lipschitz.input_norm_bound(model_inputs(setup.dataset, xs[i : i + 16384], torch.float64)))
+    return best
+
+
+def _input_norm_bound(setup: Setup) -> tuple[float, str]:
+    given = setup.cfg.certify.input_norm_bound
+    if given is not None:
+        return float(given), "certify.input_norm_bound (server-owned)"
+    return clean_input_norm_bound(setup), "max ||x|| over the clean training inputs"
+
+
+def _terms(attack_log: list[dict[str, Any]]) -> tuple[AttackTerm, ...]:
+    if not attack_log:
+        raise ConfigError(
+            "The run's attack.json records no attack round: the coupled and mixture certificates bound what an attack "
+            "that happened did. Train with 'attack.num_attackers' >= 1 and 'attack.rounds' set, or use --reading paper."
+        )
+    return tuple(AttackTerm.from_record(rec) for rec in attack_log)
+
+
+def sound_ingredients(setup: Setup, attack_log: list[dict[str, Any]], reading: str) -> SoundIngredients:
+    cz = setup.cfg.certify
+    terms = _terms(attack_log)
+    B0, source = _input_norm_bound(setup)
+    if reading == "mixture":
+        sigma = mixture.mixture_noise_level(setup, terms[0].round, cz.sigma_T)
+    else:
+        sigma = float(cz.sigma_T)
+    return SoundIngredients(reading, terms, B0, source, sigma, cz.bound_form, float(setup.plan.trigger.norm))
+
+
+def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.ndarray]:
+    """(budget, radius) per point: the parameter distance the prediction tolerates, and the ||delta|| solving
+    ||delta|| c(B_0 + ||delta||) = budget (0 where the point abstains)."""
+    if ing.sigma <= 0:
+        budget = np.zeros(len(sm.p_a_lower))
+    elif ing.bound_form == "kl":
+        budget = radius_mod.kl_distance_budget(ing.sigma, sm.p_a_lower, sm.p_b_upper)
+    else:
+        budget = radius_mod.neyman_pearson_budget(ing.sigma, radius_mod.gaussian_margin(sm.log1m_a(), sm.log_b()))
+    budget = np.where(sm.abstain, 0.0, budget)
+    return budget, closeness.solve_radius(budget, ing.terms, ing.input_norm_bound)
+
+
+def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[BoundResult, np.ndarray]:
+    """The linear base model's prediction and its logit-margin budget (``method: margin``)."""
+    W, b = setup.model.split(params.double())
+    Xd = X.double()
+    z = (Xd @ W.T + b).numpy()
+    budget = radius_mod.logit_margin_budget(z, torch.linalg.vector_norm(Xd, dim=1).numpy())
+    order = np.argsort(-z, axis=1, kind="stable")
+    c_a, c_b = order[:, 0].astype(np.int64), order[:, 1].astype(np.int64)
+    n = len(z)
+    # no probabilities: p_a_lower = 1, p_b_upper = 0 stand for the deterministic base prediction
+    res = BoundResult(c_a, c_b, None, None, np.ones(n), np.zeros(n), budget <= 0, np.full(n, -np.inf), np.full(n, -np.inf))
+    return res, budget
+
+
+def scope_report(
+    setup: Setup, ing: SoundIngredients, attack_log: list[dict[str, Any]], fixed_rounds: dict[int, bool], method: str
+) -> dict[str, Any]:
+    """The assumptions of the coupled / mixture certificate, checked for this run."""
+    cz = setup.cfg.certify
+    B = ing.input_norm_bound
+    beta = lipschitz.smoothness_bound(B)
+    eta = max(e for k in ing.terms for e in k.eta)
+    first = ing.terms[0].round
+    later = {t: ok for t, ok in fixed_rounds.items() if t >= first}
+    fixed = all(later.values()) if later else setup.cfg.aggregation.name == "fedavg"
+    p_tot = max([k.p_total for k in ing.terms] + [float(setup.weights.sum())])
+    checks: dict[str, dict[str, Any]] = {
+        "convex_model": {"holds": bool(setup.model.is_linear),
+                         "detail": f"{setup.model.name}: multinomial logistic regression is convex (Assumption 1)"
+                         if setup.model.is_linear else f"{setup.model.name} is not convex: no certificate"},
+        "eta_le_2_over_beta": {
+            "holds": eta <= 2.0 / beta,
+            "detail": f"eta = {eta:.4g} <= 2/beta = {2 / beta:.4g} (beta <= (B_0^2 + 1)/2, B_0 = {B:.4g}): every clean "
+                      "gradient step is nonexpansive",
+        },
+        "fixed_aggregation_weights": {
+            "holds": bool(fixed),
+            "detail": ("weights fixed before the updates are seen in every round from t_adv on"
+                       if fixed else f"'{setup.cfg.aggregation.name}' weights depend on the updates in some round >= {first}: "
+                       "the aggregation is not nonexpansive, no certificate"),
+        },
+        "weights_sum_le_1": {"holds": p_tot <= 1.0 + 1e-12, "detail": f"largest sum of weights in a round = {p_tot:.6g}"},
+        "noise_for_neyman_pearson": {
+            "holds": ing.sigma > 0 or method == "margin",
+            "detail": f"sigma = {ing.sigma} ({'sigma_T' if ing.reading == 'coupled' else 'sigma at t_adv'})"
+                      if method != "margin" else "margin method: no smoothing",
+        },
+        "input_norm_bound": {"holds": True, "detail": f"B_0 = {B:.6g} ({ing.input_norm_source}); triggered inputs: "
+                                                      "B_0 + radius (the fixed point of the radius)"},
+    }
+    if ing.reading == "mixture":
+        checks["one_attack_round"] = {"holds": len(ing.terms) == 1,
+                                      "detail": f"{len(ing.terms)} attack round(s); the mixture reading covers one"}
+    if setup.model.is_linear and method == "monte-carlo":
+        checks["confidence"] = {"holds": True, "detail": f"Monte Carlo bounds: the statement holds with probability >= 1 - {cz.alpha}"}
+    certified = all(c["holds"] for c in checks.values())
+    scope = [
+        "The radius bounds the trigger's magnitude ||delta_x||; the label swap delta_y is part of both D and D' "
+        "(the counterfactual keeps the target labels and the scaling), as in the paper's Lemma 1 (y_1 = y_2).",
+        "Reference model: " + ("the twin run trained by --twin (same randomness, no trigger)" if ing.reading == "coupled"
+                               else "the law of continuations without the trigger from the attack round's aggregate"),
+    ]
+    return {"radius_certified": certified, "checks": checks, "scope": scope}
+
+
+def fixed_weight_rounds(run_dir: Path) -> dict[int, bool]:
+    """rounds.csv's ``aggregation_fixed_weights`` per round (empty when the run predates the column)."""
+    f = run_dir / "rounds.csv"
+    out: dict[int, bool] = {}
+    if not f.is_file():
+        return out
+    with open(f, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            v = row.get("aggregation_fixed_weights")
+            if v not in (None, ""):
+                out[int(row["round"])] = bool(int(float(v)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Corollary 1 as printed (the paper reading)
 
 
 @dataclass(frozen=True)
@@ -89,7 +286,7 @@ def training_input_norm_bound(setup: Setup) -> float:
 
 
 def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: float) -> Ingredients:
-    """Read Corollary 1's ingredients from the run: the attack log if the attack ran, else the config."""
+    """Corollary 1's ingredients: the attack log if the attack ran, else the config (paper reading)."""
     cfg, cz, plan = setup.cfg, setup.cfg.certify, setup.plan
     T = setup.rounds
     if attack_log:
@@ -132,22 +329,14 @@ def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: f
 
 
 def start_norm_bound(setup: Setup, t_adv: int) -> float:
-    """A bound m with E||w~_{t_adv-1}||^2 <= m^2, for the L_Z of round t_adv (docs/theory.md (b)).
-
-    Every local iterate of round t_adv, in the backdoored and the clean process, starts at
-    w~_{t_adv-1} = Clip_{rho}(w) + eps and moves at most eta sqrt(2) sqrt(B^2 + 1) per step. The KL
-    bound of round t_adv is an average over w~_{t_adv-1} (joint convexity of KL), and L_Z enters it
-    squared, so a bound on sqrt(E||w~||^2) = sqrt(E||Clip(w)||^2 + sigma^2 D) <= sqrt(rho^2 + sigma^2 D)
-    is what is needed — not one realised norm. Round 1 starts from the fixed initial model w_0.
-    """
+    """A bound m with E||w~_{t_adv-1}||^2 <= m^2, for the paper reading's L_Z of round t_adv (docs/theory.md (b))."""
     if t_adv <= 1:
-        w0 = setup.w0
-        return float(torch.linalg.vector_norm(w0.double()))
+        return float(torch.linalg.vector_norm(setup.w0.double()))
     rho, sigma = setup.rho(t_adv - 1), setup.sigma(t_adv - 1)
     return math.sqrt(rho * rho + sigma * sigma * setup.model.num_params)
 
 
-def radii(ing: Ingredients, p_a_lower: np.ndarray, p_b_upper: np.ndarray) -> np.ndarray:
+def paper_radii(ing: Ingredients, p_a_lower: np.ndarray, p_b_upper: np.ndarray) -> np.ndarray:
     """Corollary 1 (Eq. 2) for every point; 0 where the point abstains."""
     if ing.sigma_t_adv <= 0 or ing.p is None:
         return np.zeros(len(p_a_lower))
@@ -161,11 +350,7 @@ INVERSE_COLUMNS = ["index", "prediction", "delta_norm", "max_attackers", "max_ga
 
 
 def inverse_rows(ing: Ingredients, sm: BoundResult) -> list[list[Any]]:
-    """Section 5.1's inverse questions at the attack's ||delta||, per point (identical attackers like the first).
-
-    Client level: the largest number of attackers R; sample level: the largest poison ratio q_B/n_B;
-    and the largest scale factor gamma, for which the point's prediction is still certified.
-    """
+    """Section 5.1's inverse questions at the attack's ||delta||, per point (paper reading)."""
     common = dict(sigma_t_adv=ing.sigma_t_adv, L_Z=ing.L_Z, log_contraction=ing.log_contraction)
     a = dict(p=ing.p[0], tau=ing.tau[0], eta=ing.eta[0])
     if ing.sigma_t_adv <= 0:
@@ -182,48 +367,14 @@ def inverse_rows(ing: Ingredients, sm: BoundResult) -> list[list[Any]]:
     return [[i, int(pred[i]), ing.delta_norm, float(r_max[i]), float(g_max[i]), float(q_max[i])] for i in range(len(pred))]
 
 
-def assumption_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every assumption of Theorem 1 and whether it holds for this run."""
-    B = ing.input_norm_bound
-    beta = (B * B + 1.0) / 2.0  # the CE Hessian of logistic regression: ||(diag P - PP^T) (x) x~x~^T|| <= ||x~||^2 / 2
-    linear = bool(setup.model.is_linear)
-    eta_ok = all(e <= 1.0 / beta for e in ing.eta)
-    single = len(attack_log) <= 1
-    paper_premise = B <= 1.0
-    checks = {
-        "linear_model": {"holds": linear, "detail": "multinomial logistic regression (convex, Assumption 1)"},
-        "eta_le_1_over_beta": {
-            "holds": eta_ok,
-            "detail": f"eta = {max(ing.eta):.4g}, beta <= (B^2 + 1) / 2 = {beta:.4g}, 1/beta = {1 / beta:.4g}",
-        },
-        "input_norm_bound": {"holds": True, "detail": f"B = max ||x|| over training inputs incl. triggers = {B:.4f}"},
-        "lipschitz": {
-            "holds": ing.lipschitz == "sound" or paper_premise,
-            "detail": (
-                f"L_Z = {ing.L_Z:.4f} ({ing.lipschitz}); Lemma 1's proof assumes ||x|| <= 1, "
-                f"here B = {B:.3f}" + ("" if ing.lipschitz == "sound" else " — the paper's L_Z is not a bound here")
-            ),
-        },
-        "single_attack_round": {"holds": single, "detail": f"{len(attack_log)} attack round(s) (Corollary 1 covers one)"},
-        "training_noise_at_t_adv": {"holds": ing.sigma_t_adv > 0, "detail": f"sigma_t_adv = {ing.sigma_t_adv}"},
-        "fixed_aggregation_weights": {
-            "holds": setup.cfg.aggregation.name == "fedavg",
-            "detail": (
-                "FedAvg: fixed p_i, so the benign updates cancel in Lemma 8"
-                if setup.cfg.aggregation.name == "fedavg"
-                else f"{setup.cfg.aggregation.name}: the weights depend on the updates themselves, so Lemma 8 does not "
-                "apply as proved; the radius uses the attacker's realised weight p_i "
-                + (f"= {ing.p}" if ing.p is not None else "(none: this rule has no per-client weight)")
-                + ", as the paper does for RFA"
-            ),
-        },
+def paper_block(ing: Ingredients) -> dict[str, Any]:
+    return {
+        "R": ing.R, "p": ing.p, "gamma": ing.gamma, "tau": ing.tau, "eta": ing.eta, "poison_ratio": ing.poison_ratio,
+        "t_adv": ing.t_adv, "rho_t_adv": ing.rho_t_adv, "L_Z": ing.L_Z, "sigma_t_adv": ing.sigma_t_adv,
+        "rho": ing.rho, "sigma": ing.sigma, "log_contraction": ing.log_contraction,
+        "lipschitz": ing.lipschitz, "rho_for_L_Z": ing.rho_for_L_Z, "input_norm_bound": ing.input_norm_bound,
+        "delta_norm": ing.delta_norm, "source": ing.source,
     }
-    certified = all(c["holds"] for c in checks.values())
-    scope = [
-        "The radius bounds the trigger's magnitude ||delta_x|| (the paper's feature level, Appendix A.1). "
-        "The label swap delta_y is outside L_Z's scope: Lemma 1 takes y_1 = y_2, as the paper does.",
-    ]
-    return {"radius_certified": certified, "checks": checks, "scope": scope}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,13 +382,20 @@ def assumption_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str,
 
 
 def smoothing_method(setup: Setup) -> str:
-    m = setup.cfg.certify.method
+    cz = setup.cfg.certify
+    m = cz.method
     if m == "auto":
         return "exact" if setup.model.is_linear else "monte-carlo"
-    if m == "exact" and not setup.model.is_linear:
+    if m in ("exact", "margin") and not setup.model.is_linear:
         raise ConfigError(
-            f"The 'certify.method' parameter must be 'monte-carlo' for the non-linear model {setup.model.name!r}. Got 'exact' instead."
+            f"The 'certify.method' parameter must be 'monte-carlo' for the non-linear model {setup.model.name!r}. Got {m!r} instead."
         )
+    if m == "margin" and cz.reading != "coupled":
+        raise ConfigError(f"The 'certify.method' parameter 'margin' certifies the base model under the coupled reading only. "
+                          f"Got 'certify.reading' = {cz.reading!r} instead.")
+    if cz.reading == "mixture" and m == "monte-carlo":
+        raise ConfigError("The 'certify.method' parameter must be 'exact' or 'auto' for the mixture reading (per-run exact "
+                          "probabilities of the linear model). Got 'monte-carlo' instead.")
     return m
 
 
@@ -247,10 +405,10 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> BoundResult:
     method = smoothing_method(setup)
     if method == "exact":
         W, b = setup.model.split(params.double())
-        c_a, c_b, p_a_lo, p_b_up = smoothing.exact_top_two(W, b, X.double(), cz.sigma_T)
-        c_a, c_b = np.asarray(c_a), np.asarray(c_b)
-        p_a_lo, p_b_up = np.asarray(p_a_lo, dtype=float), np.asarray(p_b_up, dtype=float)
-        return BoundResult(c_a, c_b, None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up)
+        tt = smoothing.exact_top_two(W, b, X.double(), cz.sigma_T)
+        p_a_lo, p_b_up = np.asarray(tt.p_a_lower, dtype=float), np.asarray(tt.p_b_upper, dtype=float)
+        return BoundResult(np.asarray(tt.c_a), np.asarray(tt.c_b), None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up,
+                           np.asarray(tt.log1m_p_a_lower, dtype=float), np.asarray(tt.log_p_b_upper, dtype=float))
     gen = torch_generator(setup.cfg.seed, "smoothing", 0)
     counts = _counts(setup, params, X, cz.M, gen)
     sel = None
@@ -279,16 +437,18 @@ def _test_inputs(setup: Setup, n: int | None) -> tuple[torch.Tensor, torch.Tenso
     return X, Xb, ds.y_test[:m].astype(np.int64)
 
 
-def _rows(sm: BoundResult, rad: np.ndarray, labels: np.ndarray, radius_certified: bool) -> list[list[Any]]:
+def _rows(sm: BoundResult, budget: np.ndarray | None, rad: np.ndarray, labels: np.ndarray, radius_ok: bool) -> list[list[Any]]:
     pred = sm.prediction()
+    log1m, logb = sm.log1m_a(), sm.log_b()
     rows = []
     for i in range(len(labels)):
         rows.append([
             i, int(labels[i]), int(pred[i]),
             None if sm.n_a is None else int(sm.n_a[i]),
             None if sm.n_b is None else int(sm.n_b[i]),
-            float(sm.p_a_lower[i]), float(sm.p_b_upper[i]),
-            float(rad[i]) if radius_certified else None,
+            float(sm.p_a_lower[i]), float(sm.p_b_upper[i]), float(log1m[i]), float(logb[i]),
+            None if budget is None else float(budget[i]),
+            float(rad[i]) if radius_ok else None,
             int(pred[i] == labels[i]),
         ])
     return rows
@@ -309,7 +469,7 @@ def certify_run(
     module: torch.nn.Module | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Certify the final model of a finished run; write certificates, summary blocks and plots.
+    """Certify the final model of a finished run under ``certify.reading``; write certificates and summary blocks.
 
     Results go into the run directory, or into ``out_dir`` (a sweep keeps one directory per
     certification setting of the same training run); ``summary.json`` there starts from the run's.
@@ -320,138 +480,170 @@ def certify_run(
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = prepare(cfg, dataset, module)
+    cz = setup.cfg.certify
+    reading = cz.reading
     params = final["params"]
-    X, Xb, y = _test_inputs(setup, cfg.certify.num_test)
-    B = training_input_norm_bound(setup)
-    ing = certificate_ingredients(setup, attack_log, B)
-    report = assumption_report(setup, ing, attack_log)
-    method = smoothing_method(setup)
-    t_s = time.perf_counter()
-    both = smooth(setup, params, torch.cat([X, Xb]))
-    smooth_seconds = time.perf_counter() - t_s
+    X, Xb, y = _test_inputs(setup, cz.num_test)
     m = len(y)
+    XX = torch.cat([X, Xb])
+    method = smoothing_method(setup)
+    linear = bool(setup.model.is_linear)
+    twin_params = final.get("twin_params")
+    state = final.get("attack_state") or {}
+    twin_block: dict[str, Any] | None = None
+    extra_cert: dict[str, Any] = {}
+    t_s = time.perf_counter()
+    if reading == "paper":
+        B = training_input_norm_bound(setup)
+        ing_p = certificate_ingredients(setup, attack_log, B)
+        report = paper_report(setup, ing_p, attack_log)
+        both = smooth(setup, params, XX)
+        budget_all = None
+        rad_all = paper_radii(ing_p, both.p_a_lower, both.p_b_upper)
+        radius_ok = linear and ing_p.p is not None
+        report["radius_certified"] = False
+        extra_cert = paper_block(ing_p)
+        delta_norm = ing_p.delta_norm
+    else:
+        ing = sound_ingredients(setup, attack_log, reading)
+        report = scope_report(setup, ing, attack_log, fixed_weight_rounds(src), method)
+        delta_norm = ing.delta_norm
+        if reading == "mixture":
+            t_adv = ing.terms[0].round
+            if "pre_noise" not in state or int(state.get("round", -1)) != t_adv:
+                raise ConfigError(
+                    f"The run directory {str(src)!r} keeps no pre-noise aggregate of attack round {t_adv} "
+                    "(model_final.pt 'attack_state'): retrain it with this version of crfl for the mixture reading."
+                )
+            K = cz.training_samples
+            finals = mixture.continuations(setup, state["pre_noise"], t_adv, K)
+            both = mixture.mixture_certificate(setup, finals, XX, cz.sigma_T, cz.alpha)
+            budget_all, rad_all = sound_radii(ing, both)
+            extra_cert["training_samples"] = K
+            if twin_params is not None and "twin_pre_noise" in state:
+                tw_finals = mixture.continuations(setup, state["twin_pre_noise"], t_adv, K)
+                tw = mixture.mixture_certificate(setup, tw_finals, XX, cz.sigma_T, cz.alpha)
+                twin_block = twin_check(both, tw, rad_all, m, delta_norm, "mixture prediction of the twin's continuations")
+        elif method == "margin":
+            both, budget_all = margin_result(setup, params, XX)
+            rad_all = closeness.solve_radius(budget_all, ing.terms, ing.input_norm_bound)
+            if twin_params is not None:
+                tw, _ = margin_result(setup, twin_params, XX)
+                twin_block = twin_check(both, tw, rad_all, m, delta_norm, "base prediction of the twin's final model")
+        else:
+            both = smooth(setup, params, XX)
+            budget_all, rad_all = sound_radii(ing, both)
+            if twin_params is not None:
+                tw = smooth(setup, twin_params, XX)
+                twin_block = twin_check(both, tw, rad_all, m, delta_norm, "smoothed prediction of the twin's final model")
+        radius_ok = linear
+        report["radius_certified"] = bool(report["radius_certified"] and radius_ok)
+        extra_cert.update(ing.to_dict())
+    smooth_seconds = time.perf_counter() - t_s
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
-    radius_ok = bool(setup.model.is_linear) and ing.p is not None
-    rad = {k: radii(ing, s.p_a_lower, s.p_b_upper) for k, s in sets.items()}
+    rad = {"clean": rad_all[:m], "backdoor": rad_all[m:]}
+    budget = {"clean": None if budget_all is None else budget_all[:m], "backdoor": None if budget_all is None else budget_all[m:]}
     for k, s in sets.items():
-        write_csv(run / f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, rad[k], y, radius_ok))
-        if radius_ok:
-            write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(ing, s))
+        write_csv(run / f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, budget[k], rad[k], y, radius_ok))
+        if reading == "paper" and radius_ok:
+            write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(ing_p, s))
 
-    base_pred = setup.model.predict(params.to(setup.dtype), X.to(setup.dtype)).numpy()
-    base_pred_b = setup.model.predict(params.to(setup.dtype), Xb.to(setup.dtype)).numpy()
-    grid = radius_grid([rad["clean"], rad["backdoor"]], fixed=cfg.certify.radii)
+    base_pred = setup.model.predict(params.to(setup.dtype), XX.to(setup.dtype)).numpy()
+    grid = radius_grid([rad["clean"], rad["backdoor"]], fixed=cz.radii)
     results: dict[str, Any] = {}
-    for k, s in sets.items():
+    for i, (k, s) in enumerate(sets.items()):
         pred = s.prediction()
+        r = rad[k]
+        covered = (r >= delta_norm) & ~s.abstain
         results[k] = {
             "points": m,
-            "base_accuracy": float(((base_pred if k == "clean" else base_pred_b) == y).mean()),
-            "smoothed_accuracy": float((pred == y).mean()),
-            "abstain_rate": float(s.abstain.mean()),
-            "max_radius": finite_max(rad[k]) if radius_ok else None,
-            "median_radius_certified": float(np.median(rad[k][~s.abstain])) if (~s.abstain).any() and radius_ok else 0.0,
-            "curve": curve_table(rad[k], pred, y, grid) if radius_ok else [],
+            "base_accuracy": float((base_pred[i * m : (i + 1) * m] == y).mean()) if m else None,
+            "smoothed_accuracy": float((pred == y).mean()) if m else None,
+            "abstain_rate": float(s.abstain.mean()) if m else None,
+            "max_radius": finite_max(r) if radius_ok else None,
+            "median_radius_certified": float(np.median(r[~s.abstain])) if (~s.abstain).any() and radius_ok else 0.0,
+            "certified_at_attack": float(covered.mean()) if radius_ok and m else None,
+            "certified_correct_at_attack": float((covered & (pred == y)).mean()) if radius_ok and m else None,
+            "curve": curve_table(r, pred, y, grid) if radius_ok else [],
         }
     summary_path = run / "summary.json"
     base_summary = summary_path if summary_path.is_file() else src / "summary.json"
     summary = json.loads(base_summary.read_text()) if base_summary.is_file() else {}
     summary["certificate"] = {
-        "R": ing.R, "p": ing.p, "gamma": ing.gamma, "tau": ing.tau, "eta": ing.eta, "poison_ratio": ing.poison_ratio,
-        "t_adv": ing.t_adv, "rho_t_adv": ing.rho_t_adv, "L_Z": ing.L_Z, "sigma_t_adv": ing.sigma_t_adv,
-        "rho": ing.rho, "sigma": ing.sigma, "log_contraction": ing.log_contraction,
-        "lipschitz": ing.lipschitz, "rho_for_L_Z": ing.rho_for_L_Z, "input_norm_bound": ing.input_norm_bound,
-        "delta_norm": ing.delta_norm, "source": ing.source,
-        "radius_certified": report["radius_certified"] and radius_ok,
+        "reading": reading,
+        "guarantee": GUARANTEES["coupled-margin" if (reading == "coupled" and method == "margin") else reading],
+        "bound_form": None if (reading == "paper" or method == "margin") else cz.bound_form,
+        "training_samples": cz.training_samples if reading == "mixture" else None,
+        "method": method,
+        "delta_norm": delta_norm,
+        **extra_cert,
+        "radius_certified": bool(report["radius_certified"]),
     }
     summary["smoothing"] = {
-        "method": method, "M": cfg.certify.M if method == "monte-carlo" else None,
-        "alpha": cfg.certify.alpha if method == "monte-carlo" else None,
-        "bound": cfg.certify.bound if method == "monte-carlo" else None,
-        "coverage": cfg.certify.coverage if method == "monte-carlo" else None,
-        "selection": cfg.certify.selection if method == "monte-carlo" else None,
-        "sigma_T": cfg.certify.sigma_T, "seconds": smooth_seconds,
+        "method": method, "M": cz.M if method == "monte-carlo" else None,
+        "alpha": cz.alpha if (method == "monte-carlo" or reading == "mixture") else None,
+        "bound": cz.bound if method == "monte-carlo" else ("kl-chernoff" if reading == "mixture" else None),
+        "coverage": cz.coverage if method == "monte-carlo" else ("simultaneous" if reading == "mixture" else None),
+        "selection": cz.selection if method == "monte-carlo" else None,
+        "sigma_T": cz.sigma_T if method != "margin" else None, "seconds": smooth_seconds,
     }
     summary["results"] = results
     summary["assumptions"] = report
-    if not setup.model.is_linear:
+    if not linear:
         summary["assumptions"]["note"] = (
-            f"The model {setup.model.name!r} is not linear: Theorem 1 needs a convex, smooth loss with a known L_Z, "
+            f"The model {setup.model.name!r} is not linear: the certificates need a convex, smooth loss with a known L_Z, "
             "so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported."
         )
-    elif ing.p is None:
-        summary["assumptions"]["note"] = (
-            f"The aggregation rule {setup.cfg.aggregation.name!r} gives no per-client weight p_i, which Corollary 1 "
-            "needs, so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported."
-        )
-    twin = final.get("twin_params")
-    if twin is not None:
-        summary["twin"] = twin_check(setup, params, twin, sets, rad, X, Xb, ing.delta_norm, attack_log)
+    if twin_block is not None:
+        summary["twin"] = twin_block
+    elif twin_params is not None and reading == "paper":
+        tw = smooth(setup, twin_params, XX)
+        summary["twin"] = twin_check(both, tw, rad_all, m, delta_norm, "smoothed prediction of the twin's final model")
     summary["certify_seconds"] = time.perf_counter() - t0
     write_json(summary_path, summary)
-    try:
-        from crfl.plots import plot_run
-
-        plot_run(run, rounds_dir=src)
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        pass
     return summary
 
 
-def twin_check(
-    setup: Setup, params: torch.Tensor, twin_params: torch.Tensor, sets: dict[str, BoundResult], rad: dict[str, np.ndarray],
-    X: torch.Tensor, Xb: torch.Tensor, delta_norm: float, attack_log: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Empirical check: where the certificate covers the attack (RAD >= ||delta||), does the clean twin agree?
-
-    The guarantee is about the smoothed classifiers of the two training *distributions*; one twin run
-    is one sample of the clean process, so this is a check, not a proof.
-    """
-    m = len(X)
-    tw = smooth(setup, twin_params, torch.cat([X, Xb]))
-    out: dict[str, Any] = {
-        "delta_norm": delta_norm,
-        "final_model_distance": float(torch.linalg.vector_norm(twin_params.double() - params.double())),
+def paper_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str, Any]]) -> dict[str, Any]:
+    """Corollary 1's premises for this run (paper reading; reported, never certified)."""
+    B = ing.input_norm_bound
+    beta = lipschitz.smoothness_bound(B)
+    checks = {
+        "linear_model": {"holds": bool(setup.model.is_linear), "detail": "multinomial logistic regression (Assumption 1)"},
+        "eta_le_1_over_beta": {"holds": all(e <= 1.0 / beta for e in ing.eta),
+                               "detail": f"eta = {max(ing.eta):.4g}, 1/beta = {1 / beta:.4g}"},
+        "lipschitz": {"holds": ing.lipschitz == "sound" or B <= 1.0,
+                      "detail": f"L_Z = {ing.L_Z:.4f} ({ing.lipschitz}); Lemma 1 assumes ||x|| <= 1, here B = {B:.3f}"},
+        "single_attack_round": {"holds": len(attack_log) <= 1, "detail": f"{len(attack_log)} attack round(s)"},
+        "training_noise_at_t_adv": {"holds": ing.sigma_t_adv > 0, "detail": f"sigma_t_adv = {ing.sigma_t_adv}"},
+        "fixed_aggregation_weights": {"holds": setup.cfg.aggregation.name == "fedavg",
+                                      "detail": f"aggregation '{setup.cfg.aggregation.name}'"},
     }
+    return {
+        "radius_certified": False,
+        "checks": checks,
+        "scope": [GUARANTEES["paper"]],
+    }
+
+
+def twin_check(
+    sm: BoundResult, tw: BoundResult, rad: np.ndarray, m: int, delta_norm: float, what: str
+) -> dict[str, Any]:
+    """Where the certificate covers the attack (RAD >= ||delta||), does the counterfactual twin agree?
+
+    For the coupled reading the twin *is* the counterfactual (same randomness, no trigger), so every
+    covered point must agree: a disagreement is a violated certificate. For the mixture reading the
+    twin's continuations estimate the counterfactual law (a statistical check).
+    """
+    out: dict[str, Any] = {"delta_norm": delta_norm, "compared_with": what}
+    pred, twp = sm.prediction(), tw.c_a
     for k, (a, b) in {"clean": (0, m), "backdoor": (m, 2 * m)}.items():
-        s, t = sets[k], tw.slice(a, b)
-        covered = (rad[k] >= delta_norm) & ~s.abstain
-        agree = (t.prediction() == s.prediction()) & covered
+        covered = (rad[a:b] >= delta_norm) & ~sm.abstain[a:b]
+        agree = (twp[a:b] == pred[a:b]) & covered
         out[k] = {
             "covered_points": int(covered.sum()),
             "agreement": float(agree.sum() / covered.sum()) if covered.any() else None,
-            "twin_smoothed_agreement_all": float((t.prediction() == s.prediction()).mean()),
+            "violations": int((covered & ~agree).sum()),
+            "twin_agreement_all": float((twp[a:b] == sm.c_a[a:b]).mean()) if b > a else None,
         }
     return out
-
-
-def _fmt_radius(r: float | str | None) -> str:
-    if r is None:
-        return "not certified"
-    return "inf" if r in (math.inf, "inf") else f"{r:.4g}"
-
-
-def print_summary(summary: dict[str, Any], radii_to_show: int = 5) -> None:
-    res = summary.get("results", {})
-    cert = summary.get("certificate", {})
-    sm = summary.get("smoothing", {})
-    print(f"certification ({sm.get('method')}, sigma_T = {sm.get('sigma_T')}, L_Z = {cert.get('L_Z', float('nan')):.3f} "
-          f"[{cert.get('lipschitz')}], radius certified: {cert.get('radius_certified')})")
-    for k in ("clean", "backdoor"):
-        r = res.get(k)
-        if not r:
-            continue
-        print(f"  {k:8s} base acc {r['base_accuracy']:.4f}  smoothed acc {r['smoothed_accuracy']:.4f}  "
-              f"abstain {r['abstain_rate']:.4f}  max radius {_fmt_radius(r['max_radius'])}")
-        curve = r.get("curve") or []
-        if curve:
-            step = max(1, len(curve) // radii_to_show)
-            shown = curve[::step][:radii_to_show]
-            print("    radius   " + "  ".join(f"{c['radius']:9.4g}" for c in shown))
-            print("    cert acc " + "  ".join(f"{c['certified_accuracy']:9.4f}" for c in shown))
-            print("    cert rate" + "  ".join(f"{c['certified_rate']:9.4f}" for c in shown))
-    tw = summary.get("twin")
-    if tw:
-        for k in ("clean", "backdoor"):
-            print(f"  twin check ({k}): {tw[k]['covered_points']} points certified at RAD >= ||delta|| = "
-                  f"{tw['delta_norm']:.3g}; clean twin agrees on {tw[k]['agreement']}")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from crfl.model import Model
 from crfl.rng import numpy_generator
+from crfl.validation import ConfigError
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,33 @@ def local_updates(
         grad = model.loss_grad(local, X, Y, weight, 1.0 / data.input_scale) if fold else model.loss_grad(local, X, Y, weight)
         local.sub_(grad, alpha=lr)
     return local - params.to(dtype).unsqueeze(0), stats
+
+
+def local_updates_shared(
+    model: Model,
+    params: torch.Tensor,
+    data: ClientData,
+    idx: np.ndarray,
+    lr: float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Benign local SGD of every client from each of K global models (K, D) on the same batches.
+
+    Returns the updates (N, K, D). For the linear model only (``loss_grad_shared``): the K models
+    of a client meet the same inputs, so every step is one wide product per client.
+    """
+    if not hasattr(model, "loss_grad_shared"):
+        raise ConfigError(f"The model {getattr(model, 'name', model)!r} has no shared-batch gradient; the mixture certificate needs the linear model.")
+    N, tau_max, _ = idx.shape
+    idx_t = torch.from_numpy(idx)
+    start = params.to(dtype)
+    local = start.unsqueeze(0).repeat(N, 1, 1)
+    fold = data.input_scale != 1.0
+    for s in range(tau_max):
+        X, Y, weight = _batch(data, idx_t[:, s], None, None, dtype, None, scaled=not fold)
+        grad = model.loss_grad_shared(local, X, Y, weight, 1.0 / data.input_scale if fold else 1.0)
+        local.sub_(grad, alpha=lr)
+    return local.sub_(start.unsqueeze(0))
 
 
 def local_updates_loop(

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from crfl.validation import ConfigError, check_real
 
 __all__ = [
     "centred_operator_norm",
+    "lz_centred",
+    "smoothness_bound",
     "lz_paper",
     "lz_sound",
     "input_norm_bound",
@@ -71,6 +74,42 @@ def lz_sound(rho: float, input_norm_bound: float) -> float:
     rho = check_real("rho", rho, low=0.0, high=math.inf, high_open=True)
     B = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
     return 0.5 * rho * math.sqrt(B * B + 1.0) + math.sqrt(2.0)
+
+
+def lz_centred(start_opnorm: float, tau: int, eta: float, input_norm_bound: float) -> float:
+    """L_Z along an attacker's local trajectory from a known broadcast model (docs/theory.md (g)).
+
+        L_Z = 1/2 (||P W~||_2 + tau eta sqrt(2) B) sqrt(B^2 + 1) + sqrt(2),
+
+    P = I - 11^T/C the class centring, W~ the broadcast weight matrix (``start_opnorm`` =
+    ||P W~||_2, :func:`centred_operator_norm`), B a bound on every input norm the steps see
+    (clean and triggered). Each local step changes W by eta times a batch mean of
+    (P_j - Y_j) x_j^T, which is already centred (1^T (P_j - Y_j) = 0) and has spectral norm
+    <= sqrt(2) B, so after s <= tau steps ||P W_s||_2 <= ||P W~||_2 + tau eta sqrt(2) B; the
+    per-sample gradient's derivative in x is bounded by 1/2 ||P W_s||_2 ||x~|| + ||P - Y||.
+    The bias does not enter.
+    """
+    op = check_real("start_opnorm", start_opnorm, low=0.0, high=math.inf, high_open=True)
+    tau_ = check_real("tau", tau, low=0.0, high=math.inf, high_open=True)
+    eta_ = check_real("eta", eta, low=0.0, high=math.inf, high_open=True)
+    B = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
+    return float(lz_centred_array(op, tau_, eta_, np.float64(B)))
+
+
+def lz_centred_array(start_opnorm: float, tau: float, eta: float, B: np.ndarray) -> np.ndarray:
+    """:func:`lz_centred` for an array of input bounds B (no validation; for the radius solver)."""
+    B = np.asarray(B, dtype=np.float64)
+    return 0.5 * (start_opnorm + tau * eta * math.sqrt(2.0) * B) * np.sqrt(B * B + 1.0) + math.sqrt(2.0)
+
+
+def smoothness_bound(input_norm_bound: float) -> float:
+    """beta <= (B^2 + 1) / 2 for cross-entropy of logistic regression with bias (Assumption 1).
+
+    The Hessian in (W, b) is (diag P - P P^T) (x) x~ x~^T with ||diag P - P P^T||_2 <= 1/2 and
+    ||x~||^2 <= B^2 + 1. A gradient step with eta <= 2 / beta is nonexpansive.
+    """
+    B = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
+    return (B * B + 1.0) / 2.0
 
 
 def centred_operator_norm(weight: torch.Tensor) -> float:

@@ -82,6 +82,31 @@ class LinearModel:
         gb = G.sum(dim=1)
         return torch.cat([gW.flatten(1), gb], dim=1)
 
+    def loss_grad_shared(
+        self, params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor, x_scale: float = 1.0
+    ) -> torch.Tensor:
+        """:meth:`loss_grad` for K models per client that all see the client's batch (N, K, D).
+
+        X (N, n, d), Y and weight (N, n) are shared by the K models of a client, so the logits of
+        all K models are one wide product X (n, d) @ W^T (d, K C) per client instead of K skinny
+        ones (the mixture certificate's continuations share the run's batches).
+        """
+        N, K, _ = params.shape
+        C, d = self.num_classes, self.num_features
+        W, b = self.split(params)  # (N, K, C, d), (N, K, C)
+        Wf = W.reshape(N, K * C, d)
+        if x_scale != 1.0:
+            Wf = Wf * x_scale
+        n = X.shape[1]
+        G = torch.bmm(X, Wf.transpose(1, 2)).view(N, n, K, C).add_(b.unsqueeze(1))
+        G = _softmax(G)
+        G.scatter_add_(-1, Y.view(N, n, 1, 1).expand(N, n, K, 1), torch.full((N, n, K, 1), -1.0, dtype=G.dtype))
+        G.mul_(weight.view(N, n, 1, 1))
+        gW = torch.bmm(G.view(N, n, K * C).transpose(1, 2), X).view(N, K, C * d)
+        if x_scale != 1.0:
+            gW.mul_(x_scale)
+        return torch.cat([gW, G.sum(dim=1)], dim=2)
+
     def predict(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Predicted classes of one parameter vector (D,) on inputs X (n, d)."""
         W, b = self.split(params)

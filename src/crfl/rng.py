@@ -26,6 +26,7 @@ _STREAMS = {
     "attack": 8,
     "misc": 9,
     "client-sampling": 10,
+    "mixture-noise": 11,
 }
 
 

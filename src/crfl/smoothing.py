@@ -483,12 +483,19 @@ class TopTwoEstimates(NamedTuple):
 
 
 class TopTwo(NamedTuple):
-    """Certified bounds for Algorithm 2 from exact smoothing (:func:`exact_top_two`)."""
+    """Certified bounds for Algorithm 2 from exact smoothing (:func:`exact_top_two`).
+
+    ``log1m_p_a_lower`` = log(1 - p_A_lower) and ``log_p_b_upper`` = log(p_B_upper), computed
+    without rounding p_A_lower to 1 or p_B_upper to 0: a confident point's p_A_lower is 1.0 in
+    float64 while 1 - p_A_lower ~ 1e-40 still decides Phi^-1(p_A_lower).
+    """
 
     c_a: torch.Tensor
     c_b: torch.Tensor
     p_a_lower: torch.Tensor
     p_b_upper: torch.Tensor
+    log1m_p_a_lower: torch.Tensor | None = None
+    log_p_b_upper: torch.Tensor | None = None
 
 
 def _top_two_estimates(z: torch.Tensor, s: torch.Tensor, sigma: float) -> TopTwoEstimates:
@@ -528,13 +535,50 @@ def exact_top_two(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sig
     z, s, sigma = _prepare(weight, bias, X, sigma)
     est = _top_two_estimates(z, s, sigma)
     if sigma == 0.0:
-        return TopTwo(est.c_a, est.c_b, est.p_a, est.p_b)
+        return TopTwo(est.c_a, est.c_b, est.p_a, est.p_b, torch.full_like(est.p_a, -math.inf), torch.log(est.p_b))
+    return _certified_top_two(z, s, est)
+
+
+def _certified_top_two(z: torch.Tensor, s: torch.Tensor, est: TopTwoEstimates) -> TopTwo:
+    """:func:`exact_top_two`'s bounds from the logits, the noise scales and the quadrature estimates."""
     za = z.gather(1, est.c_a.unsqueeze(1))
     # P[z_j + s xi_j > z_A + s xi_A] = Phi((z_j - z_A) / (s sqrt 2)) >= P[j wins]
     log_pair = torch.special.log_ndtr((z - za) / (s.unsqueeze(1) * math.sqrt(2.0)))
     log_pair = log_pair.scatter(1, est.c_a.unsqueeze(1), -math.inf)
-    pair_b = log_pair.gather(1, est.c_b.unsqueeze(1)).squeeze(1).exp()
-    union_a = 1.0 - torch.logsumexp(log_pair, dim=1).exp()
-    p_a_lower = torch.maximum(est.p_a - est.err, union_a).clamp(0.0, 1.0)
-    p_b_upper = torch.minimum(est.p_b + est.err, pair_b).clamp(_TINY, 1.0)
-    return TopTwo(est.c_a, est.c_b, p_a_lower, p_b_upper)
+    log_pair_b = log_pair.gather(1, est.c_b.unsqueeze(1)).squeeze(1)
+    log_union = torch.logsumexp(log_pair, dim=1)  # log sum_{j != A} P[j beats A] >= log(1 - p_A)
+    p_a_lower = torch.maximum(est.p_a - est.err, 1.0 - log_union.exp()).clamp(0.0, 1.0)
+    p_b_upper = torch.minimum(est.p_b + est.err, log_pair_b.exp()).clamp(_TINY, 1.0)
+    # log(1 - p_A_lower) = min(log(1 - p_A + err), log_union), each accurate where it is the smaller
+    log1m = torch.minimum(torch.log1p(-(est.p_a - est.err).clamp(max=1.0)), log_union).clamp(max=0.0)
+    log_pb = torch.minimum(torch.log(est.p_b + est.err), log_pair_b).clamp(min=math.log(_TINY), max=0.0)
+    return TopTwo(est.c_a, est.c_b, p_a_lower, p_b_upper, log1m, log_pb)
+
+
+def exact_class_bounds(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class bounds l(c) <= H_s^c(w; x) <= u(c) for every class, from two quadratures per point.
+
+    The top logit c_A: l = p_A_lower, u = p_A + err (:func:`exact_top_two`); the runner-up c_B:
+    l = p_B - err, u = p_B_upper; every other class c: l = 0 and u = min(Phi((z_c - z_A)/(s sqrt 2)),
+    p_B_upper) (P[c wins] <= P[c beats c_A], and p_c <= p_{c_B} since the ranking of the smoothed
+    probabilities is the ranking of the logits, docs/theory.md (a)). Used by the mixture
+    certificate, which averages these over independent training runs. Returns two (n, C) float64
+    tensors; sigma = 0 gives the base classifier's one-hot vector twice.
+    """
+    z, s, sigma = _prepare(weight, bias, X, sigma)
+    n, C = z.shape
+    est = _top_two_estimates(z, s, sigma)
+    rows = torch.arange(n)
+    if sigma == 0.0:
+        one = torch.zeros((n, C), dtype=torch.float64)
+        one[rows, est.c_a] = 1.0
+        return one, one.clone()
+    cert = _certified_top_two(z, s, est)
+    za = z.gather(1, est.c_a.unsqueeze(1))
+    pair = torch.special.ndtr((z - za) / (s.unsqueeze(1) * math.sqrt(2.0)))
+    upper = torch.minimum(pair, cert.p_b_upper.unsqueeze(1))
+    upper[rows, est.c_a] = (est.p_a + est.err).clamp(max=1.0)
+    lower = torch.zeros((n, C), dtype=torch.float64)
+    lower[rows, est.c_a] = cert.p_a_lower
+    lower[rows, est.c_b] = (est.p_b - est.err).clamp(min=0.0)
+    return lower, upper

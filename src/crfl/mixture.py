@@ -1,0 +1,117 @@
+"""The mixture certificate: the paper's Theorem 1 read over training randomness (docs/theory.md (h)).
+
+Theorem 2 compares the *laws* of the final model under D and D'; Theorem 3 then needs the class
+probabilities of the smoothed classifier under that law, i.e. averaged over the training
+randomness, not around one trained model. This module estimates them.
+
+The law certified here conditions on everything before the noise of the first attack round
+t_adv (the initial model, the batches of every round, the noise of rounds < t_adv: these are
+the same under D and D', since the attackers are benign before t_adv) and averages over the
+server noise eps_{t_adv}, ..., eps_{T-1} and the smoothing noise: a continuation starts from the
+attack round's pre-noise aggregate a' = Clip_{rho_t_adv}(w'_{t_adv}) (kept by training), adds
+fresh noise and trains rounds t_adv+1..T on the run's batches (no attack after t_adv). K
+continuations are i.i.d. draws of that law; they are trained as one batched computation
+(:func:`crfl.clients.local_updates_shared`: one wide product per client and step).
+
+Under D the same continuation starts from a = Clip(w_{t_adv}) with ||a - a'|| <= Delta
+(:mod:`crfl.closeness`, one attack round), and everything after the noise eps_{t_adv} is the same
+Markov kernel under D and D'. By Neyman-Pearson (the Gaussian mechanism N(a, sigma_t_adv^2 I)),
+the mixture prediction c_A is kept while Delta < sigma_t_adv (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from crfl.bounds import BoundResult, mixture_bound
+from crfl.clients import local_updates_shared, round_batches
+from crfl.rng import torch_generator
+from crfl.server import clip_to_norm
+from crfl.setup import Setup
+from crfl.smoothing import exact_class_bounds
+from crfl.validation import ConfigError, check_int
+
+__all__ = ["continuations", "mixture_class_bounds", "mixture_certificate"]
+
+
+def _noise(setup: Setup, t: int, ks: range, sigma: float, D: int) -> torch.Tensor:
+    """eps_t of continuations ks: one generator per (round, continuation), so chunking changes nothing."""
+    out = torch.empty((len(ks), D), dtype=torch.float64)
+    for j, k in enumerate(ks):
+        out[j] = torch.randn(D, generator=torch_generator(setup.cfg.seed, "mixture-noise", t, k), dtype=torch.float64)
+    return out.mul_(sigma)
+
+
+def continuations(setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, chunk: int | None = None) -> torch.Tensor:
+    """K i.i.d. final models Clip_{rho_T}(w_T) continuing the run from round t_adv's pre-noise aggregate.
+
+    Round t_adv: w~ = pre_noise + eps_{t_adv} (fresh, sigma_t_adv); rounds t_adv+1..T: every
+    client's benign local SGD on the run's batches (:func:`crfl.clients.round_batches`), FedAvg
+    with the configured weights, Clip_{rho_t}, fresh eps_t for t <= T-1. Continuation k draws its
+    noise from the stream ("mixture-noise", t, k) of the run's seed.
+    """
+    K = check_int("certify.training_samples", K, low=1)
+    cfg, T = setup.cfg, setup.rounds
+    if not setup.model.is_linear:
+        raise ConfigError(f"The mixture certificate needs the linear model. Got {setup.model.name!r} instead.")
+    later = [t for t in setup.plan.rounds if t > t_adv]
+    if later:
+        raise ConfigError(
+            f"The mixture certificate covers one attack round; this run attacks again in rounds {later}. "
+            "Use the coupled reading (--reading coupled), which composes several attack rounds."
+        )
+    if cfg.aggregation.name != "fedavg":
+        raise ConfigError(f"The mixture certificate needs FedAvg with fixed weights. Got 'aggregation.name' = {cfg.aggregation.name!r} instead.")
+    D = setup.model.num_params
+    chunk = K if chunk is None else max(1, int(chunk))
+    weights = setup.weights.to(torch.float64)
+    out = torch.empty((K, D), dtype=setup.dtype)
+    for k0 in range(0, K, chunk):
+        ks = range(k0, min(K, k0 + chunk))
+        sigma_a = setup.sigma(t_adv)
+        w = pre_noise.to(torch.float64).unsqueeze(0).repeat(len(ks), 1)
+        if sigma_a > 0:
+            w += _noise(setup, t_adv, ks, sigma_a, D)
+        w = w.to(setup.dtype)
+        for t in range(t_adv + 1, T + 1):
+            idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, t)
+            upd = local_updates_shared(setup.model, w, setup.data, idx, cfg.clients.lr, setup.dtype)
+            agg = torch.einsum("n,nkd->kd", weights, upd.double())
+            new = w.double() + agg
+            rho = setup.rho(t)
+            for j in range(len(ks)):
+                new[j] = clip_to_norm(new[j], rho)[0]
+            sigma = setup.sigma(t)
+            if sigma > 0:
+                new += _noise(setup, t, ks, sigma, D)
+            w = new.to(setup.dtype)
+        out[k0 : k0 + len(ks)] = w
+    return out
+
+
+def mixture_class_bounds(setup: Setup, finals: torch.Tensor, X: torch.Tensor, sigma_T: float) -> tuple[np.ndarray, np.ndarray]:
+    """Averages over the K runs of per-run bounds l_k(c) <= p_k(c) <= u_k(c) (exact smoothing), (n, C) each."""
+    n, C = X.shape[0], setup.dataset.num_classes
+    lo = torch.zeros((n, C), dtype=torch.float64)
+    up = torch.zeros((n, C), dtype=torch.float64)
+    Xd = X.double()
+    for k in range(finals.shape[0]):
+        W, b = setup.model.split(finals[k].double())
+        lk, uk = exact_class_bounds(W, b, Xd, sigma_T)
+        lo += lk
+        up += uk
+    K = finals.shape[0]
+    return (lo / K).numpy(), (up / K).numpy()
+
+
+def mixture_certificate(setup: Setup, finals: torch.Tensor, X: torch.Tensor, sigma_T: float, alpha: float) -> BoundResult:
+    """c_A (the mixture's prediction), p_A_lower and p_B_upper of the mixture, simultaneous over classes."""
+    lo, up = mixture_class_bounds(setup, finals, X, sigma_T)
+    return mixture_bound(lo, up, finals.shape[0], alpha)
+
+
+def mixture_noise_level(setup: Setup, t_adv: int, sigma_T: float) -> float:
+    """The Gaussian mechanism's noise at the attack round: sigma_t_adv, or sigma_T when t_adv = T."""
+    return float(sigma_T) if t_adv >= setup.rounds else float(setup.sigma(t_adv))
+
