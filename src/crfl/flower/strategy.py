@@ -50,6 +50,7 @@ from crfl.aggregation import AggregateResult, ZeroWeightSum, aggregate, aggregat
 from crfl.flower.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    METRICS_KEY,
     PARTITION_ID,
     REPLY_METRICS,
     SERVER_ROUND,
@@ -525,9 +526,18 @@ class CRFL(Strategy):
                         "(w_t = w~_{t-1}, still clipped and perturbed).", t, rec.accepted)
         else:
             key = getattr(self.strategy, "weighted_by_key", None)
-            if isinstance(key, str):
-                for r, w in zip(kept, server_w):  # the server's p_i, whatever the client sent
-                    next(iter(r.message.content.metric_records.values()))[key] = w
+            for r, w in zip(kept, server_w):
+                # what the inner strategy sees: every schema key (0 where the client sent none), the
+                # partition the server assigned, and the server's p_i under the weighting key
+                m: dict[str, int | float] = {k: (0 if kind == "int" else 0.0) for k, (kind, _) in REPLY_METRICS.items()}
+                m.update(r.metrics)
+                m[PARTITION_ID] = r.partition
+                m["weight"] = w
+                if isinstance(key, str):
+                    m[key] = w
+                content = r.message.content
+                name = next(iter(content.metric_records), METRICS_KEY)
+                content[name] = MetricRecord(m)
             try:
                 agg_arrays, inner_metrics = self.strategy.aggregate_train(t, [r.message for r in kept])
             except ZeroWeightSum as err:
