@@ -444,7 +444,13 @@ overrides = ""
 out-dir = "runs/flower-{run_id}"
 certify = true
 round-timeout = 600.0
+node-timeout = 120.0
 noise-seed = -1
+sample-fraction = 1.0
+sample-count = 0
+node-partitions = ""
+input-norm-bound = -1.0
+resume = false
 """
 
 
