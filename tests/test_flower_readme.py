@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("flwr")
 
@@ -61,6 +62,7 @@ def test_readme_flower_commands_work_on_a_fresh_clone(tmp_path):
     runs = sorted((clone / "runs").glob("flower-demo-*"))
     assert len(runs) == 1, log[-3000:]
     summary = json.loads((runs[0] / "summary.json").read_text())
-    assert summary["training"]["engine"] == "flower" and summary["training"]["rounds"] == 60
-    assert summary["training"]["rounds_with_every_client"] == 60 and summary["training"]["certifiable"] is True
+    T = yaml.safe_load((runs[0] / "config.yaml").read_text())["server"]["rounds"]
+    assert summary["training"]["engine"] == "flower" and summary["training"]["rounds"] == T
+    assert summary["training"]["rounds_with_every_client"] == T and summary["training"]["certifiable"] is True
     assert "certificate" in summary and summary["results"]["clean"]["points"] == 1000
