@@ -461,6 +461,98 @@ def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tu
     return rundir.load_run(run_dir, overrides)
 
 
+class Certifier:
+    """One run's certificate under ``certify.reading``, for any inputs (the run's test set or a user's).
+
+    Built from a prepared setup and the run's files; :meth:`certify` gives, for inputs X (n, d) in
+    model units, the bounds (prediction c_A or ABSTAIN, p_A_lower, p_B_upper), the parameter-distance
+    budget and the radius; ``twin=True`` evaluates the counterfactual twin the same way (its
+    prediction is what the guarantee speaks about). The mixture reading trains its K continuations
+    (and the twin's) once, on first use.
+    """
+
+    def __init__(self, setup: Setup, final: dict[str, Any], attack_log: list[dict[str, Any]], run_dir: Path) -> None:
+        self.setup, self.final, self.attack_log, self.run_dir = setup, final, attack_log, Path(run_dir)
+        cz = setup.cfg.certify
+        self.reading, self.method = cz.reading, smoothing_method(setup)
+        self.params = final["params"]
+        self.twin_params = final.get("twin_params")
+        self.state = final.get("attack_state") or {}
+        self.linear = bool(setup.model.is_linear)
+        self._finals: dict[bool, torch.Tensor] = {}
+        if self.reading == "paper":
+            self.paper = certificate_ingredients(setup, attack_log, training_input_norm_bound(setup))
+            self.report = paper_report(setup, self.paper, attack_log)
+            self.delta_norm = self.paper.delta_norm
+            self.radius_ok = self.linear and self.paper.p is not None
+        else:
+            self.ing = sound_ingredients(setup, attack_log, self.reading)
+            self.report = scope_report(setup, self.ing, attack_log, fixed_weight_rounds(self.run_dir), self.method)
+            self.delta_norm = self.ing.delta_norm
+            self.radius_ok = self.linear
+            self.report["radius_certified"] = bool(self.report["radius_certified"] and self.radius_ok)
+
+    @property
+    def has_twin(self) -> bool:
+        if self.reading == "mixture":
+            return self.twin_params is not None and "twin_pre_noise" in self.state
+        return self.twin_params is not None
+
+    def _continuations(self, twin: bool) -> torch.Tensor:
+        if twin not in self._finals:
+            t_adv = self.ing.terms[0].round
+            key = "twin_pre_noise" if twin else "pre_noise"
+            if key not in self.state or int(self.state.get("round", -1)) != t_adv:
+                raise ConfigError(
+                    f"The run directory {str(self.run_dir)!r} keeps no pre-noise aggregate of attack round {t_adv} "
+                    "(model_final.pt 'attack_state'): retrain it with this version of crfl for the mixture reading."
+                )
+            self._finals[twin] = mixture.continuations(self.setup, self.state[key], t_adv, self.setup.cfg.certify.training_samples)
+        return self._finals[twin]
+
+    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
+        """c_A and (p_A_lower, p_B_upper) at inputs X, for the run's model (or its twin)."""
+        cz = self.setup.cfg.certify
+        params = self.twin_params if twin else self.params
+        if twin and not self.has_twin:
+            raise ConfigError(f"The run directory {str(self.run_dir)!r} has no twin: train it with --twin.")
+        if self.reading == "mixture":
+            return mixture.mixture_certificate(self.setup, self._continuations(twin), X, cz.sigma_T, cz.alpha)
+        if self.method == "margin":
+            return margin_result(self.setup, params, X)[0]
+        return smooth(self.setup, params, X)
+
+    def radii(self, X: torch.Tensor, sm: BoundResult) -> tuple[np.ndarray | None, np.ndarray]:
+        """(budget, radius) per point for the bounds ``sm`` at X (budget None for the paper reading)."""
+        if self.reading == "paper":
+            return None, paper_radii(self.paper, sm.p_a_lower, sm.p_b_upper)
+        if self.method == "margin":
+            budget = margin_result(self.setup, self.params, X)[1]
+            return budget, closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound)
+        return sound_radii(self.ing, sm)
+
+    def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
+        sm = self.bounds(X)
+        budget, rad = self.radii(X, sm)
+        return sm, budget, rad
+
+    def block(self) -> dict[str, Any]:
+        """summary.json's ``certificate`` block."""
+        cz = self.setup.cfg.certify
+        margin = self.reading == "coupled" and self.method == "margin"
+        out: dict[str, Any] = {
+            "reading": self.reading,
+            "guarantee": GUARANTEES["coupled-margin" if margin else self.reading],
+            "bound_form": None if (self.reading == "paper" or margin) else cz.bound_form,
+            "training_samples": cz.training_samples if self.reading == "mixture" else None,
+            "method": self.method,
+            "delta_norm": self.delta_norm,
+        }
+        out.update(paper_block(self.paper) if self.reading == "paper" else self.ing.to_dict())
+        out["radius_certified"] = bool(self.report["radius_certified"])
+        return out
+
+
 def certify_run(
     run_dir: str | Path,
     *,
@@ -481,74 +573,29 @@ def certify_run(
     t0 = time.perf_counter()
     setup = prepare(cfg, dataset, module)
     cz = setup.cfg.certify
-    reading = cz.reading
-    params = final["params"]
+    cert = Certifier(setup, final, attack_log, src)
     X, Xb, y = _test_inputs(setup, cz.num_test)
     m = len(y)
     XX = torch.cat([X, Xb])
-    method = smoothing_method(setup)
-    linear = bool(setup.model.is_linear)
-    twin_params = final.get("twin_params")
-    state = final.get("attack_state") or {}
-    twin_block: dict[str, Any] | None = None
-    extra_cert: dict[str, Any] = {}
     t_s = time.perf_counter()
-    if reading == "paper":
-        B = training_input_norm_bound(setup)
-        ing_p = certificate_ingredients(setup, attack_log, B)
-        report = paper_report(setup, ing_p, attack_log)
-        both = smooth(setup, params, XX)
-        budget_all = None
-        rad_all = paper_radii(ing_p, both.p_a_lower, both.p_b_upper)
-        radius_ok = linear and ing_p.p is not None
-        report["radius_certified"] = False
-        extra_cert = paper_block(ing_p)
-        delta_norm = ing_p.delta_norm
-    else:
-        ing = sound_ingredients(setup, attack_log, reading)
-        report = scope_report(setup, ing, attack_log, fixed_weight_rounds(src), method)
-        delta_norm = ing.delta_norm
-        if reading == "mixture":
-            t_adv = ing.terms[0].round
-            if "pre_noise" not in state or int(state.get("round", -1)) != t_adv:
-                raise ConfigError(
-                    f"The run directory {str(src)!r} keeps no pre-noise aggregate of attack round {t_adv} "
-                    "(model_final.pt 'attack_state'): retrain it with this version of crfl for the mixture reading."
-                )
-            K = cz.training_samples
-            finals = mixture.continuations(setup, state["pre_noise"], t_adv, K)
-            both = mixture.mixture_certificate(setup, finals, XX, cz.sigma_T, cz.alpha)
-            budget_all, rad_all = sound_radii(ing, both)
-            extra_cert["training_samples"] = K
-            if twin_params is not None and "twin_pre_noise" in state:
-                tw_finals = mixture.continuations(setup, state["twin_pre_noise"], t_adv, K)
-                tw = mixture.mixture_certificate(setup, tw_finals, XX, cz.sigma_T, cz.alpha)
-                twin_block = twin_check(both, tw, rad_all, m, delta_norm, "mixture prediction of the twin's continuations")
-        elif method == "margin":
-            both, budget_all = margin_result(setup, params, XX)
-            rad_all = closeness.solve_radius(budget_all, ing.terms, ing.input_norm_bound)
-            if twin_params is not None:
-                tw, _ = margin_result(setup, twin_params, XX)
-                twin_block = twin_check(both, tw, rad_all, m, delta_norm, "base prediction of the twin's final model")
-        else:
-            both = smooth(setup, params, XX)
-            budget_all, rad_all = sound_radii(ing, both)
-            if twin_params is not None:
-                tw = smooth(setup, twin_params, XX)
-                twin_block = twin_check(both, tw, rad_all, m, delta_norm, "smoothed prediction of the twin's final model")
-        radius_ok = linear
-        report["radius_certified"] = bool(report["radius_certified"] and radius_ok)
-        extra_cert.update(ing.to_dict())
+    both, budget_all, rad_all = cert.certify(XX)
     smooth_seconds = time.perf_counter() - t_s
+    twin_block = None
+    if cert.has_twin:
+        what = {"mixture": "mixture prediction of the twin's continuations"}.get(
+            cert.reading, "base prediction of the twin's final model" if cert.method == "margin"
+            else "smoothed prediction of the twin's final model")
+        twin_block = twin_check(both, cert.bounds(XX, twin=True), rad_all, m, cert.delta_norm, what)
+    radius_ok, delta_norm = cert.radius_ok, cert.delta_norm
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
     rad = {"clean": rad_all[:m], "backdoor": rad_all[m:]}
     budget = {"clean": None if budget_all is None else budget_all[:m], "backdoor": None if budget_all is None else budget_all[m:]}
     for k, s in sets.items():
         write_csv(run / f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, budget[k], rad[k], y, radius_ok))
-        if reading == "paper" and radius_ok:
-            write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(ing_p, s))
+        if cert.reading == "paper" and radius_ok:
+            write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(cert.paper, s))
 
-    base_pred = setup.model.predict(params.to(setup.dtype), XX.to(setup.dtype)).numpy()
+    base_pred = setup.model.predict(final["params"].to(setup.dtype), XX.to(setup.dtype)).numpy()
     grid = radius_grid([rad["clean"], rad["backdoor"]], fixed=cz.radii)
     results: dict[str, Any] = {}
     for i, (k, s) in enumerate(sets.items()):
@@ -569,16 +616,8 @@ def certify_run(
     summary_path = run / "summary.json"
     base_summary = summary_path if summary_path.is_file() else src / "summary.json"
     summary = json.loads(base_summary.read_text()) if base_summary.is_file() else {}
-    summary["certificate"] = {
-        "reading": reading,
-        "guarantee": GUARANTEES["coupled-margin" if (reading == "coupled" and method == "margin") else reading],
-        "bound_form": None if (reading == "paper" or method == "margin") else cz.bound_form,
-        "training_samples": cz.training_samples if reading == "mixture" else None,
-        "method": method,
-        "delta_norm": delta_norm,
-        **extra_cert,
-        "radius_certified": bool(report["radius_certified"]),
-    }
+    summary["certificate"] = cert.block()
+    method, reading = cert.method, cert.reading
     summary["smoothing"] = {
         "method": method, "M": cz.M if method == "monte-carlo" else None,
         "alpha": cz.alpha if (method == "monte-carlo" or reading == "mixture") else None,
@@ -588,17 +627,14 @@ def certify_run(
         "sigma_T": cz.sigma_T if method != "margin" else None, "seconds": smooth_seconds,
     }
     summary["results"] = results
-    summary["assumptions"] = report
-    if not linear:
+    summary["assumptions"] = cert.report
+    if not cert.linear:
         summary["assumptions"]["note"] = (
             f"The model {setup.model.name!r} is not linear: the certificates need a convex, smooth loss with a known L_Z, "
             "so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported."
         )
     if twin_block is not None:
         summary["twin"] = twin_block
-    elif twin_params is not None and reading == "paper":
-        tw = smooth(setup, twin_params, XX)
-        summary["twin"] = twin_check(both, tw, rad_all, m, delta_norm, "smoothed prediction of the twin's final model")
     summary["certify_seconds"] = time.perf_counter() - t0
     write_json(summary_path, summary)
     return summary

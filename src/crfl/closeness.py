@@ -126,7 +126,7 @@ def solve_radius(budget: np.ndarray | float, terms: Sequence[AttackTerm], input_
 
     ``budget`` is the parameter distance the smoothed (or base) prediction tolerates. r c(B_0 + r)
     is continuous and increasing from 0, so the solution is unique; found by bisection in
-    [0, budget / c(B_0)] to relative precision 1e-15. budget <= 0 gives 0; an infinite budget
+    [0, budget / c(B_0)] (geometric steps first) to relative precision 1e-15. budget <= 0 gives 0; an infinite budget
     or c = 0 gives inf.
     """
     B0 = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
@@ -142,15 +142,19 @@ def solve_radius(budget: np.ndarray | float, terms: Sequence[AttackTerm], input_
     out[b == math.inf] = math.inf
     if not pos.any():
         return out
-    lo = np.zeros(int(pos.sum()))
     hi = b[pos] / c0  # r c(B_0 + r) >= r c(B_0): the root is below this
+    lo = hi * 1e-300
     target = b[pos]
-    for _ in range(64):
-        mid = 0.5 * (lo + hi)
-        over = mid * deviation_coefficient(terms, B0 + mid) > target
-        hi = np.where(over, mid, hi)
-        lo = np.where(over, lo, mid)
-        if np.all(hi - lo <= 1e-15 * hi):
-            break
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo = np.where(lo * deviation_coefficient(terms, B0 + lo) <= target, lo, 0.0)
+        for _ in range(400):
+            # geometric steps while the bracket spans orders of magnitude (huge budgets), then halving
+            wide = (lo > 0) & (hi > 4.0 * lo)
+            mid = np.where(wide, np.sqrt(lo * hi), 0.5 * (lo + hi))
+            over = ~(mid * deviation_coefficient(terms, B0 + mid) <= target)
+            hi = np.where(over, mid, hi)
+            lo = np.where(over, lo, mid)
+            if np.all(hi - lo <= 1e-15 * hi):
+                break
     out[pos] = lo  # lo always satisfies r c(B_0 + r) <= budget
     return out
