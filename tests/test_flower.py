@@ -2,8 +2,9 @@
 
 Fast tests drive the real ServerApp / strategy / ClientApp objects through an in-process
 Grid (crfl.flower.testing.LocalGrid). Two tests marked ``slow`` start Flower's engines:
-the Ray simulation (in a child process, ~15 s) and a deployment on loopback (one
-SuperLink, two SuperNodes, ``flwr run``; ~40 s). Every process they start is stopped by PID.
+the Ray simulation (in a child process, ~15 s) and a deployment on loopback over TLS with
+SuperNode authentication (one SuperLink, two registered SuperNodes and one unregistered,
+``flwr run``; ~45 s). Every process they start is stopped by PID.
 """
 
 from __future__ import annotations
@@ -470,16 +471,30 @@ def _wait_http(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
     raise TimeoutError(f"the SuperLink did not answer on 127.0.0.1:{port} within {seconds} s")
 
 
+#: The certificate and key commands of docs/flower.md ("Deployment with TLS and authenticated SuperNodes").
+CERT_COMMANDS = """\
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -days 30 -subj "/CN=crfl-ca" -keyout ca.key -out ca.crt
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -subj "/CN=127.0.0.1" -keyout server.key -out server.csr
+printf "subjectAltName=IP:127.0.0.1,DNS:localhost\\n" > san.ext
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -extfile san.ext -out server.pem
+for i in 0 1 2; do ssh-keygen -q -t ecdsa -b 384 -N "" -f node$i; done
+"""
+
+
 @pytest.mark.slow
-def test_deployment_superlink_two_supernodes(tmp_path):
-    """One SuperLink and two SuperNodes on 127.0.0.1, ``flwr run`` two rounds; same model as the simulator."""
+def test_deployment_tls_authenticated_supernodes(tmp_path):
+    """SuperLink over TLS with SuperNode authentication; two registered nodes train two rounds, an unregistered one is refused."""
     app = tmp_path / "crflflower"
     app.mkdir()
     (app / "pyproject.toml").write_text(APP_TOML)
     home = tmp_path / "home"
     home.mkdir()
+    subprocess.run(["bash", "-ec", CERT_COMMANDS], cwd=tmp_path, check=True, capture_output=True)
     link = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "127.0.0.1:{link}"\n'
+        f'root-certificates = "{tmp_path / "ca.crt"}"\n'
+    )
     env = _env(home)
     bindir = Path(sys.executable).parent
     overrides = "data.num_clients=2; server.rounds=2; attack.rounds=[1]"
@@ -492,16 +507,30 @@ def test_deployment_superlink_two_supernodes(tmp_path):
         started.append(p)
         return p
 
+    def supernode(i: int) -> subprocess.Popen:
+        return start([str(bindir / "flower-supernode"), "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
+                      "--auth-supernode-private-key", f"node{i}", "--host", "127.0.0.1", "--port", str(_free_port()),
+                      "--max-retries", "2", "--max-wait-time", "10"], f"supernode{i}")
+
     try:
-        sl = start([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink")
-        _wait_http(link, sl)
-        for i in range(2):
-            start([str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                   "--host", "127.0.0.1", "--port", str(_free_port()),
-                   "--node-config", f"partition-id={i} num-partitions=2"], f"supernode{i}")
+        sl = start([str(bindir / "flower-superlink"), "--ssl-ca-certfile", "ca.crt", "--ssl-certfile", "server.pem",
+                    "--ssl-keyfile", "server.key", "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link)],
+                   "superlink")
+        _wait_tls(link, sl, tmp_path / "ca.crt")
+        ids = []
+        for i in (0, 1):
+            reg = subprocess.run([str(bindir / "flwr"), "supernode", "register", f"node{i}.pub", "secure", "--format", "json"],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+            ids.append(int(json.loads(reg.stdout[reg.stdout.index("{"):])["node-id"]))
+        nodes = [supernode(i) for i in (0, 1)]
+        intruder = supernode(2)  # its key was never registered
+        assert intruder.wait(timeout=60) != 0
+        assert all(n.poll() is None for n in nodes)
+        table = f"{ids[0]}=0 {ids[1]}=1"
         run = subprocess.run(
-            [str(bindir / "flwr"), "run", str(app), "test", "--stream",
-             "--run-config", f"overrides='{overrides}' out-dir='{out}' certify=false"],
+            [str(bindir / "flwr"), "run", str(app), "secure", "--stream", "--run-config",
+             f"overrides='{overrides}' out-dir='{out}' certify=false node-partitions='{table}'"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
         )
         log = run.stdout + run.stderr
@@ -510,9 +539,30 @@ def test_deployment_superlink_two_supernodes(tmp_path):
     finally:
         _stop([p.pid for p in started])
     assert all(p.poll() is not None for p in started)
+    assert not [c for p in started for c in _children(p.pid) if _alive(c)]
     final = torch.load(out / "model_final.pt", weights_only=False)["params"]
     cfg = config_from_run_config({"preset": "demo", "overrides": overrides})
     sim = train(cfg, tmp_path / "sim")
     torch.testing.assert_close(final, sim.final_params, **TOL)
+    flower = json.loads((out / "flower.json").read_text())["rounds"]
+    assert [r["nodes"] for r in flower] == [{"0": ids[0], "1": ids[1]}] * 2  # the operator's binding
     attack = json.loads((out / "attack.json").read_text())["rounds"]
     assert attack[0]["round"] == 1 and attack[0]["attackers"] == [0] and attack[0]["p"] == pytest.approx([0.5])
+
+
+def _wait_tls(port: int, proc: subprocess.Popen, ca: Path, seconds: float = 60) -> None:
+    import ssl
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"https://127.0.0.1:{port}/health", timeout=0.5, verify=ssl.create_default_context(cafile=str(ca))).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the SuperLink did not answer on 127.0.0.1:{port} within {seconds} s")
