@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from crfl.attacks import PAPER_PIXELS
-from crfl.io import load_yaml
+from crfl.io import load_yaml, yaml_problem
 from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
 
 
@@ -311,7 +311,7 @@ def read_yaml_mapping(path: str | Path, param: str, what: str) -> dict[str, Any]
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"The {param} file {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"The {param} file {str(p)!r} is not valid YAML ({yaml_problem(e)}); fix it.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"The {param} file {str(p)!r} must hold a mapping of {what}. Got {type(data).__name__} instead.")
     return data

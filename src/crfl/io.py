@@ -107,6 +107,13 @@ _Loader.add_implicit_resolver(
 )
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML text (safe); numbers are read as users write them (``1e-3`` is 0.001)."""
     return yaml.load(text, Loader=_Loader)

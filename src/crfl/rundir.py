@@ -415,7 +415,7 @@ class RunDir:
         try:
             data = io.load_yaml(text)
         except io.yaml.YAMLError as e:
-            raise RunDirError(f"{path} is not valid YAML ({_first_line(e)}); restore it from a copy or retrain.") from None
+            raise RunDirError(f"{path} is not valid YAML ({io.yaml_problem(e)}); restore it from a copy or retrain.") from None
         if not isinstance(data, dict) or "server" not in data:
             raise RunDirError(f"{path} is not a crfl config.yaml (no 'server' section); restore it or retrain.")
         return data
@@ -442,7 +442,7 @@ class RunDir:
 
         try:
             obj = torch.load(path, weights_only=True)
-        except OSError:
+        except PermissionError:
             raise
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
             raise RunDirError(f"{path} is not a crfl file (corrupt or truncated: {_first_line(e)}); {todo}.") from None
@@ -655,12 +655,16 @@ def resume_run(path: str | Path, param: str = "--resume") -> RunDir:
 
 
 def open_run(path: str | Path, param: str = "RUN_DIR") -> RunDir:
-    """A run directory to read. A committed stage left by a killed writer is rolled forward first."""
+    """A run directory to read. Leftovers of a killed writer (a committed stage, temporaries) are
+    settled first when no other process holds the directory; a live writer's files are left alone."""
     p = Path(path)
     if not p.is_dir():
         raise ConfigError(f"The '{param}' parameter must be a training run directory. Got {str(p)!r} instead (no such directory).")
-    if (p / STAGE).exists():
-        claim = Claim.acquire(p)
+    if any(n == STAGE or io.TEMP_PATTERN.match(n) for n in os.listdir(p)):
+        try:
+            claim = Claim.acquire(p)
+        except RunDirError:
+            return RunDir(p)
         try:
             sweep_stale(p)
         finally:
@@ -681,6 +685,7 @@ def load_run(run_dir: str | Path, overrides: Mapping[str, Any] | None = None):
     final = run.read_model(saved)
     cfg = run.load_config(overrides)
     attack_log = [r.to_dict() for r in run.read_attacks().rounds]
+    run.read_summary()  # validated now: certification must not fail on it after computing
     return cfg, final, attack_log
 
 

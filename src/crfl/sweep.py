@@ -302,12 +302,12 @@ def _write_results(out: Path, spec: Spec, job_list: list[Job], results: dict[int
     return rows
 
 
-def _worker_init() -> None:
-    """A sweep worker dies with its parent: PR_SET_PDEATHSIG where Linux has it, a watchdog thread always."""
+def _worker_init(parent: int) -> None:
+    """A sweep worker dies with its parent (pid ``parent``): PR_SET_PDEATHSIG where Linux has it, a
+    watchdog thread always, and at once if the parent died while this worker was starting."""
     import signal
     import threading
 
-    parent = os.getppid()
     try:
         import ctypes
 
@@ -316,6 +316,8 @@ def _worker_init() -> None:
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    if os.getppid() != parent:
+        os._exit(1)
 
     def watch() -> None:
         while True:
@@ -386,7 +388,8 @@ def _run_jobs(
                 results[i] = run_job(j, str(root / j.train_hash), threads)
                 _report(progress, i, len(job_list), j, results[i])
         else:
-            ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+            ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                        initializer=_worker_init, initargs=(os.getpid(),))
             try:
                 futs = {ex.submit(run_job, j, str(root / j.train_hash), threads): i for i, j in enumerate(job_list)}
                 for n, fut in enumerate(cf.as_completed(futs)):

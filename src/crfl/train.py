@@ -266,12 +266,12 @@ def train(
                     f"{run.path / rundir.CONFIG} does not resolve to itself against its data (config hash "
                     f"{chash} != {rundir.config_hash(resolved)}): the dataset changed; restore it or retrain."
                 )
-        else:
-            run.write_config(resolved)
-            chash = rundir.config_hash(resolved)
         try:
+            if not resume:
+                run.write_config(resolved)
+                chash = rundir.config_hash(resolved)
             return _loop(setup, run, chash, resume=resume, progress=progress, twin=twin, stop_after=stop_after)
-        except ConfigError:
+        except (ConfigError, OSError):
             if not resume:
                 run.discard_unstarted()  # a fresh run that failed before its first checkpoint leaves nothing
             raise
