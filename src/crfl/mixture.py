@@ -35,21 +35,31 @@ from crfl.validation import ConfigError, check_int
 __all__ = ["continuations", "mixture_class_bounds", "mixture_certificate"]
 
 
-def _noise(setup: Setup, t: int, ks: range, sigma: float, D: int) -> torch.Tensor:
-    """eps_t of continuations ks: one generator per (round, continuation), so chunking changes nothing."""
+def _noise(setup: Setup, t: int, ks: range, sigma: float, D: int, stream: str) -> torch.Tensor:
+    """eps_t of continuations ks: one generator per (round, continuation), so chunking changes nothing.
+
+    ``stream="server-noise"`` replays the run's own noise (every continuation then is the run itself:
+    a test of the continuation engine).
+    """
     out = torch.empty((len(ks), D), dtype=torch.float64)
     for j, k in enumerate(ks):
-        out[j] = torch.randn(D, generator=torch_generator(setup.cfg.seed, "mixture-noise", t, k), dtype=torch.float64)
+        gen = torch_generator(setup.cfg.seed, "server-noise", t) if stream == "server-noise" else \
+            torch_generator(setup.cfg.seed, "mixture-noise", t, k)
+        out[j] = torch.randn(D, generator=gen, dtype=torch.float64)
     return out.mul_(sigma)
 
 
-def continuations(setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, chunk: int | None = None) -> torch.Tensor:
+def continuations(
+    setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, chunk: int | None = None, first: int = 0,
+    stream: str = "mixture-noise",
+) -> torch.Tensor:
     """K i.i.d. final models Clip_{rho_T}(w_T) continuing the run from round t_adv's pre-noise aggregate.
 
     Round t_adv: w~ = pre_noise + eps_{t_adv} (fresh, sigma_t_adv); rounds t_adv+1..T: every
     client's benign local SGD on the run's batches (:func:`crfl.clients.round_batches`), FedAvg
     with the configured weights, Clip_{rho_t}, fresh eps_t for t <= T-1. Continuation k draws its
-    noise from the stream ("mixture-noise", t, k) of the run's seed.
+    noise from the stream ("mixture-noise", t, k) of the run's seed, k = first, ..., first + K - 1
+    (a later ``first`` draws a fresh, independent set).
     """
     K = check_int("certify.training_samples", K, low=1)
     cfg, T = setup.cfg, setup.rounds
@@ -68,11 +78,11 @@ def continuations(setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, 
     weights = setup.weights.to(torch.float64)
     out = torch.empty((K, D), dtype=setup.dtype)
     for k0 in range(0, K, chunk):
-        ks = range(k0, min(K, k0 + chunk))
+        ks = range(first + k0, first + min(K, k0 + chunk))
         sigma_a = setup.sigma(t_adv)
         w = pre_noise.to(torch.float64).unsqueeze(0).repeat(len(ks), 1)
         if sigma_a > 0:
-            w += _noise(setup, t_adv, ks, sigma_a, D)
+            w += _noise(setup, t_adv, ks, sigma_a, D, stream)
         w = w.to(setup.dtype)
         for t in range(t_adv + 1, T + 1):
             idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, t)
@@ -84,7 +94,7 @@ def continuations(setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, 
                 new[j] = clip_to_norm(new[j], rho)[0]
             sigma = setup.sigma(t)
             if sigma > 0:
-                new += _noise(setup, t, ks, sigma, D)
+                new += _noise(setup, t, ks, sigma, D, stream)
             w = new.to(setup.dtype)
         out[k0 : k0 + len(ks)] = w
     return out
