@@ -1,13 +1,15 @@
-"""Certification of a run (Algorithm 2, Corollary 1): outputs checked against an independent re-derivation."""
+"""Certification of a run under each reading: every written radius re-derived row by row, independently
+(mpmath, from the files alone), the summary's statement, the twin, the scope checks and the edge cases."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import mpmath as mp
 import numpy as np
 import pytest
-from scipy.stats import norm
+import torch
 
 from crfl.certify import CERT_COLUMNS, certify_run
 from crfl.config import resolve
@@ -32,91 +34,189 @@ def cfg28(**over):
     return resolve(None, None, base)
 
 
-def rederive(row: dict, c: dict) -> float:
-    """Corollary 1 (Eq. 2), written again plainly from the summary's ingredients."""
-    pa, pb = float(row["p_a_lower"]), float(row["p_b_upper"])
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, images28):
+    d = tmp_path_factory.mktemp("cert") / "r"
+    train(cfg28(**{"certify.twin": True}), d, dataset=images28)
+    return d
+
+
+def _ppf(log_p: float, upper_tail: bool) -> mp.mpf:
+    """Phi^-1(p) for p = exp(log_p) (or Phi^-1(1 - exp(log_p)) with upper_tail), in mpmath."""
+    q = mp.e ** mp.mpf(log_p)
+    z = -mp.sqrt(2) * mp.erfinv(1 - 2 * q)  # Phi^-1(q)
+    return -z if upper_tail else z
+
+
+def _c(cert: dict, B: mp.mpf) -> mp.mpf:
+    """c(B) of docs/theory.md (g), written out plainly from the summary's attack rounds."""
+    c = mp.mpf(0)
+    for k in cert["attack_rounds"]:
+        lip = abs(1 - k["p_total"] - sum(p * (g - 1) for p, g in zip(k["p"], k["gamma"]))) \
+            + (k["p_total"] - sum(k["p"])) + sum(p * g for p, g in zip(k["p"], k["gamma"]))
+        a = mp.mpf(0)
+        for p, g, e, t, Q in zip(k["p"], k["gamma"], k["eta"], k["tau"], k["Q"]):
+            lz = (mp.mpf(k["start_centred_opnorm"]) + t * mp.mpf(e) * mp.sqrt(2) * B) / 2 * mp.sqrt(B * B + 1) + mp.sqrt(2)
+            a += mp.mpf(p) * g * mp.mpf(e) * mp.mpf(Q) * lz
+        c = lip * c + a
+    return c
+
+
+def rederive_sound(row: dict, cert: dict) -> float:
+    """budget from the row's logs (Neyman-Pearson or KL form), then the fixed point r c(B_0 + r) = budget."""
+    if int(row["prediction"]) < 0:
+        return 0.0
+    with mp.workdps(60 + int(-float(row["log1m_p_a_lower"]) / 2.3 if row["log1m_p_a_lower"] not in ("-inf",) else 60)):
+        if cert["method"] == "margin":
+            budget = mp.mpf(row["budget"])
+        elif cert["bound_form"] == "kl":
+            pa, pb = 1 - mp.e ** mp.mpf(row["log1m_p_a_lower"]), mp.e ** mp.mpf(row["log_p_b_upper"])
+            eps = -mp.log(1 - (mp.sqrt(pa) - mp.sqrt(pb)) ** 2)
+            budget = mp.mpf(cert["sigma"]) * mp.sqrt(2 * eps)
+        else:
+            margin = _ppf(float(row["log1m_p_a_lower"]), True) - _ppf(float(row["log_p_b_upper"]), False)
+            budget = mp.mpf(cert["sigma"]) * margin / 2
+        if budget <= 0:
+            return 0.0
+        B0 = mp.mpf(cert["input_norm_bound"])
+        lo, hi = mp.mpf(0), budget / _c(cert, B0)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if mid * _c(cert, B0 + mid) > budget:
+                hi = mid
+            else:
+                lo = mid
+        return float(lo)
+
+
+def rederive_paper(row: dict, c: dict) -> float:
+    """Corollary 1 (Eq. 2), written again plainly from the summary's ingredients (mpmath)."""
+    pa, pb = mp.mpf(row["p_a_lower"]), mp.mpf(row["p_b_upper"])
     if pa <= pb:
         return 0.0
-    eps = -math.log(1 - (math.sqrt(pa) - math.sqrt(pb)) ** 2)
-    s = sum((p * g * t * e * q) ** 2 for p, g, t, e, q in zip(c["p"], c["gamma"], c["tau"], c["eta"], c["poison_ratio"]))
-    prod = 1.0
-    for r, sg in zip(c["rho"], c["sigma"]):
-        prod *= 2 * norm.cdf(r / sg) - 1
-    return math.sqrt(eps * c["sigma_t_adv"] ** 2 / (2 * c["R"] * c["L_Z"] ** 2 * s * prod))
+    with mp.workdps(60):
+        eps = -mp.log(1 - (mp.sqrt(pa) - mp.sqrt(pb)) ** 2)
+        s = sum((mp.mpf(p) * g * t * mp.mpf(e) * mp.mpf(q)) ** 2 for p, g, t, e, q in zip(c["p"], c["gamma"], c["tau"], c["eta"], c["poison_ratio"]))
+        prod = mp.mpf(1)
+        for r, sg in zip(c["rho"], c["sigma"]):
+            prod *= 2 * mp.ncdf(mp.mpf(r) / sg) - 1
+        return float(mp.sqrt(eps * mp.mpf(c["sigma_t_adv"]) ** 2 / (2 * c["R"] * mp.mpf(c["L_Z"]) ** 2 * s * prod)))
 
 
-@pytest.mark.parametrize("method, bound, coverage", [("monte-carlo", "hoeffding", "paper"),
-                                                     ("monte-carlo", "clopper-pearson", "simultaneous"),
-                                                     ("exact", None, None)])
-def test_radius_rows_match_independent_rederivation(tmp_path, images28, method, bound, coverage):
-    over = {"certify.method": method, "certify.M": 400, "certify.alpha": 0.01}
-    if bound:
-        over.update({"certify.bound": bound, "certify.coverage": coverage})
-    train(cfg28(**over), tmp_path / "r", dataset=images28)
-    summary = certify_run(tmp_path / "r", dataset=images28)
+CASES = {
+    "coupled-exact": {},
+    "coupled-kl": {"certify.bound_form": "kl"},
+    "coupled-mc": {"certify.method": "monte-carlo", "certify.M": 400, "certify.alpha": 0.01},
+    "coupled-margin": {"certify.method": "margin"},
+    "mixture": {"certify.reading": "mixture", "certify.training_samples": 8, "certify.alpha": 0.05},
+    "paper-exact": {"certify.reading": "paper"},
+    "paper-mc": {"certify.reading": "paper", "certify.method": "monte-carlo", "certify.M": 400, "certify.alpha": 0.01,
+                 "certify.bound": "hoeffding", "certify.coverage": "paper"},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_radius_rows_match_independent_rederivation(tmp_path, trained, images28, case):
+    over = CASES[case]
+    summary = certify_run(trained, overrides=over, dataset=images28, out_dir=tmp_path / "c")
     c = summary["certificate"]
-    assert c["R"] == 1 and c["tau"] == [5] and c["poison_ratio"] == [0.2] and c["gamma"] == [5.0]
-    assert c["p"] == [0.125] and len(c["rho"]) == 4 and c["sigma"][-1] == 0.05
+    reading = over.get("certify.reading", "coupled")
+    assert c["reading"] == reading and c["guarantee"]
+    assert c["radius_certified"] is (reading != "paper")
+    if reading != "paper":
+        k = c["attack_rounds"][0]
+        assert k["round"] == 4 and k["tau"] == [5] and k["poison_ratio"] == [0.2] and k["gamma"] == [5.0] and k["p"] == [0.125]
+        assert c["sigma"] == 0.05  # sigma_T (coupled) = sigma_t_adv (mixture) here
+        assert c["training_samples"] == (8 if reading == "mixture" else None)
+    else:
+        assert "not a certified radius" in c["guarantee"]
     for which in ("clean", "backdoor"):
-        rows = read_csv(tmp_path / "r" / f"certificates_{which}.csv")
+        rows = read_csv(tmp_path / "c" / f"certificates_{which}.csv")
         assert list(rows[0]) == CERT_COLUMNS and len(rows) == 300
-        n_abstain = 0
+        n_abstain = covered = 0
         for row in rows:
             pa, pb = float(row["p_a_lower"]), float(row["p_b_upper"])
             if pa <= pb:
                 n_abstain += 1
                 assert row["prediction"] == "-1" and float(row["radius"]) == 0.0 and row["correct"] == "0"
-            else:
-                assert int(row["prediction"]) >= 0
-            assert float(row["radius"]) == pytest.approx(rederive(row, c), rel=1e-9, abs=1e-300)
+            expect = rederive_paper(row, c) if reading == "paper" else rederive_sound(row, c)
+            assert float(row["radius"]) == pytest.approx(expect, rel=1e-9, abs=1e-300)
             assert row["correct"] == str(int(row["prediction"] == row["label"]))
-            if method == "monte-carlo":
-                na, nb = int(row["n_a"]), int(row["n_b"])
-                assert na >= nb
-                if bound == "hoeffding":  # the paper's bound, each at level alpha
-                    assert pa == pytest.approx(max(0.0, na / 400 - math.sqrt(math.log(1 / 0.01) / 800)), abs=1e-12)
+            if float(row["log1m_p_a_lower"]) > -700:
+                assert math.exp(float(row["log1m_p_a_lower"])) == pytest.approx(1 - pa, rel=1e-6, abs=1e-15)
+            covered += float(row["radius"]) >= c["delta_norm"] and int(row["prediction"]) >= 0
+            if case.endswith("mc"):
+                assert int(row["n_a"]) >= int(row["n_b"])
+                if case == "paper-mc":  # the paper's bound, each at level alpha
+                    assert pa == pytest.approx(max(0.0, int(row["n_a"]) / 400 - math.sqrt(math.log(1 / 0.01) / 800)), abs=1e-12)
             else:
                 assert row["n_a"] == "" and row["n_b"] == ""
-        assert summary["results"][which]["abstain_rate"] == pytest.approx(n_abstain / 300)
+        res = summary["results"][which]
+        assert res["abstain_rate"] == pytest.approx(n_abstain / 300)
+        assert res["certified_at_attack"] == pytest.approx(covered / 300)
 
 
-def test_summary_blocks_and_curves(tmp_path, images28):
-    train(cfg28(), tmp_path / "r", dataset=images28)
-    s = certify_run(tmp_path / "r", dataset=images28)
+def test_coupled_twin_is_the_counterfactual_and_never_disagrees_where_certified(tmp_path, trained, images28):
+    rows = read_csv(trained / "rounds.csv")
+    dist = [float(r["twin_distance"]) for r in rows]
+    assert dist[:3] == [0.0, 0.0, 0.0] and dist[3] > 0  # same batches and noise until t_adv, then the trigger
+    s = certify_run(trained, dataset=images28, out_dir=tmp_path / "c")
+    tw = s["twin"]
+    # the final models are within the certified deviation c(B_0 + ||delta||) ||delta||
+    c = s["certificate"]
+    from crfl.closeness import AttackTerm, deviation_coefficient
+
+    terms = [AttackTerm.from_record(r) for r in json.loads((trained / "attack.json").read_text())["rounds"]]
+    dev = deviation_coefficient(terms, c["input_norm_bound"] + c["delta_norm"]) * c["delta_norm"]
+    final = torch.load(trained / "model_final.pt", weights_only=False)
+    assert float((final["params"] - final["twin_params"]).double().norm()) <= dev
+    for k in ("clean", "backdoor"):
+        assert tw[k]["violations"] == 0
+        assert tw[k]["covered_points"] == 0 or tw[k]["agreement"] == 1.0
+
+
+def test_margin_method_is_the_limit_of_exact_smoothing(tmp_path, trained, images28):
+    margin = certify_run(trained, overrides={"certify.method": "margin"}, dataset=images28, out_dir=tmp_path / "m")
+    rm = np.array([float(r["radius"]) for r in read_csv(tmp_path / "m" / "certificates_clean.csv")])
+    gaps = []
+    for s in (1e-2, 1e-4, 1e-7):
+        certify_run(trained, overrides={"certify.sigma_T": s}, dataset=images28, out_dir=tmp_path / f"e{s}")
+        re = np.array([float(r["radius"]) for r in read_csv(tmp_path / f"e{s}" / "certificates_clean.csv")])
+        gaps.append(float(np.median(np.abs(re - rm) / rm)))
+    # as sigma_T -> 0 the smoothed radius is the base model's; where the pairwise bounds decide p_A_lower and
+    # p_B_upper the two coincide exactly: sigma (Phi^-1(p_A) - Phi^-1(p_B)) / 2 = (z_A - z_B) / (sqrt 2 ||x~||)
+    assert gaps[1] < 1e-6 and gaps[2] < 1e-6
+    assert margin["smoothing"]["sigma_T"] is None and "no smoothing" in margin["certificate"]["guarantee"]
+
+
+def test_attack_in_the_last_round(tmp_path, images28):
+    """T = t_adv: no training round after the attack; coupled and mixture (which then uses sigma_T) both certify."""
+    train(cfg28(**{"attack.rounds": [8]}), tmp_path / "r", dataset=images28)
+    s = certify_run(tmp_path / "r", dataset=images28, out_dir=tmp_path / "c")
+    assert s["certificate"]["radius_certified"] and s["certificate"]["attack_rounds"][0]["round"] == 8
+    m = certify_run(tmp_path / "r", overrides={"certify.reading": "mixture", "certify.training_samples": 4},
+                    dataset=images28, out_dir=tmp_path / "m")
+    assert m["certificate"]["sigma"] == 0.05 and m["certificate"]["radius_certified"]
+
+
+def test_summary_blocks_and_curves(tmp_path, trained, images28):
+    s = certify_run(trained, dataset=images28, out_dir=tmp_path / "c")
     for block in ("training", "certificate", "smoothing", "results", "assumptions"):
         assert block in s
     assert s["smoothing"]["method"] == "exact" and s["smoothing"]["alpha"] is None
+    assert s["certificate"]["bound_form"] == "neyman-pearson"
     curve = s["results"]["clean"]["curve"]
-    rad = np.array([float(r["radius"]) for r in read_csv(tmp_path / "r" / "certificates_clean.csv")])
-    ok = np.array([r["correct"] == "1" for r in read_csv(tmp_path / "r" / "certificates_clean.csv")])
+    rows = read_csv(tmp_path / "c" / "certificates_clean.csv")
+    rad = np.array([float(r["radius"]) for r in rows])
+    ok = np.array([r["correct"] == "1" for r in rows])
     for pt in curve:
         assert pt["certified_accuracy"] == pytest.approx(np.mean(ok & (rad >= pt["radius"])))
         assert pt["certified_accuracy"] <= pt["certified_rate"] + 1e-12
-    assert (tmp_path / "r" / "certified.png").is_file() and (tmp_path / "r" / "certified.pdf").is_file()
-    inv = read_csv(tmp_path / "r" / "inverse_clean.csv")
+    assert not (tmp_path / "c" / "inverse_clean.csv").exists()  # Section 5.1's inverse questions: paper reading
+    p = certify_run(trained, overrides={"certify.reading": "paper"}, dataset=images28, out_dir=tmp_path / "p")
+    inv = read_csv(tmp_path / "p" / "inverse_clean.csv")
     assert len(inv) == 300 and float(inv[0]["delta_norm"]) == pytest.approx(0.1)
-
-
-def test_twin_is_identical_before_attack_and_check_reported(tmp_path, images28):
-    train(cfg28(**{"certify.twin": True}), tmp_path / "r", dataset=images28)
-    rows = read_csv(tmp_path / "r" / "rounds.csv")
-    dist = [float(r["twin_distance"]) for r in rows]
-    assert dist[:3] == [0.0, 0.0, 0.0]  # same batches and noise: the twin equals the run until t_adv
-    assert dist[3] > 0
-    s = certify_run(tmp_path / "r", dataset=images28)
-    tw = s["twin"]
-    assert tw["delta_norm"] == pytest.approx(0.1)
-    for k in ("clean", "backdoor"):
-        assert 0 <= tw[k]["covered_points"] <= 300
-        assert tw[k]["agreement"] is None or 0.0 <= tw[k]["agreement"] <= 1.0
-
-
-def test_rfa_certificate_uses_attackers_weiszfeld_weight(tmp_path, images28):
-    train(cfg28(**{"aggregation.name": "rfa", "attack.gamma": 50.0}), tmp_path / "r", dataset=images28)
-    log = json.loads((tmp_path / "r" / "attack.json").read_text())["rounds"][0]
-    s = certify_run(tmp_path / "r", dataset=images28)
-    assert s["certificate"]["p"] == log["p"]
-    assert log["p"][0] < 0.125 * 0.5  # RFA down-weights the scaled attacker
+    assert p["assumptions"]["radius_certified"] is False and p["certificate"]["radius_certified"] is False
 
 
 def test_nonlinear_model_reports_margins_but_no_radius(tmp_path, images28):
@@ -129,9 +229,9 @@ def test_nonlinear_model_reports_margins_but_no_radius(tmp_path, images28):
     assert all(r["radius"] == "" for r in rows) and all(r["n_a"] != "" for r in rows)
 
 
-def test_paper_lipschitz_flagged_unsound_for_image_norms(tmp_path, images28):
-    train(cfg28(**{"certify.lipschitz": "paper"}), tmp_path / "r", dataset=images28)
-    s = certify_run(tmp_path / "r", dataset=images28)
+def test_paper_lipschitz_flagged_unsound_for_image_norms(tmp_path, trained, images28):
+    s = certify_run(trained, overrides={"certify.reading": "paper", "certify.lipschitz": "paper"}, dataset=images28,
+                    out_dir=tmp_path / "c")
     assert s["certificate"]["L_Z"] == pytest.approx(math.sqrt(2 + 2 * 4.0 + 16.0))  # rho_{t_adv} = 0.5*4 + 2
     assert s["assumptions"]["checks"]["lipschitz"]["holds"] is False
     assert s["assumptions"]["radius_certified"] is False
@@ -146,13 +246,15 @@ def test_short_last_batch_raises_the_effective_poison_ratio(tmp_path, images28):
     log = json.loads((tmp_path / "r" / "attack.json").read_text())["rounds"][0]
     expected = (5 * 4 / 20 + 4 / 6) / 6
     assert log["tau"] == [6] and log["poison_ratio"] == pytest.approx([expected])
+    assert log["measured"]["poison_ratio_per_step"] == pytest.approx([expected])
     assert log["nominal_poison_ratio"] == [0.2]
     assert nominal_poison_ratio(106, 20, 4, 6) == pytest.approx(expected)
     s = certify_run(tmp_path / "r", dataset=ds)
-    assert s["certificate"]["poison_ratio"] == pytest.approx([expected])
+    k = s["certificate"]["attack_rounds"][0]
+    assert k["poison_ratio"] == pytest.approx([expected]) and k["Q"] == pytest.approx([6 * expected])
 
 
-def test_start_norm_bound_for_L_Z(tmp_path, images28):
+def test_start_norm_bound_for_the_paper_reading(tmp_path, trained, images28):
     """sqrt(rho_{t-1}^2 + sigma_{t-1}^2 D) for t_adv > 1; the initial model's norm for t_adv = 1."""
     from crfl.certify import start_norm_bound
     from crfl.setup import prepare
@@ -160,15 +262,31 @@ def test_start_norm_bound_for_L_Z(tmp_path, images28):
     setup = prepare(cfg28(), images28)
     D = setup.model.num_params
     assert start_norm_bound(setup, 4) == pytest.approx(math.sqrt(3.5**2 + 0.05**2 * D))
-    from crfl.rng import torch_generator
-
-    w0 = setup.model.init(torch_generator(setup.cfg.seed, "init"))
-    assert start_norm_bound(setup, 1) == pytest.approx(float(w0.double().norm()))
-    train(cfg28(), tmp_path / "r", dataset=images28)
-    c = certify_run(tmp_path / "r", dataset=images28)["certificate"]
+    assert start_norm_bound(setup, 1) == pytest.approx(float(setup.w0.double().norm()))
+    c = certify_run(trained, overrides={"certify.reading": "paper"}, dataset=images28, out_dir=tmp_path / "c")["certificate"]
     B = c["input_norm_bound"]
     assert c["rho_for_L_Z"] == pytest.approx(start_norm_bound(setup, 4) + 5 * 0.002 * math.sqrt(2) * math.sqrt(B * B + 1))
     assert c["L_Z"] == pytest.approx(c["rho_for_L_Z"] / 2 * math.sqrt(B * B + 1) + math.sqrt(2))
+
+
+def test_coupled_lipschitz_uses_the_broadcast_models_centred_operator_norm(tmp_path, trained, images28):
+    from crfl.lipschitz import centred_operator_norm
+    from crfl.setup import prepare
+    from crfl.train import run_round
+
+    setup = prepare(cfg28(), images28)
+    w = setup.w0.clone()
+    for t in range(1, 4):
+        w = run_round(setup, w, t).params
+    W, _ = setup.model.split(w.double())
+    s = certify_run(trained, dataset=images28, out_dir=tmp_path / "c")
+    k = s["certificate"]["attack_rounds"][0]
+    assert k["start_centred_opnorm"] == pytest.approx(centred_operator_norm(W), rel=1e-6)
+    B = s["certificate"]["input_norm_bound"]
+    assert k["L_Z_at_B0"][0] == pytest.approx(
+        0.5 * (k["start_centred_opnorm"] + 5 * 0.002 * math.sqrt(2) * B) * math.sqrt(B * B + 1) + math.sqrt(2))
+    X = torch.from_numpy(images28.x_train).double() / 255
+    assert B == pytest.approx(float(X.norm(dim=1).max()))  # clean inputs; triggered ones enter as B_0 + radius
 
 
 @pytest.mark.parametrize("rule", ["rfa", "krum"])
@@ -187,7 +305,7 @@ def test_update_dependent_weights_are_not_certified(tmp_path, images28, rule):
 def test_rule_without_client_weights_reports_margins(tmp_path, images28):
     train(cfg28(**{"aggregation.name": "median"}), tmp_path / "r", dataset=images28)
     s = certify_run(tmp_path / "r", dataset=images28)
-    assert s["certificate"]["p"] is None and s["certificate"]["radius_certified"] is False
+    assert s["certificate"]["radius_certified"] is False
     assert "no per-client weight" in s["assumptions"]["note"]
     rows = read_csv(tmp_path / "r" / "certificates_clean.csv")
     assert all(r["radius"] == "" for r in rows) and all(r["p_a_lower"] != "" for r in rows)

@@ -188,7 +188,8 @@ def test_attack_raises_backdoor_accuracy_without_noise(tmp_path, tiny_images):
     assert log["round"] == 3 and log["attackers"] == [0]
     assert log["p"] == pytest.approx([1 / 6])
     assert log["tau"] == [5] and log["poison_ratio"] == [0.5]
-    assert 0 < log["actual_delta_norm_max"][0] <= 1.5 + 1e-6
+    assert 0 < log["measured"]["actual_delta_norm_max"][0] <= 1.5 + 1e-6  # clamping can only shrink the trigger
+    assert log["measured"]["poison_ratio_per_step"] == log["poison_ratio"]  # server-owned ratio = observed one
 
 
 # --- run directory, resume, determinism -------------------------------------------------------

@@ -141,11 +141,23 @@ def _terms(attack_log: list[dict[str, Any]]) -> tuple[AttackTerm, ...]:
     return tuple(AttackTerm.from_record(rec) for rec in attack_log)
 
 
+def radius_blockers(setup: Setup, attack_log: list[dict[str, Any]]) -> list[str]:
+    """Why no radius can be computed for this run at all (empty: a radius can be computed)."""
+    out = []
+    if not setup.model.is_linear:
+        out.append(f"The model {setup.model.name!r} is not linear: the certificates need a convex, smooth loss with a known "
+                   "L_Z, so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported.")
+    elif any(rec.get("p") is None for rec in attack_log):
+        out.append(f"The aggregation rule {setup.cfg.aggregation.name!r} gives no per-client weight p_i, which the "
+                   "certificate needs, so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported.")
+    return out
+
+
 def sound_ingredients(setup: Setup, attack_log: list[dict[str, Any]], reading: str) -> SoundIngredients:
     cz = setup.cfg.certify
-    terms = _terms(attack_log)
+    terms = _terms(attack_log) if not radius_blockers(setup, attack_log) else ()
     B0, source = _input_norm_bound(setup)
-    if reading == "mixture":
+    if reading == "mixture" and terms:
         sigma = mixture.mixture_noise_level(setup, terms[0].round, cz.sigma_T)
     else:
         sigma = float(cz.sigma_T)
@@ -158,7 +170,7 @@ def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.
     if ing.sigma <= 0:
         budget = np.zeros(len(sm.p_a_lower))
     elif ing.bound_form == "kl":
-        budget = radius_mod.kl_distance_budget(ing.sigma, sm.p_a_lower, sm.p_b_upper)
+        budget = radius_mod.kl_distance_budget(ing.sigma, sm.p_a_lower, sm.p_b_upper, np.exp(sm.log1m_a()))
     else:
         budget = radius_mod.neyman_pearson_budget(ing.sigma, radius_mod.gaussian_margin(sm.log1m_a(), sm.log_b()))
     budget = np.where(sm.abstain, 0.0, budget)
@@ -186,8 +198,8 @@ def scope_report(
     cz = setup.cfg.certify
     B = ing.input_norm_bound
     beta = lipschitz.smoothness_bound(B)
-    eta = max(e for k in ing.terms for e in k.eta)
-    first = ing.terms[0].round
+    eta = max([e for k in ing.terms for e in k.eta] + [setup.cfg.clients.lr])
+    first = ing.terms[0].round if ing.terms else min(fixed_rounds or {1: True})
     later = {t: ok for t, ok in fixed_rounds.items() if t >= first}
     fixed = all(later.values()) if later else setup.cfg.aggregation.name == "fedavg"
     p_tot = max([k.p_total for k in ing.terms] + [float(setup.weights.sum())])
@@ -485,11 +497,17 @@ class Certifier:
             self.report = paper_report(setup, self.paper, attack_log)
             self.delta_norm = self.paper.delta_norm
             self.radius_ok = self.linear and self.paper.p is not None
+            blockers = radius_blockers(setup, attack_log)
+            if blockers:
+                self.report["note"] = " ".join(blockers)
         else:
+            blockers = radius_blockers(setup, attack_log)
             self.ing = sound_ingredients(setup, attack_log, self.reading)
             self.report = scope_report(setup, self.ing, attack_log, fixed_weight_rounds(self.run_dir), self.method)
             self.delta_norm = self.ing.delta_norm
-            self.radius_ok = self.linear
+            self.radius_ok = not blockers
+            if blockers:
+                self.report["note"] = " ".join(blockers)
             self.report["radius_certified"] = bool(self.report["radius_certified"] and self.radius_ok)
 
     @property
@@ -524,6 +542,8 @@ class Certifier:
 
     def radii(self, X: torch.Tensor, sm: BoundResult) -> tuple[np.ndarray | None, np.ndarray]:
         """(budget, radius) per point for the bounds ``sm`` at X (budget None for the paper reading)."""
+        if not self.radius_ok:
+            return None, np.zeros(len(sm.p_a_lower))
         if self.reading == "paper":
             return None, paper_radii(self.paper, sm.p_a_lower, sm.p_b_upper)
         if self.method == "margin":
@@ -628,11 +648,6 @@ def certify_run(
     }
     summary["results"] = results
     summary["assumptions"] = cert.report
-    if not cert.linear:
-        summary["assumptions"]["note"] = (
-            f"The model {setup.model.name!r} is not linear: the certificates need a convex, smooth loss with a known L_Z, "
-            "so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported."
-        )
     if twin_block is not None:
         summary["twin"] = twin_block
     summary["certify_seconds"] = time.perf_counter() - t0

@@ -180,14 +180,17 @@ def log_kl_budget(p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float) 
     return float(out) if scalar else out
 
 
-def kl_budget(p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float) -> np.ndarray | float:
+def kl_budget(
+    p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float, one_minus_p_a: np.ndarray | None = None
+) -> np.ndarray | float:
     """eps = -log(1 - (sqrt(p_A_lower) - sqrt(p_B_upper))^2) (Theorem 3, Eq. 39; Lemma 12).
 
     The KL divergence D_KL(mu(w) || mu(w')) the smoothed prediction c_A tolerates.
     0 where p_A <= p_B (Algorithm 2 abstains; the formula itself is symmetric in p_A
     and p_B and would give a positive number), ``math.inf`` where p_A = 1 and p_B = 0.
     Computed as -log((1 - p_A)/(1 + sqrt p_A) + sqrt p_B) - log1p(sqrt p_A - sqrt p_B),
-    which keeps full precision as p_A -> 1 and p_B -> 0.
+    which keeps full precision as p_A -> 1 and p_B -> 0; ``one_minus_p_a`` (1 - p_A_lower known
+    more precisely than p_A_lower itself, e.g. from exact smoothing) replaces 1 - p_A there.
     """
     a, b, scalar = _probabilities(p_a_lower, p_b_upper)
     out = np.zeros(a.shape)
@@ -195,8 +198,9 @@ def kl_budget(p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float) -> n
     if np.any(ok):
         pa, pb = a[ok], b[ok]
         sa, sb = np.sqrt(pa), np.sqrt(pb)
+        q = 1.0 - pa if one_minus_p_a is None else np.broadcast_to(np.asarray(one_minus_p_a, dtype=np.float64), a.shape)[ok]
         with np.errstate(divide="ignore"):
-            out[ok] = -(np.log((1.0 - pa) / (1.0 + sa) + sb) + np.log1p(sa - sb))
+            out[ok] = -(np.log(q / (1.0 + sa) + sb) + np.log1p(sa - sb))
     return float(out) if scalar else out
 
 
@@ -572,14 +576,16 @@ def neyman_pearson_budget(sigma: float, margin: np.ndarray) -> np.ndarray:
     return np.where(m > 0, s * m / 2.0, 0.0)
 
 
-def kl_distance_budget(sigma: float, p_a_lower: np.ndarray, p_b_upper: np.ndarray) -> np.ndarray:
+def kl_distance_budget(
+    sigma: float, p_a_lower: np.ndarray, p_b_upper: np.ndarray, one_minus_p_a: np.ndarray | None = None
+) -> np.ndarray:
     """The KL form: D_KL(N(w, s^2 I) || N(w', s^2 I)) = ||w - w'||^2 / (2 s^2) <= eps (Theorem 3).
 
     Delta <= sigma sqrt(2 eps), eps = -log(1 - (sqrt p_A - sqrt p_B)^2) (:func:`kl_budget`). Weaker
     than :func:`neyman_pearson_budget` (by up to sqrt(2) for small margins); kept as the paper's form.
     """
     s = _scalar("sigma", sigma, low=0.0, low_open=True, high=math.inf, high_open=True)
-    return s * np.sqrt(2.0 * np.asarray(kl_budget(p_a_lower, p_b_upper), dtype=np.float64))
+    return s * np.sqrt(2.0 * np.asarray(kl_budget(p_a_lower, p_b_upper, one_minus_p_a), dtype=np.float64))
 
 
 def logit_margin_budget(logits: np.ndarray, input_norms: np.ndarray) -> np.ndarray:

@@ -551,7 +551,8 @@ def _certified_top_two(z: torch.Tensor, s: torch.Tensor, est: TopTwoEstimates) -
     p_b_upper = torch.minimum(est.p_b + est.err, log_pair_b.exp()).clamp(_TINY, 1.0)
     # log(1 - p_A_lower) = min(log(1 - p_A + err), log_union), each accurate where it is the smaller
     log1m = torch.minimum(torch.log1p(-(est.p_a - est.err).clamp(max=1.0)), log_union).clamp(max=0.0)
-    log_pb = torch.minimum(torch.log(est.p_b + est.err), log_pair_b).clamp(min=math.log(_TINY), max=0.0)
+    # not floored: a p_B_upper far below the smallest double still has an exact log (the NP margin needs it)
+    log_pb = torch.minimum(torch.log(est.p_b + est.err), log_pair_b).clamp(max=0.0)
     return TopTwo(est.c_a, est.c_b, p_a_lower, p_b_upper, log1m, log_pb)
 
 
