@@ -26,7 +26,6 @@ the paper reading), and the blocks ``certificate``, ``smoothing``, ``results``, 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -36,13 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from crfl import bounds, closeness, lipschitz, mixture, radius as radius_mod, smoothing
+from crfl import bounds, closeness, lipschitz, mixture, radius as radius_mod, rundir, smoothing
 from crfl.bounds import BoundResult
 from crfl.clients import nominal_poison_ratio
 from crfl.closeness import AttackTerm
 from crfl.config import Config
 from crfl.data import Dataset
-from crfl.io import write_csv, write_json
 from crfl.metrics import curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
 from crfl.schedule import contraction_schedule
@@ -588,8 +586,6 @@ def certify_run(
     """
     src = Path(run_dir)
     cfg, final, attack_log = load_run(src, overrides)
-    run = Path(out_dir) if out_dir is not None else src
-    run.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = prepare(cfg, dataset, module)
     cz = setup.cfg.certify
@@ -610,11 +606,6 @@ def certify_run(
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
     rad = {"clean": rad_all[:m], "backdoor": rad_all[m:]}
     budget = {"clean": None if budget_all is None else budget_all[:m], "backdoor": None if budget_all is None else budget_all[m:]}
-    for k, s in sets.items():
-        write_csv(run / f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, budget[k], rad[k], y, radius_ok))
-        if cert.reading == "paper" and radius_ok:
-            write_csv(run / f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(cert.paper, s))
-
     base_pred = setup.model.predict(final["params"].to(setup.dtype), XX.to(setup.dtype)).numpy()
     grid = radius_grid([rad["clean"], rad["backdoor"]], fixed=cz.radii)
     results: dict[str, Any] = {}
@@ -633,12 +624,9 @@ def certify_run(
             "certified_correct_at_attack": float((covered & (pred == y)).mean()) if radius_ok and m else None,
             "curve": curve_table(r, pred, y, grid) if radius_ok else [],
         }
-    summary_path = run / "summary.json"
-    base_summary = summary_path if summary_path.is_file() else src / "summary.json"
-    summary = json.loads(base_summary.read_text()) if base_summary.is_file() else {}
-    summary["certificate"] = cert.block()
+    blocks: dict[str, Any] = {"certificate": cert.block()}
     method, reading = cert.method, cert.reading
-    summary["smoothing"] = {
+    blocks["smoothing"] = {
         "method": method, "M": cz.M if method == "monte-carlo" else None,
         "alpha": cz.alpha if (method == "monte-carlo" or reading == "mixture") else None,
         "bound": cz.bound if method == "monte-carlo" else ("kl-chernoff" if reading == "mixture" else None),
@@ -646,12 +634,20 @@ def certify_run(
         "selection": cz.selection if method == "monte-carlo" else None,
         "sigma_T": cz.sigma_T if method != "margin" else None, "seconds": smooth_seconds,
     }
-    summary["results"] = results
-    summary["assumptions"] = cert.report
+    blocks["results"] = results
+    blocks["assumptions"] = cert.report
     if twin_block is not None:
-        summary["twin"] = twin_block
-    summary["certify_seconds"] = time.perf_counter() - t0
-    write_json(summary_path, summary)
+        blocks["twin"] = twin_block
+    # the whole result set or nothing: staged, then switched in at once (crfl.rundir.results_for)
+    with rundir.results_for(out_dir if out_dir is not None else src, base=src) as rs:
+        for k, s in sets.items():
+            rs.write_csv(f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, budget[k], rad[k], y, radius_ok))
+            if cert.reading == "paper" and radius_ok:
+                rs.write_csv(f"inverse_{k}.csv", INVERSE_COLUMNS, inverse_rows(cert.paper, s))
+        blocks["certify_seconds"] = time.perf_counter() - t0
+        if twin_block is None:
+            blocks["twin"] = None
+        summary = rs.update_summary(blocks)
     return summary
 
 

@@ -248,6 +248,9 @@ def train(
     The setup is resolved before anything is written, so a bad config or dataset leaves nothing.
     """
     if resume:
+        from crfl.flower.provenance import refuse_simulator_resume
+
+        refuse_simulator_resume(out_dir)  # a Flower run resumes over Flower, never with the simulator
         run = rundir.resume_run(out_dir)
     else:
         setup = prepare(cfg, dataset, module)
