@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from crfl.attacks import build_plan, pixel_delta
 from crfl.clients import (
-    ClientData, Poison, client_batches, local_iterations, local_updates, local_updates_loop, poison_slots, round_batches,
+    ClientData, Poison, client_batches, local_iterations, local_updates, poison_slots, round_batches,
 )
 from crfl.config import Config, resolve
 from crfl.model import LinearModel, ModuleModel
@@ -21,6 +22,41 @@ from crfl.server import clip_to_norm, server_step
 from crfl.train import train
 from crfl.validation import ConfigError
 from tests.conftest import synthetic_images
+
+
+# --- an independent reference: a plain loop over clients and steps with autograd ----------------
+
+
+def local_updates_loop(
+    model,
+    params: torch.Tensor,
+    data,
+    idx: np.ndarray,
+    lr: float,
+    poison=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference implementation: a plain loop over clients and steps with autograd (for tests)."""
+    K, tau_max, _ = idx.shape
+    out = []
+    for k in range(K):
+        w = params.to(dtype).clone()
+        for s in range(tau_max):
+            rows = idx[k, s][idx[k, s] >= 0]
+            if len(rows) == 0:
+                continue
+            X = data.inputs(torch.from_numpy(rows), dtype)
+            Y = data.y[torch.from_numpy(rows)].clone()
+            if poison is not None:
+                pm = poison.mask[k, s][: len(rows)]
+                X[pm] = torch.clamp(X[pm] + poison.deltas[k].to(dtype), poison.low, poison.high)
+                Y[pm] = poison.target
+            w_req = w.clone().requires_grad_(True)
+            loss = F.cross_entropy(model.logits(w_req.unsqueeze(0), X.unsqueeze(0))[0], Y)
+            (g,) = torch.autograd.grad(loss, w_req)
+            w = w - lr * g
+        out.append(w - params.to(dtype))
+    return torch.stack(out)
 
 
 def _client_data(ds, sizes):

@@ -43,7 +43,7 @@ from crfl.config import Config
 from crfl.data import Dataset
 from crfl.metrics import curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
-from crfl.schedule import contraction_schedule
+from crfl.schedule import contraction_schedule, noise_after_round
 from crfl.setup import Setup, model_inputs, prepare
 from crfl.validation import ConfigError
 
@@ -156,7 +156,7 @@ def sound_ingredients(setup: Setup, attack_log: list[dict[str, Any]], reading: s
     terms = _terms(attack_log) if not radius_blockers(setup, attack_log) else ()
     B0, source = _input_norm_bound(setup)
     if reading == "mixture" and terms:
-        sigma = mixture.mixture_noise_level(setup, terms[0].round, cz.sigma_T)
+        sigma = noise_after_round(setup.sigma, terms[0].round, setup.rounds, cz.sigma_T)
     else:
         sigma = float(cz.sigma_T)
     return SoundIngredients(reading, terms, B0, source, sigma, cz.bound_form, float(setup.plan.trigger.norm))
@@ -320,7 +320,7 @@ def certificate_ingredients(setup: Setup, attack_log: list[dict[str, Any]], B: f
              for a in attackers]
         source = "config"
     rho_t_adv = setup.rho(t_adv)
-    sigma_t_adv = setup.sigma(t_adv) if t_adv < T else cz.sigma_T
+    sigma_t_adv = noise_after_round(setup.sigma, t_adv, T, cz.sigma_T)
     rhos, sigmas = contraction_schedule(setup.rho, setup.sigma, t_adv, T, cz.sigma_T)
     if cz.lipschitz == "paper":
         rho_lz = rho_t_adv

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from crfl.model import Model
 from crfl.rng import numpy_generator
@@ -244,35 +243,3 @@ def local_updates_shared(
         grad = model.loss_grad_shared(local, X, Y, weight, 1.0 / data.input_scale if fold else 1.0)
         local.sub_(grad, alpha=lr)
     return local.sub_(start.unsqueeze(0))
-
-
-def local_updates_loop(
-    model: Model,
-    params: torch.Tensor,
-    data: ClientData,
-    idx: np.ndarray,
-    lr: float,
-    poison: Poison | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Reference implementation: a plain loop over clients and steps with autograd (for tests)."""
-    K, tau_max, _ = idx.shape
-    out = []
-    for k in range(K):
-        w = params.to(dtype).clone()
-        for s in range(tau_max):
-            rows = idx[k, s][idx[k, s] >= 0]
-            if len(rows) == 0:
-                continue
-            X = data.inputs(torch.from_numpy(rows), dtype)
-            Y = data.y[torch.from_numpy(rows)].clone()
-            if poison is not None:
-                pm = poison.mask[k, s][: len(rows)]
-                X[pm] = torch.clamp(X[pm] + poison.deltas[k].to(dtype), poison.low, poison.high)
-                Y[pm] = poison.target
-            w_req = w.clone().requires_grad_(True)
-            loss = F.cross_entropy(model.logits(w_req.unsqueeze(0), X.unsqueeze(0))[0], Y)
-            (g,) = torch.autograd.grad(loss, w_req)
-            w = w - lr * g
-        out.append(w - params.to(dtype))
-    return torch.stack(out)

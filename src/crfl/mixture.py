@@ -119,9 +119,3 @@ def mixture_certificate(setup: Setup, finals: torch.Tensor, X: torch.Tensor, sig
     """c_A (the mixture's prediction), p_A_lower and p_B_upper of the mixture, simultaneous over classes."""
     lo, up = mixture_class_bounds(setup, finals, X, sigma_T)
     return mixture_bound(lo, up, finals.shape[0], alpha)
-
-
-def mixture_noise_level(setup: Setup, t_adv: int, sigma_T: float) -> float:
-    """The Gaussian mechanism's noise at the attack round: sigma_t_adv, or sigma_T when t_adv = T."""
-    return float(sigma_T) if t_adv >= setup.rounds else float(setup.sigma(t_adv))
-

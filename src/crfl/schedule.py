@@ -119,3 +119,11 @@ def contraction_schedule(
     rhos = [rho(t) for t in range(t_adv + 1, rounds + 1)]
     sigmas = [sigma(t) if t < rounds else float(sigma_T) for t in range(t_adv + 1, rounds + 1)]
     return rhos, sigmas
+
+
+def noise_after_round(sigma: SigmaSchedule, t: int, rounds: int, sigma_T: float) -> float:
+    """The Gaussian noise put on the model right after round t: sigma_t for t <= T-1, and for t = T
+    the smoothing noise sigma_T of certification (Algorithm 2). Theorem 1's sigma_{t_adv}, and the
+    Gaussian mechanism of the mixture certificate, are this value at t = t_adv."""
+    check_int("t", t, low=1, high=rounds)
+    return float(sigma(t)) if t < rounds else float(sigma_T)
