@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from crfl.validation import ConfigError, check_choice, check_int, check_real
+from crfl import registry
+from crfl.validation import ConfigError, check_int, check_real
 
 __all__ = [
     "AggregateResult",
@@ -80,7 +81,7 @@ class AggregateResult:
 
 
 Aggregator = Callable[..., AggregateResult]
-_REGISTRY: dict[str, tuple[Aggregator, str]] = {}
+_REGISTRY: registry.Entries[Aggregator] = {}
 
 
 def register_aggregator(name: str, description: str) -> Callable[[Aggregator], Aggregator]:
@@ -89,20 +90,15 @@ def register_aggregator(name: str, description: str) -> Callable[[Aggregator], A
     Options must be keyword-only parameters of ``fn``; :func:`aggregate` rejects
     any other option name with a message listing the valid ones.
     """
-
-    def deco(fn: Aggregator) -> Aggregator:
-        _REGISTRY[name] = (fn, description)
-        return fn
-
-    return deco
+    return registry.register(_REGISTRY, name, description)
 
 
 def aggregator_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return registry.names(_REGISTRY)
 
 
 def describe_aggregators() -> dict[str, str]:
-    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+    return registry.describe(_REGISTRY)
 
 
 def aggregate(
@@ -118,8 +114,7 @@ def aggregate(
         **options: options of the rule (e.g. ``max_iter`` for ``rfa``, ``f`` and
             ``m`` for ``krum``).
     """
-    check_choice("aggregator", name, aggregator_names())
-    fn, _ = _REGISTRY[name]
+    fn = registry.lookup(_REGISTRY, "aggregator", name)
     _check_options(name, fn, options)
     u = _check_updates(updates)
     p = _check_client_weights(client_weights, u)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from crfl.validation import check_choice
+from crfl import registry
 
 
 class DataError(ValueError):
@@ -62,37 +62,30 @@ class Dataset:
 
 
 Loader = Callable[..., Dataset]
-_REGISTRY: dict[str, tuple[Loader, str]] = {}
+_REGISTRY: registry.Entries[Loader] = {}
 
 
 def register_dataset(name: str, description: str) -> Callable[[Loader], Loader]:
     """Decorator: register ``loader(data_dir: Path | None, seed: int, **options) -> Dataset``."""
-
-    def deco(fn: Loader) -> Loader:
-        _REGISTRY[name] = (fn, description)
-        return fn
-
-    return deco
+    return registry.register(_REGISTRY, name, description)
 
 
 def dataset_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return registry.names(_REGISTRY)
 
 
 def describe_datasets() -> dict[str, str]:
-    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+    return registry.describe(_REGISTRY)
 
 
 def loader(name: str) -> Loader:
     """The registered loader function of ``name``."""
-    check_choice("dataset", name, dataset_names())
-    return _REGISTRY[name][0]
+    return registry.lookup(_REGISTRY, "dataset", name)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 1, **options: Any) -> Dataset:
     """Load a registered dataset; an unknown name lists the valid ones."""
-    check_choice("dataset", name, dataset_names())
-    fn, _ = _REGISTRY[name]
+    fn = registry.lookup(_REGISTRY, "dataset", name)
     return check_dataset(fn(Path(data_dir) if data_dir is not None else None, seed, **options))
 
 
