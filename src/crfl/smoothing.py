@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -131,6 +132,31 @@ def _count(pred: torch.Tensor, counts: torch.Tensor, start: int, C: int) -> None
 # Monte Carlo
 
 
+def _votes(
+    noisy_model: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
+    Xd: torch.Tensor, D: int, M: int, generator: torch.Generator, models_per_chunk: int, points_per_chunk: int,
+) -> torch.Tensor | None:
+    """The chunk loops of ``GetCounts``, shared by the linear and the module versions.
+
+    The M noisy models come in chunks of ``models_per_chunk``: for each chunk one (m, D) block
+    of N(0, 1) noise E is drawn from ``generator`` (in Xd's dtype, moved to Xd's device) and
+    ``noisy_model(E)`` gives the chunk's classifier, which maps a block of at most
+    ``points_per_chunk`` rows of Xd to logits (n_c, m, C). Returns (n, C) int64 counts of the
+    argmax predictions, or None when Xd has no rows (C is then unknown here).
+    """
+    n = Xd.shape[0]
+    counts: torch.Tensor | None = None
+    with torch.no_grad():
+        for m0 in range(0, M, models_per_chunk):
+            logits_of = noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, Xd.dtype, Xd.device))
+            for n0 in range(0, n, points_per_chunk):
+                logits = logits_of(Xd[n0 : n0 + points_per_chunk])
+                if counts is None:
+                    counts = torch.zeros((n, logits.shape[-1]), dtype=torch.int64, device=Xd.device)
+                _count(logits.argmax(dim=-1), counts, n0, logits.shape[-1])
+    return counts
+
+
 def monte_carlo_counts_linear(
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -162,21 +188,17 @@ def monte_carlo_counts_linear(
     _check_linear(weight, bias, X)
     sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
     C, d = weight.shape
-    n = X.shape[0]
     device = weight.device
     W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype)
-    counts = torch.zeros((n, C), dtype=torch.int64, device=device)
-    with torch.no_grad():
-        for m0 in range(0, M, models_per_chunk):
-            m = min(models_per_chunk, M - m0)
-            E = _noise(m, C * d + C, generator, dtype, device)
-            Wn = (W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)).reshape(m * C, d)
-            bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
-            for n0 in range(0, n, points_per_chunk):
-                Xc = Xd[n0 : n0 + points_per_chunk]
-                logits = torch.addmm(bn.reshape(1, m * C), Xc, Wn.T).view(Xc.shape[0], m, C)
-                _count(logits.argmax(dim=-1), counts, n0, C)
-    return counts
+
+    def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        m = E.shape[0]
+        Wn = (W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)).reshape(m * C, d)
+        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
+        return lambda Xc: torch.addmm(bn.reshape(1, m * C), Xc, Wn.T).view(Xc.shape[0], m, C)
+
+    counts = _votes(noisy_model, Xd, C * d + C, M, generator, models_per_chunk, points_per_chunk)
+    return counts if counts is not None else torch.zeros((0, C), dtype=torch.int64, device=device)
 
 
 def monte_carlo_counts_module(
@@ -221,9 +243,7 @@ def monte_carlo_counts_module(
         raise ConfigError("The 'flat_params' parameter must hold finite floating point values. Got other values instead.")
     if not isinstance(X, torch.Tensor) or not X.is_floating_point():
         raise ConfigError(f"The 'X' parameter must be a floating point tensor. Got {type(X).__name__} instead.")
-    dtype, device = flat_params.dtype, flat_params.device
-    n = X.shape[0]
-    Xd = X.to(device=device, dtype=dtype)
+    Xd = X.to(device=flat_params.device, dtype=flat_params.dtype)
 
     def split(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out, i = {}, 0
@@ -237,20 +257,15 @@ def monte_carlo_counts_module(
         return torch.func.functional_call(module, params, (x,))
 
     batched = torch.vmap(one_model, in_dims=(0, None))
-    counts: torch.Tensor | None = None
-    with torch.no_grad():
-        for m0 in range(0, M, models_per_chunk):
-            m = min(models_per_chunk, M - m0)
-            E = _noise(m, D, generator, dtype, device)
-            params = split(flat_params.unsqueeze(0) + sigma * E)
-            for n0 in range(0, n, points_per_chunk):
-                logits = batched(params, Xd[n0 : n0 + points_per_chunk])  # (m, n_c, C)
-                if counts is None:
-                    counts = torch.zeros((n, logits.shape[-1]), dtype=torch.int64, device=device)
-                _count(logits.argmax(dim=-1).T, counts, n0, logits.shape[-1])
+
+    def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        params = split(flat_params.unsqueeze(0) + sigma * E)
+        return lambda Xc: batched(params, Xc).transpose(0, 1)  # (m, n_c, C) -> (n_c, m, C)
+
+    counts = _votes(noisy_model, Xd, D, M, generator, models_per_chunk, points_per_chunk)
     if counts is None:  # n == 0: the number of classes comes from one evaluation
         C = one_model(split(flat_params), Xd[:0]).shape[-1]
-        counts = torch.zeros((0, C), dtype=torch.int64, device=device)
+        counts = torch.zeros((0, C), dtype=torch.int64, device=flat_params.device)
     return counts
 
 
