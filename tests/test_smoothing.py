@@ -308,3 +308,21 @@ def test_module_version_runs_a_small_network_and_refuses_global_randomness():
     noisy = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Dropout(0.5)).train()
     with pytest.raises(RuntimeError):
         monte_carlo_counts_module(noisy, torch.nn.utils.parameters_to_vector(noisy.parameters()).detach(), X, 0.05, 10, gen(1))
+
+
+def test_exact_class_bounds_bracket_every_class_probability():
+    """l(c) <= H_s^c <= u(c) for all classes: closed form for confident points, quadrature near boundaries."""
+    from crfl.smoothing import exact_class_bounds, exact_class_probabilities
+
+    g = torch.Generator().manual_seed(5)
+    for C, scale, sigma in [(3, 0.3, 0.05), (10, 3.0, 0.01), (10, 0.05, 0.2), (47, 1.0, 0.02)]:
+        W = torch.randn(C, 12, generator=g, dtype=torch.float64) * scale
+        b = torch.randn(C, generator=g, dtype=torch.float64) * scale
+        X = torch.rand(300, 12, generator=g, dtype=torch.float64)
+        lo, up = exact_class_bounds(W, b, X, sigma)
+        p = exact_class_probabilities(W, b, X, sigma).exp()
+        assert torch.all(lo <= p + 1e-15) and torch.all(p <= up + 1e-15)
+        assert torch.all(lo.sum(dim=1) <= 1 + 1e-12) and torch.all(up.sum(dim=1) >= 1 - 1e-12)
+        top = p.argmax(dim=1)
+        r = torch.arange(len(X))
+        assert float((up[r, top] - lo[r, top]).max()) < 1e-6  # the top class is pinned down

@@ -225,21 +225,32 @@ def local_updates_shared(
     idx: np.ndarray,
     lr: float,
     dtype: torch.dtype = torch.float32,
+    client_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Benign local SGD of every client from each of K global models (K, D) on the same batches.
 
-    Returns the updates (N, K, D). For the linear model only (``loss_grad_shared``): the K models
-    of a client meet the same inputs, so every step is one wide product per client.
+    Returns the updates (N, K, D), or with ``client_weights`` (N,) their weighted sum
+    sum_i p_i (w_i - w) (K, D) without materialising the N K D updates. For the linear model only
+    (``sgd_step_shared_``): the K models of a client meet the same inputs, so every step is one
+    wide product per client.
     """
-    if not hasattr(model, "loss_grad_shared"):
-        raise ConfigError(f"The model {getattr(model, 'name', model)!r} has no shared-batch gradient; the mixture certificate needs the linear model.")
+    if not hasattr(model, "sgd_step_shared_"):
+        raise ConfigError(f"The model {getattr(model, 'name', model)!r} has no shared-batch step; the mixture certificate needs the linear model.")
     N, tau_max, _ = idx.shape
-    idx_t = torch.from_numpy(idx)
+    K = params.shape[0]
+    C, d = model.num_classes, model.num_features
     start = params.to(dtype)
-    local = start.unsqueeze(0).repeat(N, 1, 1)
+    W0, b0 = model.split(start)  # (K, C, d), (K, C)
+    W = W0.reshape(1, K * C, d).repeat(N, 1, 1)
+    b = b0.reshape(1, K, C).repeat(N, 1, 1)
+    idx_t = torch.from_numpy(idx)
     fold = data.input_scale != 1.0
     for s in range(tau_max):
         X, Y, weight = _batch(data, idx_t[:, s], None, None, dtype, None, scaled=not fold)
-        grad = model.loss_grad_shared(local, X, Y, weight, 1.0 / data.input_scale if fold else 1.0)
-        local.sub_(grad, alpha=lr)
-    return local.sub_(start.unsqueeze(0))
+        model.sgd_step_shared_(W, b, X, Y, weight, lr, 1.0 / data.input_scale if fold else 1.0)
+    if client_weights is None:
+        return torch.cat([W.view(N, K, C * d), b], dim=2).sub_(start.unsqueeze(0))
+    p = client_weights.to(dtype)
+    Wm = torch.einsum("n,nkd->kd", p, W.view(N, K, C * d))
+    bm = torch.einsum("n,nk->k", p, b.view(N, K * C)).view(K, C)
+    return torch.cat([Wm, bm], dim=1).sub_(start, alpha=float(p.sum()))

@@ -86,9 +86,8 @@ def continuations(
         w = w.to(setup.dtype)
         for t in range(t_adv + 1, T + 1):
             idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, t)
-            upd = local_updates_shared(setup.model, w, setup.data, idx, cfg.clients.lr, setup.dtype)
-            agg = torch.einsum("n,nkd->kd", weights, upd.double())
-            new = w.double() + agg
+            agg = local_updates_shared(setup.model, w, setup.data, idx, cfg.clients.lr, setup.dtype, client_weights=weights)
+            new = w.double() + agg.double()
             rho = setup.rho(t)
             for j in range(len(ks)):
                 new[j] = clip_to_norm(new[j], rho)[0]

@@ -82,30 +82,26 @@ class LinearModel:
         gb = G.sum(dim=1)
         return torch.cat([gW.flatten(1), gb], dim=1)
 
-    def loss_grad_shared(
-        self, params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor, x_scale: float = 1.0
-    ) -> torch.Tensor:
-        """:meth:`loss_grad` for K models per client that all see the client's batch (N, K, D).
+    def sgd_step_shared_(
+        self, W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor, lr: float,
+        x_scale: float = 1.0,
+    ) -> None:
+        """One SGD step, in place, of K models per client that all see the client's batch.
 
-        X (N, n, d), Y and weight (N, n) are shared by the K models of a client, so the logits of
-        all K models are one wide product X (n, d) @ W^T (d, K C) per client instead of K skinny
-        ones (the mixture certificate's continuations share the run's batches).
+        W (N, K C, d) and b (N, K, C) hold the K models of each of N clients; X (N, n, d), Y and
+        weight (N, n) are the clients' batches (inputs x_scale * X). The logits of all K models are one
+        wide product X (n, d) @ W^T (d, K C) per client, and the gradient step is fused into the second
+        product (W <- W - lr x_scale G^T X): the mixture certificate's continuations share the run's
+        batches, so this replaces K skinny products by one.
         """
-        N, K, _ = params.shape
-        C, d = self.num_classes, self.num_features
-        W, b = self.split(params)  # (N, K, C, d), (N, K, C)
-        Wf = W.reshape(N, K * C, d)
-        if x_scale != 1.0:
-            Wf = Wf * x_scale
-        n = X.shape[1]
-        G = torch.bmm(X, Wf.transpose(1, 2)).view(N, n, K, C).add_(b.unsqueeze(1))
-        G = _softmax(G)
+        N, KC, _ = W.shape
+        C = self.num_classes
+        K, n = KC // C, X.shape[1]
+        G = _softmax(torch.baddbmm(b.view(N, 1, KC), X, W.transpose(1, 2), alpha=x_scale).view(N, n, K, C))
         G.scatter_add_(-1, Y.view(N, n, 1, 1).expand(N, n, K, 1), torch.full((N, n, K, 1), -1.0, dtype=G.dtype))
         G.mul_(weight.view(N, n, 1, 1))
-        gW = torch.bmm(G.view(N, n, K * C).transpose(1, 2), X).view(N, K, C * d)
-        if x_scale != 1.0:
-            gW.mul_(x_scale)
-        return torch.cat([gW, G.sum(dim=1)], dim=2)
+        W.baddbmm_(G.view(N, n, KC).transpose(1, 2), X, alpha=-lr * x_scale)
+        b.sub_(G.sum(dim=1), alpha=lr)
 
     def predict(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Predicted classes of one parameter vector (D,) on inputs X (n, d)."""
