@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import special
@@ -426,6 +427,37 @@ def _safe_log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
+class _Inverse(NamedTuple):
+    """Eq. 2 in log space, shared by the inverse questions; build it with :meth:`of`.
+
+    Q = eps sigma_{t_adv}^2 / (2 L_Z^2 kappa); ``log_a`` is the log of the product of the known
+    factors among p, gamma, tau, eta, q, ``log_d`` = log ||delta||.
+    """
+
+    half_log_q: np.ndarray  # log sqrt(Q) per point
+    log_eps: np.ndarray  # log eps per point; -inf where the point abstains
+    log_a: float
+    log_d: float
+    scalar: bool  # the probabilities were scalars: answer with a float
+
+    @classmethod
+    def of(cls, p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction, **factors: float) -> _Inverse:
+        """Validate the arguments (``factors`` in the order p, gamma, tau, eta, poison_ratio) and take logs."""
+        v = _identical({**factors, "delta_norm": delta_norm})
+        half_log_q, log_eps, scalar = _log_sqrt_q(p_a_lower, p_b_upper, sigma_t_adv, L_Z, log_contraction)
+        log_a = _safe_log(math.prod(v[k] for k in factors))
+        return cls(half_log_q, log_eps, log_a, _safe_log(v["delta_norm"]), scalar)
+
+    def solve(self, log_rest: float) -> np.ndarray:
+        """sqrt(Q) / e^log_rest per point: inf where log_rest = -inf, 0 where the point abstains."""
+        with np.errstate(over="ignore"):
+            x = np.exp(self.half_log_q - log_rest) if log_rest > -math.inf else np.full(self.half_log_q.shape, np.inf)
+        return np.where(self.log_eps > -np.inf, x, 0.0)
+
+    def answer(self, out: np.ndarray) -> np.ndarray | float:
+        return float(out) if self.scalar else out
+
+
 def max_attackers(
     p_a_lower: np.ndarray | float,
     p_b_upper: np.ndarray | float,
@@ -448,18 +480,19 @@ def max_attackers(
     the point abstains. The value R satisfies certified_radius(R copies) >= ||delta|| and
     R + 1 copies give a radius < ||delta||.
     """
-    v = _identical(dict(p=p, gamma=gamma, tau=tau, eta=eta, poison_ratio=poison_ratio, delta_norm=delta_norm))
-    half_log_q, log_eps, scalar = _log_sqrt_q(p_a_lower, p_b_upper, sigma_t_adv, L_Z, log_contraction)
+    inv = _Inverse.of(
+        p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction,
+        p=p, gamma=gamma, tau=tau, eta=eta, poison_ratio=poison_ratio,
+    )
     sigma, L, lc = _common(sigma_t_adv, L_Z, log_contraction)
-    log_a = _safe_log(v["p"] * v["gamma"] * v["tau"] * v["eta"] * v["poison_ratio"])
-    log_d = _safe_log(v["delta_norm"])
-    out = np.zeros(half_log_q.shape)
+    log_eps, log_a, log_d = inv.log_eps, inv.log_a, inv.log_d
+    out = np.zeros(inv.half_log_q.shape)
     live = log_eps > -np.inf
     if log_a == -math.inf or log_d == -math.inf:
         out[live] = np.inf
-        return float(out) if scalar else out
+        return inv.answer(out)
     with np.errstate(over="ignore"):
-        r_real = np.exp(half_log_q - log_a - log_d)
+        r_real = np.exp(inv.half_log_q - log_a - log_d)
     r = np.floor(np.where(live, r_real, 0.0))
     # Fix rounding at integer boundaries with the exact test used by certified_radius:
     # R is certified iff log ||delta|| <= log RAD(R), log S = log R + 2 log a.
@@ -477,7 +510,7 @@ def max_attackers(
         up = exact & ok(r + 1.0)
         r = np.where(up, r + 1.0, r)
     out[live] = np.maximum(r[live], 0.0)
-    return float(out) if scalar else out
+    return inv.answer(out)
 
 
 def max_scale(
@@ -500,13 +533,11 @@ def max_scale(
     p tau eta q ||delta|| = 0; 0 where the point abstains.
     """
     R = _int_r(R)
-    v = _identical(dict(p=p, tau=tau, eta=eta, poison_ratio=poison_ratio, delta_norm=delta_norm))
-    half_log_q, log_eps, scalar = _log_sqrt_q(p_a_lower, p_b_upper, sigma_t_adv, L_Z, log_contraction)
-    log_rest = math.log(R) + _safe_log(v["p"] * v["tau"] * v["eta"] * v["poison_ratio"]) + _safe_log(v["delta_norm"])
-    with np.errstate(over="ignore"):
-        g = np.exp(half_log_q - log_rest) if log_rest > -math.inf else np.full(half_log_q.shape, np.inf)
-    out = np.where(log_eps > -np.inf, g, 0.0)
-    return float(out) if scalar else out
+    inv = _Inverse.of(
+        p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction,
+        p=p, tau=tau, eta=eta, poison_ratio=poison_ratio,
+    )
+    return inv.answer(inv.solve(math.log(R) + inv.log_a + inv.log_d))
 
 
 def max_poison_ratio(
@@ -529,13 +560,11 @@ def max_poison_ratio(
     attackers cannot move the model; 0 where the point abstains.
     """
     R = _int_r(R)
-    v = _identical(dict(p=p, gamma=gamma, tau=tau, eta=eta, delta_norm=delta_norm))
-    half_log_q, log_eps, scalar = _log_sqrt_q(p_a_lower, p_b_upper, sigma_t_adv, L_Z, log_contraction)
-    log_rest = math.log(R) + _safe_log(v["p"] * v["gamma"] * v["tau"] * v["eta"]) + _safe_log(v["delta_norm"])
-    with np.errstate(over="ignore"):
-        q = np.exp(half_log_q - log_rest) if log_rest > -math.inf else np.full(half_log_q.shape, np.inf)
-    out = np.where(log_eps > -np.inf, np.minimum(q, 1.0), 0.0)
-    return float(out) if scalar else out
+    inv = _Inverse.of(
+        p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction,
+        p=p, gamma=gamma, tau=tau, eta=eta,
+    )
+    return inv.answer(np.minimum(inv.solve(math.log(R) + inv.log_a + inv.log_d), 1.0))
 
 
 def _int_r(R: object) -> int:

@@ -40,6 +40,6 @@ def describe(entries: Entries[T]) -> dict[str, str]:
 
 
 def lookup(entries: Entries[T], kind: str, name: str) -> T:
-    """The part registered as ``name``; an unknown name raises ConfigError naming ``kind`` and listing the valid names."""
+    """The part registered as ``name``; an unknown name is a ConfigError naming ``kind`` and listing the valid names."""
     check_choice(kind, name, names(entries))
     return entries[name][0]
