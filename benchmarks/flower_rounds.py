@@ -8,16 +8,27 @@ one local epoch, FedAvg + clip + noise) with N clients:
   ClientApp call per client, messages serialized as in a deployment; round time measured by the
   CRFL strategy from ``configure_train`` to the end of ``aggregate_train`` (``flower.json``);
 - ``flower-inprocess``: the same ServerApp/ClientApp objects through the in-process test Grid
-  (no Ray, no network): the cost of per-client training and of Flower's records alone.
+  (no Ray, no network): the cost of per-client training and of Flower's records alone;
+- ``deployment`` (``--deployment stock fast``): ``flwr run`` against a SuperLink and N SuperNodes
+  on 127.0.0.1 (plain HTTP on loopback), each a separate process. ``stock``: ``flower-supernode``
+  as Flower ships it (a new ``flwr-clientapp`` process per message); ``fast``:
+  ``python -m crfl.flower.supernode --isolation process`` served by ``--workers`` long-lived
+  ``python -m crfl.flower.worker`` processes (docs/flower.md). Every process is stopped by PID.
 
     python -m benchmarks.flower_rounds [--clients 10 50] [--rounds 8] [--threads 1] [--out bench.json]
+    python -m benchmarks.flower_rounds --only deployment --deployment fast stock --clients 10 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +41,7 @@ from crfl.setup import prepare
 from crfl.train import run_round
 
 
+LOGS: str | None = None  # --logs: copy the deployment's process logs there
 THREADS = 1  # torch threads everywhere (set by --threads); on a busy 2-core machine 2 threads run 10-50x slower
 
 
@@ -73,6 +85,116 @@ def flower_inprocess(clients: int, rounds: int) -> list[float]:
         return _round_seconds(Path(d) / "run")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _app_dir(d: Path) -> Path:
+    """A Flower app that is only the repository's ``[tool.flwr.app]`` tables (a small FAB; crfl is installed)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    app = d / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[project]\nname = "crflbench"\nversion = "0.1.0"\ndescription = "crfl benchmark"\nlicense = "Apache-2.0"\n\n'
+                                        + text[text.index("[tool.flwr.app]"):])
+    return app
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each started process group (each was started in its own session), then SIGKILL; by PID only."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # what is left of the group (flwr-clientapp, flower-superexec)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def _wait_health(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the SuperLink on 127.0.0.1:{port} did not come up (exit code {proc.poll()})")
+
+
+def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) -> tuple[list[float], float]:
+    """Round seconds of ``flwr run`` over a loopback SuperLink with ``clients`` SuperNodes (``stock`` or ``fast``)."""
+    bindir = Path(sys.executable).parent
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        home = d / "home"
+        home.mkdir()
+        env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
+                   FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS=str(THREADS))
+        link = _free_port()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+
+        def start(args: list[str], name: str) -> subprocess.Popen:
+            log = open(d / f"{name}.log", "w")  # noqa: SIM115 (closed when the directory goes)
+            p = subprocess.Popen(args, cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(p)
+            return p
+
+        try:
+            sl = start([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink")
+            _wait_health(link, sl)
+            ports = [_free_port() for _ in range(clients)]
+            for i, port in enumerate(ports):
+                node = ["--insecure", "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port)]
+                if mode == "stock":
+                    start([str(bindir / "flower-supernode"), *node], f"supernode{i}")
+                else:
+                    start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", str(poll), "--",
+                           *node, "--isolation", "process"], f"supernode{i}")
+            if mode == "fast":
+                for w in range(workers):
+                    start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address",
+                           *[f"127.0.0.1:{p}" for p in ports[w::workers]]], f"worker{w}")
+            out = d / "run"
+            overrides = (f"data.num_clients={clients}; server.rounds={rounds}; attack.rounds=[2]; "
+                         f"run.eval_every={rounds}; run.threads={THREADS}")
+            t0 = time.perf_counter()
+            run = subprocess.run([str(bindir / "flwr"), "run", str(_app_dir(d)), "bench", "--stream", "--run-config",
+                                  f"overrides='{overrides}' out-dir='{out}' certify=false"],
+                                 cwd=d, env=env, capture_output=True, text=True, timeout=3600)
+            wall = time.perf_counter() - t0
+            if run.returncode != 0 or not (out / "flower.json").exists():
+                raise RuntimeError(f"flwr run failed ({run.returncode}):\n{(run.stdout + run.stderr)[-3000:]}")
+            return _round_seconds(out), wall
+        finally:
+            _stop(procs)
+            if LOGS:
+                import shutil
+                dest = Path(LOGS) / f"{mode}-{clients}"
+                dest.mkdir(parents=True, exist_ok=True)
+                for f in d.glob("*.log"):
+                    shutil.copy(f, dest / f.name)
+                if (d / "run" / "flower.json").exists():
+                    shutil.copy(d / "run" / "flower.json", dest / "flower.json")
+
+
 def _stats(times: list[float]) -> dict[str, Any]:
     steady = times[1:] if len(times) > 1 else times  # round 1 includes data loading on the clients
     return {"first": times[0], "median_after_first": statistics.median(steady), "all": times}
@@ -85,22 +207,37 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for Ray (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the simulator and of every client")
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["simulator", "inprocess", "ray", "deployment"], default=None,
+                    help="run only these modes (default: all but deployment)")
+    ap.add_argument("--deployment", nargs="+", choices=["stock", "fast"], default=["fast"],
+                    help="SuperNode setups of the deployment mode")
+    ap.add_argument("--workers", type=int, default=2, help="crfl workers of the fast deployment (each serves N/workers nodes)")
+    ap.add_argument("--poll-interval", type=float, default=0.1, help="SuperNode idle poll of the fast deployment (s)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--logs", default=None, help="keep the deployment's process logs in this directory")
     a = ap.parse_args()
-    global THREADS
-    THREADS = a.threads
+    global THREADS, LOGS
+    THREADS, LOGS = a.threads, a.logs
     torch.set_num_threads(a.threads)
     out: dict[str, Any] = {"rounds": a.rounds, "torch_threads": torch.get_num_threads(), "results": {}}
     # Ray last: once Ray has run in this process, the batched simulator slows down ~10x here
+    only = set(a.only or ["simulator", "inprocess"] + ([] if a.skip_ray else ["ray"]))
+    out["loadavg_before"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     for n in a.clients:
-        out["results"][str(n)] = {
-            "simulator": _stats(simulator(n, a.rounds)),
-            "flower-inprocess": _stats(flower_inprocess(n, a.rounds)),
-        }
-    if not a.skip_ray:
+        res = out["results"].setdefault(str(n), {})
+        if "simulator" in only:
+            res["simulator"] = _stats(simulator(n, a.rounds))
+        if "inprocess" in only:
+            res["flower-inprocess"] = _stats(flower_inprocess(n, a.rounds))
+        if "deployment" in only:  # separate processes: the order does not matter
+            for mode in a.deployment:
+                times, wall = deployment(n, a.rounds, mode, a.workers, a.poll_interval)
+                res[f"deployment-{mode}"] = {**_stats(times), "wall_with_startup": wall}
+    if "ray" in only:
         for n in a.clients:
             times, wall = flower_ray(n, a.rounds, a.num_cpus)
             out["results"][str(n)]["flower-ray"] = {**_stats(times), "wall_with_startup": wall}
+    out["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     for n, res in out["results"].items():
         print(f"N = {n}: " + ", ".join(f"{k} {v['median_after_first']:.3f} s/round" for k, v in res.items()), flush=True)
     text = json.dumps(out, indent=2)

@@ -483,7 +483,10 @@ for i in 0 1 2; do ssh-keygen -q -t ecdsa -b 384 -N "" -f node$i; done
 
 @pytest.mark.slow
 def test_deployment_tls_authenticated_supernodes(tmp_path):
-    """SuperLink over TLS with SuperNode authentication; two registered nodes train two rounds, an unregistered one is refused."""
+    """SuperLink over TLS with SuperNode authentication; two registered nodes train two rounds, an unregistered one is refused.
+
+    The nodes run the fast path (crfl.flower.supernode, --isolation process, one crfl.flower.worker for both).
+    """
     app = tmp_path / "crflflower"
     app.mkdir()
     (app / "pyproject.toml").write_text(APP_TOML)
@@ -507,9 +510,13 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
         started.append(p)
         return p
 
-    def supernode(i: int) -> subprocess.Popen:
-        return start([str(bindir / "flower-supernode"), "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
-                      "--auth-supernode-private-key", f"node{i}", "--host", "127.0.0.1", "--port", str(_free_port()),
+    runtime = {i: f"127.0.0.1:{_free_port()}" for i in (0, 1, 2)}
+
+    def supernode(i: int) -> subprocess.Popen:  # the fast path of docs/flower.md: crfl's launcher, --isolation process
+        host, port = runtime[i].split(":")
+        return start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", "0.1", "--",
+                      "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
+                      "--auth-supernode-private-key", f"node{i}", "--isolation", "process", "--host", host, "--port", port,
                       "--max-retries", "2", "--max-wait-time", "10"], f"supernode{i}")
 
     try:
@@ -524,9 +531,12 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
             assert reg.returncode == 0, reg.stdout + reg.stderr
             ids.append(int(json.loads(reg.stdout[reg.stdout.index("{"):])["node-id"]))
         nodes = [supernode(i) for i in (0, 1)]
+        # one long-lived ClientApp worker serves both nodes' Runtime APIs (loopback, plain HTTP)
+        worker = start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address", runtime[0], runtime[1]],
+                       "worker")
         intruder = supernode(2)  # its key was never registered
         assert intruder.wait(timeout=60) != 0
-        assert all(n.poll() is None for n in nodes)
+        assert all(n.poll() is None for n in [*nodes, worker])
         table = f"{ids[0]}=0 {ids[1]}=1"
         run = subprocess.run(
             [str(bindir / "flwr"), "run", str(app), "secure", "--stream", "--run-config",
@@ -536,6 +546,8 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
         assert "Finished: 2 rounds" in log, log[-4000:]
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert worker_log.count(": completed in") == 4, worker_log[-4000:]  # 2 nodes x 2 rounds, in one process
     finally:
         _stop([p.pid for p in started])
     assert all(p.poll() is not None for p in started)

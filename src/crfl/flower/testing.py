@@ -101,13 +101,13 @@ class LocalGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = list(self.pull_messages(list(self.push_messages(messages))))
+        replies = [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
         if self._rng is not None:
             replies = [replies[i] for i in self._rng.permutation(len(replies))]
         return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
 
     def _deliver(self, msg: Message) -> Message:
         if msg.metadata.dst_node_id in self.unavailable:
