@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None, help="keep the deployment's process logs in this directory")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # `timeout`/kill: stop the deployment's processes first
     global THREADS, LOGS
     THREADS, LOGS = a.threads, a.logs
     torch.set_num_threads(a.threads)
