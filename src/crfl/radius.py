@@ -36,8 +36,8 @@ an abstaining point (p_A_lower <= p_B_upper) has radius 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import numpy as np
 from scipy import special
@@ -273,18 +273,62 @@ def _log_radius(log_eps: np.ndarray, sigma: float, L: float, lc: float, log_R: f
     return 0.5 * (_log_threshold(log_eps, sigma, L, lc) - log_R - log_S)
 
 
+class Eq2Terms(TypedDict):
+    """Corollary 1's ingredients besides the probabilities (one entry per attacker in the lists):
+    the training noise sigma_{t_adv} > 0 at the attack round, L_Z > 0 (Assumption 2), each
+    attacker's aggregation weight p_i in [0, 1], scale factor gamma_i >= 0, local iterations
+    tau_i >= 1, learning rate eta_i > 0, poison ratio q_{B_i} / n_{B_i} in [0, 1], and
+    :func:`log_contraction` of the rounds after t_adv (<= 0)."""
+
+    sigma_t_adv: float
+    L_Z: float
+    p: Sequence[float]
+    gamma: Sequence[float]
+    tau: Sequence[float]
+    eta: Sequence[float]
+    poison_ratio: Sequence[float]
+    log_contraction: float
+
+
+class InverseTerms(TypedDict, total=False):
+    """The inverse questions' ingredients: Eq2Terms for R identical attackers (scalars), with R itself
+    for :func:`max_scale` and :func:`max_poison_ratio`; the quantity asked for is left out."""
+
+    sigma_t_adv: float
+    L_Z: float
+    log_contraction: float
+    R: int
+    p: float
+    gamma: float
+    tau: float
+    eta: float
+    poison_ratio: float
+
+
+_EQ2_KEYS = tuple(Eq2Terms.__annotations__)
+_INVERSE_COMMON = ("sigma_t_adv", "L_Z", "log_contraction", "p", "tau", "eta")
+
+
+def _take(func: str, given: Mapping[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
+    """The keyword arguments ``required`` of ``func``, with Python's own errors for missing or unknown ones."""
+    missing = [k for k in required if k not in given]
+    if missing:
+        raise TypeError(f"{func}() missing required keyword-only argument(s): {', '.join(map(repr, missing))}")
+    unknown = sorted(set(given) - set(required))
+    if unknown:
+        raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}")
+    return dict(given)
+
+
+def _eq2(func: str, terms: Mapping[str, Any]) -> tuple[float, float, float, tuple[np.ndarray, ...]]:
+    """(sigma_t_adv, L_Z, log_contraction, (p, gamma, tau, eta, poison_ratio) arrays), validated."""
+    t = _take(func, terms, _EQ2_KEYS)
+    sigma, L, lc = _common(t["sigma_t_adv"], t["L_Z"], t["log_contraction"])
+    return sigma, L, lc, _attackers(t["p"], t["gamma"], t["tau"], t["eta"], t["poison_ratio"])
+
+
 def certified_radius(
-    p_a_lower: np.ndarray | float,
-    p_b_upper: np.ndarray | float,
-    *,
-    sigma_t_adv: float,
-    L_Z: float,
-    p: Sequence[float],
-    gamma: Sequence[float],
-    tau: Sequence[float],
-    eta: Sequence[float],
-    poison_ratio: Sequence[float],
-    log_contraction: float,
+    p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float, **terms: Unpack[Eq2Terms]
 ) -> np.ndarray | float:
     """RAD of Corollary 1 (Eq. 2) for every test point.
 
@@ -310,8 +354,7 @@ def certified_radius(
         the model) or where log_contraction = -inf.
     """
     a, b, scalar = _probabilities(p_a_lower, p_b_upper)
-    sigma, L, lc = _common(sigma_t_adv, L_Z, log_contraction)
-    pv, gv, tv, ev, qv = _attackers(p, gamma, tau, eta, poison_ratio)
+    sigma, L, lc, (pv, gv, tv, ev, qv) = _eq2("certified_radius", terms)
     R = len(pv)
     log_S = _log_sum_sq(pv * gv * tv * ev * qv)
     log_eps = np.asarray(log_kl_budget(a, b), dtype=np.float64)
@@ -325,15 +368,8 @@ def theorem1_holds(
     p_b_upper: np.ndarray | float,
     delta_norms: Sequence[float],
     *,
-    sigma_t_adv: float,
-    L_Z: float,
-    p: Sequence[float],
-    gamma: Sequence[float],
-    tau: Sequence[float],
-    eta: Sequence[float],
-    poison_ratio: Sequence[float],
-    log_contraction: float,
     as_printed: bool = False,
+    **terms: Unpack[Eq2Terms],
 ) -> np.ndarray | bool:
     """Theorem 1's condition with one backdoor magnitude ||delta_i|| per attacker.
 
@@ -350,8 +386,7 @@ def theorem1_holds(
         p_A_lower <= p_B_upper (abstain).
     """
     a, b, scalar = _probabilities(p_a_lower, p_b_upper)
-    sigma, L, lc = _common(sigma_t_adv, L_Z, log_contraction)
-    pv, gv, tv, ev, qv = _attackers(p, gamma, tau, eta, poison_ratio)
+    sigma, L, lc, (pv, gv, tv, ev, qv) = _eq2("theorem1_holds", terms)
     R = len(pv)
     dv = _deltas(delta_norms, R)
     log_lhs = math.log(R) + _log_sum_sq(pv * gv * tv * ev * qv * dv)
@@ -366,24 +401,12 @@ def theorem1_holds(
     return bool(holds) if scalar else holds
 
 
-def kl_bound(
-    delta_norms: Sequence[float],
-    *,
-    sigma_t_adv: float,
-    L_Z: float,
-    p: Sequence[float],
-    gamma: Sequence[float],
-    tau: Sequence[float],
-    eta: Sequence[float],
-    poison_ratio: Sequence[float],
-    log_contraction: float,
-) -> float:
+def kl_bound(delta_norms: Sequence[float], **terms: Unpack[Eq2Terms]) -> float:
     """Theorem 2's bound on D_KL(mu(M(D)) || mu(M(D'))):
 
         2 R sum_i (p_i gamma_i tau_i eta_i q_i L_Z ||delta_i||)^2 / sigma_{t_adv}^2 * kappa.
     """
-    sigma, L, lc = _common(sigma_t_adv, L_Z, log_contraction)
-    pv, gv, tv, ev, qv = _attackers(p, gamma, tau, eta, poison_ratio)
+    sigma, L, lc, (pv, gv, tv, ev, qv) = _eq2("kl_bound", terms)
     R = len(pv)
     dv = _deltas(delta_norms, R)
     log_s = _log_sum_sq(pv * gv * tv * ev * qv * dv)
@@ -441,10 +464,13 @@ class _Inverse(NamedTuple):
     scalar: bool  # the probabilities were scalars: answer with a float
 
     @classmethod
-    def of(cls, p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction, **factors: float) -> _Inverse:
-        """Validate the arguments (``factors`` in the order p, gamma, tau, eta, poison_ratio) and take logs."""
+    def of(cls, p_a_lower, p_b_upper, delta_norm, terms: Mapping[str, Any], factor_names: tuple[str, ...]) -> _Inverse:
+        """Validate the arguments (the factors named, in the order p, gamma, tau, eta, poison_ratio) and take logs."""
+        factors = {k: terms[k] for k in factor_names}
         v = _identical({**factors, "delta_norm": delta_norm})
-        half_log_q, log_eps, scalar = _log_sqrt_q(p_a_lower, p_b_upper, sigma_t_adv, L_Z, log_contraction)
+        half_log_q, log_eps, scalar = _log_sqrt_q(
+            p_a_lower, p_b_upper, terms["sigma_t_adv"], terms["L_Z"], terms["log_contraction"]
+        )
         log_a = _safe_log(math.prod(v[k] for k in factors))
         return cls(half_log_q, log_eps, log_a, _safe_log(v["delta_norm"]), scalar)
 
@@ -459,18 +485,7 @@ class _Inverse(NamedTuple):
 
 
 def max_attackers(
-    p_a_lower: np.ndarray | float,
-    p_b_upper: np.ndarray | float,
-    delta_norm: float,
-    *,
-    sigma_t_adv: float,
-    L_Z: float,
-    p: float,
-    gamma: float,
-    tau: float,
-    eta: float,
-    poison_ratio: float,
-    log_contraction: float,
+    p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float, delta_norm: float, **terms: Unpack[InverseTerms]
 ) -> np.ndarray | float:
     """Client level: the largest number R >= 0 of identical attackers still certified at ||delta||.
 
@@ -480,11 +495,9 @@ def max_attackers(
     the point abstains. The value R satisfies certified_radius(R copies) >= ||delta|| and
     R + 1 copies give a radius < ||delta||.
     """
-    inv = _Inverse.of(
-        p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction,
-        p=p, gamma=gamma, tau=tau, eta=eta, poison_ratio=poison_ratio,
-    )
-    sigma, L, lc = _common(sigma_t_adv, L_Z, log_contraction)
+    t = _take("max_attackers", terms, _INVERSE_COMMON + ("gamma", "poison_ratio"))
+    inv = _Inverse.of(p_a_lower, p_b_upper, delta_norm, t, ("p", "gamma", "tau", "eta", "poison_ratio"))
+    sigma, L, lc = _common(t["sigma_t_adv"], t["L_Z"], t["log_contraction"])
     log_eps, log_a, log_d = inv.log_eps, inv.log_a, inv.log_d
     out = np.zeros(inv.half_log_q.shape)
     live = log_eps > -np.inf
@@ -514,56 +527,30 @@ def max_attackers(
 
 
 def max_scale(
-    p_a_lower: np.ndarray | float,
-    p_b_upper: np.ndarray | float,
-    delta_norm: float,
-    *,
-    sigma_t_adv: float,
-    L_Z: float,
-    R: int,
-    p: float,
-    tau: float,
-    eta: float,
-    poison_ratio: float,
-    log_contraction: float,
+    p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float, delta_norm: float, **terms: Unpack[InverseTerms]
 ) -> np.ndarray | float:
     """Feature/client level: the largest scale factor gamma still certified for R identical attackers.
 
     gamma_max = sqrt(Q) / (R p tau eta q ||delta||) from Eq. 2; ``math.inf`` when
     p tau eta q ||delta|| = 0; 0 where the point abstains.
     """
-    R = _int_r(R)
-    inv = _Inverse.of(
-        p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction,
-        p=p, tau=tau, eta=eta, poison_ratio=poison_ratio,
-    )
+    t = _take("max_scale", terms, _INVERSE_COMMON + ("R", "poison_ratio"))
+    R = _int_r(t["R"])
+    inv = _Inverse.of(p_a_lower, p_b_upper, delta_norm, t, ("p", "tau", "eta", "poison_ratio"))
     return inv.answer(inv.solve(math.log(R) + inv.log_a + inv.log_d))
 
 
 def max_poison_ratio(
-    p_a_lower: np.ndarray | float,
-    p_b_upper: np.ndarray | float,
-    delta_norm: float,
-    *,
-    sigma_t_adv: float,
-    L_Z: float,
-    R: int,
-    p: float,
-    gamma: float,
-    tau: float,
-    eta: float,
-    log_contraction: float,
+    p_a_lower: np.ndarray | float, p_b_upper: np.ndarray | float, delta_norm: float, **terms: Unpack[InverseTerms]
 ) -> np.ndarray | float:
     """Sample level: the largest poison ratio q = q_B / n_B still certified, capped at 1.
 
     q_max = min(1, sqrt(Q) / (R p gamma tau eta ||delta||)) from Eq. 2; 1 when the
     attackers cannot move the model; 0 where the point abstains.
     """
-    R = _int_r(R)
-    inv = _Inverse.of(
-        p_a_lower, p_b_upper, delta_norm, sigma_t_adv, L_Z, log_contraction,
-        p=p, gamma=gamma, tau=tau, eta=eta,
-    )
+    t = _take("max_poison_ratio", terms, _INVERSE_COMMON + ("R", "gamma"))
+    R = _int_r(t["R"])
+    inv = _Inverse.of(p_a_lower, p_b_upper, delta_norm, t, ("p", "gamma", "tau", "eta"))
     return inv.answer(np.minimum(inv.solve(math.log(R) + inv.log_a + inv.log_d), 1.0))
 
 

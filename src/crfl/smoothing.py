@@ -158,12 +158,8 @@ def _votes(
 
 
 def monte_carlo_counts_linear(
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    X: torch.Tensor,
-    sigma: float,
-    M: int,
-    generator: torch.Generator,
+    weight: torch.Tensor, bias: torch.Tensor,  # the model
+    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,  # GetCounts' inputs
     *,
     models_per_chunk: int = 250,
     points_per_chunk: int = 2048,
@@ -202,12 +198,8 @@ def monte_carlo_counts_linear(
 
 
 def monte_carlo_counts_module(
-    module: torch.nn.Module,
-    flat_params: torch.Tensor,
-    X: torch.Tensor,
-    sigma: float,
-    M: int,
-    generator: torch.Generator,
+    module: torch.nn.Module, flat_params: torch.Tensor,  # the model
+    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,  # GetCounts' inputs
     *,
     models_per_chunk: int = 64,
     points_per_chunk: int = 4096,

@@ -36,7 +36,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from crfl.flower.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
 from crfl import io, rundir
 from crfl.setup import Setup, evaluate, prepare, resolved_config
-from crfl.train import attack_record, write_final
+from crfl.train import TrainResult, attack_record, write_final
 from crfl.validation import ConfigError, check_int, check_real, fail
 
 log = logging.getLogger("crfl.flower")
@@ -109,16 +109,11 @@ class FederationFailed(RuntimeError):
 
 
 @dataclass
-class FlowerRun:
-    """The outcome of :func:`run_federation`."""
+class FlowerRun(TrainResult):
+    """The outcome of :func:`run_federation`: the simulator's :class:`~crfl.train.TrainResult` plus
+    Flower's per-round log, the certification summary and whether all T rounds ran."""
 
-    out_dir: Path
-    setup: Setup
-    final_params: torch.Tensor
-    records: list[dict[str, Any]]
-    attack_log: list[dict[str, Any]]
-    history: dict[int, RoundLog]
-    seconds: float
+    history: dict[int, RoundLog] = field(default_factory=dict)
     summary: dict[str, Any] | None = None
     finished: bool = True
 
@@ -353,8 +348,8 @@ def run_federation(
                 "seconds": seconds + time.perf_counter() - t0,
             })
             if stop_after is not None and t >= stop_after and t < T:
-                return FlowerRun(out, setup, params, records, attack_log, dict(strategy.history),
-                                 seconds + time.perf_counter() - t0, finished=False)
+                return FlowerRun(out, setup, params, records, attack_log, seconds=seconds + time.perf_counter() - t0,
+                                 history=dict(strategy.history), finished=False)
         seconds += time.perf_counter() - t0
 
         without = [r["round"] for r in past_rounds if r["skipped"] is not None]
@@ -382,7 +377,7 @@ def run_federation(
         )
         with run.results() as rs:
             rs.write_json("flower.json", {"rounds": past_rounds})
-    result = FlowerRun(out, setup, params, records, attack_log, dict(strategy.history), seconds)
+    result = FlowerRun(out, setup, params, records, attack_log, seconds=seconds, history=dict(strategy.history))
     if contributed == 0:
         raise FederationFailed(
             f"No client contributed to any of the {T} rounds (see {out / 'flower.json'}); the run is not certified."
