@@ -408,20 +408,30 @@ def _stop(pids: list[int]) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    reaped: set[int] = set()
+
+    def reap() -> None:  # our direct children: a dead one stays a zombie (and 'alive') until reaped
+        for pid in pids:
+            try:
+                if pid not in reaped and os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped.add(pid)
+            except ChildProcessError:
+                reaped.add(pid)
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
-        time.sleep(0.2)
+    while time.monotonic() < deadline and any(_alive(p) for p in tree if p not in reaped):
+        reap()
+        time.sleep(0.1)
     for pid in tree:
-        if _alive(pid):
+        if pid not in reaped and _alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for pid in pids:  # reap our direct children
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    deadline = time.monotonic() + 10  # SIGKILL cannot be refused: wait until every direct child is reaped
+    while time.monotonic() < deadline and len(reaped) < len(set(pids)):
+        reap()
+        time.sleep(0.05)
 
 
 APP_TOML = """\
