@@ -428,8 +428,8 @@ def _stop(pids: list[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + 10  # SIGKILL cannot be refused: wait until every direct child is reaped
-    while time.monotonic() < deadline and len(reaped) < len(set(pids)):
+    deadline = time.monotonic() + 10  # SIGKILL cannot be refused: wait until every process is gone (children reaped)
+    while time.monotonic() < deadline and (len(reaped) < len(set(pids)) or any(_alive(p) for p in tree if p not in reaped)):
         reap()
         time.sleep(0.05)
 

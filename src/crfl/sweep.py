@@ -26,13 +26,17 @@ A spec with ``kind: numeric`` evaluates Corollary 1 on a grid without training
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -401,13 +405,31 @@ def _run_jobs(
                 raise
             ex.shutdown()
     except KeyboardInterrupt:
-        _write_results(out, spec, job_list, results)
+        with _sigint_deferred():
+            _write_results(out, spec, job_list, results)
         raise
-    rows = _write_results(out, spec, job_list, results)
+    with _sigint_deferred():  # a Ctrl-C arriving while the last results are written waits for the write
+        rows = _write_results(out, spec, job_list, results)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed and progress:
         print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))
     return rows
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block (writing results.csv) is done, then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
 
 
 def _report(progress: bool, n: int, total: int, job: Job, rows: list[dict[str, Any]]) -> None:
