@@ -96,7 +96,7 @@ def _setting(rng: np.random.Generator) -> dict:
 def _violations(cert: Certifier, X: torch.Tensor) -> tuple[int, int, int]:
     sm, _, rad = cert.certify(X)
     tw = cert.bounds(X, twin=True)
-    covered = (rad >= cert.delta_norm) & ~sm.abstain
+    covered = (rad > cert.delta_norm) & ~sm.abstain
     differ = tw.c_a != sm.c_a
     return int((covered & differ).sum()), int(covered.sum()), int(differ.sum())
 

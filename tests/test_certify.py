@@ -144,7 +144,7 @@ def test_radius_rows_match_independent_rederivation(tmp_path, trained, images28,
             assert row["correct"] == str(int(row["prediction"] == row["label"]))
             if float(row["log1m_p_a_lower"]) > -700:
                 assert math.exp(float(row["log1m_p_a_lower"])) == pytest.approx(1 - pa, rel=1e-6, abs=1e-15)
-            covered += float(row["radius"]) >= c["delta_norm"] and int(row["prediction"]) >= 0
+            covered += float(row["radius"]) > c["delta_norm"] and int(row["prediction"]) >= 0
             if case.endswith("mc"):
                 assert int(row["n_a"]) >= int(row["n_b"])
                 if case == "paper-mc":  # the paper's bound, each at level alpha
@@ -170,6 +170,7 @@ def test_coupled_twin_is_the_counterfactual_and_never_disagrees_where_certified(
     dev = deviation_coefficient(terms, c["input_norm_bound"] + c["delta_norm"]) * c["delta_norm"]
     final = torch.load(trained / "model_final.pt", weights_only=False)
     assert float((final["params"] - final["twin_params"]).double().norm()) <= dev
+    assert tw["exact"] is True
     for k in ("clean", "backdoor"):
         assert tw[k]["violations"] == 0
         assert tw[k]["covered_points"] == 0 or tw[k]["agreement"] == 1.0
@@ -309,3 +310,30 @@ def test_rule_without_client_weights_reports_margins(tmp_path, images28):
     assert "no per-client weight" in s["assumptions"]["note"]
     rows = read_csv(tmp_path / "r" / "certificates_clean.csv")
     assert all(r["radius"] == "" for r in rows) and all(r["p_a_lower"] != "" for r in rows)
+
+
+def test_scope_checks_that_can_fail(tmp_path, trained, images28):
+    """A server-owned B_0 below the data's norms, Monte Carlo bounds without joint coverage, and inputs outside
+    the trigger's box each make the run uncertified."""
+    s = certify_run(trained, overrides={"certify.input_norm_bound": 1.0}, dataset=images28, out_dir=tmp_path / "b")
+    assert s["assumptions"]["checks"]["input_norm_bound"]["holds"] is False and not s["certificate"]["radius_certified"]
+    s = certify_run(trained, overrides={"certify.input_norm_bound": 40.0}, dataset=images28, out_dir=tmp_path / "B")
+    assert s["assumptions"]["checks"]["input_norm_bound"]["holds"] is True and s["certificate"]["radius_certified"]
+    s = certify_run(trained, overrides={"certify.method": "monte-carlo", "certify.M": 100, "certify.coverage": "paper"},
+                    dataset=images28, out_dir=tmp_path / "p")
+    assert s["assumptions"]["checks"]["confidence"]["holds"] is False and not s["certificate"]["radius_certified"]
+    s = certify_run(trained, overrides={"certify.method": "monte-carlo", "certify.M": 100}, dataset=images28,
+                    out_dir=tmp_path / "s")
+    assert s["assumptions"]["checks"]["confidence"]["holds"] is True and s["certificate"]["radius_certified"]
+    # features outside [0, 1]: clamping x + delta can move an input by more than ||delta||
+    import dataclasses
+
+    wide = dataclasses.replace(images28, input_scale=100.0)  # pixels up to 2.55 in model units
+    train(cfg28(), tmp_path / "w", dataset=wide)
+    s = certify_run(tmp_path / "w", dataset=wide)
+    assert s["assumptions"]["checks"]["inputs_in_trigger_box"]["holds"] is False and not s["certificate"]["radius_certified"]
+
+
+def test_attack_records_the_rounds_total_weight(trained):
+    rec = json.loads((trained / "attack.json").read_text())["rounds"][0]
+    assert rec["p_total"] == pytest.approx(1.0)

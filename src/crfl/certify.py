@@ -116,11 +116,22 @@ class SoundIngredients:
 
 def clean_input_norm_bound(setup: Setup) -> float:
     """B_0 = max ||x|| over the clean training inputs (what only a simulator knows; a federation sets it)."""
-    xs = torch.from_numpy(setup.dataset.x_train)
-    best = 0.0
-    for i in range(0, len(xs), 16384):
-        best = max(best, lipschitz.input_norm_bound(model_inputs(setup.dataset, xs[i : i + 16384], torch.float64)))
-    return best
+    return training_input_stats(setup)[0]
+
+
+def training_input_stats(setup: Setup) -> tuple[float, float, float]:
+    """(max ||x||, min x_j, max x_j) over the clean training inputs in model units (cached on the setup)."""
+    key = "training_input_stats"
+    if key not in setup._eval_cache:
+        xs = torch.from_numpy(setup.dataset.x_train)
+        best, lo, hi = 0.0, math.inf, -math.inf
+        for i in range(0, len(xs), 16384):
+            X = model_inputs(setup.dataset, xs[i : i + 16384], torch.float64)
+            best = max(best, lipschitz.input_norm_bound(X))
+            if X.numel():
+                lo, hi = min(lo, float(X.min())), max(hi, float(X.max()))
+        setup._eval_cache[key] = (best, lo, hi)
+    return setup._eval_cache[key]
 
 
 def _input_norm_bound(setup: Setup) -> tuple[float, str]:
@@ -189,8 +200,34 @@ def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[
     return res, budget
 
 
+def _input_norm_check(setup: Setup, ing: SoundIngredients) -> dict[str, Any]:
+    """B_0 must bound every clean training input; a server-owned bound is checked against the data when it is here."""
+    B = ing.input_norm_bound
+    data_max = clean_input_norm_bound(setup) if len(setup.dataset.y_train) else 0.0
+    holds = B >= data_max * (1 - 1e-12)
+    return {
+        "holds": holds,
+        "detail": f"B_0 = {B:.6g} ({ing.input_norm_source}); the training data's max ||x|| = {data_max:.6g}"
+                  + ("" if holds else ": the bound is too small") + "; triggered inputs: B_0 + radius (the fixed point)",
+    }
+
+
+def _box_check(setup: Setup, attack_log: list[dict[str, Any]], ing: SoundIngredients) -> dict[str, Any]:
+    """Clamping x + delta to the box only shrinks the trigger when the clean inputs lie in the box."""
+    _, lo, hi = training_input_stats(setup)
+    inside = lo >= 0.0 and hi <= 1.0
+    actual = [v for rec in attack_log for v in (rec.get("measured") or {}).get("actual_delta_norm_max", [])]
+    within = all(v <= ing.delta_norm * (1 + 1e-4) for v in actual)  # float32 rounding of x + delta - x
+    return {
+        "holds": inside and within,
+        "detail": f"clean training inputs in [{lo:.4g}, {hi:.4g}] (the trigger is clamped to [0, 1]); largest applied "
+                  f"||x' - x|| = {max(actual) if actual else 0.0:.4g} <= ||delta|| = {ing.delta_norm:.4g}",
+    }
+
+
 def scope_report(
-    setup: Setup, ing: SoundIngredients, attack_log: list[dict[str, Any]], fixed_rounds: dict[int, bool], method: str
+    setup: Setup, ing: SoundIngredients, attack_log: list[dict[str, Any]], fixed_rounds: dict[int, bool], method: str,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The assumptions of the coupled / mixture certificate, checked for this run."""
     cz = setup.cfg.certify
@@ -222,14 +259,30 @@ def scope_report(
             "detail": f"sigma = {ing.sigma} ({'sigma_T' if ing.reading == 'coupled' else 'sigma at t_adv'})"
                       if method != "margin" else "margin method: no smoothing",
         },
-        "input_norm_bound": {"holds": True, "detail": f"B_0 = {B:.6g} ({ing.input_norm_source}); triggered inputs: "
-                                                      "B_0 + radius (the fixed point of the radius)"},
+        "input_norm_bound": _input_norm_check(setup, ing),
+        "inputs_in_trigger_box": _box_check(setup, attack_log, ing),
     }
     if ing.reading == "mixture":
         checks["one_attack_round"] = {"holds": len(ing.terms) == 1,
                                       "detail": f"{len(ing.terms)} attack round(s); the mixture reading covers one"}
+    if ing.reading == "mixture":
+        from crfl.flower.provenance import is_flower_run
+
+        replayable = not is_flower_run(run_dir) if run_dir is not None else True
+        checks["continuations_replay_the_run"] = {
+            "holds": replayable,
+            "detail": "the continuations train every client with the configured weights in every round after t_adv, as the "
+                      "simulator did" if replayable else "a Flower run's later rounds had their own participation (sampling, "
+                      "drops, rejected replies), which the continuations do not replay: use the coupled reading",
+        }
     if setup.model.is_linear and method == "monte-carlo":
-        checks["confidence"] = {"holds": True, "detail": f"Monte Carlo bounds: the statement holds with probability >= 1 - {cz.alpha}"}
+        valid = cz.coverage == "simultaneous" or cz.selection > 0
+        checks["confidence"] = {
+            "holds": valid,
+            "detail": f"Monte Carlo bounds: the statement holds with probability >= 1 - {cz.alpha}" if valid else
+                      "coverage 'paper' bounds p_A and p_B each at alpha for the data-selected top two: not a joint "
+                      "statement for c_A (docs/theory.md (c)); use coverage 'simultaneous' or a selection sample",
+        }
     certified = all(c["holds"] for c in checks.values())
     scope = [
         "The radius bounds the trigger's magnitude ||delta_x||; the label swap delta_y is part of both D and D' "
@@ -501,7 +554,8 @@ class Certifier:
         else:
             blockers = radius_blockers(setup, attack_log)
             self.ing = sound_ingredients(setup, attack_log, self.reading)
-            self.report = scope_report(setup, self.ing, attack_log, fixed_weight_rounds(self.run_dir), self.method)
+            self.report = scope_report(setup, self.ing, attack_log, fixed_weight_rounds(self.run_dir), self.method,
+                                       self.run_dir)
             self.delta_norm = self.ing.delta_norm
             self.radius_ok = not blockers
             if blockers:
@@ -601,7 +655,8 @@ def certify_run(
         what = {"mixture": "mixture prediction of the twin's continuations"}.get(
             cert.reading, "base prediction of the twin's final model" if cert.method == "margin"
             else "smoothed prediction of the twin's final model")
-        twin_block = twin_check(both, cert.bounds(XX, twin=True), rad_all, m, cert.delta_norm, what)
+        exact = cert.reading == "coupled" and cert.method in ("exact", "margin")
+        twin_block = twin_check(both, cert.bounds(XX, twin=True), rad_all, m, cert.delta_norm, what, exact)
     radius_ok, delta_norm = cert.radius_ok, cert.delta_norm
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
     rad = {"clean": rad_all[:m], "backdoor": rad_all[m:]}
@@ -612,14 +667,14 @@ def certify_run(
     for i, (k, s) in enumerate(sets.items()):
         pred = s.prediction()
         r = rad[k]
-        covered = (r >= delta_norm) & ~s.abstain
+        covered = (r > delta_norm) & ~s.abstain  # certified for every ||delta|| < RAD
         results[k] = {
             "points": m,
             "base_accuracy": float((base_pred[i * m : (i + 1) * m] == y).mean()) if m else None,
             "smoothed_accuracy": float((pred == y).mean()) if m else None,
             "abstain_rate": float(s.abstain.mean()) if m else None,
             "max_radius": finite_max(r) if radius_ok else None,
-            "median_radius_certified": float(np.median(r[~s.abstain])) if (~s.abstain).any() and radius_ok else 0.0,
+            "median_radius_certified": (float(np.median(r[~s.abstain])) if (~s.abstain).any() else 0.0) if radius_ok else None,
             "certified_at_attack": float(covered.mean()) if radius_ok and m else None,
             "certified_correct_at_attack": float((covered & (pred == y)).mean()) if radius_ok and m else None,
             "curve": curve_table(r, pred, y, grid) if radius_ok else [],
@@ -674,7 +729,7 @@ def paper_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str, Any]
 
 
 def twin_check(
-    sm: BoundResult, tw: BoundResult, rad: np.ndarray, m: int, delta_norm: float, what: str
+    sm: BoundResult, tw: BoundResult, rad: np.ndarray, m: int, delta_norm: float, what: str, exact: bool = True
 ) -> dict[str, Any]:
     """Where the certificate covers the attack (RAD >= ||delta||), does the counterfactual twin agree?
 
@@ -682,15 +737,18 @@ def twin_check(
     covered point must agree: a disagreement is a violated certificate. For the mixture reading the
     twin's continuations estimate the counterfactual law (a statistical check).
     """
-    out: dict[str, Any] = {"delta_norm": delta_norm, "compared_with": what}
+    out: dict[str, Any] = {"delta_norm": delta_norm, "compared_with": what, "exact": exact}
+    # exact bounds (coupled reading, exact or margin): a disagreement at a covered point is a violated certificate;
+    # Monte Carlo or mixture bounds hold with probability 1 - alpha, so a disagreement there is statistical
+    key = "violations" if exact else "disagreements"
     pred, twp = sm.prediction(), tw.c_a
     for k, (a, b) in {"clean": (0, m), "backdoor": (m, 2 * m)}.items():
-        covered = (rad[a:b] >= delta_norm) & ~sm.abstain[a:b]
+        covered = (rad[a:b] > delta_norm) & ~sm.abstain[a:b]
         agree = (twp[a:b] == pred[a:b]) & covered
         out[k] = {
             "covered_points": int(covered.sum()),
             "agreement": float(agree.sum() / covered.sum()) if covered.any() else None,
-            "violations": int((covered & ~agree).sum()),
+            key: int((covered & ~agree).sum()),
             "twin_agreement_all": float((twp[a:b] == sm.c_a[a:b]).mean()) if b > a else None,
         }
     return out

@@ -194,9 +194,10 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
     tw = summary.get("twin")
     if tw:
         for k in ("clean", "backdoor"):
-            print(f"  twin check ({k}): {tw[k]['covered_points']} points certified at RAD >= ||delta|| = "
+            print(f"  twin check ({k}): {tw[k]['covered_points']} points certified at RAD > ||delta|| = "
                   f"{tw['delta_norm']:.3g}; the twin ({tw.get('compared_with')}) agrees on {tw[k]['agreement']}, "
-                  f"violations {tw[k].get('violations')}")
+                  + (f"violations {tw[k].get('violations')}" if "violations" in tw[k]
+                     else f"disagreements {tw[k].get('disagreements')} (statistical bounds)"))
     from crfl.plots import plot_run
 
     plot_run(run_dir)

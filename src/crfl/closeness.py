@@ -142,7 +142,7 @@ def solve_radius(budget: np.ndarray | float, terms: Sequence[AttackTerm], input_
     out[b == math.inf] = math.inf
     if not pos.any():
         return out
-    hi = b[pos] / c0  # r c(B_0 + r) >= r c(B_0): the root is below this
+    hi = np.minimum(b[pos] / c0, np.finfo(np.float64).max)  # r c(B_0 + r) >= r c(B_0): the root is below this
     lo = hi * 1e-300
     target = b[pos]
     with np.errstate(over="ignore", invalid="ignore"):
@@ -150,7 +150,7 @@ def solve_radius(budget: np.ndarray | float, terms: Sequence[AttackTerm], input_
         for _ in range(400):
             # geometric steps while the bracket spans orders of magnitude (huge budgets), then halving
             wide = (lo > 0) & (hi > 4.0 * lo)
-            mid = np.where(wide, np.sqrt(lo * hi), 0.5 * (lo + hi))
+            mid = np.where(wide, np.sqrt(lo) * np.sqrt(hi), lo + 0.5 * (hi - lo))
             over = ~(mid * deviation_coefficient(terms, B0 + mid) <= target)
             hi = np.where(over, mid, hi)
             lo = np.where(over, lo, mid)

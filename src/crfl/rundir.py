@@ -130,12 +130,13 @@ class AttackRecord:
     delta_norm: list[float]
     start_norm: float
     start_centred_opnorm: float | None
+    p_total: float | None = None  # the sum of all clients' weights in the round
     aggregation: dict[str, Any] | None = None
     measured: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("aggregation", "measured"):
+        for k in ("p_total", "aggregation", "measured"):
             if d[k] is None:
                 del d[k]
         return d

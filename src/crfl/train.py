@@ -104,7 +104,8 @@ def run_round(
             "actual_delta_norm_max": [float(stats.max_norm[a]) for a in plan.attackers],
             "actual_delta_norm_mean": [float(stats.sum_norm[a] / max(1, stats.count[a])) for a in plan.attackers],
         }
-        attack = attack_record(setup, t, params, p_eff, aggregation_info=agg.info, measured=measured)
+        p_total = float(w.sum()) if w is not None else None
+        attack = attack_record(setup, t, params, p_eff, aggregation_info=agg.info, measured=measured, p_total=p_total)
     return RoundResult(new, info, attack, sinfo.pre_noise if active else None)
 
 
@@ -116,6 +117,7 @@ def attack_record(
     *,
     aggregation_info: dict[str, Any] | None = None,
     measured: dict[str, Any] | None = None,
+    p_total: float | None = None,
 ) -> dict[str, Any]:
     """attack.json's entry for attack round t, from server-owned quantities only.
 
@@ -147,6 +149,8 @@ def attack_record(
         "delta_norm": [float(plan.local_triggers[a].norm) for a in attackers],
         "start_norm": float(torch.linalg.vector_norm(start_params.double())),
         "start_centred_opnorm": centred_opnorm(setup, start_params),
+        # the sum of every client's weight in this round (P of docs/theory.md (g)): the round's Lipschitz constant needs it
+        "p_total": float(setup.weights.sum()) if p_total is None else float(p_total),
     }
     if aggregation_info:
         rec["aggregation"] = {k: v for k, v in aggregation_info.items() if isinstance(v, (int, float, str, list))}
