@@ -169,3 +169,31 @@ def test_mixture_certificate_agrees_with_the_twins_law(run, imgs):
     assert covered.sum() >= 10
     assert np.mean(twin_pred[covered] != sm.c_a[covered]) <= 0.05
 
+
+
+def test_mixture_bound_each_one_sided_statement_at_its_level():
+    """Every class's lower and upper bound fails with frequency <= alpha / (2C) (+3 SE): per-run class probabilities
+    drawn from a Dirichlet with known mean, K runs per trial."""
+    rng = np.random.default_rng(21)
+    C, K, trials, alpha = 3, 30, 2000, 0.6
+    conc = np.array([2.0, 1.0, 0.5])
+    mu = conc / conc.sum()
+    level = alpha / (2 * C)
+    lo_fail = np.zeros(C)
+    up_fail = np.zeros(C)
+    for _ in range(trials):
+        runs = rng.dirichlet(conc, size=K)  # exact per-run probabilities: lower = upper
+        m = runs.mean(axis=0, keepdims=True)
+        lo_fail += mean_lower(m[0], K, level) > mu
+        up_fail += mean_upper(m[0], K, level) < mu
+    tol = 3 * math.sqrt(level * (1 - level) / trials)
+    assert np.all(lo_fail / trials <= level + tol) and np.all(up_fail / trials <= level + tol)
+    # and mixture_bound's joint statement for its data-selected c_A holds at least 1 - alpha of the time
+    ok = 0
+    for _ in range(1000):
+        runs = rng.dirichlet(conc, size=K)
+        m = runs.mean(axis=0, keepdims=True)
+        r = mixture_bound(m, m, K, alpha)
+        others = np.delete(mu, r.c_a[0])
+        ok += bool(r.p_a_lower[0] <= mu[r.c_a[0]] and r.p_b_upper[0] >= others.max())
+    assert ok / 1000 >= 1 - alpha - 3 * math.sqrt(alpha * (1 - alpha) / 1000)
