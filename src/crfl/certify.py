@@ -25,9 +25,9 @@ the paper reading), and the blocks ``certificate``, ``smoothing``, ``results``, 
 
 from __future__ import annotations
 
-import csv
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,14 +119,19 @@ def clean_input_norm_bound(setup: Setup) -> float:
     return training_input_stats(setup)[0]
 
 
+def _training_inputs(setup: Setup, chunk: int = 16384) -> Iterator[torch.Tensor]:
+    """The clean training inputs in model units (float64), in chunks."""
+    xs = torch.from_numpy(setup.dataset.x_train)
+    for i in range(0, len(xs), chunk):
+        yield model_inputs(setup.dataset, xs[i : i + chunk], torch.float64)
+
+
 def training_input_stats(setup: Setup) -> tuple[float, float, float]:
     """(max ||x||, min x_j, max x_j) over the clean training inputs in model units (cached on the setup)."""
     key = "training_input_stats"
     if key not in setup._eval_cache:
-        xs = torch.from_numpy(setup.dataset.x_train)
         best, lo, hi = 0.0, math.inf, -math.inf
-        for i in range(0, len(xs), 16384):
-            X = model_inputs(setup.dataset, xs[i : i + 16384], torch.float64)
+        for X in _training_inputs(setup):
             best = max(best, lipschitz.input_norm_bound(X))
             if X.numel():
                 lo, hi = min(lo, float(X.min())), max(hi, float(X.max()))
@@ -263,10 +268,10 @@ def scope_report(
         "inputs_in_trigger_box": _box_check(setup, attack_log, ing),
     }
     if ing.reading == "mixture":
+        from crfl.flower.provenance import is_flower_run
+
         checks["one_attack_round"] = {"holds": len(ing.terms) == 1,
                                       "detail": f"{len(ing.terms)} attack round(s); the mixture reading covers one"}
-    if ing.reading == "mixture":
-        from crfl.flower.provenance import is_flower_run
 
         replayable = not is_flower_run(run_dir) if run_dir is not None else True
         checks["continuations_replay_the_run"] = {
@@ -294,17 +299,9 @@ def scope_report(
 
 
 def fixed_weight_rounds(run_dir: Path) -> dict[int, bool]:
-    """rounds.csv's ``aggregation_fixed_weights`` per round (empty when the run predates the column)."""
-    f = run_dir / "rounds.csv"
-    out: dict[int, bool] = {}
-    if not f.is_file():
-        return out
-    with open(f, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            v = row.get("aggregation_fixed_weights")
-            if v not in (None, ""):
-                out[int(row["round"])] = bool(int(float(v)))
-    return out
+    """rounds.csv's ``aggregation_fixed_weights`` per round (rounds that did not record it are left out)."""
+    return {r.round: bool(r.aggregation_fixed_weights) for r in rundir.RunDir(run_dir).read_rounds()
+            if r.aggregation_fixed_weights is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +334,9 @@ class Ingredients:
 
 def training_input_norm_bound(setup: Setup) -> float:
     """B = max ||x|| over the training inputs, clean and with every attacker's trigger (Lemma 1's ||x||)."""
-    ds = setup.dataset
     triggers = {id(t): t for t in [setup.plan.trigger, *setup.plan.local_triggers.values()]}.values()
     best = 0.0
-    xs = torch.from_numpy(ds.x_train)
-    for i in range(0, len(xs), 16384):
-        X = model_inputs(ds, xs[i : i + 16384], torch.float64)
+    for X in _training_inputs(setup):
         for trig in triggers:
             best = max(best, lipschitz.input_norm_bound(X, trig.apply(X)))
     return best
@@ -519,8 +513,6 @@ def _rows(sm: BoundResult, budget: np.ndarray | None, rad: np.ndarray, labels: n
 
 def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any], list[dict[str, Any]]]:
     """(config with overrides, model_final.pt, attack records) of a finished run: :func:`crfl.rundir.load_run`."""
-    from crfl import rundir
-
     return rundir.load_run(run_dir, overrides)
 
 
@@ -592,21 +584,19 @@ class Certifier:
             return margin_result(self.setup, params, X)[0]
         return smooth(self.setup, params, X)
 
-    def radii(self, X: torch.Tensor, sm: BoundResult) -> tuple[np.ndarray | None, np.ndarray]:
-        """(budget, radius) per point for the bounds ``sm`` at X (budget None for the paper reading)."""
-        if not self.radius_ok:
-            return None, np.zeros(len(sm.p_a_lower))
-        if self.reading == "paper":
-            return None, paper_radii(self.paper, sm.p_a_lower, sm.p_b_upper)
-        if self.method == "margin":
-            budget = margin_result(self.setup, self.params, X)[1]
-            return budget, closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound)
-        return sound_radii(self.ing, sm)
-
     def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
-        sm = self.bounds(X)
-        budget, rad = self.radii(X, sm)
-        return sm, budget, rad
+        """(bounds, budget, radius) per point at X (budget None for the paper reading)."""
+        if self.method == "margin":
+            sm, budget = margin_result(self.setup, self.params, X)
+        else:
+            sm, budget = self.bounds(X), None
+        if not self.radius_ok:
+            return sm, None, np.zeros(len(sm.p_a_lower))
+        if self.reading == "paper":
+            return sm, None, paper_radii(self.paper, sm.p_a_lower, sm.p_b_upper)
+        if budget is None:
+            return (sm, *sound_radii(self.ing, sm))
+        return sm, budget, closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound)
 
     def block(self) -> dict[str, Any]:
         """summary.json's ``certificate`` block."""
@@ -731,7 +721,7 @@ def paper_report(setup: Setup, ing: Ingredients, attack_log: list[dict[str, Any]
 def twin_check(
     sm: BoundResult, tw: BoundResult, rad: np.ndarray, m: int, delta_norm: float, what: str, exact: bool = True
 ) -> dict[str, Any]:
-    """Where the certificate covers the attack (RAD >= ||delta||), does the counterfactual twin agree?
+    """Where the certificate covers the attack (RAD > ||delta||), does the counterfactual twin agree?
 
     For the coupled reading the twin *is* the counterfactual (same randomness, no trigger), so every
     covered point must agree: a disagreement is a violated certificate. For the mixture reading the

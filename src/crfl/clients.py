@@ -224,13 +224,13 @@ def local_updates_shared(
     data: ClientData,
     idx: np.ndarray,
     lr: float,
+    client_weights: torch.Tensor,
     dtype: torch.dtype = torch.float32,
-    client_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Benign local SGD of every client from each of K global models (K, D) on the same batches.
 
-    Returns the updates (N, K, D), or with ``client_weights`` (N,) their weighted sum
-    sum_i p_i (w_i - w) (K, D) without materialising the N K D updates. For the linear model only
+    Returns the aggregated update sum_i p_i (w_i - w) (K, D) for the client weights p (N,),
+    without materialising the N K D local updates. For the linear model only
     (``sgd_step_shared_``): the K models of a client meet the same inputs, so every step is one
     wide product per client.
     """
@@ -248,8 +248,6 @@ def local_updates_shared(
     for s in range(tau_max):
         X, Y, weight = _batch(data, idx_t[:, s], None, None, dtype, None, scaled=not fold)
         model.sgd_step_shared_(W, b, X, Y, weight, lr, 1.0 / data.input_scale if fold else 1.0)
-    if client_weights is None:
-        return torch.cat([W.view(N, K, C * d), b], dim=2).sub_(start.unsqueeze(0))
     p = client_weights.to(dtype)
     Wm = torch.einsum("n,nkd->kd", p, W.view(N, K, C * d))
     bm = torch.einsum("n,nk->k", p, b.view(N, K * C)).view(K, C)

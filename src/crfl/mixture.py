@@ -77,16 +77,16 @@ def continuations(
     chunk = K if chunk is None else max(1, int(chunk))
     weights = setup.weights.to(torch.float64)
     out = torch.empty((K, D), dtype=setup.dtype)
+    sigma_a = setup.sigma(t_adv)
     for k0 in range(0, K, chunk):
         ks = range(first + k0, first + min(K, k0 + chunk))
-        sigma_a = setup.sigma(t_adv)
         w = pre_noise.to(torch.float64).unsqueeze(0).repeat(len(ks), 1)
         if sigma_a > 0:
             w += _noise(setup, t_adv, ks, sigma_a, D, stream)
         w = w.to(setup.dtype)
         for t in range(t_adv + 1, T + 1):
             idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, t)
-            agg = local_updates_shared(setup.model, w, setup.data, idx, cfg.clients.lr, setup.dtype, client_weights=weights)
+            agg = local_updates_shared(setup.model, w, setup.data, idx, cfg.clients.lr, weights, setup.dtype)
             new = w.double() + agg.double()
             rho = setup.rho(t)
             for j in range(len(ks)):

@@ -546,12 +546,16 @@ def exact_top_two(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sig
     return _certified_top_two(z, s, est)
 
 
+def _log_pairwise(z: torch.Tensor, s: torch.Tensor, c_a: torch.Tensor) -> torch.Tensor:
+    """log P[z_j + s xi_j > z_A + s xi_A] = log Phi((z_j - z_A) / (s sqrt 2)) >= log P[j wins], -inf at c_A itself."""
+    za = z.gather(1, c_a.unsqueeze(1))
+    log_pair = torch.special.log_ndtr((z - za) / (s.unsqueeze(1) * math.sqrt(2.0)))
+    return log_pair.scatter(1, c_a.unsqueeze(1), -math.inf)
+
+
 def _certified_top_two(z: torch.Tensor, s: torch.Tensor, est: TopTwoEstimates) -> TopTwo:
     """:func:`exact_top_two`'s bounds from the logits, the noise scales and the quadrature estimates."""
-    za = z.gather(1, est.c_a.unsqueeze(1))
-    # P[z_j + s xi_j > z_A + s xi_A] = Phi((z_j - z_A) / (s sqrt 2)) >= P[j wins]
-    log_pair = torch.special.log_ndtr((z - za) / (s.unsqueeze(1) * math.sqrt(2.0)))
-    log_pair = log_pair.scatter(1, est.c_a.unsqueeze(1), -math.inf)
+    log_pair = _log_pairwise(z, s, est.c_a)
     log_pair_b = log_pair.gather(1, est.c_b.unsqueeze(1)).squeeze(1)
     log_union = torch.logsumexp(log_pair, dim=1)  # log sum_{j != A} P[j beats A] >= log(1 - p_A)
     p_a_lower = torch.maximum(est.p_a - est.err, 1.0 - log_union.exp()).clamp(0.0, 1.0)
@@ -585,9 +589,7 @@ def exact_class_bounds(
         one = torch.zeros((n, C), dtype=torch.float64)
         one[rows, top] = 1.0
         return one, one.clone()
-    za = z.gather(1, top.unsqueeze(1))
-    log_pair = torch.special.log_ndtr((z - za) / (s.unsqueeze(1) * math.sqrt(2.0)))
-    log_pair[rows, top] = -math.inf
+    log_pair = _log_pairwise(z, s, top)
     union = torch.logsumexp(log_pair, dim=1).exp()
     upper = log_pair.exp()
     upper[rows, top] = 1.0

@@ -32,6 +32,7 @@ from crfl import aggregation, rundir
 from crfl.clients import Poison, local_updates, nominal_poison_ratio, poison_ratio_per_step, poison_slots, round_batches
 from crfl.config import Config
 from crfl.data import Dataset
+from crfl.lipschitz import centred_operator_norm
 from crfl.server import server_step
 from crfl.setup import Setup, evaluate, prepare, resolved_config
 from crfl.validation import ConfigError
@@ -163,8 +164,6 @@ def centred_opnorm(setup: Setup, params: torch.Tensor) -> float | None:
     """||(I - 11^T/C) W||_2 of a linear model's weight matrix (None for other models); see lipschitz.lz_centred."""
     if not setup.model.is_linear:
         return None
-    from crfl.lipschitz import centred_operator_norm
-
     W, _ = setup.model.split(params.double())
     return centred_operator_norm(W)
 
