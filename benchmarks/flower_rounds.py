@@ -123,22 +123,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def _wait_health(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the SuperLink on 127.0.0.1:{port} did not come up (exit code {proc.poll()})")
-
-
 def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) -> tuple[list[float], float]:
     """Round seconds of ``flwr run`` over a loopback SuperLink with ``clients`` SuperNodes (``stock`` or ``fast``)."""
+    from crfl.flower.testing import wait_for_superlink
+
     bindir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as d:
@@ -159,7 +147,7 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
 
         try:
             sl = start([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink")
-            _wait_health(link, sl)
+            wait_for_superlink(link, sl)
             ports = [_free_port() for _ in range(clients)]
             for i, port in enumerate(ports):
                 node = ["--insecure", "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port)]

@@ -42,7 +42,7 @@ from crfl.flower.server_app import (  # noqa: E402
     run_federation,
 )
 from crfl.flower.strategy import CRFL, PackageAggregation, Sampling  # noqa: E402
-from crfl.flower.testing import LocalGrid, server_identity  # noqa: E402
+from crfl.flower.testing import LocalGrid, server_identity, wait_for_superlink  # noqa: E402
 from crfl.rng import torch_generator  # noqa: E402
 from crfl.server import server_step  # noqa: E402
 from crfl.setup import prepare  # noqa: E402
@@ -465,22 +465,6 @@ resume = false
 """
 
 
-def _wait_http(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the SuperLink did not answer on 127.0.0.1:{port} within {seconds} s")
-
-
 #: The certificate and key commands of docs/flower.md ("Deployment with TLS and authenticated SuperNodes").
 CERT_COMMANDS = """\
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -days 30 -subj "/CN=crfl-ca" -keyout ca.key -out ca.crt
@@ -533,7 +517,7 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
         sl = start([str(bindir / "flower-superlink"), "--ssl-ca-certfile", "ca.crt", "--ssl-certfile", "server.pem",
                     "--ssl-keyfile", "server.key", "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link)],
                    "superlink")
-        _wait_tls(link, sl, tmp_path / "ca.crt")
+        wait_for_superlink(link, sl, ca=str(tmp_path / "ca.crt"))
         ids = []
         for i in (0, 1):
             reg = subprocess.run([str(bindir / "flwr"), "supernode", "register", f"node{i}.pub", "secure", "--format", "json"],
@@ -570,21 +554,3 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
     assert [r["nodes"] for r in flower] == [{"0": ids[0], "1": ids[1]}] * 2  # the operator's binding
     attack = json.loads((out / "attack.json").read_text())["rounds"]
     assert attack[0]["round"] == 1 and attack[0]["attackers"] == [0] and attack[0]["p"] == pytest.approx([0.5])
-
-
-def _wait_tls(port: int, proc: subprocess.Popen, ca: Path, seconds: float = 60) -> None:
-    import ssl
-
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"https://127.0.0.1:{port}/health", timeout=0.5, verify=ssl.create_default_context(cafile=str(ca))).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the SuperLink did not answer on 127.0.0.1:{port} within {seconds} s")

@@ -309,9 +309,6 @@ def _write_results(out: Path, spec: Spec, job_list: list[Job], results: dict[int
 def _worker_init(parent: int) -> None:
     """A sweep worker dies with its parent (pid ``parent``): PR_SET_PDEATHSIG where Linux has it, a
     watchdog thread always, and at once if the parent died while this worker was starting."""
-    import signal
-    import threading
-
     try:
         import ctypes
 

@@ -1,4 +1,4 @@
-"""An in-process Flower ``Grid`` for tests and overhead measurements.
+"""An in-process Flower ``Grid`` for tests and overhead measurements, and a loopback deployment helper.
 
 :class:`LocalGrid` delivers every message to a ``ClientApp`` called in this
 process and returns the replies in a shuffled order (Flower promises no order).
@@ -137,3 +137,29 @@ def run_local(server_app: Any, client_app: ClientFn, num_nodes: int, **grid_kwar
     with server_identity():
         server_app(grid, context)
     return grid
+
+
+def wait_for_superlink(port: int, proc: Any, seconds: float = 60.0, ca: str | None = None) -> None:
+    """Wait until the SuperLink process ``proc`` (a ``subprocess.Popen``) answers /health on 127.0.0.1:``port``
+    (over HTTPS, trusting the certificate authority file ``ca``, when it is given).
+
+    Raises RuntimeError if the process exits first, TimeoutError after ``seconds``.
+    """
+    import ssl
+    import time
+
+    import httpx
+
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
+    verify: Any = ssl.create_default_context(cafile=str(ca)) if ca else True
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=0.5, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the SuperLink did not answer on 127.0.0.1:{port} within {seconds} s")
