@@ -9,6 +9,8 @@
 - :mod:`crfl.flower.client_app`: the client (benign or attacker) as a ``ClientApp``.
 - :mod:`crfl.flower.server_app`: the ``ServerApp``; writes the run directory of
   ``crfl run``, resumes it, and certifies the final model.
+- :mod:`crfl.flower.nodes`: several deployed nodes in one process, each with its own Fleet
+  connection and key, running the ClientApp in-process (the fast deployment).
 - :mod:`crfl.flower.worker`: a long-lived ClientApp process for deployed SuperNodes (``--isolation process``).
 - :mod:`crfl.flower.supernode`: ``flower-supernode`` with shorter waits; :mod:`crfl.flower.waits`: which waits.
 - :mod:`crfl.flower.provenance`: the marker of a Flower run directory (no flwr import).

@@ -19,6 +19,10 @@ ServerApp Grid: pull replies               3 s         0.02 s
                                                        (:func:`crfl.flower.server_app.send_and_receive`)
 ========================================  ==========  =====================================
 
+:mod:`crfl.flower.nodes` replaces the SuperNode, the SuperExec and flwr-clientapp altogether
+(its own poll loop, the ClientApp in-process), so only the object retry and the Grid's pull
+apply to it.
+
 The adjustments touch only timing (how soon something is looked at again), never what is
 sent or who may send it. Each checks that the Flower code it adjusts is the known one and
 otherwise leaves it alone (it returns False).
