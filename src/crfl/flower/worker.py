@@ -35,12 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import crfl.flower  # noqa: F401  (telemetry and update check off before flwr is imported)
-from flwr.app import Message
-from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
@@ -51,6 +46,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 import flwr.supernode.runtime.run_clientapp as run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from crfl.flower.nodes import ClientApps, call_client_app
 from crfl.flower.waits import shorten_object_backoff
 
 log = logging.getLogger("crfl.flower")
@@ -69,7 +65,7 @@ class Worker:
     root_certificates: bytes | None = None
     poll_interval: float = DEFAULT_POLL_INTERVAL
     tasks_done: int = 0
-    _apps: dict[str, ClientApp] = field(default_factory=dict)
+    _apps: ClientApps = field(default_factory=ClientApps)
     _acquire: dict[str, RuntimeHttpClient] = field(default_factory=dict)
 
     def _client(self, address: str, *interceptors: Any) -> RuntimeHttpClient:
@@ -98,36 +94,28 @@ class Worker:
             if not self.poll_once():
                 time.sleep(self.poll_interval)
 
-    def _app_for(self, run: Any, fab: Any) -> ClientApp:
-        """The run's ClientApp, installed from its FAB and loaded once per FAB hash."""
-        if fab.hash_str not in self._apps:
-            install_from_fab(fab.content, skip_prompt=True)
-            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-            self._apps = {fab.hash_str: load(run.fab_id, run.fab_version, fab.hash_str)}  # one app at a time
-        return self._apps[fab.hash_str]
-
     def run_task(self, address: str, token: str) -> None:
         """One ClientApp task: what one ``flwr-clientapp`` process does, without exiting."""
         client = self._client(address, RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                               RuntimeTokenHttpInterceptor(token))
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
-        message = context = reply = None
+        context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         t0 = time.perf_counter()
         t1 = t2 = t0
         try:
             message, context, run, fab = pull_task_input(client)
             t1 = time.perf_counter()
-            reply = self._app_for(run, fab)(message=message, context=context)
+            reply, ok = call_client_app(lambda: self._apps(run, fab), message, context)
             t2 = time.perf_counter()
-            status, details = SubStatus.COMPLETED, ""
-        except Exception as ex:  # the task fails with an error reply, as in flwr-clientapp
-            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            if ok:
+                status, details = SubStatus.COMPLETED, ""
+            else:
+                details = reply.error.reason
+        except Exception as ex:  # pulling the task's input failed: there is no message to answer
             details = f"{type(ex)}:<'{ex}'>"
-            log.error("The ClientApp raised: %s", details, exc_info=ex)
-            if message is not None:
-                reply = Message(Error(code=code, reason=details), reply_to=message)
+            log.error("The task's input could not be pulled: %s", details, exc_info=ex)
         finally:
             try:
                 if reply is not None and context is not None:
