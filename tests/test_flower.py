@@ -476,10 +476,12 @@ for i in 0 1 2; do ssh-keygen -q -t ecdsa -b 384 -N "" -f node$i; done
 
 
 @pytest.mark.slow
-def test_deployment_tls_authenticated_supernodes(tmp_path):
+@pytest.mark.parametrize("nodes_as", ["hosted", "supernodes"])
+def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     """SuperLink over TLS with SuperNode authentication; two registered nodes train two rounds, an unregistered one is refused.
 
-    The nodes run the fast path (crfl.flower.supernode, --isolation process, one crfl.flower.worker for both).
+    ``hosted``: both nodes in one crfl.flower.nodes process, each with its own key. ``supernodes``: Flower's
+    SuperNodes through crfl.flower.supernode (--isolation process), one crfl.flower.worker for both.
     """
     app = tmp_path / "crflflower"
     app.mkdir()
@@ -506,7 +508,12 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
 
     runtime = {i: f"127.0.0.1:{_free_port()}" for i in (0, 1, 2)}
 
-    def supernode(i: int) -> subprocess.Popen:  # the fast path of docs/flower.md: crfl's launcher, --isolation process
+    def hosted(*keys: int) -> subprocess.Popen:  # docs/flower.md: several nodes in one process
+        return start([sys.executable, "-m", "crfl.flower.nodes", "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
+                      "--auth-supernode-private-key", *[f"node{i}" for i in keys], "--max-retries", "2", "--max-wait-time", "10"],
+                     "host" + "".join(map(str, keys)))
+
+    def supernode(i: int) -> subprocess.Popen:  # crfl's launcher of flower-supernode, --isolation process
         host, port = runtime[i].split(":")
         return start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", "0.1", "--",
                       "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
@@ -524,13 +531,18 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
             assert reg.returncode == 0, reg.stdout + reg.stderr
             ids.append(int(json.loads(reg.stdout[reg.stdout.index("{"):])["node-id"]))
-        nodes = [supernode(i) for i in (0, 1)]
-        # one long-lived ClientApp worker serves both nodes' Runtime APIs (loopback, plain HTTP)
-        worker = start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address", runtime[0], runtime[1]],
-                       "worker")
-        intruder = supernode(2)  # its key was never registered
-        assert intruder.wait(timeout=60) != 0
-        assert all(n.poll() is None for n in [*nodes, worker])
+        if nodes_as == "hosted":
+            nodes, served = [hosted(0, 1)], "host01.log"
+            intruder, intruder_log = hosted(2), "host2.log"  # its key was never registered
+        else:
+            nodes = [supernode(i) for i in (0, 1)]
+            # one long-lived ClientApp worker serves both nodes' Runtime APIs (loopback, plain HTTP)
+            nodes.append(start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address",
+                                runtime[0], runtime[1]], "worker"))
+            served, intruder, intruder_log = "worker.log", supernode(2), "supernode2.log"
+        assert intruder.wait(timeout=60) == 305  # Flower's SUPERNODE_CONNECTION_ERROR
+        assert "Failed to activate SuperNode" in (tmp_path / intruder_log).read_text()
+        assert all(n.poll() is None for n in nodes)
         table = f"{ids[0]}=0 {ids[1]}=1"
         run = subprocess.run(
             [str(bindir / "flwr"), "run", str(app), "secure", "--stream", "--run-config",
@@ -540,8 +552,8 @@ def test_deployment_tls_authenticated_supernodes(tmp_path):
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
         assert "Finished: 2 rounds" in log, log[-4000:]
-        worker_log = (tmp_path / "worker.log").read_text()
-        assert worker_log.count(": completed in") == 4, worker_log[-4000:]  # 2 nodes x 2 rounds, in one process
+        served_log = (tmp_path / served).read_text()
+        assert served_log.count(": completed in") == 4, served_log[-4000:]  # 2 nodes x 2 rounds, in one process
     finally:
         _stop([p.pid for p in started])
     assert all(p.poll() is not None for p in started)
