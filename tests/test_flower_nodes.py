@@ -112,6 +112,20 @@ def test_a_message_that_fails_is_dropped_and_the_host_goes_on(monkeypatch, caplo
     assert any(expected in r.getMessage() for r in caplog.records)
 
 
+def test_a_superlink_that_stays_unreachable_ends_the_host(monkeypatch):
+    """As a SuperNode does: once Flower's retries of the message pull give up, the error leaves the loop."""
+    host, asked, handled, clock = fake_host(2, {}, monkeypatch)
+
+    def gone():
+        raise ConnectionError("SuperLink unreachable after 3 tries")
+
+    host.nodes[1].receive = gone
+    host._last_sweep, clock.now = 0.0, 0.1
+    host.poll_once()  # node 0: nothing
+    with pytest.raises(ConnectionError, match="unreachable"):
+        host.poll_once()
+
+
 def _train_message() -> Message:
     with server_identity():
         return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), 123, "train", group_id="1")

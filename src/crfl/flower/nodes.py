@@ -188,8 +188,8 @@ class NodeHost:
             to_push, session = node.send(reply, reply_tree, t2 - t1)
             push_objects(get_all_nested_objects(reply), partial(node.push_object, run_id, session), object_ids_to_push=to_push)
         node.handled += 1
-        log.info("%s (id %d), round %s: %s in %.3f s (pull %.3f, ClientApp %.3f, push %.3f)", node.label, node.node_id,
-                 message.metadata.group_id, "completed" if ok else "failed", time.perf_counter() - t0, t1 - t0, t2 - t1,
+        log.info("%s (id %d), %s message: %s in %.3f s (pull %.3f, ClientApp %.3f, push %.3f)", node.label, node.node_id,
+                 message.metadata.message_type, "completed" if ok else "failed", time.perf_counter() - t0, t1 - t0, t2 - t1,
                  time.perf_counter() - t2)
 
     def poll_node(self, node: HostedNode) -> bool:
@@ -200,9 +200,13 @@ class NodeHost:
         a failing pull of the message list itself ends the host.
         """
         try:
-            received = node.receive()
-            if received is None:
-                return False
+            received = node.receive()  # its errors (after Flower's retries) end the host, as they end a SuperNode
+        except RunNotRunningException:
+            log.info("%s: the run is no longer running; message ignored", node.label)
+            return True
+        if received is None:
+            return False
+        try:
             self.handle(node, *received)
         except RunNotRunningException:
             log.info("%s: the run is no longer running; message ignored", node.label)
