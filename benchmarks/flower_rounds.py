@@ -9,14 +9,17 @@ one local epoch, FedAvg + clip + noise) with N clients:
   CRFL strategy from ``configure_train`` to the end of ``aggregate_train`` (``flower.json``);
 - ``flower-inprocess``: the same ServerApp/ClientApp objects through the in-process test Grid
   (no Ray, no network): the cost of per-client training and of Flower's records alone;
-- ``deployment`` (``--deployment stock fast``): ``flwr run`` against a SuperLink and N SuperNodes
-  on 127.0.0.1 (plain HTTP on loopback), each a separate process. ``stock``: ``flower-supernode``
-  as Flower ships it (a new ``flwr-clientapp`` process per message); ``fast``:
+- ``deployment`` (``--deployment hosted fast stock``): ``flwr run`` against a SuperLink and N
+  SuperNodes on 127.0.0.1 (plain HTTP on loopback). ``stock``: N ``flower-supernode`` processes
+  as Flower ships them (a new ``flwr-clientapp`` process per message); ``fast``: N
   ``python -m crfl.flower.supernode --isolation process`` served by ``--workers`` long-lived
-  ``python -m crfl.flower.worker`` processes (docs/flower.md). Every process is stopped by PID.
+  ``python -m crfl.flower.worker`` processes; ``hosted``: the N nodes in ``--workers``
+  ``python -m crfl.flower.nodes`` processes (docs/flower.md). Besides the round times it records
+  the CPU seconds per round of every process (rounds 2..T) and, with ``--count-requests``, every
+  Flower process's HTTP requests by RPC method. Every process is stopped by PID.
 
     python -m benchmarks.flower_rounds [--clients 10 50] [--rounds 8] [--threads 1] [--out bench.json]
-    python -m benchmarks.flower_rounds --only deployment --deployment fast stock --clients 10 --rounds 5
+    python -m benchmarks.flower_rounds --only deployment --deployment hosted fast stock --clients 10 --rounds 8 --count-requests
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ from crfl.train import run_round
 
 
 LOGS: str | None = None  # --logs: copy the deployment's process logs there
+CPU: dict[str, float] = {}  # CPU seconds of the deployment's processes during rounds 2..T, by command
+COUNT_REQUESTS = False  # --count-requests
+REQUESTS: dict[str, dict[str, int]] = {}  # the last deployment's requests, by process and RPC method
+HOST_POLL = 0.1  # --host-poll-interval: idle tick of crfl.flower.nodes
 THREADS = 1  # torch threads everywhere (set by --threads); on a busy 2-core machine 2 threads run 10-50x slower
 
 
@@ -123,6 +130,67 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+#: Written as sitecustomize.py on the PYTHONPATH of every deployment process with --count-requests: each process
+#: counts the protobuf-over-HTTP requests it sends (flwr's ProtobufClient, used by every Flower component in 1.41)
+#: by RPC method and writes them to requests.<pid>.json at exit.
+COUNTER = """\
+import atexit, builtins, collections, json, os, sys
+_counts, _import = collections.Counter(), builtins.__import__
+def _hook(name, *args, **kwargs):
+    module = _import(name, *args, **kwargs)
+    client = sys.modules.get("flwr.supercore.protobuf.client")
+    if client is not None and hasattr(client, "ProtobufClient") and builtins.__import__ is _hook:
+        builtins.__import__ = _import  # once (imports already under way still return here)
+        send = client.ProtobufClient._unary_unary
+        def counted(self, *, rpc_method, **kw):
+            _counts[rpc_method] += 1
+            return send(self, rpc_method=rpc_method, **kw)
+        client.ProtobufClient._unary_unary = counted
+    return module
+builtins.__import__ = _hook
+def _dump():
+    if _counts:
+        name = os.path.basename(sys.argv[0]) if not sys.argv[0].endswith(".py") else sys.argv[0].split(os.sep)[-2] + "." + os.path.basename(sys.argv[0])
+        with open(os.path.join(os.path.dirname(__file__), f"requests.{os.getpid()}.json"), "w") as f:
+            json.dump({"process": name, "requests": _counts}, f)
+atexit.register(_dump)
+"""
+
+
+def _requests(directory: Path) -> dict[str, dict[str, int]]:
+    """The counts of COUNTER's files in ``directory``, summed by process name and RPC method."""
+    out: dict[str, dict[str, int]] = {}
+    for f in directory.glob("requests.*.json"):
+        rec = json.loads(f.read_text())
+        mine = out.setdefault(rec["process"], {})
+        for method, n in rec["requests"].items():
+            mine[method.rsplit(".", 1)[-1]] = mine.get(method.rsplit(".", 1)[-1], 0) + n
+    return out
+
+
+def _cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by ``pid`` and each of its live descendants, by command name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                text = (d / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            stats[int(d.name)] = (name, int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
+    out: dict[str, float] = {}
+    todo = [pid]
+    while todo:
+        q = todo.pop()
+        if q in stats:
+            name, _, cpu = stats[q]
+            out[name] = out.get(name, 0.0) + cpu
+            todo += [c for c, (_, ppid, _) in stats.items() if ppid == q]
+    return out
+
+
 def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) -> tuple[list[float], float]:
     """Round seconds of ``flwr run`` over a loopback SuperLink with ``clients`` SuperNodes (``stock`` or ``fast``)."""
     from crfl.flower.testing import wait_for_superlink
@@ -136,6 +204,11 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
         env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
                    FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS=str(THREADS))
+        counted = d / "count"
+        if COUNT_REQUESTS:
+            counted.mkdir()
+            (counted / "sitecustomize.py").write_text(COUNTER)
+            env["PYTHONPATH"] = os.pathsep.join([str(counted), *filter(None, [os.environ.get("PYTHONPATH")])])
         link = _free_port()
         (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
 
@@ -148,7 +221,11 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
         try:
             sl = start([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink")
             wait_for_superlink(link, sl)
-            ports = [_free_port() for _ in range(clients)]
+            ports = [_free_port() for _ in range(clients)] if mode != "hosted" else []
+            if mode == "hosted":
+                for w in range(workers):
+                    start([sys.executable, "-m", "crfl.flower.nodes", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                           "--count", str(len(range(w, clients, workers))), "--poll-interval", str(HOST_POLL)], f"host{w}")
             for i, port in enumerate(ports):
                 node = ["--insecure", "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port)]
                 if mode == "stock":
@@ -163,16 +240,33 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
             out = d / "run"
             overrides = (f"data.num_clients={clients}; server.rounds={rounds}; attack.rounds=[2]; "
                          f"run.eval_every={rounds}; run.threads={THREADS}")
+            cmd = [str(bindir / "flwr"), "run", str(_app_dir(d)), "bench", "--stream", "--run-config",
+                   f"overrides='{overrides}' out-dir='{out}' certify=false"]
             t0 = time.perf_counter()
-            run = subprocess.run([str(bindir / "flwr"), "run", str(_app_dir(d)), "bench", "--stream", "--run-config",
-                                  f"overrides='{overrides}' out-dir='{out}' certify=false"],
-                                 cwd=d, env=env, capture_output=True, text=True, timeout=3600)
+            flwr = subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cpu0: dict[str, float] = {}
+            while flwr.poll() is None and not (out / "flower_checkpoint.pt").exists():  # CPU from the end of round 1 on
+                time.sleep(0.05)
+            for p in procs:
+                for k, v in _cpu_seconds(p.pid).items():
+                    cpu0[k] = cpu0.get(k, 0.0) - v
+            run_out, _ = flwr.communicate(timeout=3600)
             wall = time.perf_counter() - t0
+            CPU.clear()
+            for p in procs:  # before the federation stops (the ServerApp has exited; its CPU is in the SuperLink's tree only while it lives)
+                for k, v in _cpu_seconds(p.pid).items():
+                    CPU[k] = CPU.get(k, 0.0) + v
+            for k, v in cpu0.items():
+                CPU[k] = CPU.get(k, 0.0) + v
+            run = subprocess.CompletedProcess(cmd, flwr.returncode, run_out, "")
             if run.returncode != 0 or not (out / "flower.json").exists():
                 raise RuntimeError(f"flwr run failed ({run.returncode}):\n{(run.stdout + run.stderr)[-3000:]}")
             return _round_seconds(out), wall
         finally:
             _stop(procs)
+            REQUESTS.clear()
+            if COUNT_REQUESTS:
+                REQUESTS.update(_requests(counted))
             if LOGS:
                 import shutil
                 dest = Path(LOGS) / f"{mode}-{clients}"
@@ -197,16 +291,19 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--only", nargs="+", choices=["simulator", "inprocess", "ray", "deployment"], default=None,
                     help="run only these modes (default: all but deployment)")
-    ap.add_argument("--deployment", nargs="+", choices=["stock", "fast"], default=["fast"],
+    ap.add_argument("--deployment", nargs="+", choices=["stock", "fast", "hosted"], default=["hosted"],
                     help="SuperNode setups of the deployment mode")
     ap.add_argument("--workers", type=int, default=2, help="crfl workers of the fast deployment (each serves N/workers nodes)")
     ap.add_argument("--poll-interval", type=float, default=0.1, help="SuperNode idle poll of the fast deployment (s)")
+    ap.add_argument("--host-poll-interval", type=float, default=0.1, help="idle tick of the hosted deployment (s)")
+    ap.add_argument("--count-requests", action="store_true",
+                    help="count every Flower process's HTTP requests by RPC method (a sitecustomize on their PYTHONPATH)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None, help="keep the deployment's process logs in this directory")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # `timeout`/kill: stop the deployment's processes first
-    global THREADS, LOGS
-    THREADS, LOGS = a.threads, a.logs
+    global THREADS, LOGS, HOST_POLL, COUNT_REQUESTS
+    THREADS, LOGS, HOST_POLL, COUNT_REQUESTS = a.threads, a.logs, a.host_poll_interval, a.count_requests
     torch.set_num_threads(a.threads)
     out: dict[str, Any] = {"rounds": a.rounds, "torch_threads": torch.get_num_threads(), "results": {}}
     # Ray last: once Ray has run in this process, the batched simulator slows down ~10x here
@@ -221,7 +318,10 @@ def main() -> None:
         if "deployment" in only:  # separate processes: the order does not matter
             for mode in a.deployment:
                 times, wall = deployment(n, a.rounds, mode, a.workers, a.poll_interval)
-                res[f"deployment-{mode}"] = {**_stats(times), "wall_with_startup": wall}
+                res[f"deployment-{mode}"] = {**_stats(times), "wall_with_startup": wall,
+                                             "cpu_per_round_after_first": {k: round(v / max(1, a.rounds - 1), 4) for k, v in CPU.items()}}
+                if COUNT_REQUESTS:  # the whole run: startup, T rounds, shutdown
+                    res[f"deployment-{mode}"]["requests_whole_run"] = {k: dict(v) for k, v in REQUESTS.items()}
     if "ray" in only:
         for n in a.clients:
             times, wall = flower_ray(n, a.rounds, a.num_cpus)
