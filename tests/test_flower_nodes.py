@@ -70,8 +70,8 @@ def test_a_message_makes_the_host_ask_every_node_until_a_pass_finds_none(monkeyp
     assert asked == [1]
     asked.clear()
     assert host.poll_once() == 4  # node 2 in turn has one: then full passes until one finds nothing
-    assert asked == [2, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]
-    assert [m for _, m in handled] == ["m2", "m0", "m3", "m3b"]
+    assert asked == [2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]  # each pass starts where the rotation stands
+    assert [m for _, m in handled] == ["m2", "m3", "m0", "m3b"]
 
 
 def test_every_node_is_asked_at_least_every_sweep_interval(monkeypatch):
@@ -83,12 +83,16 @@ def test_every_node_is_asked_at_least_every_sweep_interval(monkeypatch):
     asked.clear()
     clock.now = 1.0  # a sweep is due: all six are asked, node 4's message is handled, then one more full pass
     assert host.poll_once() == 1
-    assert asked == [0, 1, 2, 3, 4, 5] * 2
+    assert asked == [1, 2, 3, 4, 5, 0] * 2
     assert handled == [(4, "late")]
     asked.clear()
     clock.now = 1.5  # the sweep reset the clock
     host.poll_once()
     assert len(asked) == 1
+    asked.clear()
+    clock.now = 2.0  # a full pass counts from its end: the next sweep is due at 2.0, not earlier
+    host.poll_once()
+    assert len(asked) == 6
 
 
 @pytest.mark.parametrize("fault", ["run stopped", "pull failed"])
@@ -112,9 +116,8 @@ def test_a_message_that_fails_is_dropped_and_the_host_goes_on(monkeypatch, caplo
     assert any(expected in r.getMessage() for r in caplog.records)
 
 
-def test_a_superlink_that_stays_unreachable_ends_the_host(monkeypatch):
-    """As a SuperNode does: once Flower's retries of the message pull give up, the error leaves the loop."""
-    host, asked, handled, clock = fake_host(2, {}, monkeypatch)
+def test_a_node_whose_pulls_fail_leaves_the_host_and_the_last_one_ends_it(monkeypatch, caplog):
+    host, asked, handled, clock = fake_host(3, {2: ["m"]}, monkeypatch)
 
     def gone():
         raise ConnectionError("SuperLink unreachable after 3 tries")
@@ -122,8 +125,32 @@ def test_a_superlink_that_stays_unreachable_ends_the_host(monkeypatch):
     host.nodes[1].receive = gone
     host._last_sweep, clock.now = 0.0, 0.1
     host.poll_once()  # node 0: nothing
-    with pytest.raises(ConnectionError, match="unreachable"):
+    with caplog.at_level("ERROR", logger="crfl.flower"):
+        assert host.poll_once() == 0  # node 1 fails and leaves
+    assert host.nodes[1].failed
+    assert any("node 1 (id 101) leaves the host: pulling its messages failed: ConnectionError" in r.getMessage() for r in caplog.records)
+    asked.clear()
+    clock.now = 2.0  # a sweep: only the live nodes are asked, node 2's message is served
+    assert host.poll_once() == 1
+    assert handled == [(2, "m")] and set(asked) == {0, 2}
+    host.nodes[0].receive = host.nodes[2].receive = gone
+    host.poll_once(), host.poll_once()  # one tick each: both leave
+    assert all(n.failed for n in host.nodes)
+    with pytest.raises(RuntimeError, match="none of the 3 hosted nodes can pull its messages"):
         host.poll_once()
+
+
+def test_a_run_that_stopped_before_its_message_was_pulled_is_not_a_hit(monkeypatch):
+    from flwr.supercore.run import RunNotRunningException
+
+    host, asked, handled, clock = fake_host(3, {}, monkeypatch)
+
+    def stopped():
+        raise RunNotRunningException("stopped")
+
+    host.nodes[0].receive = stopped
+    host._last_sweep, clock.now = 0.0, 0.1
+    assert host.poll_once() == 0 and asked == []  # no full pass follows (a hit would start one)
 
 
 def _train_message() -> Message:
@@ -141,7 +168,7 @@ def test_a_clientapp_that_raises_answers_with_flowers_error_reply():
         raise ValueError("shard 3 is empty")
 
     msg = _train_message()
-    reply, ok = nodes.call_client_app(lambda: app, msg, None)
+    reply, ok = nodes.call_client_app(lambda: app, msg, lambda: None)
     assert not ok
     assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert "shard 3 is empty" in reply.error.reason
@@ -152,10 +179,20 @@ def test_an_app_that_cannot_be_loaded_answers_with_the_load_error():
     from flwr.clientapp.client_app import LoadClientAppError
 
     def load():
-        raise LoadClientAppError("no module named crfl_missing")
+        raise LoadClientAppError("no module named crfl_missing in /home/op/.flwr/apps")
 
-    reply, ok = nodes.call_client_app(load, _train_message(), None)
+    reply, ok = nodes.call_client_app(load, _train_message(), lambda: None)
     assert not ok and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    assert reply.error.reason == "An exception was raised when attempting to load `ClientApp`"  # flwr-clientapp's words, no paths
+
+
+def test_a_context_that_cannot_be_built_is_answered_not_left_waiting():
+    def context():
+        raise ValueError("run config 'round-timeout' is not a number")
+
+    reply, ok = nodes.call_client_app(lambda: None, _train_message(), context)
+    assert not ok and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "'round-timeout' is not a number" in reply.error.reason
 
 
 def test_keys_are_read_as_flower_supernode_reads_them(tmp_path):
@@ -188,7 +225,74 @@ def test_bad_arguments_name_the_parameter(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_key_listed_twice_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        nodes._parse_args(["--superlink", "x:1", "--root-certificates", "ca.crt", "--auth-supernode-private-key",
+                           str(tmp_path / "k0"), str(tmp_path / "k1"), str(tmp_path / "." / "k0")])
+    assert f"lists {str(tmp_path / 'k0')!r} twice; every hosted node needs its own key" in capsys.readouterr().err
+
+
 def test_count_and_keys_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         nodes._parse_args(["--superlink", "x:1", "--root-certificates", "ca.crt", "--count", "2", "--auth-supernode-private-key", "k"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_handle_does_what_supernode_and_flwr_clientapp_do_together(monkeypatch):
+    """One message through a fake Fleet connection: content pulled by object id, receipt confirmed with the
+    message's id, the ClientApp called with the node's context (state kept across messages and into the next
+    run of the series), the reply sent with its object tree and only the objects the SuperLink asks for pushed."""
+    import types
+
+    from flwr.app import Array, ArrayRecord
+    from flwr.clientapp import ClientApp
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree, no_object_id_recompute
+
+    with server_identity():
+        msg = Message(RecordDict({"config": ConfigRecord({"server-round": 3}),
+                                  "arrays": ArrayRecord({"w": Array(np.arange(5, dtype=np.float32))})}), 7, "train", group_id="3")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    with no_object_id_recompute():
+        tree = get_object_tree(msg)
+        store = {k: v.deflate() for k, v in get_all_nested_objects(msg).items()}
+    pulled, confirmed, sent, pushed = [], [], [], []
+
+    def pull(run_id, oid):
+        pulled.append(oid)
+        return store[oid]
+
+    def send(reply, reply_tree, runtime):
+        sent.append((reply, reply_tree, runtime))
+        return {reply_tree.object_id}, "session-1"  # the SuperLink asks for the head object only
+
+    runs = {5: types.SimpleNamespace(run_id=5, series_id=9, fab_id="crfl/app", fab_version="1", fab_hash="h", override_config={}),
+            6: types.SimpleNamespace(run_id=6, series_id=9, fab_id="crfl/app", fab_version="1", fab_hash="h", override_config={})}
+    app = ClientApp()
+
+    @app.train()
+    def train(m, ctx):
+        count = ctx.state["seen"]["n"] + 1 if "seen" in ctx.state else 1
+        ctx.state["seen"] = ConfigRecord({"n": count})
+        w = m.content["arrays"]["w"].numpy()
+        return Message(RecordDict({"r": ConfigRecord({"n": count, "sum": float(w.sum()), "run": ctx.run_id,
+                                                      "node": ctx.node_id, "cfg": ctx.run_config["preset"]})}), reply_to=m)
+
+    host = nodes.NodeHost("127.0.0.1:1", [None])
+    host._apps = lambda run, fab: app
+    monkeypatch.setattr(nodes, "get_fused_config_from_fab", lambda content, run: {"preset": f"demo-{run.run_id}"})
+    node = nodes.HostedNode("node 0", 7, None, send, lambda rid: runs[rid], lambda h, rid: types.SimpleNamespace(hash_str=h, content=b""),
+                            pull, lambda rid, sid, oid, b: pushed.append((rid, sid, oid)), lambda rid, oid: confirmed.append((rid, oid)))
+    for run_id, expected_n in [(5, 1), (5, 2), (6, 3)]:
+        msg.metadata.__dict__["_run_id"] = run_id
+        host.handle(node, msg, tree)
+        reply, reply_tree, runtime = sent[-1]
+        assert confirmed[-1] == (run_id, tree.object_id)  # receipt confirmed once, with the message's id
+        assert reply.metadata.reply_to_message_id == tree.object_id
+        assert (reply.metadata.src_node_id, reply.metadata.dst_node_id) == (7, msg.metadata.src_node_id)
+        assert reply.metadata.message_id == reply_tree.object_id and runtime >= 0
+        assert pushed[-1] == (run_id, "session-1", reply_tree.object_id)  # only what the SuperLink asked for
+        r = reply.content["r"]
+        assert (r["n"], r["sum"], r["run"], r["node"], r["cfg"]) == (expected_n, 10.0, run_id, 7, f"demo-{run_id}")
+    assert len(confirmed) == len(sent) == len(pushed) == 3 and set(pulled) == set(store)
+    assert list(node.contexts) == [9] and node.contexts[9].run_id == 6  # one context per series: the latest run's
+    assert node.handled == 3

@@ -20,14 +20,22 @@ confirmation, push and object pushes, deactivation. What the host does different
   (:class:`ClientApps`), so torch, crfl and the prepared run stay in memory from round to
   round and from node to node;
 - one poll loop serves all hosted nodes: while idle it asks **one** node per tick
-  (in turn), so the SuperLink sees ``1 / poll_interval`` pulls a second from a host
-  whatever its number of nodes; once a node has a message it asks **every** hosted node
-  (a round's messages are sent together) and keeps asking all of them until a pass finds
-  nothing. Every node is also asked at least every ``sweep_interval`` seconds.
+  (in turn); once a node has a message it asks **every** hosted node (a round's messages
+  are sent together) and keeps asking all of them until a pass finds nothing. Every node
+  is also asked at least every ``sweep_interval`` seconds (counted from the end of the
+  previous full pass). While idle a host of N nodes thus sends about
+  ``1 / poll_interval + N / sweep_interval`` pulls a second to the SuperLink (12 for 10
+  nodes with the defaults), plus Flower's heartbeat of every node (one per about 20 s).
 
 Messages are handled one at a time (run one host per core, each with its share of the
-nodes). FAB signature verification (Flower's ``--trusted-entities``) is not implemented:
-the host runs the FAB the SuperLink serves, as a SuperNode without trusted entities does.
+nodes). A node whose message-list pull fails (after Flower's retries) leaves the host and
+the others go on; the host exits with status 1 when none is left.
+
+**One process is one trust domain.** The ClientApp runs in the process that holds every
+hosted node's private key and Fleet connection, so code in the ClientApp could act as any
+of them. Host several keys in one process only for nodes of one operator. FAB signature
+verification (Flower's ``--trusted-entities``) is not implemented: the host runs the FAB the
+SuperLink serves, as a SuperNode without trusted entities does.
 
     python -m crfl.flower.nodes --insecure --superlink 127.0.0.1:9300 --count 10
     python -m crfl.flower.nodes --root-certificates ca.crt --superlink 127.0.0.1:9300 \\
@@ -70,7 +78,11 @@ log = logging.getLogger("crfl.flower")
 #: Seconds between two idle ticks (one pull of one node each).
 DEFAULT_POLL_INTERVAL = 0.1
 #: Every hosted node is asked at least this often (s), whatever the rotation.
-DEFAULT_SWEEP_INTERVAL = 1.0
+DEFAULT_SWEEP_INTERVAL = 5.0
+#: Seconds a message's objects may take to arrive before the message is dropped (Flower: about 100 s).
+OBJECT_PULL_MAX_TIME = 30.0
+#: The reason flwr-clientapp gives when the ClientApp cannot be loaded.
+LOAD_ERROR_REASON = "An exception was raised when attempting to load `ClientApp`"
 
 KeyPair = tuple[ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey]
 
@@ -89,13 +101,19 @@ class ClientApps:
         return self._apps[fab.hash_str]
 
 
-def call_client_app(app: Callable[[], ClientApp], message: Message, context: Context) -> tuple[Message, bool]:
-    """The ClientApp's reply to ``message``, or the error reply ``flwr-clientapp`` would send; and whether it succeeded."""
+def call_client_app(app: Callable[[], ClientApp], message: Message, context: Callable[[], Context]) -> tuple[Message, bool]:
+    """The ClientApp's reply to ``message``, or the error reply ``flwr-clientapp`` would send; and whether it succeeded.
+
+    ``app`` and ``context`` are called here, so a failure to load the app or to build the
+    context is answered with an error reply too (the server is not left waiting).
+    """
     try:
-        return app()(message=message, context=context), True
+        return app()(message=message, context=context()), True
     except Exception as ex:  # the task fails with an error reply, as in flwr-clientapp
-        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        reason = f"{type(ex)}:<'{ex}'>"
+        if isinstance(ex, LoadClientAppError):
+            code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, LOAD_ERROR_REASON
+        else:
+            code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
         log.error("The ClientApp raised: %s", reason, exc_info=ex)
         return Message(Error(code=code, reason=reason), reply_to=message), False
 
@@ -116,6 +134,7 @@ class HostedNode:
     node_config: dict[str, Any] = field(default_factory=dict)
     contexts: dict[int, Context] = field(default_factory=dict)
     handled: int = 0
+    failed: bool = False  # its message-list pull failed: it is no longer asked
 
 
 @dataclass
@@ -162,12 +181,13 @@ class NodeHost:
         return self._runs[run_id]
 
     def _context(self, node: HostedNode, run: Any, fab: Any) -> Context:
+        """The node's context of ``run``: new for a new run, with the state of the previous run of its series (as a SuperNode keeps it)."""
         ctx = node.contexts.get(run.series_id)
         if ctx is None or ctx.run_id != run.run_id:
             state = ctx.state if ctx is not None else RecordDict()
-            ctx = Context(run_id=run.run_id, node_id=node.node_id, node_config=node.node_config, state=state,
+            ctx = Context(run_id=run.run_id, node_id=node.node_id, node_config=dict(node.node_config), state=state,
                           run_config=get_fused_config_from_fab(fab.content, run), series_id=run.series_id)
-            node.contexts[run.series_id] = ctx
+            node.contexts = {run.series_id: ctx}  # one run at a time
         return ctx
 
     def handle(self, node: HostedNode, message: Message, tree: Any) -> None:
@@ -177,10 +197,10 @@ class NodeHost:
         run, fab = self._run_and_fab(node, run_id)
         message = pull_and_inflate_object_from_tree(
             tree, partial(node.pull_object, run_id), partial(node.confirm, run_id), return_type=Message,
-            initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+            initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP, max_time=OBJECT_PULL_MAX_TIME)
         message.metadata.__dict__["_message_id"] = tree.object_id
         t1 = time.perf_counter()
-        reply, ok = call_client_app(lambda: self._apps(run, fab), message, self._context(node, run, fab))
+        reply, ok = call_client_app(lambda: self._apps(run, fab), message, lambda: self._context(node, run, fab))
         t2 = time.perf_counter()
         reply.metadata.__dict__["_message_id"] = reply.object_id
         with no_object_id_recompute():
@@ -196,14 +216,19 @@ class NodeHost:
         """Ask the SuperLink once for ``node``'s next message and handle it; True if there was one.
 
         As in Flower's SuperNode, a message whose objects cannot be pulled or whose reply cannot be
-        pushed is dropped with a log line (the server counts the node as missing in that round);
-        a failing pull of the message list itself ends the host.
+        pushed is dropped with a log line (the server counts the node as missing in that round).
+        A node whose message-list pull fails (after Flower's retries) leaves the host; the
+        others go on.
         """
         try:
-            received = node.receive()  # its errors (after Flower's retries) end the host, as they end a SuperNode
+            received = node.receive()
         except RunNotRunningException:
-            log.info("%s: the run is no longer running; message ignored", node.label)
-            return True
+            return False
+        except Exception as ex:  # noqa: BLE001 (the other nodes go on)
+            node.failed = True
+            log.error("%s (id %d) leaves the host: pulling its messages failed: %s: %s", node.label, node.node_id,
+                      type(ex).__name__, ex)
+            return False
         if received is None:
             return False
         try:
@@ -216,19 +241,32 @@ class NodeHost:
 
     # -- the loop ------------------------------------------------------------------------------------
 
+    def _live(self) -> list[HostedNode]:
+        live = [n for n in self.nodes if not n.failed]
+        if not live:
+            raise RuntimeError(f"none of the {len(self.nodes)} hosted nodes can pull its messages (see the log)")
+        return live
+
+    def _full_pass(self) -> int:
+        """Ask every live node once, starting where the rotation stands (no node is always last)."""
+        live = self._live()
+        start = self._turn % len(live)
+        hits = sum(self.poll_node(n) for n in live[start:] + live[:start])
+        self._last_sweep = time.monotonic()
+        return hits
+
     def poll_once(self) -> int:
         """One tick: one node in turn, or every node when a sweep is due; then every node again while any had a message."""
-        now = time.monotonic()
-        if now - self._last_sweep >= self.sweep_interval:
-            targets, self._last_sweep = list(self.nodes), now
+        if time.monotonic() - self._last_sweep >= self.sweep_interval:
+            hits = self._full_pass()
         else:
-            targets = [self.nodes[self._turn % len(self.nodes)]]
+            live = self._live()
+            hits = int(self.poll_node(live[self._turn % len(live)]))
             self._turn += 1
-        hits = total = sum(self.poll_node(n) for n in targets)
+        total = hits
         while hits:  # a round's messages travel together: look at all hosted nodes until a pass finds none
-            hits = sum(self.poll_node(n) for n in self.nodes)
+            hits = self._full_pass()
             total += hits
-            self._last_sweep = time.monotonic()
         return total
 
     def serve_forever(self) -> None:
@@ -286,6 +324,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"The 'max-retries' parameter must be an integer >= 0. Got {a.max_retries} instead.")
     if a.max_wait_time is not None and not (0.0 < a.max_wait_time < float("inf")):
         ap.error(f"The 'max-wait-time' parameter must be a float in (0, inf). Got {a.max_wait_time} instead.")
+    if a.auth_supernode_private_key:
+        seen = [str(k.expanduser().resolve()) for k in a.auth_supernode_private_key]
+        if len(set(seen)) != len(seen):
+            dup = next(k for k in seen if seen.count(k) > 1)
+            ap.error(f"The 'auth-supernode-private-key' parameter lists {dup!r} twice; every hosted node needs its own key.")
     if a.auth_supernode_private_key and a.insecure:
         ap.error("The 'auth-supernode-private-key' parameter needs TLS (--root-certificates); got --insecure.")
     return a
@@ -314,8 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         log.info("crfl node host (pid %d): %d SuperNodes on %s", os.getpid(), len(host.nodes), a.superlink)
         try:
             host.serve_forever()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or Flower's heartbeat of a node the SuperLink no longer knows
             pass
+        except RuntimeError as ex:  # every node left the host
+            log.error("%s", ex)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class Worker:
         try:
             message, context, run, fab = pull_task_input(client)
             t1 = time.perf_counter()
-            reply, ok = call_client_app(lambda: self._apps(run, fab), message, context)
+            reply, ok = call_client_app(lambda: self._apps(run, fab), message, lambda: context)
             t2 = time.perf_counter()
             if ok:
                 status, details = SubStatus.COMPLETED, ""
