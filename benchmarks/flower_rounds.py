@@ -16,10 +16,13 @@ one local epoch, FedAvg + clip + noise) with N clients:
   ``python -m crfl.flower.worker`` processes; ``hosted``: the N nodes in ``--workers``
   ``python -m crfl.flower.nodes`` processes (docs/flower.md). Besides the round times it records
   the CPU seconds per round of every process (rounds 2..T) and, with ``--count-requests``, every
-  Flower process's HTTP requests by RPC method. Every process is stopped by PID.
+  Flower process's HTTP requests by RPC method. Every process is stopped by PID;
+- ``request-cost``: the SuperLink's CPU seconds per Fleet request (500 empty message-list pulls
+  of one node against an idle SuperLink).
 
     python -m benchmarks.flower_rounds [--clients 10 50] [--rounds 8] [--threads 1] [--out bench.json]
     python -m benchmarks.flower_rounds --only deployment --deployment hosted fast stock --clients 10 --rounds 8 --count-requests
+    python -m benchmarks.flower_rounds --only request-cost
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from crfl.train import run_round
 
 
 LOGS: str | None = None  # --logs: copy the deployment's process logs there
-CPU: dict[str, float] = {}  # CPU seconds of the deployment's processes during rounds 2..T, by command
+CPU: dict[str, float] = {}  # CPU seconds of the deployment's processes during rounds 2..T, by program
 COUNT_REQUESTS = False  # --count-requests
 REQUESTS: dict[str, dict[str, int]] = {}  # the last deployment's requests, by process and RPC method
 HOST_POLL = 0.1  # --host-poll-interval: idle tick of crfl.flower.nodes
@@ -157,6 +160,25 @@ atexit.register(_dump)
 """
 
 
+#: The RPCs that move a message, its objects and its reply (as opposed to polling, heartbeats, registration, logs).
+MESSAGE_RPCS = ("PushMessages", "PullObject", "PushObject", "ConfirmMessageReceived")
+#: Processes whose Runtime API requests go to the SuperLink (the workers' and flwr-clientapps' go to SuperNodes).
+SUPERLINK_RUNTIME_CLIENTS = ("flwr-serverapp", "flower-superexec", "flwr")
+
+
+def superlink_requests(requests: dict[str, dict[str, int]], client_rounds: int) -> dict[str, float]:
+    """The requests that reached the SuperLink, per client and round: message traffic, message-list pulls, the rest."""
+    out = {"message_rpcs": 0.0, "pull_messages": 0.0, "other": 0.0}
+    for process, methods in requests.items():
+        for method, n in methods.items():
+            api, rpc = method.split("/")
+            if api == "Runtime" and process not in SUPERLINK_RUNTIME_CLIENTS:
+                continue
+            key = "message_rpcs" if rpc in MESSAGE_RPCS else "pull_messages" if rpc == "PullMessages" else "other"
+            out[key] += n / client_rounds
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def _requests(directory: Path) -> dict[str, dict[str, int]]:
     """The counts of COUNTER's files in ``directory``, summed by process name and RPC method."""
     out: dict[str, dict[str, int]] = {}
@@ -168,27 +190,63 @@ def _requests(directory: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-def _cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by ``pid`` and each of its live descendants, by command name."""
+def _label(pid: int) -> str:
+    """A process's program: the module of ``python -m M``, else the script's or executable's file name."""
+    try:
+        args = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+    except OSError:
+        return "?"
+    args = args[1:] if args and Path(args[0]).name.startswith("python") else args
+    if len(args) >= 2 and args[0] == "-m":
+        return args[1]
+    return Path(args[0]).name if args else "?"
+
+
+def _process_cpu(roots: list[int]) -> dict[int, tuple[str, float]]:
+    """pid -> (program, CPU seconds used so far) for every live process in the trees of ``roots``."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
+    stats: dict[int, tuple[int, float]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 text = (d / "stat").read_text()
             except OSError:
                 continue
-            name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-            stats[int(d.name)] = (name, int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
-    out: dict[str, float] = {}
-    todo = [pid]
+            rest = text[text.rindex(")") + 2:].split()
+            stats[int(d.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
+    children: dict[int, list[int]] = {}
+    for q, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(q)
+    out: dict[int, tuple[str, float]] = {}
+    todo = [r for r in roots if r in stats]
     while todo:
         q = todo.pop()
-        if q in stats:
-            name, _, cpu = stats[q]
-            out[name] = out.get(name, 0.0) + cpu
-            todo += [c for c, (_, ppid, _) in stats.items() if ppid == q]
+        out[q] = (_label(q), stats[q][1])
+        todo += children.get(q, [])
     return out
+
+
+class CpuWindow:
+    """CPU seconds per program between two moments, process by process: a process born in the window counts
+    from 0, one that exits counts up to its last sample (at most one sampling interval early)."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.open = False
+
+    def sample(self, roots: list[int]) -> None:
+        snap = _process_cpu(roots)
+        for pid, (label, cpu) in snap.items():
+            self.first.setdefault(pid, cpu if not self.open else 0.0)
+            self.last[pid] = (label, cpu)
+        self.open = True
+
+    def by_program(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (label, cpu) in self.last.items():
+            out[label] = out.get(label, 0.0) + cpu - self.first[pid]
+        return out
 
 
 def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) -> tuple[list[float], float]:
@@ -223,7 +281,7 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
             wait_for_superlink(link, sl)
             ports = [_free_port() for _ in range(clients)] if mode != "hosted" else []
             if mode == "hosted":
-                for w in range(workers):
+                for w in range(min(workers, clients)):
                     start([sys.executable, "-m", "crfl.flower.nodes", "--insecure", "--superlink", f"127.0.0.1:{link}",
                            "--count", str(len(range(w, clients, workers))), "--poll-interval", str(HOST_POLL)], f"host{w}")
             for i, port in enumerate(ports):
@@ -234,7 +292,7 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
                     start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", str(poll), "--",
                            *node, "--isolation", "process"], f"supernode{i}")
             if mode == "fast":
-                for w in range(workers):
+                for w in range(min(workers, clients)):
                     start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address",
                            *[f"127.0.0.1:{p}" for p in ports[w::workers]]], f"worker{w}")
             out = d / "run"
@@ -243,22 +301,20 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
             cmd = [str(bindir / "flwr"), "run", str(_app_dir(d)), "bench", "--stream", "--run-config",
                    f"overrides='{overrides}' out-dir='{out}' certify=false"]
             t0 = time.perf_counter()
-            flwr = subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            cpu0: dict[str, float] = {}
-            while flwr.poll() is None and not (out / "flower_checkpoint.pt").exists():  # CPU from the end of round 1 on
-                time.sleep(0.05)
-            for p in procs:
-                for k, v in _cpu_seconds(p.pid).items():
-                    cpu0[k] = cpu0.get(k, 0.0) - v
-            run_out, _ = flwr.communicate(timeout=3600)
-            wall = time.perf_counter() - t0
+            with tempfile.TemporaryFile("w+") as flwr_out:
+                flwr = subprocess.Popen(cmd, cwd=d, env=env, stdout=flwr_out, stderr=subprocess.STDOUT, text=True)
+                # CPU of rounds 2..T: from round 1's checkpoint to flower.json (written after round T), sampled every 0.1 s
+                window = CpuWindow()
+                while flwr.poll() is None and not (out / "flower.json").exists():
+                    if window.open or (out / "flower_checkpoint.pt").exists():
+                        window.sample([p.pid for p in procs])
+                    time.sleep(0.1)
+                flwr.wait(timeout=3600)
+                wall = time.perf_counter() - t0
+                flwr_out.seek(0)
+                run = subprocess.CompletedProcess(cmd, flwr.returncode, flwr_out.read(), "")
             CPU.clear()
-            for p in procs:  # before the federation stops (the ServerApp has exited; its CPU is in the SuperLink's tree only while it lives)
-                for k, v in _cpu_seconds(p.pid).items():
-                    CPU[k] = CPU.get(k, 0.0) + v
-            for k, v in cpu0.items():
-                CPU[k] = CPU.get(k, 0.0) + v
-            run = subprocess.CompletedProcess(cmd, flwr.returncode, run_out, "")
+            CPU.update(window.by_program())
             if run.returncode != 0 or not (out / "flower.json").exists():
                 raise RuntimeError(f"flwr run failed ({run.returncode}):\n{(run.stdout + run.stderr)[-3000:]}")
             return _round_seconds(out), wall
@@ -277,6 +333,34 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
                     shutil.copy(d / "run" / "flower.json", dest / "flower.json")
 
 
+def request_cost(requests: int = 500) -> dict[str, float]:
+    """SuperLink CPU and wall seconds of one Fleet request: ``requests`` empty message-list pulls of one node."""
+    from flwr.supernode.fleet_http_connection import http_request_response
+
+    from crfl.flower.testing import wait_for_superlink
+
+    bindir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, FLWR_HOME=d, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+        port = _free_port()
+        sl = subprocess.Popen([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=d, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_superlink(port, sl)
+            with http_request_response(f"127.0.0.1:{port}", True, None, None) as conn:
+                receive = conn[1]
+                for _ in range(50):
+                    receive()
+                cpu0, t0 = _process_cpu([sl.pid])[sl.pid][1], time.perf_counter()
+                for _ in range(requests):
+                    assert receive() is None
+                wall, cpu = time.perf_counter() - t0, _process_cpu([sl.pid])[sl.pid][1] - cpu0
+        finally:
+            _stop([sl])
+    return {"requests": requests, "superlink_cpu_per_request": cpu / requests, "wall_per_request": wall / requests}
+
+
 def _stats(times: list[float]) -> dict[str, Any]:
     steady = times[1:] if len(times) > 1 else times  # round 1 includes data loading on the clients
     return {"first": times[0], "median_after_first": statistics.median(steady), "all": times}
@@ -289,11 +373,12 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for Ray (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the simulator and of every client")
     ap.add_argument("--skip-ray", action="store_true")
-    ap.add_argument("--only", nargs="+", choices=["simulator", "inprocess", "ray", "deployment"], default=None,
+    ap.add_argument("--only", nargs="+", choices=["simulator", "inprocess", "ray", "deployment", "request-cost"], default=None,
                     help="run only these modes (default: all but deployment)")
     ap.add_argument("--deployment", nargs="+", choices=["stock", "fast", "hosted"], default=["hosted"],
                     help="SuperNode setups of the deployment mode")
-    ap.add_argument("--workers", type=int, default=2, help="crfl workers of the fast deployment (each serves N/workers nodes)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes serving the nodes: crfl.flower.worker (fast) or crfl.flower.nodes (hosted); at most N")
     ap.add_argument("--poll-interval", type=float, default=0.1, help="SuperNode idle poll of the fast deployment (s)")
     ap.add_argument("--host-poll-interval", type=float, default=0.1, help="idle tick of the hosted deployment (s)")
     ap.add_argument("--count-requests", action="store_true",
@@ -322,6 +407,9 @@ def main() -> None:
                                              "cpu_per_round_after_first": {k: round(v / max(1, a.rounds - 1), 4) for k, v in CPU.items()}}
                 if COUNT_REQUESTS:  # the whole run: startup, T rounds, shutdown
                     res[f"deployment-{mode}"]["requests_whole_run"] = {k: dict(v) for k, v in REQUESTS.items()}
+                    res[f"deployment-{mode}"]["superlink_requests_per_client_round"] = superlink_requests(REQUESTS, n * a.rounds)
+    if "request-cost" in only:
+        out["superlink_request_cost"] = request_cost()
     if "ray" in only:
         for n in a.clients:
             times, wall = flower_ray(n, a.rounds, a.num_cpus)
