@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 from crfl.config import resolve
+from crfl.flower.testing import descendants, free_port, process_table
 from crfl.setup import prepare
 from crfl.train import run_round
 
@@ -96,12 +96,6 @@ def flower_inprocess(clients: int, rounds: int) -> list[float]:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _app_dir(d: Path) -> Path:
@@ -204,26 +198,8 @@ def _label(pid: int) -> str:
 
 def _process_cpu(roots: list[int]) -> dict[int, tuple[str, float]]:
     """pid -> (program, CPU seconds used so far) for every live process in the trees of ``roots``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                text = (d / "stat").read_text()
-            except OSError:
-                continue
-            rest = text[text.rindex(")") + 2:].split()
-            stats[int(d.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
-    children: dict[int, list[int]] = {}
-    for q, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(q)
-    out: dict[int, tuple[str, float]] = {}
-    todo = [r for r in roots if r in stats]
-    while todo:
-        q = todo.pop()
-        out[q] = (_label(q), stats[q][1])
-        todo += children.get(q, [])
-    return out
+    table = process_table()
+    return {q: (_label(q), table[q][1]) for r in roots if r in table for q in [r, *descendants(r, table)]}
 
 
 class CpuWindow:
@@ -267,7 +243,7 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
             counted.mkdir()
             (counted / "sitecustomize.py").write_text(COUNTER)
             env["PYTHONPATH"] = os.pathsep.join([str(counted), *filter(None, [os.environ.get("PYTHONPATH")])])
-        link = _free_port()
+        link = free_port()
         (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
 
         def start(args: list[str], name: str) -> subprocess.Popen:
@@ -279,7 +255,7 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
         try:
             sl = start([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink")
             wait_for_superlink(link, sl)
-            ports = [_free_port() for _ in range(clients)] if mode != "hosted" else []
+            ports = [free_port() for _ in range(clients)] if mode != "hosted" else []
             if mode == "hosted":
                 for w in range(min(workers, clients)):
                     start([sys.executable, "-m", "crfl.flower.nodes", "--insecure", "--superlink", f"127.0.0.1:{link}",
@@ -343,7 +319,7 @@ def request_cost(requests: int = 500) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, FLWR_HOME=d, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-        port = _free_port()
+        port = free_port()
         sl = subprocess.Popen([str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=d, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:

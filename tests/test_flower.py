@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -42,7 +41,7 @@ from crfl.flower.server_app import (  # noqa: E402
     run_federation,
 )
 from crfl.flower.strategy import CRFL, PackageAggregation, Sampling  # noqa: E402
-from crfl.flower.testing import LocalGrid, server_identity, wait_for_superlink  # noqa: E402
+from crfl.flower.testing import LocalGrid, descendants, free_port, server_identity, wait_for_superlink  # noqa: E402
 from crfl.rng import torch_generator  # noqa: E402
 from crfl.server import server_step  # noqa: E402
 from crfl.setup import prepare  # noqa: E402
@@ -365,31 +364,6 @@ def test_ray_simulation_equals_simulator(tmp_path):
     assert json.loads((out / "attack.json").read_text())["rounds"][0]["p"] == pytest.approx(sim.attack_log[0]["p"], rel=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (read from /proc), deepest last."""
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in parents.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -402,7 +376,7 @@ def _stop(pids: list[int]) -> None:
     """SIGTERM each started process and everything below it, then SIGKILL what is left; by PID only."""
     tree = []
     for pid in pids:
-        tree += [pid] + _children(pid) if _alive(pid) else []
+        tree += [pid] + descendants(pid) if _alive(pid) else []
     for pid in tree:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -489,7 +463,7 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     home = tmp_path / "home"
     home.mkdir()
     subprocess.run(["bash", "-ec", CERT_COMMANDS], cwd=tmp_path, check=True, capture_output=True)
-    link = _free_port()
+    link = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "127.0.0.1:{link}"\n'
         f'root-certificates = "{tmp_path / "ca.crt"}"\n'
@@ -506,7 +480,7 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
         started.append(p)
         return p
 
-    runtime = {i: f"127.0.0.1:{_free_port()}" for i in (0, 1, 2)}
+    runtime = {i: f"127.0.0.1:{free_port()}" for i in (0, 1, 2)}
 
     def hosted(*keys: int) -> subprocess.Popen:  # docs/flower.md: several nodes in one process
         return start([sys.executable, "-m", "crfl.flower.nodes", "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
@@ -558,7 +532,7 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     finally:
         _stop([p.pid for p in started])
     assert all(p.poll() is not None for p in started)
-    assert not [c for p in started for c in _children(p.pid) if _alive(c)]
+    assert not [c for p in started for c in descendants(p.pid) if _alive(c)]
     final = torch.load(out / "model_final.pt", weights_only=False)["params"]
     cfg = config_from_run_config({"preset": "demo", "overrides": overrides})
     sim = train(cfg, tmp_path / "sim")
