@@ -20,14 +20,14 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 from crfl.flower.client_app import make_client_app  # noqa: E402
-from crfl.flower.provenance import is_flower_run, refuse_simulator_resume  # noqa: E402
+from crfl import rundir  # noqa: E402
 from crfl.flower.records import record_to_params  # noqa: E402
 from crfl.flower.server_app import parse_node_partitions, run_federation  # noqa: E402
 from crfl.flower.strategy import Sampling  # noqa: E402
 from crfl.flower.testing import LocalGrid, server_identity  # noqa: E402
 from crfl.server import server_step  # noqa: E402
 from crfl.setup import prepare  # noqa: E402
-from crfl.train import run_round  # noqa: E402
+from crfl.train import run_round, train  # noqa: E402
 from crfl.validation import ConfigError  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
 from tests.test_flower import TOL, recording_strategy, small_config  # noqa: E402
@@ -279,12 +279,12 @@ def test_resume_equals_uninterrupted_and_the_simulator_refuses(tmp_path, honest)
     assert torch.equal(second.final_params, ref[2].final_params)
     assert [r["round"] for r in json.loads((out / "flower.json").read_text())["rounds"]] == [1, 2, 3, 4]
     assert [{k: e[k] for k in CERT_KEYS} for e in attack_json(second)] == [{k: e[k] for k in CERT_KEYS} for e in attack_json(ref[2])]
-    a = torch.load(out / "model_final.pt", weights_only=False)["attack_state"]
-    b = torch.load(ref[2].out_dir / "model_final.pt", weights_only=False)["attack_state"]
+    a = torch.load(out / "model_final.pt", weights_only=True)["attack_state"]
+    b = torch.load(ref[2].out_dir / "model_final.pt", weights_only=True)["attack_state"]
     assert a["round"] == b["round"] == 2 and torch.equal(a["pre_noise"], b["pre_noise"])
-    assert is_flower_run(out) and not is_flower_run(tmp_path)
-    with pytest.raises(ConfigError, match="holds a run of the Flower server"):
-        refuse_simulator_resume(out)
+    assert rundir.open_run(out).engine() == rundir.FLOWER
+    with pytest.raises(ConfigError, match="holds a run of the flower engine"):
+        train(None, out, resume=True, dataset=ds)
 
 
 def test_attack_round_pre_noise_model_is_kept(honest):

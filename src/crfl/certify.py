@@ -268,12 +268,10 @@ def scope_report(
         "inputs_in_trigger_box": _box_check(setup, attack_log, ing),
     }
     if ing.reading == "mixture":
-        from crfl.flower.provenance import is_flower_run
-
         checks["one_attack_round"] = {"holds": len(ing.terms) == 1,
                                       "detail": f"{len(ing.terms)} attack round(s); the mixture reading covers one"}
 
-        replayable = not is_flower_run(run_dir) if run_dir is not None else True
+        replayable = rundir.open_run(run_dir).engine() == rundir.SIMULATOR if run_dir is not None else True
         checks["continuations_replay_the_run"] = {
             "holds": replayable,
             "detail": "the continuations train every client with the configured weights in every round after t_adv, as the "

@@ -79,6 +79,17 @@ LOCK = ".crfl.lock"
 STAGE = ".crfl-stage"
 COMMIT = "COMMIT"
 CERT_KINDS = ("clean", "backdoor")
+#: The engines that write run directories (config.yaml's ``provenance.engine``; :mod:`crfl.driver`).
+SIMULATOR = "simulator"
+FLOWER = "flower"
+ENGINES = (SIMULATOR, FLOWER)
+#: The Flower server's checkpoint before the one driver (read-only: a resume converts it to CHECKPOINT).
+LEGACY_FLOWER_CHECKPOINT = "flower_checkpoint.pt"
+#: How each engine's run is resumed (for the refusal when another engine tries).
+RESUME_HOW = {
+    SIMULATOR: "resume it with the simulator: `crfl train --resume DIR`",
+    FLOWER: "resume it over Flower instead: `flwr run . --run-config \"out-dir='DIR' resume=true\"` (docs/flower.md)",
+}
 
 
 class RunDirError(ValueError):
@@ -376,7 +387,7 @@ class RunDir:
     def discard_unstarted(self) -> None:
         """Remove a fresh run that never reached a checkpoint (its config.yaml, and the directory if the claim made it)."""
         self._need_claim()
-        if self.exists(CHECKPOINT):
+        if self.exists(CHECKPOINT) or self.exists(LEGACY_FLOWER_CHECKPOINT):
             return
         (self.path / CONFIG).unlink(missing_ok=True)
         sweep_stale(self.path)
@@ -394,8 +405,10 @@ class RunDir:
         io.write_yaml(self.path / CONFIG, dict(resolved))
 
     def write_checkpoint(self, state: dict[str, Any], config_hash: str) -> None:
+        """checkpoint.pt, atomically; a legacy ``flower_checkpoint.pt`` it supersedes is removed after."""
         self._need_claim()
         io.torch_save(self.path / CHECKPOINT, {**state, "config_hash": config_hash})
+        (self.path / LEGACY_FLOWER_CHECKPOINT).unlink(missing_ok=True)
 
     def results(self, base: str | Path | None = None) -> "ResultSet":
         """A staged result set for this (claimed) directory; see :class:`ResultSet`."""
@@ -462,13 +475,46 @@ class RunDir:
         return final
 
     def read_checkpoint(self, cfg_dict: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-        """checkpoint.pt (None if the run stopped before its first checkpoint), hash-checked."""
-        if not self.exists(CHECKPOINT):
+        """checkpoint.pt (None if the run stopped before its first checkpoint), hash-checked.
+
+        A Flower run written before the one driver kept its state in ``flower_checkpoint.pt``
+        (keys ``flower_rounds`` and ``state_tag``); it is read, with ``weights_only=True`` like every
+        torch file, and returned in the driver's keys (``engine_log``, ``identity``).
+        """
+        todo = "delete it to restart the run from round 1, or train into a new directory"
+        required = ("round", "params", "records", "attack_log", "config_hash")
+        if self.exists(CHECKPOINT):
+            ck = self.read_torch(CHECKPOINT, required, todo)
+            self._check_hash(CHECKPOINT, ck["config_hash"], cfg_dict)
+            return ck
+        if not self.exists(LEGACY_FLOWER_CHECKPOINT):
             return None
-        ck = self.read_torch(CHECKPOINT, ("round", "params", "records", "attack_log", "config_hash"),
-                             "delete it to restart the run from round 1, or train into a new directory")
-        self._check_hash(CHECKPOINT, ck["config_hash"], cfg_dict)
+        old = self.read_torch(LEGACY_FLOWER_CHECKPOINT, required + ("flower_rounds", "state_tag"), todo)
+        self._check_hash(LEGACY_FLOWER_CHECKPOINT, old["config_hash"], cfg_dict)
+        ck = {k: v for k, v in old.items() if k not in ("flower_rounds", "state_tag")}
+        ck.update(engine=FLOWER, engine_log=old["flower_rounds"], identity=old["state_tag"], file=LEGACY_FLOWER_CHECKPOINT)
         return ck
+
+    def engine(self, cfg_dict: Mapping[str, Any] | None = None) -> str:
+        """The engine that wrote the run: config.yaml's ``provenance.engine`` (runs written before the
+        marker: ``flower`` where a Flower block or checkpoint is there, else ``simulator``)."""
+        saved = cfg_dict if cfg_dict is not None else self.read_config()
+        prov = saved.get("provenance") or {}
+        engine = prov.get("engine")
+        if engine is None:
+            engine = FLOWER if ("flower" in prov or self.exists(LEGACY_FLOWER_CHECKPOINT)) else SIMULATOR
+        if engine not in ENGINES:
+            raise RunDirError(f"{self.path / CONFIG} names the engine {engine!r}; crfl knows {list(ENGINES)}. Restore the file.")
+        return str(engine)
+
+    def refuse_engine(self, engine: str, cfg_dict: Mapping[str, Any] | None = None) -> None:
+        """Raise ConfigError unless the run was written by ``engine`` (no engine resumes another's run)."""
+        have = self.engine(cfg_dict)
+        if have != engine:
+            raise ConfigError(
+                f"The directory {str(self.path)!r} holds a run of the {have} engine (provenance.engine: {have}); "
+                f"the {engine} engine cannot resume it. " + RESUME_HOW[have].replace("DIR", str(self.path)) + "."
+            )
 
     def _check_hash(self, name: str, stored: Any, cfg_dict: Mapping[str, Any] | None) -> None:
         have = config_hash(cfg_dict if cfg_dict is not None else self.read_config())

@@ -13,15 +13,15 @@
   connection and key, running the ClientApp in-process (the fast deployment).
 - :mod:`crfl.flower.worker`: a long-lived ClientApp process for deployed SuperNodes (``--isolation process``).
 - :mod:`crfl.flower.supernode`: ``flower-supernode`` with shorter waits; :mod:`crfl.flower.waits`: which waits.
-- :mod:`crfl.flower.provenance`: the marker of a Flower run directory (no flwr import).
 - :mod:`crfl.flower.testing`: an in-process ``Grid`` for tests.
 
 ``flwr run`` loads ``crfl.flower.server_app:app`` and ``crfl.flower.client_app:app``
 (see docs/flower.md). Importing this package turns Flower's telemetry and update
 check off unless the environment already sets ``FLWR_TELEMETRY_ENABLED`` /
 ``FLWR_DISABLE_UPDATE_CHECK``; Flower reads them when it is first imported. The
-names below are imported from :mod:`crfl.flower.strategy` on first use, so
-``crfl.flower.provenance`` can be imported where flwr is not installed.
+names below are imported from :mod:`crfl.flower.strategy` on first use. The
+marker of a Flower run directory (``provenance.engine: flower``) is the core's
+(:mod:`crfl.rundir`, :mod:`crfl.driver`): nothing outside this package imports it.
 """
 
 from __future__ import annotations

@@ -8,14 +8,15 @@ message for round t it
    the registered dataset, client i's shard, tau_i, p_i and the attack plan;
 2. starts from the received global model w~_{t-1} and runs tau_i steps of SGD on
    the batches ``client_round_batches(shard_i, i, n_B, tau_i, seed, t)``, the very
-   batches the batched simulator draws for client i (:func:`crfl.train.run_round`);
+   batches the batched simulator draws for client i (:func:`crfl.local.local_round`);
 3. if it is an attacker and t is an attack round, poisons the first q_B samples
    of every batch (trigger + label swap) and scales its update by gamma (model
    replacement): it sends w~_{t-1} + gamma (w_i - w~_{t-1});
 4. replies with its local model and the metrics of :data:`crfl.flower.records.REPLY_METRICS`.
 
-The local training is :func:`crfl.clients.local_updates` on a batch of one
-client, so the Flower client and the simulator share one implementation.
+The local training is :func:`crfl.local.local_round` for one client, the function
+the simulator runs for all clients at once: one implementation of the client's (and the
+attacker's) local step for both engines.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from crfl.clients import Poison, client_round_batches, local_updates, poison_ratio_per_step, poison_slots
 from crfl.config import from_dict
 from crfl.data import Dataset
 from crfl.flower.records import (
@@ -42,6 +42,7 @@ from crfl.flower.records import (
     config_from_json,
     record_to_params,
 )
+from crfl.local import local_round
 from crfl.setup import Setup, prepare
 from crfl.validation import ConfigError, check_int
 
@@ -66,17 +67,11 @@ def client_round(setup: Setup, params: torch.Tensor, client: int, t: int) -> Cli
     t0 = time.perf_counter()
     tau = int(setup.tau[client])
     n_B = cfg.clients.batch_size
-    idx = client_round_batches(setup.data.indices[client], client, n_B, tau, cfg.seed, t)[None]
-    attacking = plan.active(t) and plan.is_attacker(client)
-    poison = None
-    if attacking and plan.poison_per_batch > 0:
-        delta = plan.local_triggers[client].delta.to(setup.dtype)[None]
-        poison = Poison(mask=poison_slots(idx, [0], plan.poison_per_batch), deltas=delta, target=plan.target)
     w = params.to(setup.dtype)
-    updates, stats = local_updates(setup.model, w, setup.data, idx, cfg.clients.lr, poison, setup.dtype)
-    if attacking:
-        updates[0] *= plan.gamma  # model replacement, as run_round scales it
-    model = w + updates[0]
+    loc = local_round(setup, w, t, [client])  # the simulator's local step, for one client
+    attacking = loc.attacking[0]
+    model = w + loc.updates[0]
+    stats = loc.stats
     n = int(min(setup.data.sizes[client], tau * n_B))
     count = int(stats.count[0])
     metrics: dict[str, int | float] = {
@@ -88,7 +83,7 @@ def client_round(setup: Setup, params: torch.Tensor, client: int, t: int) -> Cli
         "attacker": int(attacking),
         "gamma": float(plan.gamma) if attacking else 1.0,
         # mean over local steps of poisoned / batch size, as the simulator records it for the certificate
-        "poison-ratio": poison_ratio_per_step(idx, poison.mask, 0) if poison is not None else 0.0,
+        "poison-ratio": loc.poison_ratio(0),
         "nominal-poison-ratio": plan.poison_per_batch / n_B if attacking else 0.0,
         "delta-norm": plan.local_triggers[client].norm if attacking else 0.0,
         "poisoned-samples": count,

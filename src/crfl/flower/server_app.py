@@ -5,18 +5,19 @@
 --run-config``), prepares the run exactly like ``crfl train`` (the ServerApp
 holds the test set for evaluation and, like the simulator, knows the attack plan
 only to label the records), and runs :class:`crfl.flower.strategy.CRFL` with
-Flower's own round loop (``Strategy.start``). After round T it writes the same
-run directory as ``crfl run``::
+Flower's own round loop (:class:`FlowerRound`, the Flower engine's round of the one driver,
+:func:`crfl.driver.drive`, which also runs the simulator). After round T it writes the
+same run directory as ``crfl run``::
 
     config.yaml     resolved configuration (+ provenance, with a ``flower`` block)
     rounds.csv      one row per round (accuracy, norms, rho_t, sigma_t, attack, attacker weights,
                     aggregation_fixed_weights)
-    attack.json     per attack round: crfl.train.attack_record, from server-owned quantities only
+    attack.json     per attack round: crfl.driver.attack_record, from server-owned quantities only
                     (clients' reports under ``measured``)
     model_final.pt  Clip_{rho_T}(w_T) (+ the first attack round's pre-noise aggregate)
     summary.json    the ``training`` block (+ certificate blocks with ``certify = true``)
     flower.json     per round: S_t, nodes messaged, replies kept / rejected (with the reason) / missing
-    flower_checkpoint.pt  the state after the last finished round (``resume = true`` continues from it)
+    checkpoint.pt   the state after the last finished round (``resume = true`` continues from it)
 
 and, with ``certify = true``, runs :func:`crfl.certify.certify_run` on it
 (certificates, summary blocks, plots), unless a round had no valid reply: such
@@ -48,13 +49,12 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from crfl.config import Config, resolve
 from crfl.data import Dataset
-from crfl.flower.provenance import CHECKPOINT, ENGINE
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
 from crfl.flower.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
-from crfl import io, rundir
-from crfl.setup import Setup, evaluate, prepare, resolved_config
-from crfl.train import TrainResult, attack_record, write_final
+from crfl import rundir
+from crfl.driver import Finish, RoundOutput, RunState, TrainResult, attack_record, drive
+from crfl.setup import Setup, prepare
 from crfl.validation import ConfigError, check_int, check_real, fail
 
 log = logging.getLogger("crfl.flower")
@@ -100,7 +100,7 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
     "sample-count": (0, "number of clients sampled per round; 0: use sample-fraction"),
     "node-partitions": ("", "the operator's binding 'NODE_ID=PARTITION ...'; empty: the first N nodes seen, by node id"),
     "input-norm-bound": (-1.0, "B >= ||x|| for every client input, for the certificate; -1: sqrt(d), inputs in [0, 1]^d"),
-    "resume": (False, "continue the interrupted run in out-dir from its flower_checkpoint.pt"),
+    "resume": (False, "continue the interrupted run in out-dir from its checkpoint.pt"),
 }
 
 
@@ -214,7 +214,7 @@ def with_input_norm_bound(setup: Setup, bound: float | None = None) -> Setup:
 
 
 def _attack_entry(setup: Setup, rec: RoundLog, start: torch.Tensor) -> dict[str, Any]:
-    """attack.json's entry for attack round t: crfl.train.attack_record from server-owned quantities.
+    """attack.json's entry for attack round t: crfl.driver.attack_record from server-owned quantities.
 
     p_i is the weight the server applied to the configured attacker (0 when its partition was not
     sampled or its reply not aggregated). What the attackers' replies reported is kept under
@@ -238,6 +238,90 @@ def _noise_tag(seed: int) -> str:
     return hashlib.blake2b(str(int(seed)).encode(), digest_size=8).hexdigest()
 
 
+@dataclass
+class FlowerRound:
+    """The Flower server's round of Algorithm 1, as the driver's :class:`~crfl.driver.Round`.
+
+    Sends w~_{t-1} and ``crfl-config`` to the sampled partitions' nodes, waits for their replies
+    (:func:`send_and_receive`), and lets the :class:`CRFL` strategy screen, weight, aggregate,
+    clip and perturb; the round's :class:`RoundLog` becomes its ``flower.json`` row.
+    """
+
+    setup: Setup
+    grid: Grid
+    strategy: CRFL
+    round_timeout: float
+    input_norm_source: str
+    engine: str = field(default=rundir.FLOWER, init=False)
+    trains_twin: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self._config_json = config_to_json(self.setup.cfg.to_dict())  # the crfl-config every train message carries
+
+    def __call__(self, params: torch.Tensor, t: int, *, trigger: bool = True) -> RoundOutput:
+        setup, strategy, plan = self.setup, self.strategy, self.setup.plan
+        if plan.active(t):
+            strategy.keep_pre_noise.add(t)
+        train_config = ConfigRecord({CRFL_CONFIG: self._config_json})
+        messages = list(strategy.configure_train(t, params_to_record(params), train_config, self.grid))
+        replies = send_and_receive(self.grid, messages, self.round_timeout) if messages else []
+        new_arrays, _ = strategy.aggregate_train(t, replies)
+        rec = strategy.history[t]
+        row: dict[str, Any] = {
+            "norm_before_clip": rec.norm_before_clip, "rho": rec.rho, "sigma": rec.sigma, "clipped": int(rec.clipped),
+            "attack": int(plan.active(t)), "aggregation_fixed_weights": int(rec.fixed_weights),
+        }
+        entry, pre_noise = None, None
+        if plan.active(t):
+            entry = _attack_entry(setup, rec, params)
+            row["attacker_weights"] = entry["p"]
+            pre = strategy.pre_noise.pop(t, None)
+            pre_noise = pre.to(setup.dtype) if pre is not None else None
+            if entry["p"] is not None and not any(entry["p"]):
+                log.warning("Round %d is an attack round of the threat model but no attacker's reply was aggregated (p = 0).", t)
+        return RoundOutput(record_to_params(new_arrays).to(setup.dtype), row, entry, pre_noise, rec.to_dict())
+
+    def identity(self) -> dict[str, Any]:
+        """The noise seed's digest and the sampling: a resumed run must use the same."""
+        return {"noise": _noise_tag(self.strategy.noise_seed), "sampling": self.strategy.sampling.describe()}
+
+    def provenance(self) -> dict[str, Any]:
+        s, cfg = self.strategy, self.setup.cfg
+        return {"flower": {
+            "flwr_version": flwr.__version__,
+            "inner_strategy": type(s.strategy).__name__,
+            "noise_seed": "run seed" if s.noise_seed == cfg.seed else "separate (not recorded)",
+            "sampling": s.sampling.describe(),
+            "binding": "operator's node table" if s.roster.fixed else "server: first N nodes seen, by node id",
+            "input_norm_bound": self.input_norm_source,
+        }}
+
+    def finish(self, state: RunState) -> Finish:
+        rounds = state.logs
+        T = self.setup.rounds
+        without = [r["round"] for r in rounds if r["skipped"] is not None]
+        certifiable = not without
+        reason = None if certifiable else (
+            f"round(s) {without} aggregated no update (no valid reply, or weights summing to 0): "
+            "the run is not the process the certificate describes"
+        )
+        extra = {
+            "replies_rejected": sum(len(r["rejected"]) for r in rounds),
+            "replies_missing": sum(len(r["missing"]) for r in rounds),
+            "rounds_with_every_client": sum(len(r["accepted"]) == self.setup.data.num_clients for r in rounds),
+            "rounds_without_valid_replies": without,
+            "rounds_with_contributions": T - len(without),
+            "sampling": self.strategy.sampling.describe(),
+            "certifiable": certifiable,
+            "not_certifiable_because": reason,
+        }
+        return Finish(extra=extra, files={FLOWER_LOG: {"rounds": rounds}})
+
+
+#: The Flower engine's own per-round log in the run directory.
+FLOWER_LOG = "flower.json"
+
+
 def run_federation(
     grid: Grid,
     setup: Setup,
@@ -251,11 +335,11 @@ def run_federation(
     stop_after: int | None = None,
     input_norm_bound: float | None = None,
 ) -> FlowerRun:
-    """Run Algorithm 1 over a Flower grid into ``out_dir`` and (optionally) certify the result.
+    """Run Algorithm 1 over a Flower grid into ``out_dir`` (through :func:`crfl.driver.drive`) and
+    (optionally) certify the result.
 
-    ``resume`` continues the run in ``out_dir`` from its ``flower_checkpoint.pt`` (the same
-    configuration, sampling and noise seed are required); ``stop_after`` ends after that round
-    (tests of resume).
+    ``resume`` continues the run in ``out_dir`` from its checkpoint (the same configuration,
+    sampling and noise seed are required); ``stop_after`` ends after that round (tests of resume).
     """
     round_timeout = check_real("round-timeout", round_timeout, low=0.0, low_open=True)
     setup = with_input_norm_bound(setup, input_norm_bound)
@@ -267,123 +351,29 @@ def run_federation(
         raise ConfigError(f"The strategy was built for N = {strategy.num_clients} clients but the run has N = {setup.data.num_clients}.")
     if cfg.certify.twin:
         log.warning("certify.twin: the clean twin run is a simulator feature; the Flower run trains no twin.")
-    resolved = resolved_config(setup)
-    resolved["provenance"]["engine"] = ENGINE
-    resolved["provenance"]["flower"] = {
-        "flwr_version": flwr.__version__,
-        "inner_strategy": type(strategy.strategy).__name__,
-        "noise_seed": "run seed" if strategy.noise_seed == cfg.seed else "separate (not recorded)",
-        "sampling": strategy.sampling.describe(),
-        "binding": "operator's node table" if strategy.roster.fixed else "server: first N nodes seen, by node id",
-        "input_norm_bound": f"sqrt(d) = {cfg.certify.input_norm_bound:.6g}: model inputs in [0, 1]^d"
-        if input_norm_bound is None else "run config",
-    }
-    chash = rundir.config_hash(resolved)
-    state_tag = {"noise": _noise_tag(strategy.noise_seed), "sampling": strategy.sampling.describe()}
-    if resume:
-        run = rundir.resume_run(out_dir, param="out-dir")
-        ckpt_path = run.path / CHECKPOINT
-        if not ckpt_path.is_file():
-            run.release()
-            raise ConfigError(f"The 'out-dir' directory {str(out_dir)!r} holds no {CHECKPOINT}: there is no Flower run to resume.")
-    else:
-        run = rundir.create_run(out_dir, param="out-dir")
-        ckpt_path = run.path / CHECKPOINT
-    out = run.path
+    source = (f"sqrt(d) = {cfg.certify.input_norm_bound:.6g}: model inputs in [0, 1]^d"
+              if input_norm_bound is None else "run config")
+    step = FlowerRound(setup, grid, strategy, round_timeout, source)
+    run = rundir.resume_run(out_dir, param="out-dir") if resume else rundir.create_run(out_dir, param="out-dir")
     with run:
-        plan = setup.plan
-        params = setup.w0.clone()
-        records: list[dict[str, Any]] = []
-        attack_log: list[dict[str, Any]] = []
-        attack_state: dict[str, Any] = {}
-        past_rounds: list[dict[str, Any]] = []  # flower.json rows, those before a resume included
-        seconds, start = 0.0, 1
         if resume:
-            ck = torch.load(ckpt_path, weights_only=False)
-            if ck.get("config_hash") != chash or rundir.config_hash(run.read_config()) != chash or ck.get("state_tag") != state_tag:
-                raise ConfigError(
-                    f"The checkpoint in {str(out)!r} was written with a different configuration, sampling or noise seed; "
-                    "refusing to resume."
-                )
-            start, params = ck["round"] + 1, ck["params"]
-            records, attack_log, attack_state = ck["records"], ck["attack_log"], ck["attack_state"]
-            past_rounds, seconds = ck["flower_rounds"], ck["seconds"]
-            log.info("Resuming the Flower run in %s after round %d of %d.", out.resolve(), ck["round"], T)
-        else:
-            run.write_config(resolved)
+            log.info("Resuming the Flower run in %s.", run.path.resolve())
         log.info("crfl over Flower: %d clients (%s), T = %d rounds, aggregation %s; run directory %s",
-                 setup.data.num_clients, strategy.sampling.describe(), T, type(strategy.strategy).__name__, out.resolve())
-
-        train_config = {CRFL_CONFIG: config_to_json(cfg.to_dict())}
-        t0 = time.perf_counter()
-        for t in range(start, T + 1):
-            if plan.active(t) and not attack_state:
-                strategy.keep_pre_noise.add(t)
-            arrays = params_to_record(params)
-            messages = list(strategy.configure_train(t, arrays, ConfigRecord(dict(train_config)), grid))
-            replies = send_and_receive(grid, messages, round_timeout) if messages else []
-            new_arrays, _ = strategy.aggregate_train(t, replies)
-            rec = strategy.history[t]
-            row: dict[str, Any] = {
-                "round": t, "norm_before_clip": rec.norm_before_clip, "rho": rec.rho, "sigma": rec.sigma,
-                "clipped": int(rec.clipped), "attack": int(plan.active(t)),
-                "aggregation_fixed_weights": int(rec.fixed_weights),
-            }
-            if plan.active(t):
-                entry = _attack_entry(setup, rec, params)
-                row["attacker_weights"] = entry["p"]
-                attack_log.append(entry)
-                if not attack_state and t in strategy.pre_noise:
-                    attack_state = {"round": t, "pre_noise": strategy.pre_noise.pop(t).to(setup.dtype)}
-                if entry["p"] is not None and not any(entry["p"]):
-                    log.warning("Round %d is an attack round of the threat model but no attacker's reply was aggregated (p = 0).", t)
-            params = record_to_params(new_arrays).to(setup.dtype)
-            if t % cfg.run.eval_every == 0 or t == T:
-                row["clean_acc"], row["backdoor_acc"] = evaluate(setup, params)
-            records.append(row)
-            past_rounds.append(rec.to_dict())
-            io.torch_save(ckpt_path, {
-                "round": t, "params": params, "records": records, "attack_log": attack_log, "attack_state": attack_state,
-                "flower_rounds": past_rounds, "config_hash": chash, "state_tag": state_tag,
-                "seconds": seconds + time.perf_counter() - t0,
-            })
-            if stop_after is not None and t >= stop_after and t < T:
-                return FlowerRun(out, setup, params, records, attack_log, seconds=seconds + time.perf_counter() - t0,
-                                 history=dict(strategy.history), finished=False)
-        seconds += time.perf_counter() - t0
-
-        without = [r["round"] for r in past_rounds if r["skipped"] is not None]
-        contributed = T - len(without)
-        certifiable = not without
-        reason = None if certifiable else (
-            f"round(s) {without} aggregated no update (no valid reply, or weights summing to 0): "
-            "the run is not the process the certificate describes"
-        )
-        write_final(
-            out, setup, params, records, attack_log, None, seconds,
-            extra={
-                "engine": ENGINE,
-                "replies_rejected": sum(len(r["rejected"]) for r in past_rounds),
-                "replies_missing": sum(len(r["missing"]) for r in past_rounds),
-                "rounds_with_every_client": sum(len(r["accepted"]) == setup.data.num_clients for r in past_rounds),
-                "rounds_without_valid_replies": without,
-                "rounds_with_contributions": contributed,
-                "sampling": strategy.sampling.describe(),
-                "certifiable": certifiable,
-                "not_certifiable_because": reason,
-            },
-            attack_state=attack_state or None,
-            run=run,
-        )
-        with run.results() as rs:
-            rs.write_json("flower.json", {"rounds": past_rounds})
-    result = FlowerRun(out, setup, params, records, attack_log, seconds=seconds, history=dict(strategy.history))
-    if contributed == 0:
+                 setup.data.num_clients, strategy.sampling.describe(), T, type(strategy.strategy).__name__,
+                 run.path.resolve())
+        res = drive(setup, step, run, resume=resume, checkpoint_every=1, stop_after=stop_after)
+    result = FlowerRun(**{f.name: getattr(res, f.name) for f in dataclasses.fields(TrainResult)},
+                       history=dict(strategy.history))
+    if not res.finished:
+        return result
+    out = res.out_dir
+    fin = step.finish(res.state) if res.state is not None else Finish()
+    if fin.extra.get("rounds_with_contributions", T) == 0:
         raise FederationFailed(
-            f"No client contributed to any of the {T} rounds (see {out / 'flower.json'}); the run is not certified."
+            f"No client contributed to any of the {T} rounds (see {out / FLOWER_LOG}); the run is not certified."
         )
-    if certify and not certifiable:
-        log.warning("Not certifying %s: %s.", out, reason)
+    if certify and not fin.extra.get("certifiable", True):
+        log.warning("Not certifying %s: %s.", out, fin.extra.get("not_certifiable_because"))
     elif certify:
         from crfl.certify import certify_run
 

@@ -1,0 +1,438 @@
+"""One driver for Algorithm 1: a typed run state, a ``Round`` interface and the one loop over rounds.
+
+Every engine that trains a CRFL model -- the batched simulator (:class:`crfl.train.SimulatorRound`),
+the Flower server (:class:`crfl.flower.server_app.FlowerRound`), and any later one -- implements
+one round of Algorithm 1 as a :class:`Round`: from the global model w~_{t-1} it returns w~_t
+(Clip_{rho_T}(w_T) when t = T) with the round's record. Everything around the rounds is
+written once, here, in :func:`drive` (the shape of fedjax's ``federated_experiment`` over a
+``ServerState``):
+
+- the run directory's config (with the engine marker ``provenance.engine``), resume from its
+  checkpoint (refused across engines, configurations or round identities), and the claim;
+- the evaluation cadence (``run.eval_every`` and the last round), the clean twin of the
+  coupled certificate (same randomness, no trigger) for engines that can train it;
+- the first attack round's pre-noise aggregate Clip_{rho_t}(w_t) (the mixture reading's start);
+- checkpoints through :meth:`crfl.rundir.RunDir.write_checkpoint` (read back with
+  ``weights_only=True``), and the final result set (``model_final.pt``, ``rounds.csv``,
+  ``attack.json``, summary.json's ``training`` block and the engine's own files) as one unit.
+
+The round's randomness is the engine's business; the driver adds none, so a resumed run
+repeats an uninterrupted one exactly (:func:`drive` with ``stop_after`` stops early for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from crfl import rundir
+from crfl.lipschitz import centred_operator_norm
+from crfl.clients import nominal_poison_ratio
+from crfl.setup import Setup, evaluate, resolved_config
+from crfl.validation import ConfigError
+
+SIMULATOR = rundir.SIMULATOR
+FLOWER = rundir.FLOWER
+
+
+# ---------------------------------------------------------------------------------------------
+# what a round returns, and the state passed from round to round
+
+
+@dataclass
+class RoundOutput:
+    """One round of Algorithm 1, as an engine ran it.
+
+    ``row``: the rounds.csv fields the engine measured (norm before clip, rho_t, sigma_t, clipped,
+    attack, aggregation_fixed_weights, attacker weights); the driver adds the round, the
+    evaluation and the twin distance. ``attack``: attack.json's entry (:func:`attack_record`) in
+    attack rounds. ``pre_noise``: Clip_{rho_t}(w_t) before eps_t in attack rounds. ``log``: the
+    engine's own record of the round (Flower's ``flower.json`` row), kept in the state.
+    """
+
+    params: torch.Tensor
+    row: dict[str, Any]
+    attack: dict[str, Any] | None = None
+    pre_noise: torch.Tensor | None = None
+    log: dict[str, Any] | None = None
+
+
+class Round(Protocol):
+    """One round of Algorithm 1 in some engine. ``engine`` names it in the run directory."""
+
+    engine: str
+    #: whether ``__call__(..., trigger=False)`` trains the clean twin (same randomness, no trigger)
+    trains_twin: bool
+
+    def __call__(self, params: torch.Tensor, t: int, *, trigger: bool = True) -> RoundOutput:
+        """w~_t from w~_{t-1} = ``params``; ``trigger=False``: the twin's round."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one beyond the configuration (e.g. the
+        noise seed's digest and the sampling of a Flower server): compared on resume."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """Blocks added to config.yaml's ``provenance`` (besides ``engine``)."""
+        ...
+
+    def finish(self, state: "RunState") -> "Finish":
+        """The engine's additions to the final result set, from the finished state."""
+        ...
+
+
+@dataclass
+class Finish:
+    """An engine's part of the final result set: summary ``training`` keys and its own JSON files."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """The state of a run after round ``round`` (0: before the first): what a checkpoint holds.
+
+    ``attack_state``: the first attack round's ``round``, its pre-noise aggregate ``pre_noise`` and,
+    with a twin, ``twin_pre_noise``. ``logs``: the engine's per-round records. ``engine``: the
+    engine that wrote it; ``identity``: :meth:`Round.identity` of that engine.
+    """
+
+    engine: str
+    params: torch.Tensor
+    round: int = 0
+    rows: list[rundir.RoundRow] = field(default_factory=list)
+    attacks: list[rundir.AttackRecord] = field(default_factory=list)
+    attack_state: dict[str, Any] = field(default_factory=dict)
+    twin_params: torch.Tensor | None = None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Plain tensors, lists and dicts only (read back with ``weights_only=True``)."""
+        return {
+            "engine": self.engine,
+            "round": self.round,
+            "params": self.params,
+            "records": [dataclasses.asdict(r) for r in self.rows],
+            "attack_log": [a.to_dict() for a in self.attacks],
+            "attack_state": dict(self.attack_state),
+            "twin_params": self.twin_params,
+            "engine_log": list(self.logs),
+            "identity": dict(self.identity),
+            "seconds": self.seconds,
+        }
+
+    @staticmethod
+    def from_checkpoint(ck: dict[str, Any], where: str) -> "RunState":
+        """The state a checkpoint holds (validated by :meth:`crfl.rundir.RunDir.read_checkpoint`)."""
+        try:
+            rows = [rundir.RoundRow(**r) for r in ck["records"]]
+        except TypeError as e:
+            raise rundir.RunDirError(f"{where} holds round rows crfl cannot read ({e}); delete it to restart the run.") from None
+        attacks = [rundir.AttackRecord.from_dict(a, f"{where} attack record {i}") for i, a in enumerate(ck["attack_log"])]
+        return RunState(
+            engine=str(ck.get("engine", SIMULATOR)),
+            params=ck["params"],
+            round=int(ck["round"]),
+            rows=rows,
+            attacks=attacks,
+            attack_state=dict(ck.get("attack_state") or {}),
+            twin_params=ck.get("twin_params"),
+            logs=list(ck.get("engine_log") or []),
+            identity=dict(ck.get("identity") or {}),
+            seconds=float(ck.get("seconds", 0.0)),
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a run of Algorithm 1 returns (the run directory holds the same, on disk)."""
+
+    out_dir: Path
+    setup: Setup
+    final_params: torch.Tensor
+    records: list[dict[str, Any]]
+    attack_log: list[dict[str, Any]]
+    twin_final: torch.Tensor | None = None
+    seconds: float = 0.0
+    finished: bool = True
+    state: RunState | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# attack.json's entry (server-owned quantities; both engines)
+
+
+def attack_record(
+    setup: Setup,
+    t: int,
+    start_params: torch.Tensor,
+    p: list[float] | None,
+    *,
+    aggregation_info: dict[str, Any] | None = None,
+    measured: dict[str, Any] | None = None,
+    p_total: float | None = None,
+) -> dict[str, Any]:
+    """attack.json's entry for attack round t, from server-owned quantities only.
+
+    The certificate's ingredients come from the server's configuration and what it sent: the
+    attackers and gamma of the threat model it certifies against, tau_i and eta of the local
+    training it prescribes, q_B/n_B per local step from the batch sizes of the shard it assigned
+    (:func:`crfl.clients.nominal_poison_ratio`), the aggregation weight p_i it applied, and the
+    broadcast model w~_{t-1} it sent (its norm and the class-centred operator norm of its weight
+    matrix, which L_Z needs). ``measured`` holds what the engine observed (bookkeeping only).
+    """
+    cfg, plan = setup.cfg, setup.plan
+    attackers = list(plan.attackers)
+    sizes = setup.data.sizes
+    tau = [int(setup.tau[a]) for a in attackers]
+    rec: dict[str, Any] = {
+        "round": int(t),
+        "attackers": attackers,
+        "p": None if p is None else [float(v) for v in p],
+        "configured_p": [float(setup.weights[a]) for a in attackers],
+        "tau": tau,
+        "gamma": [float(plan.gamma)] * len(attackers),
+        "eta": [float(cfg.clients.lr)] * len(attackers),
+        # the mean over local steps of q_s / n_s (> q_B/n_B when a last batch is short)
+        "poison_ratio": [
+            nominal_poison_ratio(int(sizes[a]), cfg.clients.batch_size, plan.poison_per_batch, tau[i])
+            for i, a in enumerate(attackers)
+        ],
+        "nominal_poison_ratio": [plan.poison_per_batch / cfg.clients.batch_size] * len(attackers),
+        "delta_norm": [float(plan.local_triggers[a].norm) for a in attackers],
+        "start_norm": float(torch.linalg.vector_norm(start_params.double())),
+        "start_centred_opnorm": centred_opnorm(setup, start_params),
+        # the sum of every client's weight in this round (P of docs/theory.md (g)): the round's Lipschitz constant needs it
+        "p_total": float(setup.weights.sum()) if p_total is None else float(p_total),
+    }
+    if aggregation_info:
+        rec["aggregation"] = {k: v for k, v in aggregation_info.items() if isinstance(v, (int, float, str, list))}
+    if measured:
+        rec["measured"] = measured
+    return rec
+
+
+def centred_opnorm(setup: Setup, params: torch.Tensor) -> float | None:
+    """||(I - 11^T/C) W||_2 of a linear model's weight matrix (None for other models); see lipschitz.lz_centred."""
+    if not setup.model.is_linear:
+        return None
+    W, _ = setup.model.split(params.double())
+    return centred_operator_norm(W)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress and divergence
+
+
+class Progress:
+    """A progress bar on a terminal (redrawn in place); a line every ~10% of rounds otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 10)
+
+    def update(self, t: int, row: rundir.RoundRow) -> None:
+        if not self.enabled or (not self.tty and t % self.every and t != self.total):
+            return
+        width = 28
+        done = int(width * t / self.total)
+        msg = f"[{'#' * done}{'.' * (width - done)}] round {t}/{self.total}"
+        if isinstance(row.clean_acc, float):
+            msg += f"  acc {row.clean_acc:.3f}"
+        if isinstance(row.backdoor_acc, float) and not math.isnan(row.backdoor_acc):
+            msg += f"  backdoor {row.backdoor_acc:.3f}"
+        msg += f"  {time.perf_counter() - self.t0:.1f}s"
+        if self.tty:
+            sys.stderr.write("\r" + msg + ("\n" if t == self.total else ""))
+        else:
+            sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+
+
+def diverged(setup: Setup, t: int, what: str) -> ConfigError:
+    """The error for a round whose models or updates stopped being finite: the round and the settings."""
+    cfg = setup.cfg
+    return ConfigError(
+        f"Training diverged in round {t} of {setup.rounds}: {what} holds NaN or inf. The step size "
+        f"'clients.lr' = {cfg.clients.lr!r} (with 'attack.gamma' = {cfg.attack.gamma!r}) is too large "
+        "for this data; lower 'clients.lr' or 'attack.gamma'."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _row(t: int, measured: dict[str, Any], **more: Any) -> rundir.RoundRow:
+    names = {f.name for f in dataclasses.fields(rundir.RoundRow)}
+    unknown = sorted(set(measured) - names)
+    if unknown:
+        raise ValueError(f"round row fields {unknown} are not rounds.csv columns")
+    return rundir.RoundRow(round=t, **{**measured, **more})
+
+
+def _step(setup: Setup, step: Round, params: torch.Tensor, t: int, trigger: bool = True) -> RoundOutput:
+    out = step(params, t, trigger=trigger)
+    if not bool(torch.isfinite(out.params).all()):
+        raise diverged(setup, t, "the global model")
+    return out
+
+
+def resolved_for(setup: Setup, step: Round) -> dict[str, Any]:
+    """config.yaml of a run of ``step``'s engine: the resolved configuration, its provenance and engine."""
+    resolved = resolved_config(setup)
+    resolved["provenance"]["engine"] = step.engine
+    resolved["provenance"].update(step.provenance())
+    return resolved
+
+
+def drive(
+    setup: Setup,
+    step: Round,
+    run: rundir.RunDir,
+    *,
+    resume: bool = False,
+    twin: bool = False,
+    progress: bool = False,
+    checkpoint_every: int | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Run (or resume) Algorithm 1 with ``step`` as its round, into the claimed run directory ``run``.
+
+    ``checkpoint_every``: rounds between checkpoints (default ``run.checkpoint_every``; the last
+    round and ``stop_after`` always write one). A fresh run that fails before its first
+    checkpoint leaves nothing behind. ``twin`` trains the coupled certificate's clean twin
+    beside the run (engines with ``trains_twin``).
+    """
+    if twin and not step.trains_twin:
+        raise ConfigError(f"The '{step.engine}' engine cannot train the clean twin (certify.twin); run the simulator for it.")
+    resolved = resolved_for(setup, step)
+    chash = rundir.config_hash(resolved)
+    state = RunState(engine=step.engine, params=setup.w0.clone(), identity=step.identity(),
+                     twin_params=setup.w0.clone() if twin else None)
+    if resume:
+        saved = run.read_config()
+        run.refuse_engine(step.engine, saved)
+        if rundir.config_hash(saved) != chash:
+            raise rundir.RunDirError(
+                f"{run.path / rundir.CONFIG} does not resolve to itself against its data (config hash "
+                f"{rundir.config_hash(saved)} != {chash}): the dataset or the configuration changed; restore it or retrain."
+            )
+        ck = run.read_checkpoint(saved)
+        if ck is not None:
+            where = str(run.path / ck.get("file", rundir.CHECKPOINT))
+            state = RunState.from_checkpoint(ck, where)
+            if state.engine != step.engine or state.identity != step.identity():
+                raise ConfigError(
+                    f"The checkpoint in {str(run.path)!r} was written with a different configuration, sampling or noise "
+                    f"seed (engine {state.engine!r}, {state.identity}); refusing to resume."
+                )
+            if twin and state.twin_params is None:
+                raise ConfigError(f"The checkpoint in {str(run.path)!r} has no twin; resume without certify.twin.")
+            if not twin:
+                state.twin_params = None
+    try:
+        if not resume:
+            run.write_config(resolved)
+        return _loop(setup, step, run, state, chash, progress, checkpoint_every, stop_after)
+    except (ConfigError, OSError):
+        if not resume:
+            run.discard_unstarted()  # a fresh run that failed before its first checkpoint leaves nothing
+        raise
+
+
+def _loop(
+    setup: Setup, step: Round, run: rundir.RunDir, state: RunState, chash: str, progress: bool,
+    checkpoint_every: int | None, stop_after: int | None,
+) -> TrainResult:
+    T = setup.rounds
+    every = checkpoint_every or setup.cfg.run.checkpoint_every
+    bar = Progress(T, progress)
+    t0, seconds0 = time.perf_counter(), state.seconds
+    for t in range(state.round + 1, T + 1):
+        out = _step(setup, step, state.params, t)
+        state.params, state.round = out.params, t
+        more: dict[str, Any] = {}
+        if out.attack is not None:
+            state.attacks.append(rundir.AttackRecord.from_dict(out.attack, f"round {t}'s attack record"))
+            if not state.attack_state and out.pre_noise is not None:
+                state.attack_state = {"round": t, "pre_noise": out.pre_noise}
+        if state.twin_params is not None:
+            tw = _step(setup, step, state.twin_params, t, trigger=False)
+            state.twin_params = tw.params
+            if state.attack_state.get("round") == t:
+                state.attack_state["twin_pre_noise"] = tw.pre_noise
+            more["twin_distance"] = float(torch.linalg.vector_norm((state.params - state.twin_params).double()))
+        if t % setup.cfg.run.eval_every == 0 or t == T:
+            more["clean_acc"], more["backdoor_acc"] = evaluate(setup, state.params)
+        row = _row(t, out.row, **more)
+        state.rows.append(row)
+        if out.log is not None:
+            state.logs.append(out.log)
+        state.seconds = seconds0 + time.perf_counter() - t0
+        bar.update(t, row)
+        stopping = stop_after is not None and t >= stop_after and t < T
+        if t == T or t % every == 0 or stopping:
+            run.write_checkpoint(state.to_checkpoint(), chash)
+        if stopping:
+            return _result(run.path, setup, state, finished=False)
+    write_final(run, setup, state, step.finish(state), chash)
+    return _result(run.path, setup, state, finished=True)
+
+
+def _result(out: Path, setup: Setup, state: RunState, finished: bool) -> TrainResult:
+    return TrainResult(
+        out, setup, state.params, [dataclasses.asdict(r) for r in state.rows], [a.to_dict() for a in state.attacks],
+        state.twin_params, state.seconds, finished=finished, state=state,
+    )
+
+
+def write_final(run: rundir.RunDir, setup: Setup, state: RunState, finish: Finish, chash: str) -> None:
+    """The end-of-run result set (model_final.pt, rounds.csv, attack.json, summary's ``training``,
+    the engine's files), staged and switched in as one unit."""
+    T = setup.rounds
+    final: dict[str, Any] = {
+        "params": state.params,
+        "model": setup.model.name,
+        "num_features": setup.dataset.num_features,
+        "num_classes": setup.dataset.num_classes,
+        "linear": setup.model.is_linear,
+        "engine": state.engine,
+        "config_hash": chash,
+    }
+    if state.twin_params is not None:
+        final["twin_params"] = state.twin_params
+    if state.attack_state:
+        # the first attack round's Clip(w_{t_adv}) before eps_{t_adv}: the mixture certificate's start
+        final["attack_state"] = state.attack_state
+    last = state.rows[-1] if state.rows else None
+    block = rundir.TrainingBlock(
+        rounds=T,
+        final_clean_acc=last.clean_acc if last else None,
+        final_backdoor_acc=last.backdoor_acc if last else None,
+        final_norm=float(torch.linalg.vector_norm(state.params.double())),
+        attack_rounds=list(setup.plan.rounds),
+        seconds=state.seconds,
+        seconds_per_round=state.seconds / max(1, T),
+        extra={"engine": state.engine, **finish.extra},
+    )
+    log = rundir.AttackLog(setup.plan.trigger.norm, state.attacks)
+    with run.results() as rs:
+        rs.write_dict_csv(rundir.ROUNDS, rundir.ROUND_COLUMNS, [dataclasses.asdict(r) for r in state.rows])
+        rs.torch_save(rundir.MODEL, final)
+        rs.write_json(rundir.ATTACKS, log.to_dict())
+        for name, obj in finish.files.items():
+            rs.write_json(name, obj)
+        rs.update_summary({"training": block.to_dict()})
