@@ -282,7 +282,7 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
                 # CPU of rounds 2..T: from round 1's checkpoint to flower.json (written after round T), sampled every 0.1 s
                 window = CpuWindow()
                 while flwr.poll() is None and not (out / "flower.json").exists():
-                    if window.open or (out / "flower_checkpoint.pt").exists():
+                    if window.open or (out / "checkpoint.pt").exists():
                         window.sample([p.pid for p in procs])
                     time.sleep(0.1)
                 flwr.wait(timeout=3600)
