@@ -454,8 +454,8 @@ for i in 0 1 2; do ssh-keygen -q -t ecdsa -b 384 -N "" -f node$i; done
 def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     """SuperLink over TLS with SuperNode authentication; two registered nodes train two rounds, an unregistered one is refused.
 
-    ``hosted``: both nodes in one crfl.flower.nodes process, each with its own key. ``supernodes``: Flower's
-    SuperNodes through crfl.flower.supernode (--isolation process), one crfl.flower.worker for both.
+    ``hosted``: both nodes in one crfl.flower.deploy.nodes process, each with its own key. ``supernodes``: Flower's
+    SuperNodes through crfl.flower.deploy.supernode (--isolation process), one crfl.flower.deploy.worker for both.
     """
     app = tmp_path / "crflflower"
     app.mkdir()
@@ -483,13 +483,13 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     runtime = {i: f"127.0.0.1:{free_port()}" for i in (0, 1, 2)}
 
     def hosted(*keys: int) -> subprocess.Popen:  # docs/flower.md: several nodes in one process
-        return start([sys.executable, "-m", "crfl.flower.nodes", "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
+        return start([sys.executable, "-m", "crfl.flower.deploy.nodes", "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
                       "--auth-supernode-private-key", *[f"node{i}" for i in keys], "--max-retries", "2", "--max-wait-time", "10"],
                      "host" + "".join(map(str, keys)))
 
     def supernode(i: int) -> subprocess.Popen:  # crfl's launcher of flower-supernode, --isolation process
         host, port = runtime[i].split(":")
-        return start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", "0.1", "--",
+        return start([sys.executable, "-m", "crfl.flower.deploy.supernode", "--poll-interval", "0.1", "--",
                       "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
                       "--auth-supernode-private-key", f"node{i}", "--isolation", "process", "--host", host, "--port", port,
                       "--max-retries", "2", "--max-wait-time", "10"], f"supernode{i}")
@@ -511,7 +511,7 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
         else:
             nodes = [supernode(i) for i in (0, 1)]
             # one long-lived ClientApp worker serves both nodes' Runtime APIs (loopback, plain HTTP)
-            nodes.append(start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address",
+            nodes.append(start([sys.executable, "-m", "crfl.flower.deploy.worker", "--insecure", "--runtime-api-address",
                                 runtime[0], runtime[1]], "worker"))
             served, intruder, intruder_log = "worker.log", supernode(2), "supernode2.log"
         assert intruder.wait(timeout=60) == 1

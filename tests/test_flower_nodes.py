@@ -1,4 +1,4 @@
-"""crfl.flower.nodes without a SuperLink: who is asked when, error replies, keys and arguments.
+"""crfl.flower.deploy.nodes without a SuperLink: who is asked when, error replies, keys and arguments.
 
 The host over a real SuperLink (TLS, registered keys, an unregistered one refused, the
 model equal to ``crfl train``) is ``test_deployment_tls_authenticated_supernodes[hosted]``
@@ -17,7 +17,7 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
-from crfl.flower import nodes  # noqa: E402
+from crfl.flower.deploy import nodes  # noqa: E402
 from crfl.flower.testing import server_identity  # noqa: E402
 
 

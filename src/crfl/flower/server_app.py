@@ -50,7 +50,7 @@ from crfl.config import Config, resolve
 from crfl.data import Dataset
 from crfl.flower.provenance import CHECKPOINT, ENGINE
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
-from crfl.flower.waits import shorten_object_backoff
+from crfl.flower.deploy.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
 from crfl import io, rundir
 from crfl.setup import Setup, evaluate, prepare, resolved_config

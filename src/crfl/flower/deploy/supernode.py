@@ -14,15 +14,15 @@ and it retries an object of a message that has not reached the SuperLink yet aft
 This launcher runs Flower's own ``flower-supernode`` entry point in this process with
 the first wait set to ``--poll-interval`` seconds (one more HTTP(S) request per node to
 the SuperLink every interval while idle), the two local waits set to 0.01 s and the
-object retry starting at 0.01 s (:func:`crfl.flower.waits.shorten_object_backoff`). All
+object retry starting at 0.01 s (:func:`crfl.flower.deploy.waits.shorten_object_backoff`). All
 other arguments go to ``flower-supernode`` unchanged (TLS, ``--auth-supernode-private-key``,
 ``--isolation``, ``--node-config``, ...), so authentication and TLS are Flower's own.
 
-    python -m crfl.flower.supernode --poll-interval 0.1 -- \\
+    python -m crfl.flower.deploy.supernode --poll-interval 0.1 -- \\
         --root-certificates ca.crt --superlink 127.0.0.1:9300 --auth-supernode-private-key node0 \\
         --isolation process --host 127.0.0.1 --port 9400
 
-The waits are found by their values in flwr 1.41.0's source (:mod:`crfl.flower.waits` lists
+The waits are found by their values in flwr 1.41.0's source (:mod:`crfl.flower.deploy.waits` lists
 all of them); with another flwr version whose loop differs the launcher says so and runs the SuperNode unchanged.
 """
 
@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import crfl.flower  # noqa: F401  (telemetry and update check off before flwr is imported)
-from crfl.flower.waits import shorten_object_backoff
+from crfl.flower.deploy.waits import shorten_object_backoff
 
 #: The waits of flwr 1.41.0's SuperNode loop, in seconds: the idle pull and the two local looks.
 IDLE_WAIT, LOCAL_WAIT = 3, 0.5
@@ -72,7 +72,7 @@ def shorten_waits(module: ModuleType, idle: float, local: float = LOCAL_POLL_INT
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m crfl.flower.supernode", usage="%(prog)s [--poll-interval S] -- FLOWER_SUPERNODE_ARGS...")
+    ap = argparse.ArgumentParser(prog="python -m crfl.flower.deploy.supernode", usage="%(prog)s [--poll-interval S] -- FLOWER_SUPERNODE_ARGS...")
     ap.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
                     help=f"seconds between two pulls from the SuperLink while idle (Flower: 3; default {DEFAULT_POLL_INTERVAL})")
     split = argv.index("--") if "--" in argv else len(argv)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     shorten_object_backoff(loop)  # a message is listed before its objects reach the SuperLink
     if not shorten_waits(loop, a.poll_interval):
-        print(f"crfl.flower.supernode: the SuperNode loop of flwr {getattr(sys.modules.get('flwr'), '__version__', '?')} "
+        print(f"crfl.flower.deploy.supernode: the SuperNode loop of flwr {getattr(sys.modules.get('flwr'), '__version__', '?')} "
               "is not the known one (flwr 1.41.0); running it with Flower's waits.", file=sys.stderr)
     sys.argv = ["flower-supernode", *argv[split + 1:]]
     flower_supernode()

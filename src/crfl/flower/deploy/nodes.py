@@ -1,7 +1,7 @@
 """Several Flower SuperNodes in one process, each running the ClientApp in-process: the fast deployment.
 
 A Flower 1.41 deployment on one small machine is slow for reasons that have nothing to do
-with training (:mod:`crfl.flower.waits`): every SuperNode is a Python process that polls
+with training (:mod:`crfl.flower.deploy.waits`): every SuperNode is a Python process that polls
 the SuperLink, hands each message to a ClientApp process through its Runtime API (a
 second HTTP hop, object by object) and relays the reply back. With N SuperNodes on two
 cores these processes, not the clients' SGD, fill the round.
@@ -37,8 +37,8 @@ of them. Host several keys in one process only for nodes of one operator. FAB si
 verification (Flower's ``--trusted-entities``) is not implemented: the host runs the FAB the
 SuperLink serves, as a SuperNode without trusted entities does.
 
-    python -m crfl.flower.nodes --insecure --superlink 127.0.0.1:9300 --count 10
-    python -m crfl.flower.nodes --root-certificates ca.crt --superlink 127.0.0.1:9300 \\
+    python -m crfl.flower.deploy.nodes --insecure --superlink 127.0.0.1:9300 --count 10
+    python -m crfl.flower.deploy.nodes --root-certificates ca.crt --superlink 127.0.0.1:9300 \\
         --auth-supernode-private-key node0 node1
 """
 
@@ -71,7 +71,7 @@ from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_f
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.fleet_http_connection import http_request_response
 
-from crfl.flower.waits import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP
+from crfl.flower.deploy.waits import OBJECT_BACKOFF, OBJECT_BACKOFF_CAP
 
 log = logging.getLogger("crfl.flower")
 
@@ -294,7 +294,7 @@ def _node_config(text: str | None) -> dict[str, Any]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m crfl.flower.nodes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crfl.flower.deploy.nodes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API")
     tls = ap.add_mutually_exclusive_group(required=True)
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperLink (loopback only)")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         keys: list[KeyPair | None] = [load_key(p) for p in a.auth_supernode_private_key] if a.auth_supernode_private_key else [None] * a.count
     except ValueError as ex:
-        sys.exit(f"crfl.flower.nodes: {ex}")
+        sys.exit(f"crfl.flower.deploy.nodes: {ex}")
     certs = a.root_certificates.read_bytes() if a.root_certificates else None
     import crfl.flower.client_app  # noqa: F401  (torch and crfl imported before the first message, not during round 1)
 

@@ -14,7 +14,7 @@ is loaded once per FAB, so the crfl ClientApp's cache of the prepared run
 (:func:`crfl.flower.client_app.make_client_app`) survives from round to round and
 from node to node: torch is imported and the data loaded once per worker.
 
-    python -m crfl.flower.worker --insecure --runtime-api-address 127.0.0.1:9400 127.0.0.1:9401
+    python -m crfl.flower.deploy.worker --insecure --runtime-api-address 127.0.0.1:9400 127.0.0.1:9401
 
 Tasks are run one at a time; start one worker per core for more parallelism, each
 serving its own SuperNodes. The SuperNodes keep their TLS and authentication towards
@@ -46,8 +46,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 import flwr.supernode.runtime.run_clientapp as run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from crfl.flower.nodes import ClientApps, call_client_app
-from crfl.flower.waits import shorten_object_backoff
+from crfl.flower.deploy.nodes import ClientApps, call_client_app
+from crfl.flower.deploy.waits import shorten_object_backoff
 
 log = logging.getLogger("crfl.flower")
 
@@ -131,7 +131,7 @@ class Worker:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m crfl.flower.worker", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crfl.flower.deploy.worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime-api-address", nargs="+", required=True, metavar="HOST:PORT",
                     help="the Runtime API (--host:--port) of each SuperNode this worker serves")
     tls = ap.add_mutually_exclusive_group(required=True)
