@@ -17,6 +17,7 @@
   (:mod:`crfl.flower.deploy.nodes`), ``flower-supernode`` with shorter waits
   (:mod:`crfl.flower.deploy.supernode`), a long-lived ClientApp process
   (:mod:`crfl.flower.deploy.worker`) and which waits (:mod:`crfl.flower.deploy.waits`).
+  ``crfl.flower.nodes``, ``.supernode`` and ``.worker`` are deprecated aliases of those.
 
 ``flwr run`` loads ``crfl.flower.server_app:app`` and ``crfl.flower.client_app:app``
 (see docs/flower.md). Importing this package turns Flower's telemetry and update
