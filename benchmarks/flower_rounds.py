@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from crfl.config import resolve
-from crfl.flower.testing import descendants, free_port, process_table
 from crfl.setup import prepare
 from crfl.train import run_round
+from tests.support.processes import descendants, free_port, process_table
 
 
 LOGS: str | None = None  # --logs: copy the deployment's process logs there
@@ -88,7 +88,7 @@ def flower_ray(clients: int, rounds: int, num_cpus: int | None) -> tuple[list[fl
 def flower_inprocess(clients: int, rounds: int) -> list[float]:
     from crfl.flower.client_app import make_client_app
     from crfl.flower.server_app import make_server_app
-    from crfl.flower.testing import run_local
+    from tests.support.grid import run_local
 
     with tempfile.TemporaryDirectory() as d:
         run_local(make_server_app(_config(clients, rounds), Path(d) / "run", certify=False), make_client_app(), clients)
@@ -227,7 +227,7 @@ class CpuWindow:
 
 def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) -> tuple[list[float], float]:
     """Round seconds of ``flwr run`` over a loopback SuperLink with ``clients`` SuperNodes (``stock`` or ``fast``)."""
-    from crfl.flower.testing import wait_for_superlink
+    from tests.support.processes import wait_for_superlink
 
     bindir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
@@ -313,7 +313,7 @@ def request_cost(requests: int = 500) -> dict[str, float]:
     """SuperLink CPU and wall seconds of one Fleet request: ``requests`` empty message-list pulls of one node."""
     from flwr.supernode.fleet_http_connection import http_request_response
 
-    from crfl.flower.testing import wait_for_superlink
+    from tests.support.processes import wait_for_superlink
 
     bindir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as d:

@@ -1,7 +1,7 @@
 """CRFL over Flower: the same global models as the simulator, bad replies dropped, real engines.
 
 Fast tests drive the real ServerApp / strategy / ClientApp objects through an in-process
-Grid (crfl.flower.testing.LocalGrid). Two tests marked ``slow`` start Flower's engines:
+Grid (tests.support.grid.LocalGrid). Two tests marked ``slow`` start Flower's engines:
 the Ray simulation (in a child process, ~15 s) and a deployment on loopback over TLS with
 SuperNode authentication (one SuperLink, two registered SuperNodes and one unregistered,
 ``flwr run``; ~45 s). Every process they start is stopped by PID.
@@ -41,13 +41,14 @@ from crfl.flower.server_app import (  # noqa: E402
     run_federation,
 )
 from crfl.flower.strategy import CRFL, PackageAggregation, Sampling  # noqa: E402
-from crfl.flower.testing import LocalGrid, descendants, free_port, server_identity, wait_for_superlink  # noqa: E402
 from crfl.rng import torch_generator  # noqa: E402
 from crfl.server import server_step  # noqa: E402
 from crfl.setup import prepare  # noqa: E402
 from crfl.train import run_round, train  # noqa: E402
 from crfl.validation import ConfigError  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
+from tests.support.grid import LocalGrid, server_identity  # noqa: E402
+from tests.support.processes import descendants, free_port, wait_for_superlink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-6)

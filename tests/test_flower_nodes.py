@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
 from crfl.flower.deploy import nodes  # noqa: E402
-from crfl.flower.testing import server_identity  # noqa: E402
+from tests.support.grid import server_identity  # noqa: E402
 
 
 class Clock:
