@@ -12,9 +12,9 @@ one local epoch, FedAvg + clip + noise) with N clients:
 - ``deployment`` (``--deployment hosted fast stock``): ``flwr run`` against a SuperLink and N
   SuperNodes on 127.0.0.1 (plain HTTP on loopback). ``stock``: N ``flower-supernode`` processes
   as Flower ships them (a new ``flwr-clientapp`` process per message); ``fast``: N
-  ``python -m crfl.flower.supernode --isolation process`` served by ``--workers`` long-lived
-  ``python -m crfl.flower.worker`` processes; ``hosted``: the N nodes in ``--workers``
-  ``python -m crfl.flower.nodes`` processes (docs/flower.md). Besides the round times it records
+  ``python -m crfl.flower.deploy.supernode --isolation process`` served by ``--workers`` long-lived
+  ``python -m crfl.flower.deploy.worker`` processes; ``hosted``: the N nodes in ``--workers``
+  ``python -m crfl.flower.deploy.nodes`` processes (docs/flower.md). Besides the round times it records
   the CPU seconds per round of every process (rounds 2..T) and, with ``--count-requests``, every
   Flower process's HTTP requests by RPC method. Every process is stopped by PID;
 - ``request-cost``: the SuperLink's CPU seconds per Fleet request (500 empty message-list pulls
@@ -42,16 +42,16 @@ from typing import Any
 import torch
 
 from crfl.config import resolve
-from crfl.flower.testing import descendants, free_port, process_table
 from crfl.setup import prepare
 from crfl.train import run_round
+from tests.support.processes import descendants, free_port, process_table
 
 
 LOGS: str | None = None  # --logs: copy the deployment's process logs there
 CPU: dict[str, float] = {}  # CPU seconds of the deployment's processes during rounds 2..T, by program
 COUNT_REQUESTS = False  # --count-requests
 REQUESTS: dict[str, dict[str, int]] = {}  # the last deployment's requests, by process and RPC method
-HOST_POLL = 0.1  # --host-poll-interval: idle tick of crfl.flower.nodes
+HOST_POLL = 0.1  # --host-poll-interval: idle tick of crfl.flower.deploy.nodes
 THREADS = 1  # torch threads everywhere (set by --threads); on a busy 2-core machine 2 threads run 10-50x slower
 
 
@@ -88,7 +88,7 @@ def flower_ray(clients: int, rounds: int, num_cpus: int | None) -> tuple[list[fl
 def flower_inprocess(clients: int, rounds: int) -> list[float]:
     from crfl.flower.client_app import make_client_app
     from crfl.flower.server_app import make_server_app
-    from crfl.flower.testing import run_local
+    from tests.support.grid import run_local
 
     with tempfile.TemporaryDirectory() as d:
         run_local(make_server_app(_config(clients, rounds), Path(d) / "run", certify=False), make_client_app(), clients)
@@ -227,7 +227,7 @@ class CpuWindow:
 
 def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) -> tuple[list[float], float]:
     """Round seconds of ``flwr run`` over a loopback SuperLink with ``clients`` SuperNodes (``stock`` or ``fast``)."""
-    from crfl.flower.testing import wait_for_superlink
+    from tests.support.processes import wait_for_superlink
 
     bindir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
@@ -258,18 +258,18 @@ def deployment(clients: int, rounds: int, mode: str, workers: int, poll: float) 
             ports = [free_port() for _ in range(clients)] if mode != "hosted" else []
             if mode == "hosted":
                 for w in range(min(workers, clients)):
-                    start([sys.executable, "-m", "crfl.flower.nodes", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                    start([sys.executable, "-m", "crfl.flower.deploy.nodes", "--insecure", "--superlink", f"127.0.0.1:{link}",
                            "--count", str(len(range(w, clients, workers))), "--poll-interval", str(HOST_POLL)], f"host{w}")
             for i, port in enumerate(ports):
                 node = ["--insecure", "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(port)]
                 if mode == "stock":
                     start([str(bindir / "flower-supernode"), *node], f"supernode{i}")
                 else:
-                    start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", str(poll), "--",
+                    start([sys.executable, "-m", "crfl.flower.deploy.supernode", "--poll-interval", str(poll), "--",
                            *node, "--isolation", "process"], f"supernode{i}")
             if mode == "fast":
                 for w in range(min(workers, clients)):
-                    start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address",
+                    start([sys.executable, "-m", "crfl.flower.deploy.worker", "--insecure", "--runtime-api-address",
                            *[f"127.0.0.1:{p}" for p in ports[w::workers]]], f"worker{w}")
             out = d / "run"
             overrides = (f"data.num_clients={clients}; server.rounds={rounds}; attack.rounds=[2]; "
@@ -313,7 +313,7 @@ def request_cost(requests: int = 500) -> dict[str, float]:
     """SuperLink CPU and wall seconds of one Fleet request: ``requests`` empty message-list pulls of one node."""
     from flwr.supernode.fleet_http_connection import http_request_response
 
-    from crfl.flower.testing import wait_for_superlink
+    from tests.support.processes import wait_for_superlink
 
     bindir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as d:
@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--deployment", nargs="+", choices=["stock", "fast", "hosted"], default=["hosted"],
                     help="SuperNode setups of the deployment mode")
     ap.add_argument("--workers", type=int, default=2,
-                    help="processes serving the nodes: crfl.flower.worker (fast) or crfl.flower.nodes (hosted); at most N")
+                    help="processes serving the nodes: crfl.flower.deploy.worker (fast) or crfl.flower.deploy.nodes (hosted); at most N")
     ap.add_argument("--poll-interval", type=float, default=0.1, help="SuperNode idle poll of the fast deployment (s)")
     ap.add_argument("--host-poll-interval", type=float, default=0.1, help="idle tick of the hosted deployment (s)")
     ap.add_argument("--count-requests", action="store_true",

@@ -43,7 +43,7 @@ def _flower():
     pytest.importorskip("flwr")
     from crfl.flower.client_app import make_client_app
     from crfl.flower.server_app import run_federation
-    from crfl.flower.testing import LocalGrid, server_identity
+    from tests.support.grid import LocalGrid, server_identity
 
     return make_client_app, run_federation, LocalGrid, server_identity
 
@@ -133,7 +133,7 @@ import sys
 sys.path.insert(0, {root!r})
 from crfl.flower.client_app import make_client_app
 from crfl.flower.server_app import run_federation
-from crfl.flower.testing import LocalGrid, server_identity
+from tests.support.grid import LocalGrid, server_identity
 from crfl.setup import prepare
 from tests.conftest import synthetic_images
 from tests.test_driver import small_config

@@ -1,7 +1,7 @@
 """CRFL over Flower: the same global models as the simulator, bad replies dropped, real engines.
 
 Fast tests drive the real ServerApp / strategy / ClientApp objects through an in-process
-Grid (crfl.flower.testing.LocalGrid). Two tests marked ``slow`` start Flower's engines:
+Grid (tests.support.grid.LocalGrid). Two tests marked ``slow`` start Flower's engines:
 the Ray simulation (in a child process, ~15 s) and a deployment on loopback over TLS with
 SuperNode authentication (one SuperLink, two registered SuperNodes and one unregistered,
 ``flwr run``; ~45 s). Every process they start is stopped by PID.
@@ -41,13 +41,14 @@ from crfl.flower.server_app import (  # noqa: E402
     run_federation,
 )
 from crfl.flower.strategy import CRFL, PackageAggregation, Sampling  # noqa: E402
-from crfl.flower.testing import LocalGrid, descendants, free_port, server_identity, wait_for_superlink  # noqa: E402
 from crfl.rng import torch_generator  # noqa: E402
 from crfl.server import server_step  # noqa: E402
 from crfl.setup import prepare  # noqa: E402
 from crfl.train import run_round, train  # noqa: E402
 from crfl.validation import ConfigError  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
+from tests.support.grid import LocalGrid, server_identity  # noqa: E402
+from tests.support.processes import descendants, free_port, wait_for_superlink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -454,8 +455,8 @@ for i in 0 1 2; do ssh-keygen -q -t ecdsa -b 384 -N "" -f node$i; done
 def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     """SuperLink over TLS with SuperNode authentication; two registered nodes train two rounds, an unregistered one is refused.
 
-    ``hosted``: both nodes in one crfl.flower.nodes process, each with its own key. ``supernodes``: Flower's
-    SuperNodes through crfl.flower.supernode (--isolation process), one crfl.flower.worker for both.
+    ``hosted``: both nodes in one crfl.flower.deploy.nodes process, each with its own key. ``supernodes``: Flower's
+    SuperNodes through crfl.flower.deploy.supernode (--isolation process), one crfl.flower.deploy.worker for both.
     """
     app = tmp_path / "crflflower"
     app.mkdir()
@@ -483,13 +484,13 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
     runtime = {i: f"127.0.0.1:{free_port()}" for i in (0, 1, 2)}
 
     def hosted(*keys: int) -> subprocess.Popen:  # docs/flower.md: several nodes in one process
-        return start([sys.executable, "-m", "crfl.flower.nodes", "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
+        return start([sys.executable, "-m", "crfl.flower.deploy.nodes", "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
                       "--auth-supernode-private-key", *[f"node{i}" for i in keys], "--max-retries", "2", "--max-wait-time", "10"],
                      "host" + "".join(map(str, keys)))
 
     def supernode(i: int) -> subprocess.Popen:  # crfl's launcher of flower-supernode, --isolation process
         host, port = runtime[i].split(":")
-        return start([sys.executable, "-m", "crfl.flower.supernode", "--poll-interval", "0.1", "--",
+        return start([sys.executable, "-m", "crfl.flower.deploy.supernode", "--poll-interval", "0.1", "--",
                       "--root-certificates", "ca.crt", "--superlink", f"127.0.0.1:{link}",
                       "--auth-supernode-private-key", f"node{i}", "--isolation", "process", "--host", host, "--port", port,
                       "--max-retries", "2", "--max-wait-time", "10"], f"supernode{i}")
@@ -511,7 +512,7 @@ def test_deployment_tls_authenticated_supernodes(tmp_path, nodes_as):
         else:
             nodes = [supernode(i) for i in (0, 1)]
             # one long-lived ClientApp worker serves both nodes' Runtime APIs (loopback, plain HTTP)
-            nodes.append(start([sys.executable, "-m", "crfl.flower.worker", "--insecure", "--runtime-api-address",
+            nodes.append(start([sys.executable, "-m", "crfl.flower.deploy.worker", "--insecure", "--runtime-api-address",
                                 runtime[0], runtime[1]], "worker"))
             served, intruder, intruder_log = "worker.log", supernode(2), "supernode2.log"
         assert intruder.wait(timeout=60) == 1

@@ -1,4 +1,4 @@
-"""crfl.flower.nodes without a SuperLink: who is asked when, error replies, keys and arguments.
+"""crfl.flower.deploy.nodes without a SuperLink: who is asked when, error replies, keys and arguments.
 
 The host over a real SuperLink (TLS, registered keys, an unregistered one refused, the
 model equal to ``crfl train``) is ``test_deployment_tls_authenticated_supernodes[hosted]``
@@ -17,8 +17,8 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
-from crfl.flower import nodes  # noqa: E402
-from crfl.flower.testing import server_identity  # noqa: E402
+from crfl.flower.deploy import nodes  # noqa: E402
+from tests.support.grid import server_identity  # noqa: E402
 
 
 class Clock:
@@ -296,3 +296,18 @@ def test_handle_does_what_supernode_and_flwr_clientapp_do_together(monkeypatch):
     assert len(confirmed) == len(sent) == len(pushed) == 3 and set(pulled) == set(store)
     assert list(node.contexts) == [9] and node.contexts[9].run_id == 6  # one context per series: the latest run's
     assert node.handled == 3
+
+
+@pytest.mark.parametrize("name", ["nodes", "supernode", "worker"])
+def test_old_module_paths_are_deprecated_aliases(name, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, f"crfl.flower.{name}", raising=False)
+    with pytest.warns(DeprecationWarning, match=f"use crfl.flower.deploy.{name}"):
+        old = importlib.import_module(f"crfl.flower.{name}")
+    assert old is importlib.import_module(f"crfl.flower.deploy.{name}")
+    if name == "nodes":  # python -m at the old path runs the new module
+        done = subprocess.run([sys.executable, "-m", "crfl.flower.nodes", "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "usage: python -m crfl.flower.deploy.nodes" in done.stdout
+        assert "DeprecationWarning: crfl.flower.nodes is deprecated" in done.stderr

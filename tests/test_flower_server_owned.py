@@ -24,12 +24,12 @@ from crfl import rundir  # noqa: E402
 from crfl.flower.records import record_to_params  # noqa: E402
 from crfl.flower.server_app import parse_node_partitions, run_federation  # noqa: E402
 from crfl.flower.strategy import Sampling  # noqa: E402
-from crfl.flower.testing import LocalGrid, server_identity  # noqa: E402
 from crfl.server import server_step  # noqa: E402
 from crfl.setup import prepare  # noqa: E402
 from crfl.train import run_round, train  # noqa: E402
 from crfl.validation import ConfigError  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
+from tests.support.grid import LocalGrid, server_identity  # noqa: E402
 from tests.test_flower import TOL, recording_strategy, small_config  # noqa: E402
 
 CERT_KEYS = ("round", "attackers", "p", "configured_p", "tau", "gamma", "eta", "poison_ratio",

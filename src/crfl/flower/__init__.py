@@ -9,11 +9,14 @@
 - :mod:`crfl.flower.client_app`: the client (benign or attacker) as a ``ClientApp``.
 - :mod:`crfl.flower.server_app`: the ``ServerApp``; writes the run directory of
   ``crfl run``, resumes it, and certifies the final model.
-- :mod:`crfl.flower.nodes`: several deployed nodes in one process, each with its own Fleet
-  connection and key, running the ClientApp in-process (the fast deployment).
-- :mod:`crfl.flower.worker`: a long-lived ClientApp process for deployed SuperNodes (``--isolation process``).
-- :mod:`crfl.flower.supernode`: ``flower-supernode`` with shorter waits; :mod:`crfl.flower.waits`: which waits.
-- :mod:`crfl.flower.testing`: an in-process ``Grid`` for tests.
+- :mod:`crfl.flower.simulation`: the app over Flower's simulation engine (Ray) from Python.
+- :mod:`crfl.flower.records`: what travels in Flower messages (the model, the config, a reply).
+- :mod:`crfl.flower.deploy`: not the app but machinery for fast deployments that patches or
+  reimplements Flower internals: several deployed nodes in one process
+  (:mod:`crfl.flower.deploy.nodes`), ``flower-supernode`` with shorter waits
+  (:mod:`crfl.flower.deploy.supernode`), a long-lived ClientApp process
+  (:mod:`crfl.flower.deploy.worker`) and which waits (:mod:`crfl.flower.deploy.waits`).
+  ``crfl.flower.nodes``, ``.supernode`` and ``.worker`` are deprecated aliases of those.
 
 ``flwr run`` loads ``crfl.flower.server_app:app`` and ``crfl.flower.client_app:app``
 (see docs/flower.md). Importing this package turns Flower's telemetry and update

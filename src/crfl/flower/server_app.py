@@ -50,7 +50,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from crfl.config import Config, resolve
 from crfl.data import Dataset
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
-from crfl.flower.waits import shorten_object_backoff
+from crfl.flower.deploy.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
 from crfl import rundir
 from crfl.driver import Finish, RoundOutput, RunState, TrainResult, attack_record, drive
@@ -68,7 +68,7 @@ def send_and_receive(grid: Grid, messages: list, timeout: float, poll_interval: 
 
     Flower's ``Grid.send_and_receive`` does the same, but the deployment Grid of flwr 1.41
     sleeps 3 s between two pulls, and retries a reply's objects that are not there yet after
-    1 s, which would add up to 4 s to every round (:mod:`crfl.flower.waits`).
+    1 s, which would add up to 4 s to every round (:mod:`crfl.flower.deploy.waits`).
     """
     if type(grid).__module__ == "flwr.superlink.grid.http_grid":  # a reply is listed before its objects arrive
         import flwr.superlink.grid.http_grid as http_grid

@@ -7,9 +7,9 @@ they, not the training, set the round time:
 where                                      Flower      crfl
 ========================================  ==========  =====================================
 SuperNode: pull from SuperLink when idle   3 s         ``--poll-interval`` of
-                                                       :mod:`crfl.flower.supernode` (0.1 s)
-SuperNode: look for the ClientApp's reply  0.5 s       0.01 s (:mod:`crfl.flower.supernode`)
-SuperExec: look for a task                 1 s         0.05 s (:mod:`crfl.flower.worker`)
+                                                       :mod:`crfl.flower.deploy.supernode` (0.1 s)
+SuperNode: look for the ClientApp's reply  0.5 s       0.01 s (:mod:`crfl.flower.deploy.supernode`)
+SuperExec: look for a task                 1 s         0.05 s (:mod:`crfl.flower.deploy.worker`)
 flwr-clientapp: one process per message    3-10 s      one long-lived worker (same)
 SuperNode / ClientApp / ServerApp: first  1 s, x2     0.01 s, x2, at most 0.2 s
   retry of an object that is not there     up to 10 s  (:func:`shorten_object_backoff`)
@@ -19,7 +19,7 @@ ServerApp Grid: pull replies               3 s         0.02 s
                                                        (:func:`crfl.flower.server_app.send_and_receive`)
 ========================================  ==========  =====================================
 
-:mod:`crfl.flower.nodes` replaces the SuperNode, the SuperExec and flwr-clientapp altogether
+:mod:`crfl.flower.deploy.nodes` replaces the SuperNode, the SuperExec and flwr-clientapp altogether
 (its own poll loop, the ClientApp in-process), so only the object retry and the Grid's pull
 apply to it.
 
