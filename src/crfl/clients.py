@@ -204,10 +204,17 @@ def local_updates(
     poison: Poison | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, PoisonStats]:
-    """Run every client's local SGD at once; return the updates w_i - w (K, D) and poison stats."""
+    """Run every client's local SGD at once; return the updates w_i - w (K, D) and poison stats.
+
+    ``params``: the global model (D,) every client starts from, or one start per client (K, D)
+    (an ensemble's clients start from their group's model).
+    """
     K, tau_max, _ = idx.shape
     idx_t = torch.from_numpy(idx)
-    local = params.to(dtype).unsqueeze(0).repeat(K, 1)
+    start = params.to(dtype)
+    if start.ndim == 2 and start.shape[0] != K:
+        raise ValueError(f"local_updates: {start.shape[0]} start models for {K} clients")
+    local = start.clone() if start.ndim == 2 else start.unsqueeze(0).repeat(K, 1)
     stats = PoisonStats.empty(K)
     fold = getattr(model, "folds_input_scale", False) and data.input_scale != 1.0
     for s in range(tau_max):
@@ -215,7 +222,7 @@ def local_updates(
         X, Y, weight = _batch(data, idx_t[:, s], pm, poison, dtype, stats, scaled=not fold)
         grad = model.loss_grad(local, X, Y, weight, 1.0 / data.input_scale) if fold else model.loss_grad(local, X, Y, weight)
         local.sub_(grad, alpha=lr)
-    return local - params.to(dtype).unsqueeze(0), stats
+    return local - (start if start.ndim == 2 else start.unsqueeze(0)), stats
 
 
 def local_updates_shared(

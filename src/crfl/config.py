@@ -81,6 +81,18 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class EnsembleConfig:
+    """G group models and the client-level certificate (crfl.ensemble; Cao, Jia and Gong 2021; FLCert)."""
+
+    kind: str = "none"  # none | partition (disjoint groups, FLCert-D) | sampled (k clients per model, FLCert-P)
+    groups: int = 10  # G
+    clients_per_model: int | None = None  # k (sampled)
+    server_step: bool = False  # CRFL's clip to rho_t + noise sigma_t on every group model
+    sample_seed: int | None = None  # sampled: None draws a secret seed from the OS when training starts (recorded)
+    alpha: float = 0.001  # sampled: the vote shares' simultaneous confidence level
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     rounds: int = 100  # T
     rho: Any = field(default_factory=lambda: {"kind": "linear", "a": 0.1, "b": 2.0, "cap": 15.0})
@@ -124,6 +136,7 @@ class Config:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
@@ -255,6 +268,16 @@ def validate(cfg: Config) -> None:
     check_int("run.checkpoint_every", r.checkpoint_every, low=1)
     if r.threads is not None:
         check_int("run.threads", r.threads, low=1)
+    e = cfg.ensemble
+    check_choice("ensemble.kind", e.kind, ["none", "partition", "sampled"])
+    check_int("ensemble.groups", e.groups, low=1)
+    if e.kind == "sampled" and e.clients_per_model is None:
+        raise fail("ensemble.clients_per_model", "an integer k >= 1 for the sampled kind", None)
+    if e.clients_per_model is not None:
+        check_int("ensemble.clients_per_model", e.clients_per_model, low=1)
+    if e.sample_seed is not None:
+        check_int("ensemble.sample_seed", e.sample_seed, low=0)
+    check_real("ensemble.alpha", e.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
     z = cfg.certify
     check_choice("certify.reading", z.reading, ["coupled", "mixture", "paper"])
     check_choice("certify.method", z.method, ["auto", "exact", "monte-carlo", "margin"])

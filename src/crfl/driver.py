@@ -88,13 +88,45 @@ class Round(Protocol):
         """The engine's additions to the final result set, from the finished state."""
         ...
 
+    def evaluate(self, params: torch.Tensor) -> tuple[float, float]:
+        """(clean accuracy, backdoor accuracy) of the global state ``params`` on the test sets."""
+        ...
+
+    def init_params(self) -> torch.Tensor:
+        """The state before round 1 (Algorithm 1's w_0; an ensemble's G copies of it)."""
+        ...
+
+
+class BaseRound:
+    """Defaults of :class:`Round` for an engine that trains one global model: no identity beyond the
+    configuration, no provenance or files of its own, :func:`crfl.setup.evaluate` as the evaluation."""
+
+    setup: Setup
+
+    def identity(self) -> dict[str, Any]:
+        return {}
+
+    def provenance(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self, state: "RunState") -> "Finish":
+        return Finish()
+
+    def evaluate(self, params: torch.Tensor) -> tuple[float, float]:
+        return evaluate(self.setup, params)
+
+    def init_params(self) -> torch.Tensor:
+        return self.setup.w0.clone()
+
 
 @dataclass
 class Finish:
-    """An engine's part of the final result set: summary ``training`` keys and its own JSON files."""
+    """An engine's part of the final result set: summary ``training`` keys, its own JSON files and
+    entries of ``model_final.pt`` (e.g. an ensemble's groups)."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -317,11 +349,12 @@ def drive(
     beside the run (engines with ``trains_twin``).
     """
     if twin and not step.trains_twin:
-        raise ConfigError(f"The '{step.engine}' engine cannot train the clean twin (certify.twin); run the simulator for it.")
+        raise ConfigError(f"This run's rounds ({type(step).__name__}, engine {step.engine!r}) cannot train the clean twin "
+                          "(certify.twin); set certify.twin to false, or train a single global model with the simulator.")
     resolved = resolved_for(setup, step)
     chash = rundir.config_hash(resolved)
-    state = RunState(engine=step.engine, params=setup.w0.clone(), identity=step.identity(),
-                     twin_params=setup.w0.clone() if twin else None)
+    state = RunState(engine=step.engine, params=step.init_params(), identity=step.identity(),
+                     twin_params=step.init_params() if twin else None)
     if resume:
         saved = run.read_config()
         run.refuse_engine(step.engine, saved)
@@ -376,7 +409,7 @@ def _loop(
                 state.attack_state["twin_pre_noise"] = tw.pre_noise
             more["twin_distance"] = float(torch.linalg.vector_norm((state.params - state.twin_params).double()))
         if t % setup.cfg.run.eval_every == 0 or t == T:
-            more["clean_acc"], more["backdoor_acc"] = evaluate(setup, state.params)
+            more["clean_acc"], more["backdoor_acc"] = step.evaluate(state.params)
         row = _row(t, out.row, **more)
         state.rows.append(row)
         if out.log is not None:
@@ -411,6 +444,7 @@ def write_final(run: rundir.RunDir, setup: Setup, state: RunState, finish: Finis
         "linear": setup.model.is_linear,
         "engine": state.engine,
         "config_hash": chash,
+        **finish.model,
     }
     if state.twin_params is not None:
         final["twin_params"] = state.twin_params

@@ -49,6 +49,9 @@ def local_round(
 ) -> LocalRound:
     """Round t's local training of ``clients`` (default: all N, batched) from w~_{t-1} = ``params``.
 
+    ``params`` is the global model (D,), or one start model per client row (len(clients), D): the
+    clients of an ensemble start from their group's model.
+
     ``trigger=False`` gives the counterfactual twin the coupled certificate compares with (the
     paper's D against D'): the same batches, the attackers' poisoned slots keep the target label
     and the gamma scaling, only the trigger delta_x is left out. ``attacking=False`` drops the

@@ -27,6 +27,8 @@ _STREAMS = {
     "misc": 9,
     "client-sampling": 10,
     "mixture-noise": 11,
+    "ensemble-groups": 12,
+    "ensemble-sample": 13,
 }
 
 

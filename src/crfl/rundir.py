@@ -463,7 +463,7 @@ class RunDir:
         if not isinstance(obj, dict) or any(k not in obj for k in required):
             raise RunDirError(f"{path} is not a crfl {name} (it lacks {list(required)}); {todo}.")
         p = obj.get("params")
-        if not isinstance(p, torch.Tensor) or p.ndim != 1 or not bool(torch.isfinite(p).all()):
+        if not isinstance(p, torch.Tensor) or p.ndim not in (1, 2) or not bool(torch.isfinite(p).all()):
             raise RunDirError(f"{path} holds no finite parameter vector; {todo}.")
         return obj
 

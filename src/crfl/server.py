@@ -60,17 +60,19 @@ def server_step(
     rho_t: float,
     sigma_t: float,
     seed: int,
+    stream: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, ServerStepInfo]:
     """One server update of Algorithm 1: w_t = w~_{t-1} + update; Clip_{rho_t}; + eps_t if t <= T-1.
 
-    The noise of round t comes from ``torch_generator(seed, "server-noise", t)``, so a resumed run
-    and a clean twin run draw the same noise.
+    The noise of round t comes from ``torch_generator(seed, "server-noise", t, *stream)``, so a
+    resumed run and a clean twin run draw the same noise (``stream``: e.g. the group model g of an
+    ensemble, which draws its own).
     """
     w = w_prev + update
     clipped, norm = clip_to_norm(w, rho_t)
     sigma = sigma_t if t < rounds else 0.0
     pre_noise = clipped
     if sigma > 0:
-        gen = torch_generator(seed, "server-noise", t)
+        gen = torch_generator(seed, "server-noise", t, *stream)
         clipped = clipped + gaussian_noise(clipped.shape, sigma, gen, torch.float64).to(clipped.dtype)
     return clipped, ServerStepInfo(norm_before_clip=norm, rho=rho_t, sigma=sigma, clipped=norm > rho_t, pre_noise=pre_noise)

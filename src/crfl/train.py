@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from crfl import aggregation, rundir
+from crfl import aggregation, ensemble, rundir
 from crfl.config import Config
 from crfl.data import Dataset
-from crfl.driver import Finish, RoundOutput, RunState, TrainResult, attack_record, diverged, drive
+from crfl.driver import BaseRound, RoundOutput, TrainResult, attack_record, diverged, drive
 from crfl.local import local_round
 from crfl.server import server_step
 from crfl.setup import Setup, prepare
@@ -97,7 +97,7 @@ def run_round(
 
 
 @dataclass
-class SimulatorRound:
+class SimulatorRound(BaseRound):
     """The batched simulator as the driver's :class:`~crfl.driver.Round` (every client, every round)."""
 
     setup: Setup
@@ -112,15 +112,6 @@ class SimulatorRound:
                 raise diverged(self.setup, t, "a client update") from None
             raise
         return RoundOutput(res.params, res.info, res.attack, res.pre_noise)
-
-    def identity(self) -> dict[str, Any]:
-        return {}
-
-    def provenance(self) -> dict[str, Any]:
-        return {}
-
-    def finish(self, state: RunState) -> Finish:
-        return Finish()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,11 +139,19 @@ def train(
     if resume:
         run = rundir.resume_run(out_dir)
     else:
-        setup = prepare(cfg, dataset, module)
+        setup = prepare(ensemble.fix_sample_seed(cfg), dataset, module)
         run = rundir.create_run(out_dir)
     with run:
         if resume:
             run.refuse_engine(rundir.SIMULATOR)  # before preparing: a Flower run is never retrained here
             setup = prepare(run.load_config(), dataset, module)
         twin = setup.cfg.certify.twin if twin is None else twin
-        return drive(setup, SimulatorRound(setup), run, resume=resume, twin=twin, progress=progress, stop_after=stop_after)
+        step = simulator_round(setup)
+        return drive(setup, step, run, resume=resume, twin=twin, progress=progress, stop_after=stop_after)
+
+
+def simulator_round(setup: Setup) -> BaseRound:
+    """The simulator's round for this configuration: one global model, or an ensemble of G (crfl.ensemble)."""
+    if ensemble.is_ensemble(setup.cfg):
+        return ensemble.EnsembleRound(setup, ensemble.build_groups(setup.cfg, setup.data.num_clients))
+    return SimulatorRound(setup)

@@ -53,7 +53,7 @@ from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, r
 from crfl.flower.deploy.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
 from crfl import rundir
-from crfl.driver import Finish, RoundOutput, RunState, TrainResult, attack_record, drive
+from crfl.driver import BaseRound, Finish, RoundOutput, RunState, TrainResult, attack_record, drive
 from crfl.setup import Setup, prepare
 from crfl.validation import ConfigError, check_int, check_real, fail
 
@@ -239,7 +239,7 @@ def _noise_tag(seed: int) -> str:
 
 
 @dataclass
-class FlowerRound:
+class FlowerRound(BaseRound):
     """The Flower server's round of Algorithm 1, as the driver's :class:`~crfl.driver.Round`.
 
     Sends w~_{t-1} and ``crfl-config`` to the sampled partitions' nodes, waits for their replies

@@ -1,0 +1,347 @@
+"""An ensemble of G group models and the client-level certificate: any attack by m malicious clients.
+
+The paper's certificate (:mod:`crfl.certify`) bounds a trigger's magnitude for attackers who
+otherwise follow the protocol. This module certifies against clients that send *anything*, for
+any model, by training G global models on groups of clients and taking their majority vote
+(Cao, Jia and Gong, AAAI 2021, "Provably secure federated learning against malicious clients";
+FLCert, Cao, Zhang, Jia and Gong, IEEE TIFS 2022). Two kinds (``ensemble.kind``):
+
+- ``partition`` (FLCert-D): the server splits the N clients into G disjoint groups by its own
+  rule (a permutation of the client ids drawn from ``numpy_generator(seed, "ensemble-groups")``,
+  dealt out in turn: group sizes differ by at most one; a client's statements never enter it),
+  and trains one global model per group by federated averaging over that group only.
+- ``sampled`` (Ensemble FL / FLCert-P): G models, model g trained on a uniform random subset S_g
+  of k clients, drawn by the server from ``numpy_generator(sample_seed, "ensemble-sample", g)``;
+  ``sample_seed`` is drawn from the operating system when training starts (recorded in the run's
+  config.yaml, which only the server sees) unless the configuration fixes it.
+
+All G models train as one batched computation (:class:`EnsembleRound`): every (group, client)
+pair is a row of :func:`crfl.local.local_round` that starts from its group's model, and the
+aggregation is a registered rule applied per group. ``ensemble.server_step`` applies CRFL's
+clip to rho_t and noise sigma_t (drawn per group, ``("server-noise", t, g)``) to every model.
+
+The certificates (proofs in docs/theory.md (i)); which clients are malicious is fixed before
+training, and the group rule and the subsets are the server's:
+
+- partition: with n_c(x) the votes of the G models and c_A the plurality class (ties to the
+  smallest class), m malicious clients sit in at most m groups, whose models they control
+  entirely; the vote cannot change iff for every c != c_A, n_A - m > n_c + m, or n_A - m = n_c + m
+  with c_A < c. :func:`partition_certified` gives the largest such m, m*(x); it is tight (m* + 1
+  malicious clients in groups that voted c_A can make them vote for the runner-up).
+- sampled: p_c(x) = Pr_S[model on S predicts c]; a model whose S avoids the m malicious clients
+  is unchanged, so each p_c moves by at most delta_m = 1 - C(N-m, k) / C(N, k). With simultaneous
+  bounds p_A_lower, p_B_upper from the G models' votes (probability >= 1 - alpha over the draw of
+  the subsets), the prediction c_A is certified for every m with
+  p_A_lower - p_B_upper > 2 delta_m (:func:`sampled_certified`).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from crfl import aggregation, rundir
+from crfl.bounds import select_and_bound
+from crfl.config import Config
+from crfl.driver import BaseRound, Finish, RoundOutput, attack_record
+from crfl.local import local_round
+from crfl.rng import numpy_generator
+from crfl.server import server_step
+from crfl.setup import Setup, _eval_inputs
+from crfl.validation import ConfigError, fail
+
+#: m*(x) of a point whose prediction is not certified even without malicious clients (sampled kind).
+ABSTAIN = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# the groups
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Which clients train which of the G group models (``members[g]``, sorted client ids)."""
+
+    kind: str
+    num_clients: int
+    members: tuple[tuple[int, ...], ...]
+    clients_per_model: int | None = None
+
+    @property
+    def G(self) -> int:
+        return len(self.members)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group, client) of every training row: the pairs of the batched round, group by group."""
+        g = np.concatenate([np.full(len(m), i, dtype=np.int64) for i, m in enumerate(self.members)])
+        c = np.concatenate([np.asarray(m, dtype=np.int64) for m in self.members])
+        return g, c
+
+    def group_of(self, client: int) -> list[int]:
+        return [g for g, m in enumerate(self.members) if client in m]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_clients": self.num_clients, "clients_per_model": self.clients_per_model,
+                "members": [list(m) for m in self.members]}
+
+
+def partition_groups(num_clients: int, G: int, seed: int) -> Groups:
+    """FLCert-D's disjoint groups: a seeded permutation of the client ids dealt out to G groups in turn."""
+    if G > num_clients:
+        raise fail("ensemble.groups", f"an integer in [1, {num_clients}] (at most data.num_clients) for the partition kind", G)
+    perm = numpy_generator(seed, "ensemble-groups").permutation(num_clients)
+    return Groups("partition", num_clients, tuple(tuple(sorted(int(c) for c in perm[g::G])) for g in range(G)))
+
+
+def sampled_groups(num_clients: int, G: int, k: int, sample_seed: int) -> Groups:
+    """G uniform subsets of k clients without replacement, subset g from ("ensemble-sample", g)."""
+    if k > num_clients:
+        raise fail("ensemble.clients_per_model", f"an integer in [1, {num_clients}] (at most data.num_clients)", k)
+    members = tuple(
+        tuple(sorted(int(c) for c in numpy_generator(sample_seed, "ensemble-sample", g).choice(num_clients, k, replace=False)))
+        for g in range(G)
+    )
+    return Groups("sampled", num_clients, members, clients_per_model=k)
+
+
+def build_groups(cfg: Config, num_clients: int) -> Groups:
+    e = cfg.ensemble
+    if e.kind == "partition":
+        return partition_groups(num_clients, e.groups, cfg.seed)
+    if e.kind == "sampled":
+        if e.sample_seed is None:
+            raise ConfigError("The 'ensemble.sample_seed' parameter must be fixed before training (fix_sample_seed).")
+        return sampled_groups(num_clients, e.groups, int(e.clients_per_model), e.sample_seed)
+    raise fail("ensemble.kind", "'partition' or 'sampled' for an ensemble", e.kind)
+
+
+def fix_sample_seed(cfg: Config) -> Config:
+    """The configuration with the sampled kind's subset seed drawn from the OS (secrets), if not given.
+
+    Drawn when training starts, after the configuration (and so the malicious clients) is fixed,
+    and written to config.yaml: a resumed run redraws the same subsets, and the draw is recorded.
+    """
+    if cfg.ensemble.kind == "sampled" and cfg.ensemble.sample_seed is None:
+        return cfg.replace(**{"ensemble.sample_seed": secrets.randbits(62)})
+    return cfg
+
+
+def is_ensemble(cfg: Config) -> bool:
+    return cfg.ensemble.kind != "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# votes and the certificates (docs/theory.md (i))
+
+
+def vote_counts(predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n, C) votes of G models from their (G, n) predicted classes."""
+    P = np.asarray(predictions, dtype=np.int64)
+    G, n = P.shape
+    counts = np.zeros((n, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.tile(np.arange(n), G), P.reshape(-1)), 1)
+    return counts
+
+
+def plurality(counts: np.ndarray) -> np.ndarray:
+    """The class with the most votes; ties go to the smallest class (``np.argmax`` takes the first)."""
+    return np.argmax(np.asarray(counts), axis=1).astype(np.int64)
+
+
+def partition_certified(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction c_A, m*(x)) of the partition ensemble: the largest m that cannot change the vote.
+
+    m malicious clients control at most m groups, each of which may move its vote from c_A to any
+    c: the gap n_A - n_c shrinks by at most 2m. For c > c_A a tie still predicts c_A, so the
+    condition is n_A - n_c >= 2m, m <= floor((n_A - n_c) / 2); for c < c_A the tie goes to c,
+    so n_A - n_c > 2m, m <= ceil((n_A - n_c) / 2) - 1. m*(x) is the minimum over c != c_A.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n, C = counts.shape
+    pred = plurality(counts)
+    n_a = counts[np.arange(n), pred]
+    gap = n_a[:, None] - counts  # >= 0 for every class; > 0 for classes below c_A
+    cls = np.arange(C)[None, :]
+    m_c = np.where(cls > pred[:, None], gap // 2, -((-gap) // 2) - 1)
+    m_c[np.arange(n), pred] = np.iinfo(np.int64).max
+    m_star = m_c.min(axis=1) if C > 1 else np.full(n, np.iinfo(np.int64).max)
+    return pred, m_star.astype(np.int64)
+
+
+def log_untouched(N: int, k: int, m: np.ndarray | int) -> np.ndarray:
+    """log(C(N - m, k) / C(N, k)): the probability that a uniform k-subset avoids m given clients."""
+    m = np.asarray(m, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = (
+            np.vectorize(math.lgamma)(np.maximum(N - m + 1, 1.0)) - np.vectorize(math.lgamma)(np.maximum(N - m - k + 1, 1.0))
+            - math.lgamma(N + 1) + math.lgamma(N - k + 1)
+        )
+    return np.where(N - m >= k, out, -np.inf)
+
+
+def delta_m(N: int, k: int, m: np.ndarray | int) -> np.ndarray:
+    """delta_m = 1 - C(N-m, k) / C(N, k), the most a vote share can move with m malicious clients."""
+    return -np.expm1(log_untouched(N, k, m))
+
+
+def sampled_certified(p_a_lower: np.ndarray, p_b_upper: np.ndarray, N: int, k: int) -> np.ndarray:
+    """m*(x): the largest m with p_A_lower - p_B_upper > 2 delta_m (ABSTAIN = -1 where not even m = 0).
+
+    delta_m increases with m, so m* is found by a search over the table delta_0..delta_N.
+    """
+    gap = np.asarray(p_a_lower, dtype=np.float64) - np.asarray(p_b_upper, dtype=np.float64)
+    table = 2.0 * delta_m(N, k, np.arange(N + 1))  # nondecreasing, table[0] = 0
+    # number of m in 0..N with 2 delta_m < gap, minus one
+    return (np.searchsorted(table, gap, side="left") - 1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class EnsembleCertificate:
+    """Per test point: the ensemble's prediction, the votes for it and the runner-up, m*(x)."""
+
+    prediction: np.ndarray  # c_A, or -1 where the sampled kind abstains
+    m_star: np.ndarray  # the certified number of malicious clients (ABSTAIN = -1)
+    counts: np.ndarray  # (n, C) votes
+    p_a_lower: np.ndarray | None = None
+    p_b_upper: np.ndarray | None = None
+
+
+def certify_votes(groups: Groups, counts: np.ndarray, alpha: float) -> EnsembleCertificate:
+    """The client-level certificate of an ensemble from its votes (partition: exact; sampled: with 1 - alpha)."""
+    if groups.kind == "partition":
+        pred, m = partition_certified(counts)
+        m = np.minimum(m, groups.num_clients)
+        return EnsembleCertificate(pred, m, counts)
+    b = select_and_bound(counts, alpha, "clopper-pearson", "simultaneous")
+    m = sampled_certified(b.p_a_lower, b.p_b_upper, groups.num_clients, int(groups.clients_per_model))
+    pred = np.where(m >= 0, b.c_a, ABSTAIN)
+    return EnsembleCertificate(pred, m, counts, b.p_a_lower, b.p_b_upper)
+
+
+def certified_accuracy(cert: EnsembleCertificate, labels: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """Fraction of points predicted right and certified for m malicious clients, for every m in ``ms``."""
+    ok = cert.prediction == np.asarray(labels)
+    return np.array([float((ok & (cert.m_star >= m)).mean()) if len(ok) else 0.0 for m in ms])
+
+
+# ---------------------------------------------------------------------------------------------
+# training: the G models in one batched round
+
+
+def ensemble_predictions(setup: Setup, params: torch.Tensor, X: torch.Tensor, chunk: int = 8192) -> np.ndarray:
+    """(G, n) predicted classes of the G models (rows of ``params``) on model inputs X."""
+    out = np.empty((params.shape[0], X.shape[0]), dtype=np.int64)
+    for g in range(params.shape[0]):
+        p = params[g].to(setup.dtype)
+        out[g] = torch.cat([setup.model.predict(p, X[i : i + chunk].to(setup.dtype)) for i in range(0, len(X), chunk)]).numpy() \
+            if len(X) else np.zeros(0, dtype=np.int64)
+    return out
+
+
+@dataclass
+class EnsembleRound(BaseRound):
+    """The simulator's round for an ensemble: the G group models of :class:`Groups` in one batched step.
+
+    The state is the (G, D) stack of group models. Every (group, client) pair of
+    :meth:`Groups.rows` trains from its group's model on the client's batches of round t (the
+    batches depend on (seed, t, client) only), attackers included; each group aggregates its
+    rows with the configured rule and the clients' configured weights (renormalized per group).
+    """
+
+    setup: Setup
+    groups: Groups
+    engine: str = field(default=rundir.SIMULATOR, init=False)
+    trains_twin: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self._g, self._c = self.groups.rows()
+        self._slices = [np.flatnonzero(self._g == g) for g in range(self.groups.G)]
+
+    def __call__(self, params: torch.Tensor, t: int, *, trigger: bool = True) -> RoundOutput:
+        setup, cfg, plan = self.setup, self.setup.cfg, self.setup.plan
+        start = params.index_select(0, torch.from_numpy(self._g))
+        loc = local_round(setup, start, t, self._c.tolist(), trigger=trigger)
+        new = torch.empty_like(params)
+        norms, clipped, fixed = [], [], True
+        p_attackers: list[float] = []
+        for g, rows in enumerate(self._slices):
+            w = setup.weights[torch.from_numpy(self._c[rows])].double()
+            agg = aggregation.aggregate(cfg.aggregation.name, loc.updates[torch.from_numpy(rows)].double(), w,
+                                        **cfg.aggregation.options)
+            fixed &= bool(agg.fixed_weights)
+            upd = agg.update.to(params.dtype)
+            if cfg.ensemble.server_step:
+                new[g], info = server_step(params[g], upd, t=t, rounds=setup.rounds, rho_t=setup.rho(t),
+                                           sigma_t=setup.sigma(t), seed=cfg.seed, stream=(g,))
+                norms.append(info.norm_before_clip)
+                clipped.append(info.clipped)
+            else:
+                new[g] = params[g] + upd
+                norms.append(float(torch.linalg.vector_norm(new[g].double())))
+            if plan.active(t):
+                for r, c in zip(rows, self._c[rows]):
+                    if plan.is_attacker(int(c)) and agg.weights is not None:
+                        p_attackers.append(float(agg.weights[list(rows).index(r)]))
+        row: dict[str, Any] = {
+            "norm_before_clip": max(norms),
+            "rho": setup.rho(t) if cfg.ensemble.server_step else None,
+            "sigma": (setup.sigma(t) if t < setup.rounds else 0.0) if cfg.ensemble.server_step else None,
+            "clipped": int(any(clipped)),
+            "attack": int(plan.active(t)),
+            "aggregation_fixed_weights": int(fixed),
+        }
+        entry = None
+        if plan.active(t) and plan.attackers:
+            first = self.groups.group_of(plan.attackers[0])
+            g0 = first[0] if first else 0
+            entry = attack_record(setup, t, params[g0], None, measured={
+                "groups_of_attackers": {str(a): self.groups.group_of(a) for a in plan.attackers},
+                "attacker_weights_in_groups": p_attackers,
+            })
+        return RoundOutput(new, row, entry)
+
+    def init_params(self) -> torch.Tensor:
+        """Every group model starts from the run's w_0 (one initial model for all, as in FLCert)."""
+        return self.setup.w0.unsqueeze(0).repeat(self.groups.G, 1)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"ensemble": {"kind": self.groups.kind, "groups": self.groups.G,
+                             "clients_per_model": self.groups.clients_per_model,
+                             "group_sizes": [len(m) for m in self.groups.members]}}
+
+    def finish(self, state: Any) -> Finish:
+        return Finish(extra={"ensemble": {"kind": self.groups.kind, "groups": self.groups.G}},
+                      model={"ensemble": self.groups.to_dict()})
+
+    def evaluate(self, params: torch.Tensor) -> tuple[float, float]:
+        """(clean, backdoor) accuracy of the ensemble's plurality vote."""
+        setup = self.setup
+        c = _eval_inputs(setup)
+        X = c.get("X")
+        if X is None:
+            from crfl.setup import model_inputs
+
+            X = model_inputs(setup.dataset, setup.dataset.x_test, setup.dtype)
+        C = setup.dataset.num_classes
+        pred = plurality(vote_counts(ensemble_predictions(setup, params, X), C))
+        clean = float((pred == c["y"].numpy()).mean()) if len(pred) else math.nan
+        mask = c["mask"]
+        if mask.sum() == 0:
+            return clean, math.nan
+        Xb = c.get("Xb")
+        if Xb is None:
+            Xb = setup.plan.trigger.apply(X[torch.from_numpy(mask)])
+        pb = plurality(vote_counts(ensemble_predictions(setup, params, Xb), C))
+        return clean, float((pb == setup.plan.target).mean())
+
+
+__all__ = [
+    "ABSTAIN", "EnsembleCertificate", "EnsembleRound", "Groups", "build_groups", "certified_accuracy", "certify_votes",
+    "delta_m", "fix_sample_seed", "is_ensemble", "partition_certified",
+    "partition_groups", "plurality", "sampled_certified", "sampled_groups", "vote_counts",
+]
