@@ -191,6 +191,14 @@ def test_certificate_uses_the_enforced_bound(tmp_path, small_images):
     assert s["results"]["clean"]["certified_at_attack"] > 0.3
     with pytest.raises(ConfigError, match="'certify.input_norm_bound' parameter must be null"):
         certify_run(bound, overrides={"certify.input_norm_bound": 3.0}, dataset=small_images)
+    # the other readings and methods see the same model and the same B_0
+    mix = certify_run(bound, overrides={"certify.reading": "mixture", "certify.training_samples": 4},
+                      dataset=small_images, out_dir=tmp_path / "mix")
+    assert mix["certificate"]["input_norm_source"] == ENFORCED_SOURCE and mix["assumptions"]["checks"]["input_norm_bound"]["holds"]
+    mar = certify_run(bound, overrides={"certify.method": "margin"}, dataset=small_images, out_dir=tmp_path / "margin")
+    assert mar["certificate"]["radius_certified"] is True and mar["twin"]["clean"]["violations"] == 0
+    pap = certify_run(bound, overrides={"certify.reading": "paper"}, dataset=small_images, out_dir=tmp_path / "paper")
+    assert 1.4 < pap["certificate"]["input_norm_bound"] <= 1.5 * (1 + 1e-6)  # max ||P(x)|| over clean and triggered inputs
 
 
 def _search_inputs(setup, params, n_pairs=24, seed=0):
