@@ -288,3 +288,31 @@ def test_flower_run_gives_the_simulators_certificate(tmp_path):
         assert a["base_accuracy"] == b["base_accuracy"]
         assert a["certified_at_attack"] == pytest.approx(b["certified_at_attack"], abs=0.02)
         assert a["median_radius_certified"] == pytest.approx(b["median_radius_certified"], rel=1e-2)
+
+
+def test_mlp_sees_the_projected_inputs():
+    from crfl.model import build_model
+
+    torch.manual_seed(1)
+    m = build_model("mlp", 5, 3, hidden=4, input_bound=InputBound(0.5))
+    w = m.init(torch.Generator().manual_seed(2), torch.float32)
+    X = torch.rand(7, 5) * 2.0
+    want = torch.func.functional_call(m.module, m.unflatten(w), (InputBound(0.5).apply(X),)).argmax(dim=1)
+    assert torch.equal(m.predict(w, X), want)
+    assert torch.allclose(m.logits(w.unsqueeze(0), X.unsqueeze(0)), m.logits(w.unsqueeze(0), InputBound(0.5).apply(X).unsqueeze(0)))
+
+
+def test_flower_server_refuses_a_second_bound():
+    pytest.importorskip("flwr")
+    from crfl.flower.server_app import with_input_norm_bound
+
+    ds = synthetic_images(n_train=80, n_test=10, side=4, classes=2)
+    base = {"data.num_clients": 2, "attack.pixels": [[1, 1]], "attack.target": 0}
+    setup = prepare(resolve(None, None, {**base, "model.input_norm_bound": 1.5}), ds)
+    assert with_input_norm_bound(setup) is setup  # the model's bound is the certificate's; nothing is added
+    assert setup.cfg.certify.input_norm_bound is None
+    with pytest.raises(ConfigError, match=r"'input-norm-bound' run-config parameter must be -1 when 'model.input_norm_bound' "
+                                          r"is set .*B_0 = 1.5.*Got 3.0 instead"):
+        with_input_norm_bound(setup, 3.0)
+    free = prepare(resolve(None, None, base), ds)
+    assert with_input_norm_bound(free).cfg.certify.input_norm_bound == 4.0  # sqrt(16): the unenforced fallback
