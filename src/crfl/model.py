@@ -62,7 +62,7 @@ class InputBound:
     def apply(self, X: torch.Tensor, x_scale: float = 1.0) -> torch.Tensor:
         """P of the inputs x = x_scale * X (rows of X, any leading shape), in the units of X.
 
-        A new tensor; X is not modified. Norms are taken in float64 where X is float64, else float32.
+        A new tensor; X is not modified. Norms are taken in the dtype of X (float32 training rounds them).
         """
         inv = 1.0 / x_scale
         Xc = X.clamp(self.low * inv, self.high * inv)
