@@ -71,3 +71,15 @@ def test_readme_flower_commands_work_on_a_fresh_clone(tmp_path):
     assert summary["training"]["engine"] == "flower" and summary["training"]["rounds"] == T
     assert summary["training"]["rounds_with_every_client"] == T and summary["training"]["certifiable"] is True
     assert "certificate" in summary and summary["results"]["clean"]["points"] == 1000
+    # the demo's model enforces B_0 (model.input_norm_bound), so the server certifies without seeing data
+    cert = summary["certificate"]
+    assert cert["reading"] == "coupled" and cert["input_norm_enforced"] is True
+    assert summary["assumptions"]["radius_certified"] is True and cert["radius_certified"] is True
+    assert all(c["holds"] for c in summary["assumptions"]["checks"].values())
+    delta = cert["delta_norm"]
+    for k in ("clean", "backdoor"):
+        r = summary["results"][k]
+        assert r["certified_at_attack"] > 0.5
+        line = (f"{k:<8} certified at the attack's ||delta|| = {delta:.4g}: {r['certified_at_attack']:.4f} of the points "
+                f"({r['certified_correct_at_attack']:.4f} certified and correct)")
+        assert line in log, log[-3000:]

@@ -5,7 +5,8 @@ A certificate is a promise about a counterfactual. ``certify.reading`` says whic
 - ``coupled`` (default, :mod:`crfl.closeness`): fix this run's training randomness omega
   (initial model, batches, server noise). The counterfactual is the run on the same omega whose
   attackers' poisoned samples carry no trigger (same labels, same gamma scaling): the paper's D
-  against D'. The two final models are two fixed centres at distance <= ||delta|| c(B_0 + ||delta||);
+  against D'. The two final models are two fixed centres at distance <= ||delta|| c(B_0 + ||delta||)
+  (<= ||delta|| c(B_0) when the model enforces B_0, ``model.input_norm_bound``);
   parameter smoothing with sigma_T keeps c_A while that distance is below
   sigma_T (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2 (Neyman-Pearson). p_A, p_B are the
   smoothed probabilities around this run's final model (exact for linear models). With
@@ -91,6 +92,7 @@ class SoundIngredients:
     terms: tuple[AttackTerm, ...]  # the attack rounds, in order
     input_norm_bound: float  # B_0 >= ||x|| of every clean training input (triggered ones: B_0 + ||delta||)
     input_norm_source: str
+    input_norm_enforced: bool  # the model projects every input onto ||x|| <= B_0: triggered ones too
     sigma: float  # the Gaussian noise of the Neyman-Pearson step: sigma_T (coupled) or sigma_t_adv (mixture)
     bound_form: str
     delta_norm: float
@@ -108,6 +110,7 @@ class SoundIngredients:
             "attack_rounds": terms,
             "input_norm_bound": self.input_norm_bound,
             "input_norm_source": self.input_norm_source,
+            "input_norm_enforced": self.input_norm_enforced,
             "deviation_coefficient_at_B0": closeness.deviation_coefficient(self.terms, self.input_norm_bound),
             "sigma": self.sigma,
             "delta_norm": self.delta_norm,
@@ -139,11 +142,22 @@ def training_input_stats(setup: Setup) -> tuple[float, float, float]:
     return setup._eval_cache[key]
 
 
-def _input_norm_bound(setup: Setup) -> tuple[float, str]:
+ENFORCED_SOURCE = "model.input_norm_bound (enforced by the model)"
+
+
+def _input_norm_bound(setup: Setup) -> tuple[float, str, bool]:
+    """(B_0, where it comes from, whether the model enforces it on every input, triggered ones included).
+
+    ``model.input_norm_bound`` supersedes everything: the model maps every input into the ball of radius
+    B_0, so no data needs to be seen (the config refuses ``certify.input_norm_bound`` next to it).
+    """
+    bound = getattr(setup.model, "input_bound", None)
+    if bound is not None:
+        return float(bound.radius), ENFORCED_SOURCE, True
     given = setup.cfg.certify.input_norm_bound
     if given is not None:
-        return float(given), "certify.input_norm_bound (server-owned)"
-    return clean_input_norm_bound(setup), "max ||x|| over the clean training inputs"
+        return float(given), "certify.input_norm_bound (server-owned)", False
+    return clean_input_norm_bound(setup), "max ||x|| over the clean training inputs", False
 
 
 def _terms(attack_log: list[dict[str, Any]]) -> tuple[AttackTerm, ...]:
@@ -170,17 +184,18 @@ def radius_blockers(setup: Setup, attack_log: list[dict[str, Any]]) -> list[str]
 def sound_ingredients(setup: Setup, attack_log: list[dict[str, Any]], reading: str) -> SoundIngredients:
     cz = setup.cfg.certify
     terms = _terms(attack_log) if not radius_blockers(setup, attack_log) else ()
-    B0, source = _input_norm_bound(setup)
+    B0, source, enforced = _input_norm_bound(setup)
     if reading == "mixture" and terms:
         sigma = noise_after_round(setup.sigma, terms[0].round, setup.rounds, cz.sigma_T)
     else:
         sigma = float(cz.sigma_T)
-    return SoundIngredients(reading, terms, B0, source, sigma, cz.bound_form, float(setup.plan.trigger.norm))
+    return SoundIngredients(reading, terms, B0, source, enforced, sigma, cz.bound_form, float(setup.plan.trigger.norm))
 
 
 def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.ndarray]:
     """(budget, radius) per point: the parameter distance the prediction tolerates, and the ||delta|| solving
-    ||delta|| c(B_0 + ||delta||) = budget (0 where the point abstains)."""
+    ||delta|| c(B_0 + ||delta||) = budget, or ||delta|| c(B_0) = budget when the model enforces B_0 (0 where the
+    point abstains)."""
     if ing.sigma <= 0:
         budget = np.zeros(len(sm.p_a_lower))
     elif ing.bound_form == "kl":
@@ -188,13 +203,13 @@ def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.
     else:
         budget = radius_mod.neyman_pearson_budget(ing.sigma, radius_mod.gaussian_margin(sm.log1m_a(), sm.log_b()))
     budget = np.where(sm.abstain, 0.0, budget)
-    return budget, closeness.solve_radius(budget, ing.terms, ing.input_norm_bound)
+    return budget, closeness.solve_radius(budget, ing.terms, ing.input_norm_bound, enforced=ing.input_norm_enforced)
 
 
 def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[BoundResult, np.ndarray]:
-    """The linear base model's prediction and its logit-margin budget (``method: margin``)."""
+    """The linear base model's prediction and its logit-margin budget (``method: margin``), at the model's inputs P(X)."""
     W, b = setup.model.split(params.double())
-    Xd = X.double()
+    Xd = setup.model.input_map(X.double())
     z = (Xd @ W.T + b).numpy()
     budget = radius_mod.logit_margin_budget(z, torch.linalg.vector_norm(Xd, dim=1).numpy())
     order = np.argsort(-z, axis=1, kind="stable")
@@ -206,9 +221,20 @@ def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[
 
 
 def _input_norm_check(setup: Setup, ing: SoundIngredients) -> dict[str, Any]:
-    """B_0 must bound every clean training input; a server-owned bound is checked against the data when it is here."""
+    """B_0 must bound every clean training input; a server-owned bound is checked against the data when it is here.
+
+    A bound the model enforces holds by construction: the model projects every input, clean or triggered,
+    onto the ball of radius B_0 (the data's norms only say how many inputs the projection shrinks)."""
     B = ing.input_norm_bound
     data_max = clean_input_norm_bound(setup) if len(setup.dataset.y_train) else 0.0
+    if ing.input_norm_enforced:
+        bound = setup.model.input_bound
+        return {
+            "holds": True,
+            "detail": f"B_0 = {B:.6g} enforced by the model: {bound.describe()}, so every input the model sees, clean "
+                      f"or triggered, has norm <= B_0; the training data's max ||x|| = {data_max:.6g}"
+                      + (" (the projection shrinks the larger inputs)" if data_max > B else ""),
+        }
     holds = B >= data_max * (1 - 1e-12)
     return {
         "holds": holds,
@@ -221,11 +247,15 @@ def _box_check(setup: Setup, attack_log: list[dict[str, Any]], ing: SoundIngredi
     """Clamping x + delta to the box only shrinks the trigger when the clean inputs lie in the box."""
     _, lo, hi = training_input_stats(setup)
     inside = lo >= 0.0 and hi <= 1.0
+    # a model that clamps to the trigger's box itself sees clamp(x + delta) - clamp(x), of norm <= ||delta||, for any x
+    bound = getattr(setup.model, "input_bound", None) if ing.input_norm_enforced else None
+    model_clamps = bound is not None and (bound.low, bound.high) == (setup.plan.trigger.low, setup.plan.trigger.high)
     actual = [v for rec in attack_log for v in (rec.get("measured") or {}).get("actual_delta_norm_max", [])]
     within = all(v <= ing.delta_norm * (1 + 1e-4) for v in actual)  # float32 rounding of x + delta - x
     return {
-        "holds": inside and within,
-        "detail": f"clean training inputs in [{lo:.4g}, {hi:.4g}] (the trigger is clamped to [0, 1]); largest applied "
+        "holds": (inside or model_clamps) and within,
+        "detail": f"clean training inputs in [{lo:.4g}, {hi:.4g}] (the trigger is clamped to [0, 1]"
+                  + ("; so does the model's input map" if model_clamps else "") + "); largest applied "
                   f"||x' - x|| = {max(actual) if actual else 0.0:.4g} <= ||delta|| = {ing.delta_norm:.4g}",
     }
 
@@ -249,8 +279,11 @@ def scope_report(
                          if setup.model.is_linear else f"{setup.model.name} is not convex: no certificate"},
         "eta_le_2_over_beta": {
             "holds": eta <= 2.0 / beta,
-            "detail": f"eta = {eta:.4g} <= 2/beta = {2 / beta:.4g} (beta <= (B_0^2 + 1)/2, B_0 = {B:.4g}): every clean "
-                      "gradient step is nonexpansive",
+            "detail": (f"eta = {eta:.4g} <= 2/beta = {2 / beta:.4g} (beta <= (B_0^2 + 1)/2, B_0 = {B:.4g}): every clean "
+                       "gradient step is nonexpansive" if eta <= 2.0 / beta else
+                       f"eta = {eta:.4g} > 2/beta = {2 / beta:.4g} (beta <= (B_0^2 + 1)/2, B_0 = {B:.4g}): fails, a clean "
+                       "gradient step need not be nonexpansive; lower clients.lr or bound the inputs "
+                       "(model.input_norm_bound)"),
         },
         "fixed_aggregation_weights": {
             "holds": bool(fixed),
@@ -331,12 +364,14 @@ class Ingredients:
 
 
 def training_input_norm_bound(setup: Setup) -> float:
-    """B = max ||x|| over the training inputs, clean and with every attacker's trigger (Lemma 1's ||x||)."""
+    """B = max ||x|| over the training inputs the model sees, clean and with every attacker's trigger (Lemma 1's
+    ||x||; after the model's input map, if it has one)."""
     triggers = {id(t): t for t in [setup.plan.trigger, *setup.plan.local_triggers.values()]}.values()
     best = 0.0
+    P = setup.model.input_map
     for X in _training_inputs(setup):
         for trig in triggers:
-            best = max(best, lipschitz.input_norm_bound(X, trig.apply(X)))
+            best = max(best, lipschitz.input_norm_bound(P(X), P(trig.apply(X))))
     return best
 
 
@@ -458,6 +493,7 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> BoundResult:
     """p_A_lower, p_B_upper (and votes) for inputs X under N(params, sigma_T^2 I)."""
     cz = setup.cfg.certify
     method = smoothing_method(setup)
+    X = setup.model.input_map(X)  # the inputs the model sees (a no-op without an input bound)
     if method == "exact":
         W, b = setup.model.split(params.double())
         tt = smoothing.exact_top_two(W, b, X.double(), cz.sigma_T)
@@ -594,7 +630,8 @@ class Certifier:
             return sm, None, paper_radii(self.paper, sm.p_a_lower, sm.p_b_upper)
         if budget is None:
             return (sm, *sound_radii(self.ing, sm))
-        return sm, budget, closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound)
+        return sm, budget, closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound,
+                                                  enforced=self.ing.input_norm_enforced)
 
     def block(self) -> dict[str, Any]:
         """summary.json's ``certificate`` block."""

@@ -21,7 +21,10 @@ The final models therefore lie within D(||delta||) = ||delta|| c(B) of each othe
 c(B) = sum_k A_k(B) prod_{k' > k} Lip_k'. L_Z (:func:`crfl.lipschitz.lz_centred`) depends on
 the bound B on the inputs the attacked steps see, which must cover the triggered inputs
 x + delta: B = B_0 + ||delta||, so the certified radius is the fixed point
-r c(B_0 + r) = budget (:func:`solve_radius`), not an assumption.
+r c(B_0 + r) = budget (:func:`solve_radius`), not an assumption. When the model itself projects
+every input onto the ball of radius B_0 (``model.input_norm_bound``), the triggered inputs it sees
+lie within B_0 too and the trigger still moves them by at most ||delta|| (the projection is
+1-Lipschitz), so B = B_0 and the radius is budget / c(B_0) (``enforced=True``).
 """
 
 from __future__ import annotations
@@ -121,13 +124,18 @@ def deviation_coefficient(terms: Sequence[AttackTerm], B: float | np.ndarray) ->
     return float(c) if np.ndim(B) == 0 else c
 
 
-def solve_radius(budget: np.ndarray | float, terms: Sequence[AttackTerm], input_norm_bound: float) -> np.ndarray:
+def solve_radius(
+    budget: np.ndarray | float, terms: Sequence[AttackTerm], input_norm_bound: float, *, enforced: bool = False
+) -> np.ndarray:
     """The largest r with r c(B_0 + r) <= budget, per entry (the certified radius).
 
     ``budget`` is the parameter distance the smoothed (or base) prediction tolerates. r c(B_0 + r)
     is continuous and increasing from 0, so the solution is unique; found by bisection in
     [0, budget / c(B_0)] (geometric steps first) to relative precision 1e-15. budget <= 0 gives 0; an infinite budget
     or c = 0 gives inf.
+
+    ``enforced=True``: the model projects every input, triggered ones included, onto ||x|| <= B_0, so
+    L_Z is taken at B_0 and the radius is budget / c(B_0) (docs/theory.md (g)).
     """
     B0 = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
     b = np.atleast_1d(np.asarray(budget, dtype=np.float64))
@@ -141,6 +149,10 @@ def solve_radius(budget: np.ndarray | float, terms: Sequence[AttackTerm], input_
     pos = (b > 0) & np.isfinite(b)
     out[b == math.inf] = math.inf
     if not pos.any():
+        return out
+    if enforced:
+        with np.errstate(over="ignore"):
+            out[pos] = b[pos] / c0  # r c(B_0) <= budget; an overflow is an infinite radius
         return out
     hi = np.minimum(b[pos] / c0, np.finfo(np.float64).max)  # r c(B_0 + r) >= r c(B_0): the root is below this
     lo = hi * 1e-300

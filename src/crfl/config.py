@@ -46,6 +46,9 @@ class ModelConfig:
     name: str = "logistic"  # logistic (the paper's) | mlp
     hidden: int = 64
     init: str = "default"  # default (nn.Linear's uniform) | zeros
+    # B_0: every input is clamped to the data's box and projected onto ||x|| <= B_0 by the model itself, in
+    # training, evaluation and certification; the certificate then uses B_0 (None: no projection)
+    input_norm_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,8 @@ def validate(cfg: Config) -> None:
     check_real("data.dirichlet_alpha", d.dirichlet_alpha, low=0.0, low_open=True)
     check_real("data.test_fraction", d.test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     check_choice("model.init", cfg.model.init, ["default", "zeros"])
+    if cfg.model.input_norm_bound is not None:
+        check_real("model.input_norm_bound", cfg.model.input_norm_bound, low=0.0, low_open=True)
     c = cfg.clients
     check_real("clients.lr", c.lr, low=0.0, low_open=True)
     check_int("clients.batch_size", c.batch_size, low=1)
@@ -294,6 +299,11 @@ def validate(cfg: Config) -> None:
         check_int("certify.num_test", z.num_test, low=1)
     if z.input_norm_bound is not None:
         check_real("certify.input_norm_bound", z.input_norm_bound, low=0.0, low_open=True)
+        if cfg.model.input_norm_bound is not None:
+            raise ConfigError(
+                f"The 'certify.input_norm_bound' parameter must be null when 'model.input_norm_bound' is set (the model "
+                f"enforces B_0 = {cfg.model.input_norm_bound:g}, which the certificate uses). Got {z.input_norm_bound!r} instead."
+            )
     if z.radii is not None:
         for i, v in enumerate(z.radii):
             check_real(f"certify.radii[{i}]", v, low=0.0)

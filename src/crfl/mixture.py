@@ -104,7 +104,7 @@ def mixture_class_bounds(setup: Setup, finals: torch.Tensor, X: torch.Tensor, si
     n, C = X.shape[0], setup.dataset.num_classes
     lo = torch.zeros((n, C), dtype=torch.float64)
     up = torch.zeros((n, C), dtype=torch.float64)
-    Xd = X.double()
+    Xd = setup.model.input_map(X.double())  # the inputs the model sees (a no-op without an input bound)
     for k in range(finals.shape[0]):
         W, b = setup.model.split(finals[k].double())
         lk, uk = exact_class_bounds(W, b, Xd, sigma_T)

@@ -15,6 +15,13 @@ batched operations over K parameter vectors at once:
 :class:`LinearModel` computes the gradient in closed form, (P - Y)^T [X, 1]
 (Appendix B.6, Eq. 24); :class:`ModuleModel` wraps any ``torch.nn.Module`` with
 ``torch.func`` (vmap of grad over the client axis) for empirical runs.
+
+A model may own an input bound (``model.input_norm_bound``, :class:`InputBound`): every input it
+meets, in training, evaluation and certification, first goes through
+P(x) = clamp(x) * min(1, B_0 / ||clamp(x)||), the clamp to the data's box followed by the
+projection onto the ball of radius B_0. P is 1-Lipschitz and ||P(x)|| <= B_0 for every x, clean or
+triggered, which the certificate then uses as its B_0 (docs/theory.md (g), "An input bound the
+model enforces"). Without it the model sees its inputs unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +34,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crfl.validation import check_choice, check_int
+from crfl.validation import ConfigError, check_choice, check_int, check_real
+
+
+@dataclass(frozen=True)
+class InputBound:
+    """The model's input map P(x) = c(x) min(1, B_0 / ||c(x)||), c the clamp to the box [low, high]^d.
+
+    Both steps are Euclidean projections onto convex sets (the box, then the ball of radius B_0;
+    the box contains 0, so scaling keeps the point in it), hence 1-Lipschitz and idempotent, and
+    ||P(x)|| <= B_0 for every x: a trigger moves an input by at most ||delta|| after the map too,
+    and triggered inputs stay within B_0 (docs/theory.md (g)).
+    """
+
+    radius: float  # B_0
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_real("model.input_norm_bound", self.radius, low=0.0, low_open=True)
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low <= 0.0 <= self.high):
+            raise ConfigError(
+                f"The 'input box' parameter must be a finite box [low, high] with low <= 0 <= high. "
+                f"Got [{self.low}, {self.high}] instead."
+            )
+
+    def apply(self, X: torch.Tensor, x_scale: float = 1.0) -> torch.Tensor:
+        """P of the inputs x = x_scale * X (rows of X, any leading shape), in the units of X.
+
+        A new tensor; X is not modified. Norms are taken in the dtype of X (float32 training rounds them).
+        """
+        inv = 1.0 / x_scale
+        Xc = X.clamp(self.low * inv, self.high * inv)
+        norm = torch.linalg.vector_norm(Xc, dim=-1, keepdim=True)
+        if x_scale != 1.0:
+            norm = norm * x_scale
+        # min(1, B_0 / ||x||): 1 at x = 0 (clamp_min avoids 0/0)
+        factor = torch.clamp(self.radius / norm.clamp_min(torch.finfo(norm.dtype).tiny), max=1.0)
+        return Xc.mul_(factor)
+
+    def describe(self) -> str:
+        return f"inputs clamped to [{self.low:g}, {self.high:g}]^d, then projected onto the ball ||x|| <= {self.radius:g}"
+
+
+def _mapped(bound: InputBound | None, X: torch.Tensor, x_scale: float = 1.0) -> torch.Tensor:
+    return X if bound is None else bound.apply(X, x_scale)
 
 
 def _softmax(z: torch.Tensor) -> torch.Tensor:
@@ -44,6 +95,7 @@ class LinearModel:
     num_classes: int
     is_linear: bool = True
     name: str = "logistic"
+    input_bound: InputBound | None = None  # the input map P (None: inputs as given)
 
     @property
     def num_params(self) -> int:
@@ -58,8 +110,15 @@ class LinearModel:
     #: the model can take unscaled inputs and fold the input scale into its (much smaller) weights
     folds_input_scale: bool = True
 
+    def input_map(self, X: torch.Tensor, x_scale: float = 1.0) -> torch.Tensor:
+        """The inputs the linear layer sees: P(X) with the model's input bound, else X itself."""
+        return _mapped(self.input_bound, X, x_scale)
+
     def logits(self, params: torch.Tensor, X: torch.Tensor, x_scale: float = 1.0) -> torch.Tensor:
-        """Logits of K models on (K, n, d) inputs; the inputs are x_scale * X."""
+        """Logits of K models on (K, n, d) inputs; the inputs are x_scale * X (then the input map)."""
+        return self._affine(params, self.input_map(X, x_scale), x_scale)
+
+    def _affine(self, params: torch.Tensor, X: torch.Tensor, x_scale: float) -> torch.Tensor:
         W, b = self.split(params)
         if x_scale != 1.0:
             W = W * x_scale
@@ -72,8 +131,10 @@ class LinearModel:
 
         The inputs are x = x_scale * X: scaling the weights (K C d numbers) instead of the inputs
         (K n_B d numbers) saves a pass over every batch (uint8 pixels enter as 0..255 floats).
+        With an input bound the gradient is taken at the mapped inputs P(x) (the map has no parameters).
         """
-        G = _softmax(self.logits(params, X, x_scale))
+        X = self.input_map(X, x_scale)
+        G = _softmax(self._affine(params, X, x_scale))
         G.scatter_add_(-1, Y.unsqueeze(-1), -torch.ones_like(Y, dtype=G.dtype).unsqueeze(-1))
         G.mul_(weight.unsqueeze(-1))
         gW = torch.bmm(G.transpose(1, 2), X)
@@ -94,6 +155,7 @@ class LinearModel:
         product (W <- W - lr x_scale G^T X): the mixture certificate's continuations share the run's
         batches, so this replaces K skinny products by one.
         """
+        X = self.input_map(X, x_scale)
         N, KC, _ = W.shape
         C = self.num_classes
         K, n = KC // C, X.shape[1]
@@ -106,7 +168,7 @@ class LinearModel:
     def predict(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Predicted classes of one parameter vector (D,) on inputs X (n, d)."""
         W, b = self.split(params)
-        return torch.addmm(b, X, W.T).argmax(dim=1)
+        return torch.addmm(b, self.input_map(X), W.T).argmax(dim=1)
 
     def init(self, generator: torch.Generator, dtype: torch.dtype = torch.float32, kind: str = "default") -> torch.Tensor:
         """PyTorch's nn.Linear initialisation U(-1/sqrt(d), 1/sqrt(d)) from an explicit generator, or zeros."""
@@ -130,8 +192,12 @@ class ModuleModel:
     is_linear = False
     folds_input_scale = False
 
-    def __init__(self, module: nn.Module, num_features: int, num_classes: int, name: str = "module") -> None:
+    def __init__(
+        self, module: nn.Module, num_features: int, num_classes: int, name: str = "module",
+        input_bound: InputBound | None = None,
+    ) -> None:
         self.module = module
+        self.input_bound = input_bound
         self.num_features = num_features
         self.num_classes = num_classes
         self.name = name
@@ -148,8 +214,12 @@ class ModuleModel:
         parts = torch.split(params, self._sizes, dim=-1)
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self._names, parts, self._shapes)}
 
+    def input_map(self, X: torch.Tensor, x_scale: float = 1.0) -> torch.Tensor:
+        """The inputs the module sees: P(X) with the model's input bound, else X itself."""
+        return _mapped(self.input_bound, X, x_scale)
+
     def _call(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(self.module, p, (x,))
+        return torch.func.functional_call(self.module, p, (self.input_map(x),))
 
     def logits(self, params: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         return torch.vmap(self._call)(self.unflatten(params), X)
@@ -188,13 +258,17 @@ Model = LinearModel | ModuleModel
 _MODELS: dict[str, Callable[..., Model]] = {}
 
 
-def _mlp(num_features: int, num_classes: int, hidden: int = 64) -> ModuleModel:
+def _mlp(num_features: int, num_classes: int, hidden: int = 64, input_bound: InputBound | None = None) -> ModuleModel:
     hidden = check_int("model.hidden", hidden, low=1)
     net = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-    return ModuleModel(net, num_features, num_classes, name="mlp")
+    return ModuleModel(net, num_features, num_classes, name="mlp", input_bound=input_bound)
 
 
-_MODELS["logistic"] = lambda num_features, num_classes, **kw: LinearModel(num_features, num_classes)
+def _logistic(num_features: int, num_classes: int, input_bound: InputBound | None = None) -> LinearModel:
+    return LinearModel(num_features, num_classes, input_bound=input_bound)
+
+
+_MODELS["logistic"] = _logistic
 _MODELS["mlp"] = _mlp
 
 
@@ -208,8 +282,8 @@ def build_model(name: str, num_features: int, num_classes: int, **options: objec
     return _MODELS[name](num_features, num_classes, **options)
 
 
-def wrap_module(module: nn.Module, num_features: int, num_classes: int) -> Model:
+def wrap_module(module: nn.Module, num_features: int, num_classes: int, input_bound: InputBound | None = None) -> Model:
     """Use any torch.nn.Module; an ``nn.Linear`` becomes the closed-form LinearModel."""
     if isinstance(module, nn.Linear) and module.bias is not None:
-        return LinearModel(module.in_features, module.out_features)
-    return ModuleModel(module.float(), num_features, num_classes, name=type(module).__name__)
+        return LinearModel(module.in_features, module.out_features, input_bound=input_bound)
+    return ModuleModel(module.float(), num_features, num_classes, name=type(module).__name__, input_bound=input_bound)

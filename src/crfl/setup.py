@@ -26,7 +26,7 @@ from crfl.config import Config
 from crfl.data import Dataset, dataset_names, load_dataset
 from crfl.data.base import check_dataset
 from crfl.data.partition import partition
-from crfl.model import Model, build_model, wrap_module
+from crfl.model import InputBound, Model, build_model, wrap_module
 from crfl.rng import torch_generator
 from crfl.schedule import RhoSchedule, SigmaSchedule
 from crfl.validation import ConfigError, check_choice, fail
@@ -94,6 +94,14 @@ def load_data(cfg: Config) -> Dataset:
     return load_dataset(cfg.data.name, cfg.data.data_dir, seed=cfg.seed, **opts)
 
 
+def input_bound(cfg: Config, ds: Dataset) -> InputBound | None:
+    """The model's input map from ``model.input_norm_bound`` and the dataset's box (None: no map)."""
+    if cfg.model.input_norm_bound is None:
+        return None
+    low, high = ds.input_box
+    return InputBound(float(cfg.model.input_norm_bound), low, high)
+
+
 def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module | None = None) -> Setup:
     """Resolve a config against its data: partition, model, tau_i, p_i, attack plan."""
     if cfg.run.threads is not None:
@@ -107,11 +115,12 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
     a = cfg.attack
     if derived_attackers and a.num_attackers > K:
         raise fail("attack.num_attackers", f"an integer in [0, {K}] (at most the number of clients)", a.num_attackers)
+    bound = input_bound(cfg, ds)
     if module is not None:
-        model = wrap_module(module, ds.num_features, ds.num_classes)
+        model = wrap_module(module, ds.num_features, ds.num_classes, input_bound=bound)
     else:
-        opts = {"hidden": cfg.model.hidden} if cfg.model.name == "mlp" else {}
-        model = build_model(cfg.model.name, ds.num_features, ds.num_classes, **opts)
+        opts: dict[str, Any] = {"hidden": cfg.model.hidden} if cfg.model.name == "mlp" else {}
+        model = build_model(cfg.model.name, ds.num_features, ds.num_classes, input_bound=bound, **opts)
     data = ClientData(
         x=torch.from_numpy(np.ascontiguousarray(ds.x_train)),
         y=torch.from_numpy(np.ascontiguousarray(ds.y_train)).long(),

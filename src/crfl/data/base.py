@@ -57,6 +57,12 @@ class Dataset:
     source: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def input_box(self) -> tuple[float, float]:
+        """[low, high] holding every model input x / input_scale: [0, 1] for every crfl dataset
+        (pixels / 255, LOAN features min-max scaled), the box the triggers clamp to as well."""
+        return (0.0, 1.0)
+
+    @property
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
 

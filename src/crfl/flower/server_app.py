@@ -23,8 +23,10 @@ and, with ``certify = true``, runs :func:`crfl.certify.certify_run` on it
 (certificates, summary blocks, plots), unless a round had no valid reply: such
 a run says so in ``summary.json`` and is not certified.
 
-The certificate's input-norm bound: the server never sees client data, so it
-sets ``certify.input_norm_bound`` (unless the configuration does) from the input
+The certificate's input-norm bound: the server never sees client data. With
+``model.input_norm_bound`` (the demo preset sets it) the model it ships projects
+every input onto the ball of that radius, and the certificate uses it. Otherwise
+it sets ``certify.input_norm_bound`` (unless the configuration does) from the input
 domain every crfl dataset declares, model inputs in [0, 1]^d: B = sqrt(d), or
 from the run config's ``input-norm-bound``.
 """
@@ -99,7 +101,8 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
     "sample-fraction": (1.0, "fraction of the N clients sampled per round (ceil(fraction N)); 1: all (Algorithm 1)"),
     "sample-count": (0, "number of clients sampled per round; 0: use sample-fraction"),
     "node-partitions": ("", "the operator's binding 'NODE_ID=PARTITION ...'; empty: the first N nodes seen, by node id"),
-    "input-norm-bound": (-1.0, "B >= ||x|| for every client input, for the certificate; -1: sqrt(d), inputs in [0, 1]^d"),
+    "input-norm-bound": (-1.0, "B >= ||x|| for every client input, for the certificate; -1: sqrt(d), inputs in [0, 1]^d "
+                               "(not with model.input_norm_bound, which the model enforces)"),
     "resume": (False, "continue the interrupted run in out-dir from its checkpoint.pt"),
 }
 
@@ -204,13 +207,48 @@ def build_strategy(
 
 def with_input_norm_bound(setup: Setup, bound: float | None = None) -> Setup:
     """The setup with ``certify.input_norm_bound`` set by the server: the configured value, else ``bound``,
-    else sqrt(d), the norm bound of crfl's model inputs in [0, 1]^d (the server does not see client data)."""
+    else sqrt(d), the norm bound of crfl's model inputs in [0, 1]^d (the server does not see client data).
+
+    A model with ``model.input_norm_bound`` enforces its own bound on every input: the setup is
+    returned as it is, and a run-config ``bound`` next to it is an error."""
+    enforced = setup.cfg.model.input_norm_bound
+    if enforced is not None:
+        if bound is not None:
+            raise ConfigError(
+                f"The 'input-norm-bound' run-config parameter must be -1 when 'model.input_norm_bound' is set (the model "
+                f"enforces B_0 = {enforced:g}, which the certificate uses). Got {bound!r} instead."
+            )
+        return setup
     if setup.cfg.certify.input_norm_bound is not None:
         return setup
     if bound is None:
         bound = math.sqrt(setup.dataset.num_features)
     bound = check_real("input-norm-bound", bound, low=0.0, low_open=True)
     return dataclasses.replace(setup, cfg=setup.cfg.replace(**{"certify.input_norm_bound": float(bound)}))
+
+
+def _bound_provenance(cfg: Config, run_config_bound: float | None) -> str:
+    if cfg.model.input_norm_bound is not None:
+        return f"model.input_norm_bound = {cfg.model.input_norm_bound:.6g}: enforced by the model the server ships"
+    if run_config_bound is not None:
+        return "run config"
+    return f"sqrt(d) = {cfg.certify.input_norm_bound:.6g}: model inputs in [0, 1]^d"
+
+
+def log_certification(summary: dict[str, Any]) -> None:
+    """Log the certificate's headline as ``crfl run`` prints it: the fraction certified at the attack's ||delta||."""
+    cert, res = summary.get("certificate") or {}, summary.get("results") or {}
+    delta = cert.get("delta_norm")
+    log.info("Certificate: reading %s, radius certified: %s, B_0 = %s (%s)", cert.get("reading"),
+             cert.get("radius_certified"), cert.get("input_norm_bound"), cert.get("input_norm_source"))
+    for k in ("clean", "backdoor"):
+        r = res.get(k) or {}
+        if r.get("certified_at_attack") is not None and delta is not None:
+            log.info("  %-8s certified at the attack's ||delta|| = %.4g: %.4f of the points (%.4f certified and correct)",
+                     k, delta, r["certified_at_attack"], r["certified_correct_at_attack"])
+    failed = [name for name, c in ((summary.get("assumptions") or {}).get("checks") or {}).items() if not c.get("holds")]
+    if failed:
+        log.warning("  not certified: %s (see summary.json 'assumptions')", ", ".join(failed))
 
 
 def _attack_entry(setup: Setup, rec: RoundLog, start: torch.Tensor) -> dict[str, Any]:
@@ -351,9 +389,7 @@ def run_federation(
         raise ConfigError(f"The strategy was built for N = {strategy.num_clients} clients but the run has N = {setup.data.num_clients}.")
     if cfg.certify.twin:
         log.warning("certify.twin: the clean twin run is a simulator feature; the Flower run trains no twin.")
-    source = (f"sqrt(d) = {cfg.certify.input_norm_bound:.6g}: model inputs in [0, 1]^d"
-              if input_norm_bound is None else "run config")
-    step = FlowerRound(setup, grid, strategy, round_timeout, source)
+    step = FlowerRound(setup, grid, strategy, round_timeout, _bound_provenance(cfg, input_norm_bound))
     run = rundir.resume_run(out_dir, param="out-dir") if resume else rundir.create_run(out_dir, param="out-dir")
     with run:
         if resume:
@@ -378,6 +414,7 @@ def run_federation(
         from crfl.certify import certify_run
 
         result.summary = certify_run(out, dataset=dataset)
+        log_certification(result.summary)
     return result
 
 
