@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crfl import bounds, closeness, lipschitz, mixture, radius as radius_mod, rundir, smoothing
+from crfl import bounds, closeness, ensemble, lipschitz, mixture, radius as radius_mod, rundir, smoothing
 from crfl.bounds import BoundResult
 from crfl.clients import nominal_poison_ratio
 from crfl.closeness import AttackTerm
@@ -665,6 +665,8 @@ def certify_run(
     """
     src = Path(run_dir)
     cfg, final, attack_log = load_run(src, overrides)
+    if ensemble.is_ensemble(cfg):  # G group models: the client-level certificate (crfl.ensemble)
+        return ensemble.certify_ensemble(src, cfg, final, dataset=dataset, module=module, out_dir=out_dir)
     t0 = time.perf_counter()
     setup = prepare(cfg, dataset, module)
     cz = setup.cfg.certify

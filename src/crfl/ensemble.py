@@ -174,19 +174,25 @@ def partition_certified(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def log_untouched(N: int, k: int, m: np.ndarray | int) -> np.ndarray:
-    """log(C(N - m, k) / C(N, k)): the probability that a uniform k-subset avoids m given clients."""
-    m = np.asarray(m, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        out = (
-            np.vectorize(math.lgamma)(np.maximum(N - m + 1, 1.0)) - np.vectorize(math.lgamma)(np.maximum(N - m - k + 1, 1.0))
-            - math.lgamma(N + 1) + math.lgamma(N - k + 1)
-        )
+    """log(C(N - m, k) / C(N, k)) = sum_{j<k} log(1 - m / (N - j)): the probability that a uniform
+    k-subset of N clients avoids m given clients (-inf where N - m < k)."""
+    m = np.atleast_1d(np.asarray(m, dtype=np.float64))
+    j = np.arange(k, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.log1p(-np.minimum(m[:, None] / (N - j[None, :]), 1.0))
+    out = terms.sum(axis=1)
     return np.where(N - m >= k, out, -np.inf)
+
+
+#: delta_m is rounded up by this relative amount (and 1e-15 absolute): the certificate's comparison
+#: stays sound with the few ulps of error the log-space sum carries.
+DELTA_ROUND_UP = 1e-12
 
 
 def delta_m(N: int, k: int, m: np.ndarray | int) -> np.ndarray:
     """delta_m = 1 - C(N-m, k) / C(N, k), the most a vote share can move with m malicious clients."""
-    return -np.expm1(log_untouched(N, k, m))
+    out = -np.expm1(log_untouched(N, k, m))
+    return out if np.ndim(m) else out[0]
 
 
 def sampled_certified(p_a_lower: np.ndarray, p_b_upper: np.ndarray, N: int, k: int) -> np.ndarray:
@@ -195,7 +201,8 @@ def sampled_certified(p_a_lower: np.ndarray, p_b_upper: np.ndarray, N: int, k: i
     delta_m increases with m, so m* is found by a search over the table delta_0..delta_N.
     """
     gap = np.asarray(p_a_lower, dtype=np.float64) - np.asarray(p_b_upper, dtype=np.float64)
-    table = 2.0 * delta_m(N, k, np.arange(N + 1))  # nondecreasing, table[0] = 0
+    table = 2.0 * np.minimum(delta_m(N, k, np.arange(N + 1)) * (1 + DELTA_ROUND_UP) + 1e-15, 1.0)  # nondecreasing
+    table[0] = 0.0  # no malicious client moves nothing
     # number of m in 0..N with 2 delta_m < gap, minus one
     return (np.searchsorted(table, gap, side="left") - 1).astype(np.int64)
 
@@ -255,6 +262,7 @@ class EnsembleRound(BaseRound):
 
     setup: Setup
     groups: Groups
+    seed_drawn: bool | None = None  # sampled: the subsets' seed was drawn from the OS by this run (None: unknown, a resume)
     engine: str = field(default=rundir.SIMULATOR, init=False)
     trains_twin: bool = field(default=False, init=False)
 
@@ -312,7 +320,8 @@ class EnsembleRound(BaseRound):
     def provenance(self) -> dict[str, Any]:
         return {"ensemble": {"kind": self.groups.kind, "groups": self.groups.G,
                              "clients_per_model": self.groups.clients_per_model,
-                             "group_sizes": [len(m) for m in self.groups.members]}}
+                             "group_sizes": [len(m) for m in self.groups.members],
+                             "sample_seed_drawn": self.seed_drawn}}
 
     def finish(self, state: Any) -> Finish:
         return Finish(extra={"ensemble": {"kind": self.groups.kind, "groups": self.groups.G}},
@@ -345,3 +354,135 @@ __all__ = [
     "delta_m", "fix_sample_seed", "is_ensemble", "partition_certified",
     "partition_groups", "plurality", "sampled_certified", "sampled_groups", "vote_counts",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# certification of an ensemble run (crfl certify RUN_DIR on a run with ensemble.kind != none)
+
+CLIENT_LEVEL_COLUMNS = ["index", "label", "prediction", "n_a", "n_b", "p_a_lower", "p_b_upper", "m_star", "correct"]
+
+GUARANTEES = {
+    "partition": (
+        "With the server's groups fixed and the malicious clients fixed before training, any m <= m*(x) malicious "
+        "clients, sending anything in any round, change at most m of the G group models, and the plurality vote of the "
+        "ensemble at this input stays c_A (ties go to the smallest class): exact, for this run's randomness."
+    ),
+    "sampled": (
+        "With the malicious clients fixed before the server drew the G subsets of k clients, any m <= m*(x) malicious "
+        "clients, sending anything, leave the ensemble classifier's prediction c_A = argmax_c Pr_S[model trained on S "
+        "predicts c] unchanged; the vote shares' bounds hold simultaneously with probability >= 1 - alpha over the "
+        "draw of the subsets."
+    ),
+}
+
+
+def stored_groups(final: dict[str, Any], setup: Setup, where: str) -> Groups:
+    """The groups model_final.pt records, checked against the rule the configuration gives (one source of truth)."""
+    rec = final.get("ensemble")
+    if not isinstance(rec, dict) or "members" not in rec:
+        raise ConfigError(f"{where} records no ensemble groups: retrain the run with this version of crfl.")
+    want = build_groups(setup.cfg, setup.data.num_clients)
+    got = Groups(str(rec.get("kind")), int(rec.get("num_clients", -1)), tuple(tuple(int(c) for c in m) for m in rec["members"]),
+                 rec.get("clients_per_model"))
+    if got != want:
+        raise ConfigError(f"{where} records groups that the configuration's rule does not give: the file belongs to "
+                          "another run or was edited; retrain.")
+    if tuple(final["params"].shape) != (want.G, setup.model.num_params):
+        raise ConfigError(f"{where} holds {tuple(final['params'].shape)} parameters; the ensemble has "
+                          f"G = {want.G} models of {setup.model.num_params}.")
+    return want
+
+
+def certify_ensemble(
+    run_dir: Any, cfg: Config, final: dict[str, Any], *, dataset: Any = None, module: Any = None, out_dir: Any = None,
+) -> dict[str, Any]:
+    """The client-level certificate of an ensemble run, for the clean and the backdoored test sets.
+
+    Writes ``client_level_{clean,backdoor}.csv`` (one row per test point: votes, bounds, m*(x))
+    and summary.json's ``certificate`` and ``client_level`` blocks (certified accuracy against m).
+    """
+    import time
+    from pathlib import Path
+
+    from crfl.setup import model_inputs, prepare
+
+    t0 = time.perf_counter()
+    src = Path(run_dir)
+    setup = prepare(cfg, dataset, module)
+    groups = stored_groups(final, setup, str(src / rundir.MODEL))
+    e, cz = setup.cfg.ensemble, setup.cfg.certify
+    ds = setup.dataset
+    n = len(ds.y_test) if cz.num_test is None else min(cz.num_test, len(ds.y_test))
+    X = model_inputs(ds, ds.x_test[:n], setup.dtype)
+    y = ds.y_test[:n].astype(np.int64)
+    sets = {"clean": X, "backdoor": setup.plan.trigger.apply(X)}
+    C = ds.num_classes
+    results: dict[str, Any] = {}
+    rows: dict[str, list[list[Any]]] = {}
+    top = 0
+    certs = {}
+    for k, Xk in sets.items():
+        counts = vote_counts(ensemble_predictions(setup, final["params"], Xk), C)
+        certs[k] = certify_votes(groups, counts, e.alpha)
+        top = max(top, int(certs[k].m_star.max(initial=0)))
+    ms = np.arange(0, min(top, groups.num_clients) + 2)
+    for k, cert in certs.items():
+        pred = cert.prediction
+        order = np.argsort(-cert.counts, axis=1, kind="stable")
+        n_a = cert.counts[np.arange(n), order[:, 0]]
+        n_b = cert.counts[np.arange(n), order[:, 1]] if C > 1 else np.zeros(n, dtype=np.int64)
+        acc = certified_accuracy(cert, y, ms)
+        results[k] = {
+            "points": n,
+            "ensemble_accuracy": float((plurality(cert.counts) == y).mean()) if n else None,
+            "abstain_rate": float((cert.m_star < 0).mean()) if n else None,
+            "median_m_star": float(np.median(cert.m_star)) if n else None,
+            "curve": [{"m": int(m), "certified_accuracy": float(a)} for m, a in zip(ms, acc)],
+        }
+        rows[k] = [
+            [i, int(y[i]), int(pred[i]), int(n_a[i]), int(n_b[i]),
+             None if cert.p_a_lower is None else float(cert.p_a_lower[i]),
+             None if cert.p_b_upper is None else float(cert.p_b_upper[i]),
+             int(cert.m_star[i]), int(pred[i] == y[i])]
+            for i in range(n)
+        ]
+    prov = (rundir.RunDir(src).read_config().get("provenance") or {}).get("ensemble") or {}
+    secret = e.kind != "sampled" or prov.get("sample_seed_drawn") is True
+    block = {
+        "reading": "client-level",
+        "kind": groups.kind,
+        "guarantee": GUARANTEES[groups.kind],
+        "groups": groups.G,
+        "num_clients": groups.num_clients,
+        "clients_per_model": groups.clients_per_model,
+        "group_sizes": [len(m) for m in groups.members],
+        "tie_rule": "smallest class",
+        "alpha": e.alpha if groups.kind == "sampled" else None,
+        "bound": "clopper-pearson, simultaneous over the C classes" if groups.kind == "sampled" else "exact vote count",
+        "radius_certified": False,
+        "client_level_certified": secret,
+        "note": "m*(x) counts malicious clients; the trigger-radius certificate of the paper does not apply to an ensemble",
+    }
+    assumptions = {
+        "radius_certified": False,
+        "client_level_certified": secret,
+        "checks": {
+            "groups_are_the_servers": {"holds": True, "detail": "the groups follow the configuration's rule "
+                                       "(seeded permutation / subsets), checked against model_final.pt"},
+            "malicious_clients_fixed_before_training": {
+                "holds": secret,
+                "detail": ("the subsets' seed was drawn from the OS when training started" if secret else
+                           "the subsets' seed was given in the configuration: the statement holds only if the malicious "
+                           "clients were chosen without knowing it") if groups.kind == "sampled"
+                else "partition: the certificate holds for any set of m clients, wherever they sit"},
+        },
+        "scope": ["A malicious client controls its group's model entirely (any update, any round); "
+                  "benign clients follow the protocol; the test input is fixed before training."],
+    }
+    blocks = {"certificate": block, "client_level": results, "assumptions": assumptions, "results": None, "twin": None}
+    with rundir.results_for(out_dir if out_dir is not None else src, base=src) as rs:
+        for k in sets:
+            rs.write_csv(f"client_level_{k}.csv", CLIENT_LEVEL_COLUMNS, rows[k])
+        blocks["certify_seconds"] = time.perf_counter() - t0
+        summary = rs.update_summary(blocks)
+    return summary

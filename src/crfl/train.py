@@ -136,9 +136,11 @@ def train(
     run resumes over Flower), and a second writer is refused. The setup is resolved before
     anything is written, so a bad config or dataset leaves nothing.
     """
+    drawn = None
     if resume:
         run = rundir.resume_run(out_dir)
     else:
+        drawn = cfg.ensemble.kind == "sampled" and cfg.ensemble.sample_seed is None
         setup = prepare(ensemble.fix_sample_seed(cfg), dataset, module)
         run = rundir.create_run(out_dir)
     with run:
@@ -146,12 +148,12 @@ def train(
             run.refuse_engine(rundir.SIMULATOR)  # before preparing: a Flower run is never retrained here
             setup = prepare(run.load_config(), dataset, module)
         twin = setup.cfg.certify.twin if twin is None else twin
-        step = simulator_round(setup)
+        step = simulator_round(setup, seed_drawn=drawn)
         return drive(setup, step, run, resume=resume, twin=twin, progress=progress, stop_after=stop_after)
 
 
-def simulator_round(setup: Setup) -> BaseRound:
+def simulator_round(setup: Setup, seed_drawn: bool | None = None) -> BaseRound:
     """The simulator's round for this configuration: one global model, or an ensemble of G (crfl.ensemble)."""
     if ensemble.is_ensemble(setup.cfg):
-        return ensemble.EnsembleRound(setup, ensemble.build_groups(setup.cfg, setup.data.num_clients))
+        return ensemble.EnsembleRound(setup, ensemble.build_groups(setup.cfg, setup.data.num_clients), seed_drawn)
     return SimulatorRound(setup)
