@@ -159,8 +159,36 @@ def _fmt_radius(r: float | str | None) -> str:
     return "inf" if r in (math.inf, "inf") else f"{r:.4g}"
 
 
+def _report_client_level(summary: dict[str, Any], run_dir: Path) -> None:
+    """Print an ensemble's client-level certificate: certified accuracy against the number m of malicious clients."""
+    cert, cl = summary["certificate"], summary.get("client_level") or {}
+    k = f", k = {cert['clients_per_model']} clients per model" if cert.get("clients_per_model") else ""
+    print(f"certification: client-level ({cert['kind']}: G = {cert['groups']} models over N = {cert['num_clients']} "
+          f"clients{k}), certified: {cert.get('client_level_certified')}")
+    print(f"  guarantee: {cert['guarantee']}")
+    if not cert.get("client_level_certified"):
+        failed = [n for n, c in summary.get("assumptions", {}).get("checks", {}).items() if not c.get("holds")]
+        print(f"  not certified: {', '.join(failed)} (see summary.json 'assumptions')")
+    for name in ("clean", "backdoor"):
+        r = cl.get(name)
+        if not r:
+            continue
+        print(f"  {name:8s} ensemble acc {r['ensemble_accuracy']:.4f}  abstain {r['abstain_rate']:.4f}  "
+              f"median m* {r['median_m_star']:g}")
+        curve = r.get("curve") or []
+        top = curve[-1]["m"] if curve else 0
+        shown = [c for c in curve if c["m"] in sorted({0, 1, 2, 5, 10, 20, 50, 100, top})]
+        print("    malicious clients m  " + "  ".join(f"{c['m']:6d}" for c in shown))
+        print("    certified accuracy   " + "  ".join(f"{c['certified_accuracy']:6.4f}" for c in shown))
+    from crfl.plots import plot_run
+
+    plot_run(run_dir)
+
+
 def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show: int = 5) -> None:
     """Print the certification summary (reading, guarantee, curve, fraction certified at the attack's ||delta||); plot it."""
+    if (summary.get("certificate") or {}).get("reading") == "client-level":
+        return _report_client_level(summary, run_dir)
     res = summary.get("results", {})
     cert = summary.get("certificate", {})
     sm = summary.get("smoothing", {})

@@ -240,13 +240,26 @@ def certified_accuracy(cert: EnsembleCertificate, labels: np.ndarray, ms: np.nda
 # training: the G models in one batched round
 
 
-def ensemble_predictions(setup: Setup, params: torch.Tensor, X: torch.Tensor, chunk: int = 8192) -> np.ndarray:
-    """(G, n) predicted classes of the G models (rows of ``params``) on model inputs X."""
-    out = np.empty((params.shape[0], X.shape[0]), dtype=np.int64)
-    for g in range(params.shape[0]):
-        p = params[g].to(setup.dtype)
-        out[g] = torch.cat([setup.model.predict(p, X[i : i + chunk].to(setup.dtype)) for i in range(0, len(X), chunk)]).numpy() \
-            if len(X) else np.zeros(0, dtype=np.int64)
+def ensemble_predictions(setup: Setup, params: torch.Tensor, X: torch.Tensor, chunk: int = 4096) -> np.ndarray:
+    """(G, n) predicted classes of the G models (rows of ``params``) on model inputs X.
+
+    The linear model's G models are one product per chunk: the input map once, then
+    X (n, d) @ [W_1; ...; W_G]^T (d, G C); other models are evaluated one after another.
+    """
+    G, n = params.shape[0], X.shape[0]
+    out = np.empty((G, n), dtype=np.int64)
+    model, P = setup.model, params.to(setup.dtype)
+    if getattr(model, "is_linear", False):
+        W, b = model.split(P)  # (G, C, d), (G, C)
+        C = W.shape[1]
+        Wt, bt = W.reshape(G * C, -1).T, b.reshape(G * C)
+        for i in range(0, n, chunk):
+            Xi = model.input_map(X[i : i + chunk].to(setup.dtype))
+            out[:, i : i + chunk] = torch.addmm(bt, Xi, Wt).view(-1, G, C).argmax(dim=2).T.numpy()
+        return out
+    for g in range(G):
+        for i in range(0, n, chunk):
+            out[g, i : i + chunk] = model.predict(P[g], X[i : i + chunk].to(setup.dtype)).numpy()
     return out
 
 

@@ -89,10 +89,38 @@ def plot_rounds(run: Path) -> list[Path]:
     return _save(fig, run / "rounds")
 
 
+def plot_client_level(run: Path) -> list[Path]:
+    """``client_level.{png,pdf}``: an ensemble's certified accuracy against the number m of malicious clients."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, kind in enumerate(("clean", "backdoor")):
+        path = run / f"client_level_{kind}.csv"
+        if not path.is_file():
+            continue
+        rows = read_csv(path)
+        try:
+            m = np.array([int(r["m_star"]) for r in rows])
+            ok = np.array([r["correct"] == "1" for r in rows])
+        except (KeyError, ValueError) as e:
+            raise RunDirError(f"{path} is not a crfl client-level certificate ({e}); rerun crfl certify.") from None
+        ms = np.arange(0, max(int(m.max(initial=0)) + 2, 2))
+        acc = [(ok & (m >= x)).mean() if len(m) else 0.0 for x in ms]
+        ax.step(ms, acc, where="post", color=f"C{i}", ls="-" if kind == "clean" else "--",
+                label=f"{kind} test set" if kind == "clean" else "backdoored test set (trigger added, true label)")
+    ax.set_xlabel("number of malicious clients m")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{run.name}: client-level certificate")
+    return _save(fig, run / "client_level")
+
+
 def plot_run(run_dir: str | Path, rounds_dir: str | Path | None = None) -> list[Path]:
     run = Path(run_dir)
     rdir = Path(rounds_dir) if rounds_dir is not None else run
     out: list[Path] = []
+    if (run / "client_level_clean.csv").is_file():
+        out += plot_client_level(run)
     curves = {k: read_certificates(run / f"certificates_{k}.csv") for k in ("clean", "backdoor") if (run / f"certificates_{k}.csv").is_file()}
     if curves:
         out += plot_certified(curves, run / "certified", title=run.name)
