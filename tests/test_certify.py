@@ -211,13 +211,42 @@ def test_summary_blocks_and_curves(tmp_path, trained, images28):
     rad = np.array([float(r["radius"]) for r in rows])
     ok = np.array([r["correct"] == "1" for r in rows])
     for pt in curve:
-        assert pt["certified_accuracy"] == pytest.approx(np.mean(ok & (rad >= pt["radius"])))
+        assert pt["certified_accuracy"] == pytest.approx(np.mean(ok & (rad > pt["radius"])))
         assert pt["certified_accuracy"] <= pt["certified_rate"] + 1e-12
     assert not (tmp_path / "c" / "inverse_clean.csv").exists()  # Section 5.1's inverse questions: paper reading
     p = certify_run(trained, overrides={"certify.reading": "paper"}, dataset=images28, out_dir=tmp_path / "p")
     inv = read_csv(tmp_path / "p" / "inverse_clean.csv")
     assert len(inv) == 300 and float(inv[0]["delta_norm"]) == pytest.approx(0.1)
     assert p["assumptions"]["radius_certified"] is False and p["certificate"]["radius_certified"] is False
+
+
+def test_radius_equal_to_the_trigger_norm_is_not_covered_anywhere(tmp_path, trained, images28, monkeypatch):
+    """RAD = ||delta|| exactly: not covered (the certificate is for ||delta|| < RAD), by every consumer."""
+    from types import SimpleNamespace
+
+    from crfl import closeness, metrics, rundir, sweep
+
+    delta = certify_run(trained, dataset=images28, out_dir=tmp_path / "first")["certificate"]["delta_norm"]
+    assert metrics.covered(delta, delta) == False and metrics.covered(math.nextafter(delta, 1), delta) == True  # noqa: E712
+    monkeypatch.setattr(closeness, "solve_radius", lambda budget, terms, b0: np.where(np.asarray(budget) > 0, delta, 0.0))
+    out = tmp_path / "runs" / "T" / "cert-C"
+    s = certify_run(trained, overrides={"certify.radii": [delta]}, dataset=images28, out_dir=out)
+    for k in ("clean", "backdoor"):
+        rows = read_csv(out / f"certificates_{k}.csv")
+        rad = np.array([float(r["radius"]) for r in rows])
+        assert (rad == delta).sum() > 100 and set(rad) <= {0.0, delta}  # many ties, the rest abstain
+        res = s["results"][k]
+        assert res["certified_at_attack"] == 0.0 and res["certified_correct_at_attack"] == 0.0
+        at = {pt["radius"]: pt for pt in res["curve"]}
+        assert at[delta]["certified_rate"] == 0.0 and at[delta]["certified_accuracy"] == 0.0
+        assert at[0.0]["certified_rate"] == pytest.approx(1 - res["abstain_rate"])  # below the radius: covered
+        assert s["twin"][k]["covered_points"] == 0
+        c = rundir.RunDir(out).read_certificates(k)
+        assert metrics.certified_rate(c.radius, c.prediction, [delta])[0] == 0.0
+    row = sweep.result_row(SimpleNamespace(radii=[0.0, delta]), {"status": "ok", "cert_point": {}, "train_hash": "T",
+                                                                 "cert_hash": "C", "summary": s}, tmp_path / "runs")
+    assert row[f"clean_cert_rate@{delta:g}"] == 0.0 and row[f"backdoor_cert_acc@{delta:g}"] == 0.0
+    assert row["clean_cert_rate@0"] == pytest.approx(1 - s["results"]["clean"]["abstain_rate"])
 
 
 def test_nonlinear_model_reports_margins_but_no_radius(tmp_path, images28):
