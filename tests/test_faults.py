@@ -243,6 +243,59 @@ def test_edited_config_is_refused_naming_both_hashes(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+def test_edited_dtype_is_refused(run_copy, capsys):
+    """run.dtype decides the trained model: a float32 run relabelled float64 is not certified."""
+    cfg = run_copy / "config.yaml"
+    assert "dtype: float32" in cfg.read_text()
+    cfg.write_text(cfg.read_text().replace("dtype: float32", "dtype: float64"))
+    before = snapshot(run_copy)
+    assert_clear(*cli(["certify", run_copy, "--num-test", "5"], capsys),
+                 f"{run_copy / 'model_final.pt'} was written by the configuration with hash")
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("edit", ["run.threads", "run.eval_every", "run.checkpoint_every", "run.device", "preset", "certify.M"])
+def test_operational_edits_keep_the_hash(edit, run_copy, capsys):
+    """Keys outside crfl.config.training_part (how a run is executed, observed or certified) may change."""
+    cfg = run_copy / "config.yaml"
+    d = yaml.safe_load(cfg.read_text())
+    new = {"run.threads": 2, "run.eval_every": 3, "run.checkpoint_every": 2, "run.device": "cuda",
+           "preset": "mnist", "certify.M": 7}[edit]
+    section, _, key = edit.rpartition(".")
+    (d[section] if section else d)[key] = new
+    cfg.write_text(yaml.safe_dump(d, sort_keys=False))
+    assert config_hash(d) == torch.load(run_copy / "model_final.pt", weights_only=True)["config_hash"]
+    assert load_run(run_copy)[0] is not None
+
+
+def _legacy_files(run: Path) -> None:
+    """Rewrite a run's stored hashes as crfl 0.1.0 wrote them (no run section, preset kept)."""
+    d = yaml.safe_load((run / "config.yaml").read_text())
+    for name in ("model_final.pt", "checkpoint.pt"):
+        obj = torch.load(run / name, weights_only=True)
+        obj["config_hash"] = rundir.legacy_config_hash(d)
+        torch.save(obj, run / name)
+
+
+def test_run_of_the_previous_version_certifies_with_a_note(run_copy, capsys):
+    _legacy_files(run_copy)
+    rc = main(["certify", str(run_copy), "--num-test", "5", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "crfl: note:" in err and "configuration hash of crfl 0.1.0" in err and "float32" in err, err
+    assert (run_copy / "certificates_clean.csv").is_file()
+
+
+def test_run_of_the_previous_version_with_an_edited_dtype_is_refused(run_copy, capsys):
+    _legacy_files(run_copy)
+    cfg = run_copy / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("dtype: float32", "dtype: float64"))
+    before = snapshot(run_copy)
+    assert_clear(*cli(["certify", run_copy, "--num-test", "5"], capsys), "model_final.pt was written by the configuration")
+    assert snapshot(run_copy) == before
+    assert_clear(*cli(["train", "--resume", run_copy], capsys), "checkpoint.pt was written by the configuration")
+
+
 def test_model_from_another_run_is_refused(run_copy, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["train", *TINY, "--set", "seed=5", "--out", str(other), "--quiet"]) == 0

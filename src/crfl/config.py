@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -137,6 +138,48 @@ class Config:
         for k, v in overrides.items():
             set_dotted(d, k, v)
         return from_dict(d)
+
+
+#: The ``run.*`` keys that decide the trained model: see :func:`training_part`.
+TRAINING_RUN_KEYS = ("dtype",)
+#: The top-level keys that never decide the trained model: see :func:`training_part`.
+NOT_TRAINING = ("preset", "certify", "provenance")
+
+
+def training_part(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config (``Config.to_dict()`` or config.yaml as read) that decides training.
+
+    Two configs with the same training part train the same model (the same ``w_T``, round by
+    round, and the same rounds.csv up to the evaluation cadence) from the same data; this is the
+    one definition behind the run directory's :func:`crfl.rundir.config_hash` (which certify and
+    resume check) and so the sweep's run directory names (:func:`crfl.sweep.expand`).
+
+    In: ``seed`` and the sections ``data``, ``model``, ``clients``, ``attack``, ``aggregation``,
+    ``server``, and from ``run`` only ``run.dtype``: the precision of ``w_0``, of every client
+    update and of the server's clip-and-noise step, so a float32 and a float64 run are different
+    models (and a float32 model certified as float64 would be certified for the wrong model).
+
+    Out (they change how a run is executed or observed, not what it computes):
+
+    - ``preset``: a label; the values it selected are in the other sections.
+    - ``certify``: certification settings; a run is certified under many.
+    - ``provenance``: written by training (versions, platform, dataset description).
+    - ``run.device``: where the arithmetic runs (every tensor is on the CPU today);
+      ``run.threads``: how many CPU threads do it. Both may change the last bits of a float
+      reduction order, not the algorithm or its randomness (every random draw comes from
+      :mod:`crfl.rng` streams of ``seed``).
+    - ``run.eval_every``: which rounds evaluate the model for rounds.csv; evaluation draws no
+      randomness and does not touch the parameters.
+    - ``run.checkpoint_every``: how often the state is saved; a resumed run repeats the
+      uninterrupted one exactly.
+    """
+    out = {k: v for k, v in d.items() if k not in NOT_TRAINING and k != "run"}
+    run = d.get("run")
+    if isinstance(run, Mapping):
+        out["run"] = {k: run[k] for k in TRAINING_RUN_KEYS if k in run}
+    elif run is not None:  # not a mapping (a damaged file): keep it, so it cannot hash like a good one
+        out["run"] = run
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
