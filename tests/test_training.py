@@ -274,7 +274,7 @@ def test_final_model_is_clipped_and_run_dir_complete(tmp_path, tiny_images):
         ({"server.sigma": -0.1}, r"'server.sigma' parameter must be a float in \[0, inf\). Got -0.1"),
         ({"attack.poison_per_batch": 30}, r"'attack.poison_per_batch' parameter must be an integer in \[0, 20\]. Got 30"),
         ({"clients.lr": 0}, r"'clients.lr' parameter must be a float in \(0, inf\). Got 0"),
-        ({"data.partition": "shards"}, r"'data.partition' parameter must be one of 'iid', 'natural', 'dirichlet'. Got 'shards'"),
+        ({"data.partition": "shards"}, r"'data.partition' parameter must be one of 'dirichlet', 'iid', 'natural'. Got 'shards'"),
         ({"attack.rounds": [7]}, r"'attack.rounds' parameter must be an integer in \[1, 6\]. Got 7"),
         ({"server.rounds": 0}, r"'server.rounds' parameter must be an integer in \[1, inf\]. Got 0"),
         ({"attack.gama": 3}, r"Unknown parameter\(s\) \['gama'\] in section 'attack'"),

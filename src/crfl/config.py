@@ -26,8 +26,11 @@ from typing import Any
 
 import yaml
 
-from crfl.attacks import PAPER_PIXELS
+from crfl.attacks import PAPER_PIXELS, TRIGGERS
+from crfl.bounds import BOUNDS, COVERAGES
+from crfl.data.partition import SCHEMES
 from crfl.io import load_yaml, yaml_problem
+from crfl.radius import BOUND_FORMS
 from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
 
 
@@ -139,6 +142,24 @@ class Config:
             set_dotted(d, k, v)
         return from_dict(d)
 
+
+#: The allowed values of every parameter that takes a name. Names of pluggable parts come from
+#: the module that implements them (triggers: :mod:`crfl.attacks`; bounds and coverage:
+#: :mod:`crfl.bounds`; bound forms: :mod:`crfl.radius`; partitions: :mod:`crfl.data.partition`);
+#: the rest are defined here. :func:`validate` and the command line (``crfl.cli``) read this table.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.partition": SCHEMES,
+    "model.init": ("default", "zeros"),
+    "clients.weighting": ("uniform", "samples"),
+    "attack.trigger": ("auto", *TRIGGERS),
+    "run.dtype": ("float32", "float64"),
+    "certify.reading": ("coupled", "mixture", "paper"),
+    "certify.method": ("auto", "exact", "monte-carlo", "margin"),
+    "certify.bound_form": BOUND_FORMS,
+    "certify.bound": BOUNDS,
+    "certify.coverage": COVERAGES,
+    "certify.lipschitz": ("sound", "paper"),
+}
 
 #: The ``run.*`` keys that decide the trained model: see :func:`training_part`.
 TRAINING_RUN_KEYS = ("dtype",)
@@ -256,19 +277,19 @@ def validate(cfg: Config) -> None:
     """Check every parameter that can be checked without the data; errors name parameter and value."""
     check_int("seed", cfg.seed, low=0)
     d = cfg.data
-    check_choice("data.partition", d.partition, ["iid", "natural", "dirichlet"])
+    check_choice("data.partition", d.partition, CHOICES["data.partition"])
     if d.num_clients is not None:
         check_int("data.num_clients", d.num_clients, low=1)
     check_real("data.dirichlet_alpha", d.dirichlet_alpha, low=0.0, low_open=True)
     check_real("data.test_fraction", d.test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_choice("model.init", cfg.model.init, ["default", "zeros"])
+    check_choice("model.init", cfg.model.init, CHOICES["model.init"])
     c = cfg.clients
     check_real("clients.lr", c.lr, low=0.0, low_open=True)
     check_int("clients.batch_size", c.batch_size, low=1)
     if c.local_iters is not None:
         check_int("clients.local_iters", c.local_iters, low=1)
     check_int("clients.local_epochs", c.local_epochs, low=1)
-    check_choice("clients.weighting", c.weighting, ["uniform", "samples"])
+    check_choice("clients.weighting", c.weighting, CHOICES["clients.weighting"])
     a = cfg.attack
     check_int("attack.num_attackers", a.num_attackers, low=0)
     if a.attackers is not None and len(a.attackers) != a.num_attackers:
@@ -279,7 +300,7 @@ def validate(cfg: Config) -> None:
     if a.target != "auto":
         check_int("attack.target", a.target, low=0)
     check_real("attack.gamma", a.gamma, low=0.0)
-    check_choice("attack.trigger", a.trigger, ["auto", "pixel", "loan", "dba"])
+    check_choice("attack.trigger", a.trigger, CHOICES["attack.trigger"])
     check_real("attack.magnitude", a.magnitude, low=0.0)
     s = cfg.server
     check_int("server.rounds", s.rounds, low=1)
@@ -293,23 +314,23 @@ def validate(cfg: Config) -> None:
         rho(t)
     SigmaSchedule.from_config(s.sigma, s.rounds)
     r = cfg.run
-    check_choice("run.dtype", r.dtype, ["float32", "float64"])
+    check_choice("run.dtype", r.dtype, CHOICES["run.dtype"])
     check_int("run.eval_every", r.eval_every, low=1)
     check_int("run.checkpoint_every", r.checkpoint_every, low=1)
     if r.threads is not None:
         check_int("run.threads", r.threads, low=1)
     z = cfg.certify
-    check_choice("certify.reading", z.reading, ["coupled", "mixture", "paper"])
-    check_choice("certify.method", z.method, ["auto", "exact", "monte-carlo", "margin"])
-    check_choice("certify.bound_form", z.bound_form, ["neyman-pearson", "kl"])
+    check_choice("certify.reading", z.reading, CHOICES["certify.reading"])
+    check_choice("certify.method", z.method, CHOICES["certify.method"])
+    check_choice("certify.bound_form", z.bound_form, CHOICES["certify.bound_form"])
     check_int("certify.training_samples", z.training_samples, low=1)
     check_int("certify.M", z.M, low=1)
     check_real("certify.alpha", z.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_choice("certify.bound", z.bound, ["hoeffding", "clopper-pearson"])
-    check_choice("certify.coverage", z.coverage, ["simultaneous", "paper"])
+    check_choice("certify.bound", z.bound, CHOICES["certify.bound"])
+    check_choice("certify.coverage", z.coverage, CHOICES["certify.coverage"])
     check_int("certify.selection", z.selection, low=0)
     check_real("certify.sigma_T", z.sigma_T, low=0.0, low_open=True)
-    check_choice("certify.lipschitz", z.lipschitz, ["sound", "paper"])
+    check_choice("certify.lipschitz", z.lipschitz, CHOICES["certify.lipschitz"])
     if z.num_test is not None:
         check_int("certify.num_test", z.num_test, low=1)
     if z.input_norm_bound is not None:

@@ -44,6 +44,11 @@ from scipy import special
 
 from crfl.validation import ConfigError, check_int, check_real
 
+#: How smoothing probabilities become a parameter-distance budget (``certify.bound_form``):
+#: the Gaussian mechanism by Neyman-Pearson (:func:`neyman_pearson_budget`) or Theorem 3's KL
+#: form (:func:`kl_distance_budget`).
+BOUND_FORMS = ("neyman-pearson", "kl")
+
 __all__ = [
     "kl_budget",
     "log_kl_budget",
