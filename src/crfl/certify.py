@@ -128,15 +128,14 @@ def _training_inputs(setup: Setup, chunk: int = 16384) -> Iterator[torch.Tensor]
 
 def training_input_stats(setup: Setup) -> tuple[float, float, float]:
     """(max ||x||, min x_j, max x_j) over the clean training inputs in model units (cached on the setup)."""
-    key = "training_input_stats"
-    if key not in setup._eval_cache:
+    if setup.train_input_stats is None:
         best, lo, hi = 0.0, math.inf, -math.inf
         for X in _training_inputs(setup):
             best = max(best, lipschitz.input_norm_bound(X))
             if X.numel():
                 lo, hi = min(lo, float(X.min())), max(hi, float(X.max()))
-        setup._eval_cache[key] = (best, lo, hi)
-    return setup._eval_cache[key]
+        setup.train_input_stats = (best, lo, hi)
+    return setup.train_input_stats
 
 
 def _input_norm_bound(setup: Setup) -> tuple[float, str]:
