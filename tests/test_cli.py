@@ -47,6 +47,7 @@ def test_bad_input_one_clear_error(argv, message, tmp_path, capsys, monkeypatch)
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_run_without_arguments_is_the_demo(tmp_path, capsys, monkeypatch):
     """The README's main job: train the demo preset on the built-in data and certify it."""
     monkeypatch.chdir(tmp_path)

@@ -688,6 +688,7 @@ KILL_TRAIN = ["--preset", "demo", "--set", "server.rounds=20", "--set", "data.nu
               "--set", "run.threads=1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_sigkill_train_then_resume_is_byte_identical(tmp_path):
     ref = tmp_path / "ref"
     assert _run(["train", *KILL_TRAIN, "--out", ref], tmp_path)[0] == 0
@@ -705,6 +706,7 @@ def test_sigkill_train_then_resume_is_byte_identical(tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 def test_sigkill_certify_then_rerun_is_byte_identical(certified, tmp_path):
     trained_only = tmp_path / "base"
     shutil.copytree(certified, trained_only)
@@ -727,6 +729,7 @@ def test_sigkill_certify_then_rerun_is_byte_identical(certified, tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _certify_claims(), reason="needs certify_run to write through rundir.results_for (lead's switch)")
 def test_sigkill_certify_leaves_the_old_or_the_new_result_set(certified, tmp_path):
     rng = random.Random(12)
@@ -751,6 +754,7 @@ def _alive(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_parallel_sweep_then_rerun(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1, 2]}}))
@@ -773,6 +777,7 @@ def test_sigkill_parallel_sweep_then_rerun(tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_parallel_sweep_and_writes_results(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1, 2, 3, 4]}}))
@@ -829,6 +834,7 @@ def test_claim_race_has_one_winner(tmp_path):
         assert yaml.safe_load((d / "config.yaml").read_text()) == {"server": {"who": won[0]}}
 
 
+@pytest.mark.slow
 def test_two_trains_into_one_out_never_mix(tmp_path):
     for trial in range(max(2, TRIALS)):
         d = tmp_path / f"r{trial}"
@@ -843,6 +849,7 @@ def test_two_trains_into_one_out_never_mix(tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_directory_never_mix(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1]}}))
