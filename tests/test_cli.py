@@ -47,6 +47,7 @@ def test_bad_input_one_clear_error(argv, message, tmp_path, capsys, monkeypatch)
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_run_without_arguments_is_the_demo(tmp_path, capsys, monkeypatch):
     """The README's main job: train the demo preset on the built-in data and certify it."""
     monkeypatch.chdir(tmp_path)
@@ -60,3 +61,59 @@ def test_run_without_arguments_is_the_demo(tmp_path, capsys, monkeypatch):
     # the demo certifies its own attack for most test points (the coupled certificate)
     assert s["results"]["clean"]["certified_at_attack"] > 0.5 and s["results"]["backdoor"]["certified_at_attack"] > 0.5
     assert s["results"]["clean"]["points"] == 1000
+
+
+def _certify_parser():
+    import argparse
+
+    from crfl.cli import _add_certify_args
+
+    p = argparse.ArgumentParser(exit_on_error=False)
+    _add_certify_args(p)  # what `crfl certify` and `crfl run` get
+    return p
+
+
+def test_every_certify_parameter_has_one_flag_with_the_configs_type_and_choices():
+    import dataclasses
+    import typing
+
+    from crfl.cli import CERTIFY_FLAGS, CERTIFY_NOT_FLAGS
+    from crfl.config import CHOICES, CertifyConfig
+
+    fields = {f.name: f for f in dataclasses.fields(CertifyConfig)}
+    assert not set(CERTIFY_FLAGS) & set(CERTIFY_NOT_FLAGS)
+    assert set(CERTIFY_FLAGS) | set(CERTIFY_NOT_FLAGS) == set(fields), "a certify.* field without a flag or reason"
+    hints = typing.get_type_hints(CertifyConfig)
+    actions = {a.dest: a for a in _certify_parser()._actions if a.dest != "help"}
+    assert set(actions) == set(CERTIFY_FLAGS)
+    for name, a in actions.items():
+        assert a.option_strings == ["--" + name.replace("_", "-")]
+        assert a.type in typing.get_args(hints[name]) + (hints[name],), (name, a.type)
+        want = CHOICES.get(f"certify.{name}")
+        assert (list(a.choices) if a.choices else None) == (list(want) if want else None), name
+        if want:
+            assert fields[name].default in want  # the default is a valid choice
+    # every certify choice list belongs to a field
+    assert {k.split(".", 1)[1] for k in CHOICES if k.startswith("certify.")} <= set(fields)
+
+
+def test_choice_lists_come_from_the_modules_that_own_them():
+    from crfl import attacks, bounds, radius
+    from crfl.config import CHOICES
+    from crfl.data.partition import SCHEMES
+
+    assert CHOICES["certify.bound"] is bounds.BOUNDS and set(bounds._LOWER) == set(bounds._UPPER) == set(bounds.BOUNDS)
+    assert CHOICES["certify.coverage"] is bounds.COVERAGES
+    assert CHOICES["certify.bound_form"] is radius.BOUND_FORMS
+    assert CHOICES["attack.trigger"] == ("auto", *attacks.TRIGGERS)
+    assert CHOICES["data.partition"] is SCHEMES
+
+
+def test_certify_flags_become_overrides():
+    from crfl.cli import _certify_overrides
+
+    args = _certify_parser().parse_args(["--selection", "50", "--sigma-T", "0.2", "--bound", "hoeffding", "--training-samples", "4"])
+    assert _certify_overrides(args) == {"certify.selection": 50, "certify.sigma_T": 0.2, "certify.bound": "hoeffding",
+                                        "certify.training_samples": 4, "certify.reading": "mixture"}
+    with pytest.raises(Exception, match="invalid choice: 'wilson'"):
+        _certify_parser().parse_args(["--bound", "wilson"])

@@ -243,6 +243,59 @@ def test_edited_config_is_refused_naming_both_hashes(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+def test_edited_dtype_is_refused(run_copy, capsys):
+    """run.dtype decides the trained model: a float32 run relabelled float64 is not certified."""
+    cfg = run_copy / "config.yaml"
+    assert "dtype: float32" in cfg.read_text()
+    cfg.write_text(cfg.read_text().replace("dtype: float32", "dtype: float64"))
+    before = snapshot(run_copy)
+    assert_clear(*cli(["certify", run_copy, "--num-test", "5"], capsys),
+                 f"{run_copy / 'model_final.pt'} was written by the configuration with hash")
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("edit", ["run.threads", "run.eval_every", "run.checkpoint_every", "run.device", "preset", "certify.M"])
+def test_operational_edits_keep_the_hash(edit, run_copy, capsys):
+    """Keys outside crfl.config.training_part (how a run is executed, observed or certified) may change."""
+    cfg = run_copy / "config.yaml"
+    d = yaml.safe_load(cfg.read_text())
+    new = {"run.threads": 2, "run.eval_every": 3, "run.checkpoint_every": 2, "run.device": "cuda",
+           "preset": "mnist", "certify.M": 7}[edit]
+    section, _, key = edit.rpartition(".")
+    (d[section] if section else d)[key] = new
+    cfg.write_text(yaml.safe_dump(d, sort_keys=False))
+    assert config_hash(d) == torch.load(run_copy / "model_final.pt", weights_only=True)["config_hash"]
+    assert load_run(run_copy)[0] is not None
+
+
+def _legacy_files(run: Path) -> None:
+    """Rewrite a run's stored hashes as crfl 0.1.0 wrote them (no run section, preset kept)."""
+    d = yaml.safe_load((run / "config.yaml").read_text())
+    for name in ("model_final.pt", "checkpoint.pt"):
+        obj = torch.load(run / name, weights_only=True)
+        obj["config_hash"] = rundir.legacy_config_hash(d)
+        torch.save(obj, run / name)
+
+
+def test_run_of_the_previous_version_certifies_with_a_note(run_copy, capsys):
+    _legacy_files(run_copy)
+    rc = main(["certify", str(run_copy), "--num-test", "5", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "crfl: note:" in err and "configuration hash of crfl 0.1.0" in err and "float32" in err, err
+    assert (run_copy / "certificates_clean.csv").is_file()
+
+
+def test_run_of_the_previous_version_with_an_edited_dtype_is_refused(run_copy, capsys):
+    _legacy_files(run_copy)
+    cfg = run_copy / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("dtype: float32", "dtype: float64"))
+    before = snapshot(run_copy)
+    assert_clear(*cli(["certify", run_copy, "--num-test", "5"], capsys), "model_final.pt was written by the configuration")
+    assert snapshot(run_copy) == before
+    assert_clear(*cli(["train", "--resume", run_copy], capsys), "checkpoint.pt was written by the configuration")
+
+
 def test_model_from_another_run_is_refused(run_copy, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["train", *TINY, "--set", "seed=5", "--out", str(other), "--quiet"]) == 0
@@ -635,6 +688,7 @@ KILL_TRAIN = ["--preset", "demo", "--set", "server.rounds=20", "--set", "data.nu
               "--set", "run.threads=1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_sigkill_train_then_resume_is_byte_identical(tmp_path):
     ref = tmp_path / "ref"
     assert _run(["train", *KILL_TRAIN, "--out", ref], tmp_path)[0] == 0
@@ -652,6 +706,7 @@ def test_sigkill_train_then_resume_is_byte_identical(tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 def test_sigkill_certify_then_rerun_is_byte_identical(certified, tmp_path):
     trained_only = tmp_path / "base"
     shutil.copytree(certified, trained_only)
@@ -674,6 +729,7 @@ def test_sigkill_certify_then_rerun_is_byte_identical(certified, tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _certify_claims(), reason="needs certify_run to write through rundir.results_for (lead's switch)")
 def test_sigkill_certify_leaves_the_old_or_the_new_result_set(certified, tmp_path):
     rng = random.Random(12)
@@ -698,6 +754,7 @@ def _alive(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_parallel_sweep_then_rerun(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1, 2]}}))
@@ -720,6 +777,7 @@ def test_sigkill_parallel_sweep_then_rerun(tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_parallel_sweep_and_writes_results(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1, 2, 3, 4]}}))
@@ -776,6 +834,7 @@ def test_claim_race_has_one_winner(tmp_path):
         assert yaml.safe_load((d / "config.yaml").read_text()) == {"server": {"who": won[0]}}
 
 
+@pytest.mark.slow
 def test_two_trains_into_one_out_never_mix(tmp_path):
     for trial in range(max(2, TRIALS)):
         d = tmp_path / f"r{trial}"
@@ -790,6 +849,7 @@ def test_two_trains_into_one_out_never_mix(tmp_path):
         assert _stale(d) == []
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_directory_never_mix(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1]}}))

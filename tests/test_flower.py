@@ -33,6 +33,7 @@ from crfl.aggregation import aggregate  # noqa: E402
 from crfl.config import resolve  # noqa: E402
 from crfl.flower.client_app import client_round, make_client_app  # noqa: E402
 from crfl.flower.records import record_to_params  # noqa: E402
+from crfl.flower.run_config import toml_table  # noqa: E402
 from crfl.flower.server_app import (  # noqa: E402
     FederationFailed,
     build_strategy,
@@ -423,21 +424,7 @@ publisher = "crfl"
 serverapp = "crfl.flower.server_app:app"
 clientapp = "crfl.flower.client_app:app"
 
-[tool.flwr.app.config]
-preset = "demo"
-config-file = ""
-overrides = ""
-out-dir = "runs/flower-{run_id}"
-certify = true
-round-timeout = 600.0
-node-timeout = 120.0
-noise-seed = -1
-sample-fraction = 1.0
-sample-count = 0
-node-partitions = ""
-input-norm-bound = -1.0
-resume = false
-"""
+""" + toml_table()
 
 
 #: The certificate and key commands of docs/flower.md ("Deployment with TLS and authenticated SuperNodes").

@@ -410,3 +410,23 @@ def test_inverse_validates():
         max_attackers(0.9, 0.1, -1.0, **COMMON, p=0.05, gamma=1.0, tau=10, eta=0.01, poison_ratio=0.2)
     with pytest.raises(ConfigError, match="'poison_ratio'"):
         max_attackers(0.9, 0.1, 1.0, **COMMON, p=0.05, gamma=1.0, tau=10, eta=0.01, poison_ratio=2.0)
+
+
+def test_kl_budget_is_accurate_where_p_a_is_close_to_p_b():
+    """eps within a few ulp times its condition number (p/(p_A - p_B)) of 50-digit mpmath, also for p_A ~ p_B,
+    where the product form -log((1-p_A)/(1+sqrt p_A) + sqrt p_B) - log1p(sqrt p_A - sqrt p_B) cancels."""
+    import mpmath as mp
+
+    from crfl.radius import kl_budget
+
+    rng = np.random.default_rng(0)
+    with mp.workdps(50):
+        for _ in range(400):
+            pb = rng.uniform(0.0, 0.6)
+            pa = min(pb + 10 ** rng.uniform(-12, -0.3), 1.0 - 1e-9)
+            exact = -mp.log(1 - (mp.sqrt(pa) - mp.sqrt(pb)) ** 2)
+            kappa = float(abs(mp.diff(lambda t: mp.log(-mp.log(1 - (mp.sqrt(t) - mp.sqrt(pb)) ** 2)), pa) * pa))
+            assert kl_budget(pa, pb) == pytest.approx(float(exact), rel=1e-15 + 4 * 2.0**-53 * kappa), (pa, pb)
+    # the row of tests/test_certify.py's coupled-kl case that the product form missed by 4.4e-9 (relative)
+    pa, pb = 0.4622623653487048, 0.46204712772384293
+    assert kl_budget(pa, pb) == pytest.approx(2.5060456866396290465e-08, rel=1e-12)

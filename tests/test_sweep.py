@@ -59,6 +59,7 @@ def test_grid_points_sharing_a_training_run_become_one_job(tmp_path):
                                              {"attack.num_attackers": 1, "certify.alpha": 0.001}]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     spec = write_spec(tmp_path / "s.yaml", SPEC)
     full = sweep(spec, tmp_path / "full", progress=False)
@@ -98,6 +99,7 @@ def test_failing_run_is_reported_and_others_finish(tmp_path, capsys):
     assert "1 run(s) failed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_same_results(tmp_path):
     spec = write_spec(tmp_path / "s.yaml", {**SPEC, "grid": {"attack.num_attackers": [1, 2]}})
     one = sweep(spec, tmp_path / "a", progress=False)

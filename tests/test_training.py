@@ -274,7 +274,7 @@ def test_final_model_is_clipped_and_run_dir_complete(tmp_path, tiny_images):
         ({"server.sigma": -0.1}, r"'server.sigma' parameter must be a float in \[0, inf\). Got -0.1"),
         ({"attack.poison_per_batch": 30}, r"'attack.poison_per_batch' parameter must be an integer in \[0, 20\]. Got 30"),
         ({"clients.lr": 0}, r"'clients.lr' parameter must be a float in \(0, inf\). Got 0"),
-        ({"data.partition": "shards"}, r"'data.partition' parameter must be one of 'iid', 'natural', 'dirichlet'. Got 'shards'"),
+        ({"data.partition": "shards"}, r"'data.partition' parameter must be one of 'dirichlet', 'iid', 'natural'. Got 'shards'"),
         ({"attack.rounds": [7]}, r"'attack.rounds' parameter must be an integer in \[1, 6\]. Got 7"),
         ({"server.rounds": 0}, r"'server.rounds' parameter must be an integer in \[1, inf\]. Got 0"),
         ({"attack.gama": 3}, r"Unknown parameter\(s\) \['gama'\] in section 'attack'"),
@@ -295,3 +295,20 @@ def test_bad_values_found_against_the_data(tmp_path, tiny_images):
         train(small_config(**{"aggregation.name": "mean"}), tmp_path / "c", dataset=tiny_images)
     with pytest.raises(ConfigError, match=r"'attack.pixels\[0\] row' parameter must be an integer in \[0, 7\]. Got 23"):
         train(small_config(**{"attack.pixels": [[23, 1]]}), tmp_path / "d", dataset=tiny_images)
+
+
+def test_setup_caches_are_independent_of_call_order():
+    """certify's training-input statistics before the first evaluation (this order raised KeyError: 'y')."""
+    from crfl.certify import training_input_stats
+    from crfl.setup import evaluate, prepare
+
+    ds = synthetic_images(n_train=200, side=28)
+    cfg = resolve(None, None, {"data.num_clients": 4, "server.rounds": 2, "attack.rounds": [1]})
+    first, second = prepare(cfg, ds), prepare(cfg, ds)
+    stats = training_input_stats(first)
+    x = ds.x_train.reshape(len(ds.x_train), -1).astype(np.float64) / ds.input_scale
+    assert stats == pytest.approx((np.linalg.norm(x, axis=1).max(), x.min(), x.max()), rel=1e-12)
+    assert first.train_input_stats == stats and first.eval_inputs == {}
+    acc = evaluate(first, first.w0)
+    assert acc == evaluate(second, second.w0)  # the other order
+    assert training_input_stats(second) == stats and "y" in first.eval_inputs

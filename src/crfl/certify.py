@@ -42,7 +42,7 @@ from crfl.clients import nominal_poison_ratio
 from crfl.closeness import AttackTerm
 from crfl.config import Config
 from crfl.data import Dataset
-from crfl.metrics import curve_table, finite_max, radius_grid
+from crfl.metrics import covered, curve_table, finite_max, radius_grid
 from crfl.rng import torch_generator
 from crfl.schedule import contraction_schedule, noise_after_round
 from crfl.setup import Setup, model_inputs, prepare
@@ -131,15 +131,14 @@ def _training_inputs(setup: Setup, chunk: int = 16384) -> Iterator[torch.Tensor]
 
 def training_input_stats(setup: Setup) -> tuple[float, float, float]:
     """(max ||x||, min x_j, max x_j) over the clean training inputs in model units (cached on the setup)."""
-    key = "training_input_stats"
-    if key not in setup._eval_cache:
+    if setup.train_input_stats is None:
         best, lo, hi = 0.0, math.inf, -math.inf
         for X in _training_inputs(setup):
             best = max(best, lipschitz.input_norm_bound(X))
             if X.numel():
                 lo, hi = min(lo, float(X.min())), max(hi, float(X.max()))
-        setup._eval_cache[key] = (best, lo, hi)
-    return setup._eval_cache[key]
+        setup.train_input_stats = (best, lo, hi)
+    return setup.train_input_stats
 
 
 ENFORCED_SOURCE = "model.input_norm_bound (enforced by the model)"
@@ -694,7 +693,7 @@ def certify_run(
     for i, (k, s) in enumerate(sets.items()):
         pred = s.prediction()
         r = rad[k]
-        covered = (r > delta_norm) & ~s.abstain  # certified for every ||delta|| < RAD
+        hit = covered(r, delta_norm) & ~s.abstain
         results[k] = {
             "points": m,
             "base_accuracy": float((base_pred[i * m : (i + 1) * m] == y).mean()) if m else None,
@@ -702,8 +701,8 @@ def certify_run(
             "abstain_rate": float(s.abstain.mean()) if m else None,
             "max_radius": finite_max(r) if radius_ok else None,
             "median_radius_certified": (float(np.median(r[~s.abstain])) if (~s.abstain).any() else 0.0) if radius_ok else None,
-            "certified_at_attack": float(covered.mean()) if radius_ok and m else None,
-            "certified_correct_at_attack": float((covered & (pred == y)).mean()) if radius_ok and m else None,
+            "certified_at_attack": float(hit.mean()) if radius_ok and m else None,
+            "certified_correct_at_attack": float((hit & (pred == y)).mean()) if radius_ok and m else None,
             "curve": curve_table(r, pred, y, grid) if radius_ok else [],
         }
     blocks: dict[str, Any] = {"certificate": cert.block()}
@@ -770,12 +769,12 @@ def twin_check(
     key = "violations" if exact else "disagreements"
     pred, twp = sm.prediction(), tw.c_a
     for k, (a, b) in {"clean": (0, m), "backdoor": (m, 2 * m)}.items():
-        covered = (rad[a:b] > delta_norm) & ~sm.abstain[a:b]
-        agree = (twp[a:b] == pred[a:b]) & covered
+        hit = covered(rad[a:b], delta_norm) & ~sm.abstain[a:b]
+        agree = (twp[a:b] == pred[a:b]) & hit
         out[k] = {
-            "covered_points": int(covered.sum()),
-            "agreement": float(agree.sum() / covered.sum()) if covered.any() else None,
-            key: int((covered & ~agree).sum()),
+            "covered_points": int(hit.sum()),
+            "agreement": float(agree.sum() / hit.sum()) if hit.any() else None,
+            key: int((hit & ~agree).sum()),
             "twin_agreement_all": float((twp[a:b] == sm.c_a[a:b]).mean()) if b > a else None,
         }
     return out

@@ -19,10 +19,11 @@ import argparse
 import math
 import errno
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
-from crfl.config import preset_names, resolve
+from crfl.config import CHOICES, CertifyConfig, preset_names, resolve
 from crfl.data.base import DataError
 from crfl.rundir import RunDirError
 from crfl.validation import ConfigError, check_int
@@ -52,31 +53,50 @@ def _add_train_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+#: One flag per ``certify.*`` parameter: ``--`` + the field name with ``-`` for ``_`` (``--sigma-T``).
+#: The type, the choices and the default come from :class:`~crfl.config.CertifyConfig` and
+#: :data:`crfl.config.CHOICES`; this table holds only what the user reads (help, metavar).
+CERTIFY_FLAGS: dict[str, tuple[str, str | None]] = {
+    "reading": ("what the certificate promises: coupled (this run vs its trigger-free twin, default), "
+                "mixture (the law over training noise), paper (Corollary 1 as printed; not a certificate)", None),
+    "training_samples": ("mixture reading with K independent continuations from the attack round "
+                         "(implies --reading mixture)", "K"),
+    "bound_form": ("how the probabilities become a distance budget: Neyman-Pearson (default) or the KL form", None),
+    "input_norm_bound": ("a bound B >= ||x|| on every training input (default: the maximum over the training data)", "B"),
+    "method": ("smoothing: exact (linear models) or Monte Carlo; margin: the linear base model itself (coupled)", None),
+    "M": ("number of noisy models (Monte Carlo)", None),
+    "alpha": ("failure probability of the confidence bounds", None),
+    "bound": ("confidence bound", None),
+    "coverage": ("how the (p_A, p_B) pair is covered", None),
+    "selection": ("size of a separate selection sample for c_A (Monte Carlo; 0: none)", "N"),
+    "sigma_T": ("smoothing noise sigma_T", None),
+    "lipschitz": ("L_Z: sound for ||x|| <= B, or Lemma 1 as printed", None),
+    "num_test": ("certify only the first N test points", "N"),
+}
+#: ``certify.*`` parameters without a certify flag, and where they are set instead.
+CERTIFY_NOT_FLAGS = {
+    "radii": "a list: --set certify.radii=[0.1,0.2] (crfl train/run) or config.yaml",
+    "twin": "--twin of crfl train/run: it trains the twin, so it is a training flag",
+}
+
+
+def _flag_type(name: str) -> type:
+    """The argparse type of ``certify.<name>``: the non-None member of the field's annotation."""
+    hint = typing.get_type_hints(CertifyConfig)[name]
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return base[0]
+
+
 def _add_certify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reading", choices=["coupled", "mixture", "paper"],
-                   help="what the certificate promises: coupled (this run vs its trigger-free twin, default), "
-                        "mixture (the law over training noise), paper (Corollary 1 as printed; not a certificate)")
-    p.add_argument("--training-samples", dest="training_samples", type=int, metavar="K",
-                   help="mixture reading with K independent continuations from the attack round (implies --reading mixture)")
-    p.add_argument("--bound-form", dest="bound_form", choices=["neyman-pearson", "kl"],
-                   help="how the probabilities become a distance budget: Neyman-Pearson (default) or the KL form")
-    p.add_argument("--input-norm-bound", dest="input_norm_bound", type=float, metavar="B",
-                   help="a bound B >= ||x|| on every training input (default: the maximum over the training data)")
-    p.add_argument("--method", choices=["auto", "exact", "monte-carlo", "margin"],
-                   help="smoothing: exact (linear models) or Monte Carlo; margin: the linear base model itself (coupled)")
-    p.add_argument("--M", type=int, help="number of noisy models (Monte Carlo)")
-    p.add_argument("--alpha", type=float, help="failure probability of the confidence bounds")
-    p.add_argument("--bound", choices=["hoeffding", "clopper-pearson"], help="confidence bound")
-    p.add_argument("--coverage", choices=["simultaneous", "paper"], help="how the (p_A, p_B) pair is covered")
-    p.add_argument("--sigma-T", dest="sigma_T", type=float, help="smoothing noise sigma_T")
-    p.add_argument("--lipschitz", choices=["sound", "paper"], help="L_Z: sound for ||x|| <= B, or Lemma 1 as printed")
-    p.add_argument("--num-test", dest="num_test", type=int, help="certify only the first N test points")
+    for name, (help_, metavar) in CERTIFY_FLAGS.items():
+        choices = CHOICES.get(f"certify.{name}")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(name), choices=choices,
+                       metavar=metavar, help=help_)
 
 
 def _certify_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
-    for k in ("reading", "training_samples", "bound_form", "input_norm_bound", "method", "M", "alpha", "bound",
-              "coverage", "sigma_T", "lipschitz", "num_test"):
+    for k in CERTIFY_FLAGS:
         v = getattr(args, k, None)
         if v is not None:
             out[f"certify.{k}"] = v

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,8 +26,11 @@ from typing import Any
 
 import yaml
 
-from crfl.attacks import PAPER_PIXELS
+from crfl.attacks import PAPER_PIXELS, TRIGGERS
+from crfl.bounds import BOUNDS, COVERAGES
+from crfl.data.partition import SCHEMES
 from crfl.io import load_yaml, yaml_problem
+from crfl.radius import BOUND_FORMS
 from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
 
 
@@ -155,6 +159,67 @@ class Config:
         return from_dict(d)
 
 
+#: The allowed values of every parameter that takes a name. Names of pluggable parts come from
+#: the module that implements them (triggers: :mod:`crfl.attacks`; bounds and coverage:
+#: :mod:`crfl.bounds`; bound forms: :mod:`crfl.radius`; partitions: :mod:`crfl.data.partition`);
+#: the rest are defined here. :func:`validate` and the command line (``crfl.cli``) read this table.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.partition": SCHEMES,
+    "model.init": ("default", "zeros"),
+    "clients.weighting": ("uniform", "samples"),
+    "attack.trigger": ("auto", *TRIGGERS),
+    "run.dtype": ("float32", "float64"),
+    "certify.reading": ("coupled", "mixture", "paper"),
+    "certify.method": ("auto", "exact", "monte-carlo", "margin"),
+    "certify.bound_form": BOUND_FORMS,
+    "certify.bound": BOUNDS,
+    "certify.coverage": COVERAGES,
+    "certify.lipschitz": ("sound", "paper"),
+    "ensemble.kind": ("none", "partition", "sampled"),
+}
+
+#: The ``run.*`` keys that decide the trained model: see :func:`training_part`.
+TRAINING_RUN_KEYS = ("dtype",)
+#: The top-level keys that never decide the trained model: see :func:`training_part`.
+NOT_TRAINING = ("preset", "certify", "provenance")
+
+
+def training_part(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config (``Config.to_dict()`` or config.yaml as read) that decides training.
+
+    Two configs with the same training part train the same model (the same ``w_T``, round by
+    round, and the same rounds.csv up to the evaluation cadence) from the same data; this is the
+    one definition behind the run directory's :func:`crfl.rundir.config_hash` (which certify and
+    resume check) and so the sweep's run directory names (:func:`crfl.sweep.expand`).
+
+    In: ``seed`` and the sections ``data``, ``model``, ``clients``, ``attack``, ``aggregation``,
+    ``server``, and from ``run`` only ``run.dtype``: the precision of ``w_0``, of every client
+    update and of the server's clip-and-noise step, so a float32 and a float64 run are different
+    models (and a float32 model certified as float64 would be certified for the wrong model).
+
+    Out (they change how a run is executed or observed, not what it computes):
+
+    - ``preset``: a label; the values it selected are in the other sections.
+    - ``certify``: certification settings; a run is certified under many.
+    - ``provenance``: written by training (versions, platform, dataset description).
+    - ``run.device``: where the arithmetic runs (every tensor is on the CPU today);
+      ``run.threads``: how many CPU threads do it. Both may change the last bits of a float
+      reduction order, not the algorithm or its randomness (every random draw comes from
+      :mod:`crfl.rng` streams of ``seed``).
+    - ``run.eval_every``: which rounds evaluate the model for rounds.csv; evaluation draws no
+      randomness and does not touch the parameters.
+    - ``run.checkpoint_every``: how often the state is saved; a resumed run repeats the
+      uninterrupted one exactly.
+    """
+    out = {k: v for k, v in d.items() if k not in NOT_TRAINING and k != "run"}
+    run = d.get("run")
+    if isinstance(run, Mapping):
+        out["run"] = {k: run[k] for k in TRAINING_RUN_KEYS if k in run}
+    elif run is not None:  # not a mapping (a damaged file): keep it, so it cannot hash like a good one
+        out["run"] = run
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # building and validating
 
@@ -229,12 +294,12 @@ def validate(cfg: Config) -> None:
     """Check every parameter that can be checked without the data; errors name parameter and value."""
     check_int("seed", cfg.seed, low=0)
     d = cfg.data
-    check_choice("data.partition", d.partition, ["iid", "natural", "dirichlet"])
+    check_choice("data.partition", d.partition, CHOICES["data.partition"])
     if d.num_clients is not None:
         check_int("data.num_clients", d.num_clients, low=1)
     check_real("data.dirichlet_alpha", d.dirichlet_alpha, low=0.0, low_open=True)
     check_real("data.test_fraction", d.test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_choice("model.init", cfg.model.init, ["default", "zeros"])
+    check_choice("model.init", cfg.model.init, CHOICES["model.init"])
     if cfg.model.input_norm_bound is not None:
         check_real("model.input_norm_bound", cfg.model.input_norm_bound, low=0.0, low_open=True)
     c = cfg.clients
@@ -243,7 +308,7 @@ def validate(cfg: Config) -> None:
     if c.local_iters is not None:
         check_int("clients.local_iters", c.local_iters, low=1)
     check_int("clients.local_epochs", c.local_epochs, low=1)
-    check_choice("clients.weighting", c.weighting, ["uniform", "samples"])
+    check_choice("clients.weighting", c.weighting, CHOICES["clients.weighting"])
     a = cfg.attack
     check_int("attack.num_attackers", a.num_attackers, low=0)
     if a.attackers is not None and len(a.attackers) != a.num_attackers:
@@ -254,7 +319,7 @@ def validate(cfg: Config) -> None:
     if a.target != "auto":
         check_int("attack.target", a.target, low=0)
     check_real("attack.gamma", a.gamma, low=0.0)
-    check_choice("attack.trigger", a.trigger, ["auto", "pixel", "loan", "dba"])
+    check_choice("attack.trigger", a.trigger, CHOICES["attack.trigger"])
     check_real("attack.magnitude", a.magnitude, low=0.0)
     s = cfg.server
     check_int("server.rounds", s.rounds, low=1)
@@ -268,13 +333,13 @@ def validate(cfg: Config) -> None:
         rho(t)
     SigmaSchedule.from_config(s.sigma, s.rounds)
     r = cfg.run
-    check_choice("run.dtype", r.dtype, ["float32", "float64"])
+    check_choice("run.dtype", r.dtype, CHOICES["run.dtype"])
     check_int("run.eval_every", r.eval_every, low=1)
     check_int("run.checkpoint_every", r.checkpoint_every, low=1)
     if r.threads is not None:
         check_int("run.threads", r.threads, low=1)
     e = cfg.ensemble
-    check_choice("ensemble.kind", e.kind, ["none", "partition", "sampled"])
+    check_choice("ensemble.kind", e.kind, CHOICES["ensemble.kind"])
     check_int("ensemble.groups", e.groups, low=1)
     if e.kind == "sampled" and e.clients_per_model is None:
         raise fail("ensemble.clients_per_model", "an integer k >= 1 for the sampled kind", None)
@@ -284,17 +349,17 @@ def validate(cfg: Config) -> None:
         check_int("ensemble.sample_seed", e.sample_seed, low=0)
     check_real("ensemble.alpha", e.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
     z = cfg.certify
-    check_choice("certify.reading", z.reading, ["coupled", "mixture", "paper"])
-    check_choice("certify.method", z.method, ["auto", "exact", "monte-carlo", "margin"])
-    check_choice("certify.bound_form", z.bound_form, ["neyman-pearson", "kl"])
+    check_choice("certify.reading", z.reading, CHOICES["certify.reading"])
+    check_choice("certify.method", z.method, CHOICES["certify.method"])
+    check_choice("certify.bound_form", z.bound_form, CHOICES["certify.bound_form"])
     check_int("certify.training_samples", z.training_samples, low=1)
     check_int("certify.M", z.M, low=1)
     check_real("certify.alpha", z.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_choice("certify.bound", z.bound, ["hoeffding", "clopper-pearson"])
-    check_choice("certify.coverage", z.coverage, ["simultaneous", "paper"])
+    check_choice("certify.bound", z.bound, CHOICES["certify.bound"])
+    check_choice("certify.coverage", z.coverage, CHOICES["certify.coverage"])
     check_int("certify.selection", z.selection, low=0)
     check_real("certify.sigma_T", z.sigma_T, low=0.0, low_open=True)
-    check_choice("certify.lipschitz", z.lipschitz, ["sound", "paper"])
+    check_choice("certify.lipschitz", z.lipschitz, CHOICES["certify.lipschitz"])
     if z.num_test is not None:
         check_int("certify.num_test", z.num_test, low=1)
     if z.input_norm_bound is not None:

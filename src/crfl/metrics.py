@@ -1,9 +1,10 @@
 """Certified accuracy and certified rate (Section 6.1).
 
 For test points i with label y_i, prediction c_i (ABSTAIN = -1) and radius RAD_i:
-    certified rate at r     = (1/m) sum_i 1{RAD_i >= r}
-    certified accuracy at r = (1/m) sum_i 1{c_i = y_i and RAD_i >= r}
-An abstention has RAD_i = 0 and c_i = -1, so it counts in neither.
+    certified rate at r     = (1/m) sum_i 1{covered(RAD_i, r)}
+    certified accuracy at r = (1/m) sum_i 1{c_i = y_i and covered(RAD_i, r)}
+with covered(RAD, r) = RAD > r (:func:`covered`). An abstention has RAD_i = 0 and c_i = -1, so
+it counts in neither.
 """
 
 from __future__ import annotations
@@ -15,16 +16,34 @@ import numpy as np
 from crfl.bounds import ABSTAIN
 
 
+def covered(radius: np.ndarray | float, r: np.ndarray | float) -> np.ndarray:
+    """Whether a certificate of radius RAD covers a trigger of norm r: ``RAD > r``, strictly.
+
+    The one rule for "certified at r": the curves and tables here, ``certified_at_attack`` and
+    the twin check of :mod:`crfl.certify`, sweeps and plots all use it. Why strict: the
+    certificate keeps c_A while the parameter distance Delta is *below* the budget,
+    ``Delta < sigma (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2`` (Neyman-Pearson, docs/theory.md
+    (g) step 6: at equality the bound on the runner-up equals the bound on c_A and the tie is not
+    excluded), and RAD is the *largest* r with ``r c(B_0 + r) <=`` the budget. So at ||delta|| =
+    RAD the distance bound may equal the budget exactly and nothing is promised; for every
+    ||delta|| < RAD it is strictly below (``r c(B_0 + r)`` is increasing). The same holds for
+    the KL form and the margin budget, both stated for distances below their budget. A radius
+    of 0 (abstention) covers nothing, not even r = 0; an infinite radius covers every finite r.
+    Broadcasts like ``>``.
+    """
+    return np.asarray(radius, dtype=float) > np.asarray(r, dtype=float)
+
+
 def certified_rate(radius: np.ndarray, predicted: np.ndarray, r: np.ndarray) -> np.ndarray:
     radius = np.asarray(radius, dtype=float)
-    ok = (np.asarray(predicted) != ABSTAIN)[:, None] & (radius[:, None] >= np.asarray(r, dtype=float)[None, :])
+    ok = (np.asarray(predicted) != ABSTAIN)[:, None] & covered(radius[:, None], np.asarray(r, dtype=float)[None, :])
     return ok.mean(axis=0) if len(radius) else np.zeros(len(r))
 
 
 def certified_accuracy(radius: np.ndarray, predicted: np.ndarray, label: np.ndarray, r: np.ndarray) -> np.ndarray:
     radius = np.asarray(radius, dtype=float)
     correct = (np.asarray(predicted) == np.asarray(label)) & (np.asarray(predicted) != ABSTAIN)
-    ok = correct[:, None] & (radius[:, None] >= np.asarray(r, dtype=float)[None, :])
+    ok = correct[:, None] & covered(radius[:, None], np.asarray(r, dtype=float)[None, :])
     return ok.mean(axis=0) if len(radius) else np.zeros(len(r))
 
 

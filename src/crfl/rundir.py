@@ -23,8 +23,10 @@ Rules:
   is only created in a new or empty directory: a directory that is not a run is never written
   into, and nothing of the user's is overwritten.
 - **One configuration.** ``model_final.pt`` and ``checkpoint.pt`` carry :func:`config_hash` of
-  the training part of the resolved config; readers refuse a ``config.yaml`` that does not hash
-  to it (an edited ``server.sigma`` would change the certificate silently).
+  the training part of the resolved config (:func:`crfl.config.training_part`); readers refuse a
+  ``config.yaml`` that does not hash to it (an edited ``server.sigma`` or ``run.dtype`` would
+  change the certificate silently). Files of crfl 0.1.0 carry :func:`legacy_config_hash`
+  (without ``run.dtype``): accepted, with a note, where the stored parameters have config.yaml's dtype.
 - **All or nothing.** A result set (training's final files, certification's files) is staged in
   ``.crfl-stage/`` and switched in by :meth:`ResultSet.commit`: a ``COMMIT`` list is written
   atomically, then every file is renamed into place. A claim (or a reader finding a committed
@@ -61,6 +63,7 @@ import io as _io
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,14 +256,24 @@ def _is_number(x: Any) -> bool:
 # the configuration hash
 
 
-def training_config(d: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config that determines the trained model (not provenance, certify, run)."""
-    return {k: v for k, v in d.items() if k not in ("provenance", "certify", "run")}
-
-
 def config_hash(d: Mapping[str, Any]) -> str:
-    """sha256 (16 hex digits) of the training part of a config as config.yaml holds it."""
-    canon = io.load_yaml(io.yaml.safe_dump(training_config(d), sort_keys=True))
+    """sha256 (16 hex digits) of :func:`crfl.config.training_part` of a config as config.yaml holds it."""
+    from crfl.config import training_part
+
+    return _hash(training_part(d))
+
+
+def legacy_config_hash(d: Mapping[str, Any]) -> str:
+    """The hash crfl <= 0.1.0 wrote: without ``run`` (so without ``run.dtype``), with ``preset``.
+
+    Only for reading run directories written before :func:`crfl.config.training_part`; the
+    reader that accepts it also checks the stored parameters' dtype against ``run.dtype``.
+    """
+    return _hash({k: v for k, v in d.items() if k not in ("provenance", "certify", "run")})
+
+
+def _hash(part: Mapping[str, Any]) -> str:
+    canon = io.load_yaml(io.yaml.safe_dump(dict(part), sort_keys=True))
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -471,7 +484,7 @@ class RunDir:
         """model_final.pt, checked against config.yaml's hash (``cfg_dict``: config.yaml, read if None)."""
         todo = "train it to the end first (crfl train --resume DIR)"
         final = self.read_torch(MODEL, ("params", "config_hash"), todo)
-        self._check_hash(MODEL, final["config_hash"], cfg_dict)
+        self._check_hash(MODEL, final["config_hash"], cfg_dict, final["params"])
         return final
 
     def read_checkpoint(self, cfg_dict: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -485,12 +498,12 @@ class RunDir:
         required = ("round", "params", "records", "attack_log", "config_hash")
         if self.exists(CHECKPOINT):
             ck = self.read_torch(CHECKPOINT, required, todo)
-            self._check_hash(CHECKPOINT, ck["config_hash"], cfg_dict)
+            self._check_hash(CHECKPOINT, ck["config_hash"], cfg_dict, ck["params"])
             return ck
         if not self.exists(LEGACY_FLOWER_CHECKPOINT):
             return None
         old = self.read_torch(LEGACY_FLOWER_CHECKPOINT, required + ("flower_rounds", "state_tag"), todo)
-        self._check_hash(LEGACY_FLOWER_CHECKPOINT, old["config_hash"], cfg_dict)
+        self._check_hash(LEGACY_FLOWER_CHECKPOINT, old["config_hash"], cfg_dict, old["params"])
         ck = {k: v for k, v in old.items() if k not in ("flower_rounds", "state_tag")}
         ck.update(engine=FLOWER, engine_log=old["flower_rounds"], identity=old["state_tag"], file=LEGACY_FLOWER_CHECKPOINT)
         return ck
@@ -516,14 +529,23 @@ class RunDir:
                 f"the {engine} engine cannot resume it. " + RESUME_HOW[have].replace("DIR", str(self.path)) + "."
             )
 
-    def _check_hash(self, name: str, stored: Any, cfg_dict: Mapping[str, Any] | None) -> None:
-        have = config_hash(cfg_dict if cfg_dict is not None else self.read_config())
-        if stored != have:
-            raise RunDirError(
-                f"{self.path / name} was written by the configuration with hash {stored}, but "
-                f"{self.path / CONFIG} hashes to {have}: the config was edited or belongs to another run. "
-                "Restore the original config.yaml (certification settings go on the command line) or retrain."
-            )
+    def _check_hash(self, name: str, stored: Any, cfg_dict: Mapping[str, Any] | None, params: Any) -> None:
+        d = cfg_dict if cfg_dict is not None else self.read_config()
+        have = config_hash(d)
+        if stored == have:
+            return
+        run = d.get("run")
+        dtype = run.get("dtype") if isinstance(run, Mapping) else None
+        if stored == legacy_config_hash(d) and str(params.dtype) == f"torch.{dtype}":
+            # written before run.dtype was hashed: the parameters' own dtype stands in for it
+            print(f"crfl: note: {self.path / name} carries the configuration hash of crfl 0.1.0 (without "
+                  f"run.dtype); accepted, since its parameters are {dtype} as config.yaml says.", file=sys.stderr)
+            return
+        raise RunDirError(
+            f"{self.path / name} was written by the configuration with hash {stored}, but "
+            f"{self.path / CONFIG} hashes to {have}: the config was edited or belongs to another run. "
+            "Restore the original config.yaml (certification settings go on the command line) or retrain."
+        )
 
     def read_json(self, name: str, todo: str = "rerun the command that wrote it") -> Any:
         return _json(self.path / name, self.read_text(name, todo))

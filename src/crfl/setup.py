@@ -47,7 +47,11 @@ class Setup:
     sigma: SigmaSchedule
     dtype: torch.dtype
     w0: torch.Tensor  # the initial model w_0 (Algorithm 1's server input), from the run's "init" stream
-    _eval_cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the per-round evaluation's test inputs; owned by :func:`_eval_inputs` (filled on first use)
+    eval_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: (max ||x||, min x_j, max x_j) of the clean training inputs; owned by
+    #: :func:`crfl.certify.training_input_stats` (None until computed)
+    train_input_stats: tuple[float, float, float] | None = field(default=None, repr=False)
 
     @property
     def rounds(self) -> int:
@@ -198,7 +202,7 @@ EVAL_CACHE_BYTES = 512 * 1024**2
 
 def _eval_inputs(setup: Setup) -> dict[str, Any]:
     """Test inputs for the per-round evaluation, as model-ready floats when they fit in 512 MiB."""
-    c = setup._eval_cache
+    c = setup.eval_inputs
     if not c:
         ds = setup.dataset
         y = torch.from_numpy(ds.y_test).long()

@@ -11,7 +11,8 @@ optionally, a grid of certification settings::
     certify: {set: {certify.method: exact}, grid: {certify.M: [100, 1000]}}
     radii: [0.0, 0.05, 0.1]
 
-Every training run lives in ``OUT/runs/<hash of its training config>/`` and every
+Every training run lives in ``OUT/runs/<config hash>/`` (:func:`crfl.rundir.config_hash` of
+the grid point's config: its training part, :func:`crfl.config.training_part`) and every
 certification of it in ``cert-<hash of the certify settings>/`` inside: a
 finished run is never recomputed, an interrupted one resumes from its
 checkpoint, and certification settings that differ only in M or alpha share one
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from crfl import rundir
-from crfl.config import Config, from_dict, read_yaml_mapping, resolve
+from crfl.config import from_dict, read_yaml_mapping, resolve
 from crfl.io import atomic_write_text, load_yaml, write_csv, write_json
 from crfl.validation import ConfigError, check_real
 
@@ -166,15 +167,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def training_key(cfg: Config) -> dict[str, Any]:
-    """The part of a config that determines the training run (not certification, not threads)."""
-    d = cfg.to_dict()
-    d.pop("certify")
-    d.pop("preset", None)
-    d["run"] = {k: v for k, v in d["run"].items() if k in ("dtype", "device", "eval_every")}
-    return d
-
-
 @dataclass
 class Job:
     train_hash: str
@@ -194,7 +186,7 @@ def expand(spec: Spec, extra: dict[str, Any] | None = None) -> list[Job]:
     for point in _product(spec.grid):
         over = {**spec.base_set, **(extra or {}), **point}
         cfg = resolve(spec.preset, None, over)
-        h = _hash(training_key(cfg))[:16]
+        h = rundir.config_hash(cfg.to_dict())  # of crfl.config.training_part, as the run directory's check
         job = jobs.setdefault(h, Job(h, cfg.to_dict(), point, []))
         for cp in _product(spec.cert_grid):
             full = cfg.replace(**{**spec.cert_set, **cp})  # validates the certify overrides

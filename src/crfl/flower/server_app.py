@@ -1,7 +1,7 @@
 """The CRFL server as a Flower ``ServerApp``: Algorithm 1's rounds, then the run directory and certification.
 
 ``main`` resolves the crfl configuration from the Flower run config (keys of
-:data:`RUN_CONFIG`, set in ``[tool.flwr.app.config]`` or by ``flwr run
+:data:`crfl.flower.run_config.RUN_CONFIG`, set in ``[tool.flwr.app.config]`` or by ``flwr run
 --run-config``), prepares the run exactly like ``crfl train`` (the ServerApp
 holds the test set for evaluation and, like the simulator, knows the attack plan
 only to label the records), and runs :class:`crfl.flower.strategy.CRFL` with
@@ -51,6 +51,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from crfl.config import Config, resolve
 from crfl.data import Dataset
+from crfl.flower.run_config import RUN_CONFIG
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
 from crfl.flower.deploy.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
@@ -88,24 +89,6 @@ def send_and_receive(grid: Grid, messages: list, timeout: float, poll_interval: 
         time.sleep(poll_interval)
     return replies
 
-#: The Flower run config of the app: key -> (default, meaning). ``[tool.flwr.app.config]`` lists them.
-RUN_CONFIG: dict[str, tuple[Any, str]] = {
-    "preset": ("demo", "crfl preset (demo, mnist, emnist, loan); empty for none"),
-    "config-file": ("", "a crfl YAML config file, layered over the preset"),
-    "overrides": ("", "'key=value' overrides separated by ';', e.g. 'server.rounds=5; data.num_clients=4'"),
-    "out-dir": ("runs/flower-{run_id}", "run directory; {run_id} is replaced by Flower's run id; prefer an absolute path"),
-    "certify": (True, "certify the final model after training (crfl.certify.certify_run)"),
-    "round-timeout": (600.0, "seconds to wait for the replies of one round"),
-    "node-timeout": (120.0, "seconds a round waits for the nodes it needs to be connected"),
-    "noise-seed": (-1, "seed of the server noise; -1 uses the run seed (as the simulator does)"),
-    "sample-fraction": (1.0, "fraction of the N clients sampled per round (ceil(fraction N)); 1: all (Algorithm 1)"),
-    "sample-count": (0, "number of clients sampled per round; 0: use sample-fraction"),
-    "node-partitions": ("", "the operator's binding 'NODE_ID=PARTITION ...'; empty: the first N nodes seen, by node id"),
-    "input-norm-bound": (-1.0, "B >= ||x|| for every client input, for the certificate; -1: sqrt(d), inputs in [0, 1]^d "
-                               "(not with model.input_norm_bound, which the model enforces)"),
-    "resume": (False, "continue the interrupted run in out-dir from its checkpoint.pt"),
-}
-
 
 class FederationFailed(RuntimeError):
     """No client contributed to any round: the run directory is written, but there is nothing to certify."""
@@ -129,8 +112,8 @@ def parse_overrides(text: str) -> list[str]:
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
     """The crfl Config named by a Flower run config (preset < config file < overrides)."""
     preset = str(run_config.get("preset", RUN_CONFIG["preset"][0])).strip() or None
-    cfile = str(run_config.get("config-file", "")).strip() or None
-    return resolve(preset, cfile, parse_overrides(str(run_config.get("overrides", ""))))
+    cfile = str(run_config.get("config-file", RUN_CONFIG["config-file"][0])).strip() or None
+    return resolve(preset, cfile, parse_overrides(str(run_config.get("overrides", RUN_CONFIG["overrides"][0]))))
 
 
 def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -180,8 +163,9 @@ def parse_node_partitions(text: str) -> dict[int, int] | None:
 
 
 def sampling_from_run_config(rc: dict[str, Any]) -> Sampling:
-    count = check_int("sample-count", rc.get("sample-count", 0), low=0)
-    fraction = check_real("sample-fraction", rc.get("sample-fraction", 1.0), low=0.0, high=1.0, low_open=True)
+    count = check_int("sample-count", rc.get("sample-count", RUN_CONFIG["sample-count"][0]), low=0)
+    fraction = check_real("sample-fraction", rc.get("sample-fraction", RUN_CONFIG["sample-fraction"][0]),
+                          low=0.0, high=1.0, low_open=True)
     if count:
         return Sampling(count=count)
     return Sampling(fraction=fraction) if fraction < 1.0 else Sampling()
