@@ -52,7 +52,7 @@ from crfl.driver import BaseRound, Finish, RoundOutput, attack_record
 from crfl.local import local_round
 from crfl.rng import numpy_generator
 from crfl.server import server_step
-from crfl.setup import Setup, _eval_inputs
+from crfl.setup import Setup, evaluation_inputs
 from crfl.validation import ConfigError, fail
 
 #: m*(x) of a point whose prediction is not certified even without malicious clients (sampled kind).
@@ -343,7 +343,7 @@ class EnsembleRound(BaseRound):
     def evaluate(self, params: torch.Tensor) -> tuple[float, float]:
         """(clean, backdoor) accuracy of the ensemble's plurality vote."""
         setup = self.setup
-        c = _eval_inputs(setup)
+        c = evaluation_inputs(setup)
         X = c.get("X")
         if X is None:
             from crfl.setup import model_inputs

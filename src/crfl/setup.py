@@ -47,7 +47,7 @@ class Setup:
     sigma: SigmaSchedule
     dtype: torch.dtype
     w0: torch.Tensor  # the initial model w_0 (Algorithm 1's server input), from the run's "init" stream
-    #: the per-round evaluation's test inputs; owned by :func:`_eval_inputs` (filled on first use)
+    #: the per-round evaluation's test inputs; owned by :func:`evaluation_inputs` (filled on first use)
     eval_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
     #: (max ||x||, min x_j, max x_j) of the clean training inputs; owned by
     #: :func:`crfl.certify.training_input_stats` (None until computed)
@@ -200,7 +200,7 @@ def predict(setup: Setup, params: torch.Tensor, x: np.ndarray | torch.Tensor, tr
 EVAL_CACHE_BYTES = 512 * 1024**2
 
 
-def _eval_inputs(setup: Setup) -> dict[str, Any]:
+def evaluation_inputs(setup: Setup) -> dict[str, Any]:
     """Test inputs for the per-round evaluation, as model-ready floats when they fit in 512 MiB."""
     c = setup.eval_inputs
     if not c:
@@ -218,7 +218,7 @@ def _eval_inputs(setup: Setup) -> dict[str, Any]:
 def evaluate(setup: Setup, params: torch.Tensor) -> tuple[float, float]:
     """(clean test accuracy, backdoor accuracy = attack success on triggered non-target test points)."""
     ds = setup.dataset
-    c = _eval_inputs(setup)
+    c = evaluation_inputs(setup)
     y, mask = c["y"], c["mask"]
     p = params.to(setup.dtype)
     if "X" in c:
