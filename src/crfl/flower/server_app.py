@@ -57,6 +57,7 @@ from crfl.flower.deploy.waits import shorten_object_backoff
 from crfl.flower.strategy import CRFL, PackageAggregation, RoundLog, Sampling
 from crfl import rundir
 from crfl.driver import BaseRound, Finish, RoundOutput, RunState, TrainResult, attack_record, drive
+from crfl.ensemble import build_groups, fix_sample_seed, is_ensemble
 from crfl.setup import Setup, prepare
 from crfl.validation import ConfigError, check_int, check_real, fail
 
@@ -67,7 +68,16 @@ REPLY_POLL_INTERVAL = 0.02
 
 
 def send_and_receive(grid: Grid, messages: list, timeout: float, poll_interval: float = REPLY_POLL_INTERVAL) -> list:
+    """The replies of :func:`push_and_pull`."""
+    return push_and_pull(grid, messages, timeout, poll_interval)[1]
+
+
+def push_and_pull(
+    grid: Grid, messages: list, timeout: float, poll_interval: float = REPLY_POLL_INTERVAL
+) -> tuple[list[str], list]:
     """Push a round's messages, then pull their replies every ``poll_interval`` s until all came or ``timeout`` s passed.
+
+    Returns the pushed messages' ids (in the order of ``messages``) and the replies.
 
     Flower's ``Grid.send_and_receive`` does the same, but the deployment Grid of flwr 1.41
     sleeps 3 s between two pulls, and retries a reply's objects that are not there yet after
@@ -77,7 +87,8 @@ def send_and_receive(grid: Grid, messages: list, timeout: float, poll_interval: 
         import flwr.superlink.grid.http_grid as http_grid
 
         shorten_object_backoff(http_grid)
-    waiting = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))
+    waiting = set(ids)
     deadline = time.monotonic() + timeout
     replies: list = []
     while waiting:
@@ -87,7 +98,7 @@ def send_and_receive(grid: Grid, messages: list, timeout: float, poll_interval: 
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(poll_interval)
-    return replies
+    return ids, replies
 
 
 class FederationFailed(RuntimeError):
@@ -356,34 +367,52 @@ def run_federation(
     resume: bool = False,
     stop_after: int | None = None,
     input_norm_bound: float | None = None,
+    ensemble_strategies: list[CRFL] | None = None,
+    seed_drawn: bool | None = None,
 ) -> FlowerRun:
     """Run Algorithm 1 over a Flower grid into ``out_dir`` (through :func:`crfl.driver.drive`) and
     (optionally) certify the result.
 
     ``resume`` continues the run in ``out_dir`` from its checkpoint (the same configuration,
     sampling and noise seed are required); ``stop_after`` ends after that round (tests of resume).
+    An ensemble configuration (``ensemble.kind``) trains its G group models
+    (:class:`crfl.flower.ensemble.FlowerEnsembleRound`, one strategy per group).
     """
     round_timeout = check_real("round-timeout", round_timeout, low=0.0, low_open=True)
     setup = with_input_norm_bound(setup, input_norm_bound)
     cfg, T = setup.cfg, setup.rounds
-    strategy = strategy if strategy is not None else build_strategy(setup)
-    if strategy.rounds != T:
-        raise ConfigError(f"The strategy was built for T = {strategy.rounds} rounds but the run has T = {T}.")
-    if strategy.num_clients != setup.data.num_clients:
-        raise ConfigError(f"The strategy was built for N = {strategy.num_clients} clients but the run has N = {setup.data.num_clients}.")
     if cfg.certify.twin:
         log.warning("certify.twin: the clean twin run is a simulator feature; the Flower run trains no twin.")
-    step = FlowerRound(setup, grid, strategy, round_timeout, _bound_provenance(cfg, input_norm_bound))
+    if is_ensemble(cfg):
+        from crfl.flower.ensemble import FlowerEnsembleRound, group_strategies
+
+        if strategy is not None:
+            raise ConfigError("An ensemble run (ensemble.kind != none) builds one CRFL strategy per group: pass "
+                              "'ensemble_strategies' (crfl.flower.ensemble.group_strategies), not 'strategy'.")
+        groups = build_groups(cfg, setup.data.num_clients)
+        strategies = ensemble_strategies if ensemble_strategies is not None else group_strategies(
+            setup, groups, lambda: default_inner_strategy(setup))
+        step: BaseRound = FlowerEnsembleRound(setup, groups, grid, strategies, round_timeout, seed_drawn)
+        what = f"an ensemble of G = {groups.G} {groups.kind} group models"
+        history: dict[int, RoundLog] = {}
+    else:
+        strategy = strategy if strategy is not None else build_strategy(setup)
+        if strategy.rounds != T:
+            raise ConfigError(f"The strategy was built for T = {strategy.rounds} rounds but the run has T = {T}.")
+        if strategy.num_clients != setup.data.num_clients:
+            raise ConfigError(f"The strategy was built for N = {strategy.num_clients} clients but the run has N = {setup.data.num_clients}.")
+        step = FlowerRound(setup, grid, strategy, round_timeout, _bound_provenance(cfg, input_norm_bound))
+        what = f"{strategy.sampling.describe()}, aggregation {type(strategy.strategy).__name__}"
+        history = strategy.history
     run = rundir.resume_run(out_dir, param="out-dir") if resume else rundir.create_run(out_dir, param="out-dir")
     with run:
         if resume:
             log.info("Resuming the Flower run in %s.", run.path.resolve())
-        log.info("crfl over Flower: %d clients (%s), T = %d rounds, aggregation %s; run directory %s",
-                 setup.data.num_clients, strategy.sampling.describe(), T, type(strategy.strategy).__name__,
-                 run.path.resolve())
+        log.info("crfl over Flower: %d clients (%s), T = %d rounds; run directory %s",
+                 setup.data.num_clients, what, T, run.path.resolve())
         res = drive(setup, step, run, resume=resume, checkpoint_every=1, stop_after=stop_after)
     result = FlowerRun(**{f.name: getattr(res, f.name) for f in dataclasses.fields(TrainResult)},
-                       history=dict(strategy.history))
+                       history=dict(history))
     if not res.finished:
         return result
     out = res.out_dir
@@ -400,6 +429,17 @@ def run_federation(
         result.summary = certify_run(out, dataset=dataset)
         log_certification(result.summary)
     return result
+
+
+def _ensemble_seed(cfg: Config, out: Path, resume: bool) -> tuple[Config, bool | None]:
+    """The sampled ensemble's subset seed: the resumed run's (from its config.yaml), else drawn now from the OS."""
+    if cfg.ensemble.kind != "sampled" or cfg.ensemble.sample_seed is not None:
+        return cfg, False if cfg.ensemble.kind == "sampled" else None
+    if resume and (out / rundir.CONFIG).is_file():
+        saved = (rundir.RunDir(out).read_config().get("ensemble") or {}).get("sample_seed")
+        if saved is not None:
+            return cfg.replace(**{"ensemble.sample_seed": int(saved)}), None
+    return fix_sample_seed(cfg), True
 
 
 def _ensure_log_handler() -> None:
@@ -437,14 +477,27 @@ def make_server_app(
         out = Path(out_dir) if out_dir is not None else Path(str(rc["out-dir"]).format(run_id=context.run_id))
         noise_seed = check_int("noise-seed", rc["noise-seed"], low=-1)
         bound = check_real("input-norm-bound", rc["input-norm-bound"], low=-1.0)
+        c, drawn = _ensemble_seed(c, out, bool(rc["resume"]))
         setup = prepare(c, dataset)
-        strategy = build_strategy(
-            setup, inner, noise_seed=None if noise_seed < 0 else noise_seed, sampling=sampling_from_run_config(rc),
-            node_partitions=parse_node_partitions(str(rc["node-partitions"])),
-            node_timeout=check_real("node-timeout", rc["node-timeout"], low=0.0),
-        )
+        node_timeout = check_real("node-timeout", rc["node-timeout"], low=0.0)
+        partitions = parse_node_partitions(str(rc["node-partitions"]))
+        seed = None if noise_seed < 0 else noise_seed
+        strategy, strategies = None, None
+        if is_ensemble(setup.cfg):
+            from crfl.flower.ensemble import group_strategies
+
+            if sampling_from_run_config(rc) != Sampling():
+                raise ConfigError("The 'sample-fraction' and 'sample-count' run-config keys must stay 1.0 and 0 for an "
+                                  "ensemble: every group trains all its clients in every round.")
+            groups = build_groups(setup.cfg, setup.data.num_clients)
+            strategies = group_strategies(
+                setup, groups, (lambda: inner) if inner is not None else (lambda: default_inner_strategy(setup)),
+                noise_seed=seed, node_partitions=partitions, node_timeout=node_timeout)
+        else:
+            strategy = build_strategy(setup, inner, noise_seed=seed, sampling=sampling_from_run_config(rc),
+                                      node_partitions=partitions, node_timeout=node_timeout)
         run = run_federation(
-            grid, setup, out, strategy=strategy,
+            grid, setup, out, strategy=strategy, ensemble_strategies=strategies, seed_drawn=drawn,
             certify=bool(rc["certify"]) if certify is None else certify,
             round_timeout=float(rc["round-timeout"]) if round_timeout is None else round_timeout,
             dataset=dataset, resume=bool(rc["resume"]), input_norm_bound=bound if bound > 0 else None,

@@ -391,6 +391,11 @@ class CRFL(Strategy):
         node_timeout: seconds a round waits for the nodes of its sampled partitions to be
             connected; after that it goes on with those that are (the others count as missing).
         poll_interval: seconds between two looks at the connected nodes while waiting.
+        partitions: the partitions this strategy trains, all of them every round (an ensemble's
+            group; default: all N, sampled by ``sampling``).
+        roster: a binding shared with other strategies (the G groups of an ensemble share one).
+        noise_stream: extra indices of the noise generator, ``("server-noise", t, *noise_stream)``
+            (an ensemble's group g draws its own).
     """
 
     def __init__(
@@ -408,6 +413,9 @@ class CRFL(Strategy):
         node_partitions: Mapping[int, int] | None = None,
         node_timeout: float = 120.0,
         poll_interval: float = 0.2,
+        partitions: Sequence[int] | None = None,
+        roster: Roster | None = None,
+        noise_stream: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if strategy is not None and not isinstance(strategy, Strategy):
@@ -429,7 +437,17 @@ class CRFL(Strategy):
         self.noise_seed = self.seed if noise_seed is None else check_int("noise_seed", noise_seed, low=0)
         self.sampling = sampling if sampling is not None else Sampling()
         self.sampling.size(self.num_clients)  # validates a count against N
-        self.roster = Roster(self.num_clients, node_partitions)
+        if roster is not None and node_partitions is not None:
+            raise fail("roster", "a Roster or a node-partitions table, not both", "both")
+        self.roster = roster if roster is not None else Roster(self.num_clients, node_partitions)
+        self.partitions = None if partitions is None else sorted({int(p) for p in partitions})
+        if self.partitions is not None:
+            if not self.partitions or self.partitions[0] < 0 or self.partitions[-1] >= self.num_clients:
+                raise fail("partitions", f"a non-empty set of partition ids in [0, {self.num_clients - 1}]", partitions)
+            if self.sampling != Sampling():
+                raise fail("sampling", "every partition of the group (an ensemble's group trains all its clients)",
+                           self.sampling.describe())
+        self.noise_stream = tuple(int(i) for i in noise_stream)
         self.node_timeout = check_real("node-timeout", node_timeout, low=0.0)
         self.poll_interval = check_real("poll_interval", poll_interval, low=0.0, low_open=True)
         self.history: dict[int, RoundLog] = {}
@@ -451,7 +469,9 @@ class CRFL(Strategy):
         self.strategy.summary()
 
     def sample(self, t: int) -> list[int]:
-        """S_t, the partitions asked to train in round t."""
+        """S_t, the partitions asked to train in round t (a group's: all its partitions)."""
+        if self.partitions is not None:
+            return list(self.partitions)
         return self.sampling.sample(self.seed, t, self.num_clients)
 
     def _wait_for_nodes(self, t: int, sampled: list[int], grid: Grid) -> set[int]:
@@ -557,7 +577,7 @@ class CRFL(Strategy):
 
         new, info = server_step(
             w_prev, update, t=t, rounds=self.rounds, rho_t=self.rho(t),
-            sigma_t=self.sigma(t) if t < self.rounds else 0.0, seed=self.noise_seed,
+            sigma_t=self.sigma(t) if t < self.rounds else 0.0, seed=self.noise_seed, stream=self.noise_stream,
         )
         if t in self.keep_pre_noise and info.pre_noise is not None:
             self.pre_noise[t] = info.pre_noise
