@@ -251,3 +251,36 @@ def test_replaced_groups_never_flip_a_certified_point_and_m_star_is_tight(tmp_pa
             flipped += int(got != A)
             assert got != A, (i, m)
     assert checked > 100 and flipped > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps of ensembles: certified accuracy against m in results.csv and a figure
+
+
+def test_ensemble_sweep_writes_client_level_rows_and_a_figure(tmp_path):
+    import yaml
+
+    from crfl.io import read_csv
+    from crfl.plots import plot_sweep
+    from crfl.sweep import sweep
+
+    spec = {
+        "name": "ens", "title": "ensemble sweep",
+        "base": {"preset": "demo", "set": {"server.rounds": 2, "data.num_clients": 12, "attack.num_attackers": 0,
+                                           "ensemble.kind": "partition", "certify.num_test": 200}},
+        "grid": {"ensemble.groups": [3, 6]},
+        "malicious": [0, 1, 2],
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    rows = sweep(tmp_path / "s.yaml", tmp_path / "out", jobs=1, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    got = read_csv(tmp_path / "out" / "results.csv")
+    for r in got:
+        assert r["certificate"] == "client-level" and r["radius_certified"] == "False"
+        accs = [float(r[f"clean_cert_acc@m={m}"]) for m in (0, 1, 2)]
+        assert accs == sorted(accs, reverse=True) and accs[0] == pytest.approx(float(r["clean_ensemble_acc"]), abs=0.05)
+    # G = 3 certifies at most m = 1 (3 - m > m), so nothing at m = 2
+    g3 = next(r for r in got if r["ensemble.groups"] == "3")
+    assert float(g3["clean_cert_acc@m=2"]) == 0.0
+    figs = plot_sweep(tmp_path / "out")
+    assert any(p.name == "ens-client-level.png" for p in figs)

@@ -140,6 +140,40 @@ def _label(point: dict, keys: list[str]) -> str:
     return ", ".join(f"{short(k)}={point[k]}" for k in keys) or "base"
 
 
+def _sweep_client_level(items: list[tuple[str, dict, Path]], base: Path, title: str) -> list[Path]:
+    """Ensemble runs of a sweep: certified accuracy against the number m of malicious clients, one line per run."""
+    lines = []
+    for label, _, cdir in items:
+        f = cdir / "client_level_clean.csv"
+        if not f.is_file():
+            continue
+        data = {}
+        for which in ("clean", "backdoor"):
+            g = cdir / f"client_level_{which}.csv"
+            if g.is_file():
+                rows = read_csv(g)
+                data[which] = (np.array([int(r["m_star"]) for r in rows]), np.array([r["correct"] == "1" for r in rows]))
+        lines.append((label, data))
+    if not lines:
+        return []
+    top = max(int(m.max(initial=0)) for _, d in lines for m, _ in d.values()) + 2
+    ms = np.arange(0, max(top, 2))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, d) in enumerate(lines):
+        for which, ls in (("clean", "-"), ("backdoor", "--")):
+            if which in d:
+                m, ok = d[which]
+                ax.step(ms, [(ok & (m >= x)).mean() for x in ms], where="post", color=f"C{i % 10}", ls=ls,
+                        label=f"{label} ({which})")
+    ax.set_xlabel("number of malicious clients m")
+    ax.set_ylabel("certified accuracy (client-level)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, base)
+
+
 def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     """Figures for a sweep directory written by ``crfl sweep``: one set per certification setting.
 
@@ -188,6 +222,7 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
             by_cert.setdefault(group, []).append((label, j, runs / j["train_hash"] / f"cert-{h}"))
     for group, items in by_cert.items():
         suffix = "" if group == "all" else "-" + group.replace("=", "").replace(", ", "-")
+        out += _sweep_client_level(items, figs / f"{name}-client-level{suffix}", title)
         for which in ("clean", "backdoor"):
             curves = {}
             base = {}

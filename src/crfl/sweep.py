@@ -63,6 +63,7 @@ class Spec:
     cert_grid: dict[str, list[Any]]
     radii: list[float]
     kind: str = "train"
+    malicious: list[int] = field(default_factory=lambda: [0])  # m of the client-level curves (ensemble runs)
     numeric: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +73,7 @@ def spec_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("crfl.experiments").iterdir() if p.name.endswith(".yaml"))
 
 
-SPEC_KEYS = {"name", "title", "finding", "base", "grid", "certify", "radii", "kind", "numeric", "label", "notes"}
+SPEC_KEYS = {"name", "title", "finding", "base", "grid", "certify", "radii", "kind", "numeric", "label", "notes", "malicious"}
 NUMERIC_KEYS = {"p_a", "p_b", "sigma", "t_adv", "p", "gamma", "tau", "eta", "poison_ratio", "rho_t_adv",
                 "rho_over_sigma", "rounds"}
 
@@ -134,6 +135,9 @@ def load_spec(path_or_name: str | Path) -> Spec:
     if not isinstance(radii_raw, list):
         raise field_("radii", "a list of radii in [0, inf)", radii_raw)
     radii = [real(f"radii[{i}]", r) for i, r in enumerate(radii_raw)]
+    mal_raw = raw.get("malicious") or [0]
+    if not isinstance(mal_raw, list) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in mal_raw):
+        raise field_("malicious", "a list of integers m >= 0 (numbers of malicious clients)", mal_raw)
     numeric = mapping("numeric", raw.get("numeric"), NUMERIC_KEYS)
     for k, v in numeric.items():
         for x in v if isinstance(v, list) else [v]:
@@ -151,6 +155,7 @@ def load_spec(path_or_name: str | Path) -> Spec:
         cert_set=dict(mapping("certify.set", cert.get("set"))),
         cert_grid=grid_of("certify.grid", cert.get("grid")),
         radii=radii,
+        malicious=[int(m) for m in mal_raw],
         kind=kind,
         numeric=dict(numeric),
         label=raw.get("label"),
@@ -246,8 +251,10 @@ def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any
     tr = s.get("training", {})
     out["final_clean_acc"] = tr.get("final_clean_acc")
     out["final_backdoor_acc"] = tr.get("final_backdoor_acc")
-    res = s.get("results", {})
+    res = s.get("results") or {}
     cdir = run_root / row["train_hash"] / f"cert-{row['cert_hash']}"
+    if (s.get("certificate") or {}).get("reading") == "client-level":
+        return _client_level_row(spec, row, out, s, cdir)
     for k in ("clean", "backdoor"):
         r = res.get(k, {})
         out[f"{k}_base_acc"] = r.get("base_accuracy")
@@ -262,6 +269,32 @@ def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any
             for r_, a_, c_ in zip(spec.radii, acc, rate):
                 out[f"{k}_cert_acc@{r_:g}"] = float(a_)
                 out[f"{k}_cert_rate@{r_:g}"] = float(c_)
+    out["train_seconds"] = row.get("train_seconds")
+    out["wall_seconds"] = row.get("wall_seconds")
+    out["error"] = row.get("error")
+    return out
+
+
+def _client_level_row(spec: Spec, row: dict[str, Any], out: dict[str, Any], s: dict[str, Any], cdir: Path) -> dict[str, Any]:
+    """An ensemble run's row: the ensemble's accuracy and certified accuracy at each m of ``spec.malicious``."""
+    cert = s.get("certificate") or {}
+    out["certificate"] = "client-level"
+    out["client_level_certified"] = cert.get("client_level_certified")
+    out["radius_certified"] = False
+    for k in ("clean", "backdoor"):
+        r = (s.get("client_level") or {}).get(k) or {}
+        out[f"{k}_ensemble_acc"] = r.get("ensemble_accuracy")
+        out[f"{k}_abstain"] = r.get("abstain_rate")
+        out[f"{k}_median_m_star"] = r.get("median_m_star")
+        f = cdir / f"client_level_{k}.csv"
+        if row["status"] == "ok" and f.is_file():
+            from crfl.io import read_csv
+
+            rows = read_csv(f)
+            m_star = [int(x["m_star"]) for x in rows]
+            ok = [x["correct"] == "1" for x in rows]
+            for m in spec.malicious:
+                out[f"{k}_cert_acc@m={m}"] = sum(o and ms >= m for o, ms in zip(ok, m_star)) / max(1, len(rows))
     out["train_seconds"] = row.get("train_seconds")
     out["wall_seconds"] = row.get("wall_seconds")
     out["error"] = row.get("error")
