@@ -116,13 +116,115 @@ def client_cost(setup) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+ENSEMBLE_BEGIN, ENSEMBLE_END = "<!-- ensemble: begin -->", "<!-- ensemble: end -->"
+
+
+def ensemble_rounds(ds, models: list[str], G: int = 100, N: int = 1000, rounds: int = 3) -> dict:
+    """Seconds per round: G group models over N clients (one batched round) against one global model
+    over the same N clients; the work is the same (every client trains once from its model)."""
+    from crfl.train import SimulatorRound, simulator_round
+
+    out = {}
+    for name in models:
+        base = {"data.name": ds.name, "data.num_clients": N, "model.name": name, "attack.num_attackers": 0}
+        setup = prepare(resolve("flcert", None, {**base, "ensemble.groups": G}), ds)
+        ens, single = simulator_round(setup), SimulatorRound(setup)
+        times = {}
+        for label, step in (("single", single), ("ensemble", ens)):
+            p = step.init_params()
+            p = step(p, 1).params  # warm-up
+            ts = []
+            for t in range(2, rounds + 2):
+                t0 = time.perf_counter()
+                p = step(p, t).params
+                ts.append(time.perf_counter() - t0)
+            times[label] = statistics.median(ts)
+        out[name] = {"single_s": times["single"], "ensemble_s": times["ensemble"],
+                     "ratio": times["ensemble"] / times["single"], "G": G, "N": N}
+    return out
+
+
+def ensemble_headline(model: str) -> dict:
+    """The headline experiment end to end in one process: train G = 100 models over N = 1,000 clients
+    (the flcert preset) and certify them (client-level), timed from process start to summary written."""
+    d = Path(tempfile.mkdtemp(prefix="crfl-bench-ens-"))
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "crfl.cli", "run", "--preset", "flcert", "--set", f"model.name={model}",
+                            "--out", str(d / "run"), "--quiet"], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            return {"model": model, "error": p.stderr.strip().splitlines()[-1:]}
+        s = json.loads((d / "run" / "summary.json").read_text())
+        curve = {c["m"]: c["certified_accuracy"] for c in s["client_level"]["clean"]["curve"]}
+        return {"model": model, "wall_s": wall, "train_s": s["training"]["seconds"],
+                "certify_s": s.get("certify_seconds"), "accuracy": s["client_level"]["clean"]["ensemble_accuracy"],
+                "cert_acc_m20": curve.get(20, 0.0), "cert_acc_m10": curve.get(10, 0.0)}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def render_ensemble(E: dict, date: str, machine: dict) -> str:
+    lines = [ENSEMBLE_BEGIN, "", "## Ensembles: G group models in one batched round (client-level certificate)", "",
+             f"Measured {date} on {machine['cpu']}, {machine['cores']} cores; `python -m benchmarks --only ensemble` "
+             "re-measures this section alone.", "",
+             f"One round of G = {next(iter(E['rounds'].values()))['G']} group models over N = "
+             f"{next(iter(E['rounds'].values()))['N']} clients against one round of a single global model over the same "
+             f"clients ({E['data']}, n_B = 10, tau = 6; median of 3 rounds). Target: the ensemble costs <= 1.3x.", "",
+             "| model | single model, s/round | G-group ensemble, s/round | ratio | target |", "|---|---|---|---|---|"]
+    for name, r in E["rounds"].items():
+        lines.append(f"| {name} | {r['single_s']:.3f} | {r['ensemble_s']:.3f} | {r['ratio']:.2f}x | "
+                     f"{'met' if r['ratio'] <= 1.3 else '**missed**'} |")
+    lines += ["", "The headline experiment end to end (`crfl run --preset flcert --set model.name=MODEL`: train T = 20 "
+              "rounds of G = 100 models over N = 1,000 clients, certify 10,000 clean and 10,000 backdoored test points; "
+              "process start to summary written):", "",
+              "| model | wall time | training | certification | ensemble accuracy | certified accuracy m = 10 | m = 20 |",
+              "|---|---|---|---|---|---|---|"]
+    for h in E["headline"]:
+        if "error" in h:
+            lines.append(f"| {h['model']} | failed: {h['error']} | | | | | |")
+            continue
+        lines.append(f"| {h['model']} | {h['wall_s']:.0f} s | {h['train_s']:.0f} s | {h['certify_s']:.1f} s | "
+                     f"{h['accuracy']:.3f} | {h['cert_acc_m10']:.3f} | {h['cert_acc_m20']:.3f} |")
+    lines += ["", ENSEMBLE_END, ""]
+    return "\n".join(lines)
+
+
+def splice(text: str, section: str) -> str:
+    """``text`` with its ensemble section replaced by ``section`` (appended when it has none)."""
+    if ENSEMBLE_BEGIN in text and ENSEMBLE_END in text:
+        a, b = text.index(ENSEMBLE_BEGIN), text.index(ENSEMBLE_END) + len(ENSEMBLE_END)
+        return text[:a] + section.rstrip("\n") + text[b:]
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def ensemble_section(quick: bool) -> tuple[dict, str]:
+    from crfl.model import model_names
+
+    ds, name = fashion_or_synthetic()
+    models = ["logistic"] + (["cnn"] if "cnn" in model_names() else [])
+    E = {"data": name, "rounds": ensemble_rounds(ds, models, rounds=2 if quick else 3)}
+    E["headline"] = [ensemble_headline(m) for m in models] if name != "synthetic" else []
+    return E, name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=["ensemble"], help="re-measure one section and replace it in --out")
     a = ap.parse_args()
     rep = 3 if a.quick else 5
+    if a.only == "ensemble":
+        date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        machine = {"cpu": _cpu_name(), "cores": os.cpu_count()}
+        print("ensembles ...", flush=True)
+        E, _ = ensemble_section(a.quick)
+        out = Path(a.out)
+        out.write_text(splice(out.read_text() if out.is_file() else "# Benchmarks\n", render_ensemble(E, date, machine)))
+        print(json.dumps(E, indent=2))
+        return
     R: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     R["machine"] = {
         "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -160,8 +262,10 @@ def main() -> None:
 
     print("end to end ...", flush=True)
     R["e2e"] = end_to_end(ds)
+    print("ensembles ...", flush=True)
+    R["ensemble"], _ = ensemble_section(a.quick)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(render(R))
+    Path(a.out).write_text(splice(render(R), render_ensemble(R["ensemble"], R["date"], R["machine"])))
     if a.json:
         Path(a.json).write_text(json.dumps(R, indent=2))
     print(json.dumps(R, indent=2))
