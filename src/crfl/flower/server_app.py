@@ -233,6 +233,14 @@ def _bound_provenance(cfg: Config, run_config_bound: float | None) -> str:
 def log_certification(summary: dict[str, Any]) -> None:
     """Log the certificate's headline as ``crfl run`` prints it: the fraction certified at the attack's ||delta||."""
     cert, res = summary.get("certificate") or {}, summary.get("results") or {}
+    if cert.get("reading") == "client-level":
+        log.info("Certificate: client-level (%s, G = %s), certified: %s", cert.get("kind"), cert.get("groups"),
+                 cert.get("client_level_certified"))
+        for k in ("clean", "backdoor"):
+            curve = {c["m"]: c["certified_accuracy"] for c in ((summary.get("client_level") or {}).get(k) or {}).get("curve", [])}
+            shown = ", ".join(f"m = {m}: {curve[m]:.4f}" for m in (0, 1, 2, 5, 10, 20) if m in curve)
+            log.info("  %-8s certified accuracy against m malicious clients: %s", k, shown)
+        return
     delta = cert.get("delta_norm")
     log.info("Certificate: reading %s, radius certified: %s, B_0 = %s (%s)", cert.get("reading"),
              cert.get("radius_certified"), cert.get("input_norm_bound"), cert.get("input_norm_source"))
