@@ -108,3 +108,26 @@ def test_an_ensemble_takes_group_strategies_not_one(tmp_path):
     setup = prepare(cfg, ds)
     with pytest.raises(ConfigError, match="builds one CRFL strategy per group"):
         run_federation(LocalGrid(make_client_app(ds), 12), setup, tmp_path / "x", strategy=build_strategy(setup))
+
+
+def test_server_app_draws_the_sampled_subsets_and_certifies(tmp_path):
+    import yaml
+
+    from crfl.flower.server_app import make_server_app
+    from tests.support.grid import run_local
+
+    ds = synthetic_images()
+    cfg = ens_config(**{"ensemble.kind": "sampled", "ensemble.groups": 5, "ensemble.clients_per_model": 3,
+                        "data.num_clients": 8, "server.rounds": 2})
+    assert cfg.ensemble.sample_seed is None
+    run_local(make_server_app(cfg, tmp_path / "run", dataset=ds), make_client_app(ds), 8)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert isinstance(saved["ensemble"]["sample_seed"], int)
+    assert saved["provenance"]["ensemble"]["sample_seed_drawn"] is True and saved["provenance"]["engine"] == "flower"
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["certificate"]["reading"] == "client-level" and s["certificate"]["client_level_certified"] is True
+    # the subsets are the ones the recorded seed gives
+    from crfl.ensemble import sampled_groups
+
+    members = torch.load(tmp_path / "run" / rundir.MODEL, weights_only=True)["ensemble"]["members"]
+    assert [list(m) for m in sampled_groups(8, 5, 3, saved["ensemble"]["sample_seed"]).members] == members
