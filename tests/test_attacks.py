@@ -331,11 +331,12 @@ def test_backdoor_kind_is_the_paper_attack_bit_for_bit(tmp_path, ds, trigger):
 # --- the paper's certificate does not apply to the other kinds ------------------------------------
 
 
-@pytest.mark.parametrize("reading", ["coupled", "paper"])
+@pytest.mark.parametrize("reading", ["coupled", "mixture", "paper"])
 def test_certify_refuses_a_radius_under_other_kinds(tmp_path, ds, reading):
     from crfl.certify import certify_run
 
-    cfg = config("sign-flip", {"scale": 2.0}, **{"certify.M": 50, "certify.num_test": 20, "certify.reading": reading})
+    cfg = config("sign-flip", {"scale": 2.0}, **{"certify.M": 50, "certify.num_test": 20, "certify.reading": reading,
+                                                  "certify.training_samples": 4})
     res = train(cfg, tmp_path / "r", dataset=ds)
     assert [e["round"] for e in res.attack_log] == [T_ADV]
     summary = certify_run(tmp_path / "r", dataset=ds)

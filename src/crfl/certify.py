@@ -564,7 +564,8 @@ class Certifier:
 
     def _continuations(self, twin: bool) -> torch.Tensor:
         if twin not in self._finals:
-            t_adv = self.ing.terms[0].round
+            # no terms when a radius blocker holds: the first attack round is then the kept aggregate's
+            t_adv = self.ing.terms[0].round if self.ing.terms else int(self.state.get("round", -1))
             key = "twin_pre_noise" if twin else "pre_noise"
             if key not in self.state or int(self.state.get("round", -1)) != t_adv:
                 raise ConfigError(
