@@ -171,6 +171,10 @@ def _terms(attack_log: list[dict[str, Any]]) -> tuple[AttackTerm, ...]:
 def radius_blockers(setup: Setup, attack_log: list[dict[str, Any]]) -> list[str]:
     """Why no radius can be computed for this run at all (empty: a radius can be computed)."""
     out = []
+    if setup.plan.attack != "backdoor":
+        out.append(f"The attack kind {setup.plan.attack!r} is not the paper's backdoor (a trigger of norm ||delta|| with the "
+                   "label swap and gamma scaling): the certificate's threat model does not cover it, so no radius is "
+                   "certified; the vote margins (p_a_lower, p_b_upper) are reported.")
     if not setup.model.is_linear:
         out.append(f"The model {setup.model.name!r} is not linear: the certificates need a convex, smooth loss with a known "
                    "L_Z, so no radius is certified; the vote margins (p_a_lower, p_b_upper) are reported.")
@@ -572,8 +576,8 @@ class Certifier:
             self.paper = certificate_ingredients(setup, attack_log, training_input_norm_bound(setup))
             self.report = paper_report(setup, self.paper, attack_log)
             self.delta_norm = self.paper.delta_norm
-            self.radius_ok = self.linear and self.paper.p is not None
             blockers = radius_blockers(setup, attack_log)
+            self.radius_ok = self.linear and self.paper.p is not None and not blockers
             if blockers:
                 self.report["note"] = " ".join(blockers)
         else:
@@ -595,7 +599,8 @@ class Certifier:
 
     def _continuations(self, twin: bool) -> torch.Tensor:
         if twin not in self._finals:
-            t_adv = self.ing.terms[0].round
+            # no terms when a radius blocker holds: the first attack round is then the kept aggregate's
+            t_adv = self.ing.terms[0].round if self.ing.terms else int(self.state.get("round", -1))
             key = "twin_pre_noise" if twin else "pre_noise"
             if key not in self.state or int(self.state.get("round", -1)) != t_adv:
                 raise ConfigError(

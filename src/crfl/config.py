@@ -7,7 +7,9 @@ resolved configuration, with every parameter, is written next to every result
 
 Symbols follow the paper: ``clients.lr`` = eta, ``clients.batch_size`` = n_B,
 ``clients.local_iters`` = tau (or ``local_epochs``), ``attack.poison_per_batch``
-= q_B, ``attack.gamma`` = gamma, ``attack.rounds`` = t_adv, ``server.rounds`` =
+= q_B, ``attack.gamma`` = gamma, ``attack.rounds`` = t_adv (``attack.every: 1``: every
+round), ``attack.kind`` what the attackers do (the paper's ``backdoor`` by default; the kinds
+and their ``attack.options`` are in :mod:`crfl.attacks`), ``server.rounds`` =
 T, ``server.rho`` = rho_t, ``server.sigma`` = sigma_t, ``certify.sigma_T``,
 ``certify.M``, ``certify.alpha``.
 """
@@ -79,6 +81,8 @@ class AttackConfig:
     pixels: list[list[int]] = field(default_factory=lambda: [list(p) for p in PAPER_PIXELS])
     features: list[str] | None = None
     dba_parts: int | None = None
+    kind: str = "backdoor"  # backdoor (the paper's) | label-flip | sign-flip | gaussian | adaptive | a registered name
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's options, e.g. {scale: 10} (crfl.attacks)
 
 
 @dataclass(frozen=True)

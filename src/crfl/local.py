@@ -6,7 +6,9 @@ the batches of client i in round t are a pure function of (seed, t, i)
 and a Flower ClientApp training one partition compute the same update for that client. In an
 attack round an attacker poisons the first q_B samples of every batch (trigger delta_x added,
 label swapped to the target) and scales its update by gamma (model replacement:
-w~_{t-1} + gamma (w_i - w~_{t-1})).
+w~_{t-1} + gamma (w_i - w~_{t-1})). Under another attack kind (``attack.kind``,
+:mod:`crfl.attacks`) an attacker relabels its shard before local SGD (data level) or replaces
+its row of the updates after it (update level).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from crfl.attacks import BACKDOOR, GroupInfo, attack_update, lookup_attack, relabel_shards
 from crfl.clients import Poison, PoisonStats, client_round_batches, local_updates, poison_ratio_per_step, poison_slots, round_batches
 from crfl.setup import Setup
+from crfl.validation import ConfigError
 
 
 @dataclass
@@ -46,6 +50,7 @@ def local_round(
     attacking: bool = True,
     trigger: bool = True,
     scaling: bool = True,
+    groups: Sequence[GroupInfo | None] | None = None,
 ) -> LocalRound:
     """Round t's local training of ``clients`` (default: all N, batched) from w~_{t-1} = ``params``.
 
@@ -56,6 +61,11 @@ def local_round(
     paper's D against D'): the same batches, the attackers' poisoned slots keep the target label
     and the gamma scaling, only the trigger delta_x is left out. ``attacking=False`` drops the
     poisoning altogether (no label swap either); ``scaling=False`` drops the model replacement.
+
+    Other attack kinds: ``attacking=False`` drops the attack (the attackers train honestly); the
+    twin (``trigger=False``) attacks as the run does, as these kinds have no trigger. ``groups``
+    (one :class:`~crfl.attacks.GroupInfo` or None per row) is what an update-level attacker knows
+    of its group in an ensemble; None: the federation is one group.
     """
     cfg, plan = setup.cfg, setup.plan
     n_B = cfg.clients.batch_size
@@ -79,9 +89,21 @@ def local_round(
                     deltas[r] = plan.local_triggers[c].delta.to(setup.dtype)
         mask = poison_slots(idx, [r for r in range(len(rows)) if bad[r]], plan.poison_per_batch)
         poison = Poison(mask=mask, deltas=deltas, target=plan.target)
-    updates, stats = local_updates(setup.model, params, setup.data, idx, cfg.clients.lr, poison, setup.dtype)
-    if scaling:
+    level = lookup_attack(plan.attack).level
+    if groups is not None and len(groups) != len(rows):
+        raise ConfigError(f"The 'groups' parameter must hold one entry per row ({len(rows)}). Got {len(groups)} instead.")
+    data = setup.data
+    if attacking and level == "data" and any(bad):
+        data = relabel_shards(setup, t, rows, bad, idx)  # the attackers train on relabelled shards
+    updates, stats = local_updates(setup.model, params, data, idx, cfg.clients.lr, poison, setup.dtype)
+    if scaling and level == BACKDOOR:
         for r in range(len(rows)):
             if bad[r]:
                 updates[r] *= plan.gamma  # model replacement
+    if attacking and level == "update":
+        for r, c in enumerate(rows):
+            if bad[r]:  # the attacker sends what it chooses instead of its honest update
+                start = (params if params.dim() == 1 else params[r]).to(setup.dtype)
+                group = groups[r] if groups is not None else None
+                updates[r] = attack_update(setup, t, c, start, updates[r], group)
     return LocalRound(rows, updates, stats, idx, poison, [bool(b) for b in bad])

@@ -20,7 +20,7 @@ import torch
 
 import crfl
 from crfl import aggregation
-from crfl.attacks import AttackPlan, attack_rounds, backdoor_test_mask, build_plan
+from crfl.attacks import AttackEnv, AttackPlan, attack_rounds, backdoor_test_mask, build_plan
 from crfl.clients import ClientData, local_iterations
 from crfl.config import Config
 from crfl.data import Dataset, dataset_names, load_dataset
@@ -156,6 +156,10 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
         features=a.features,
         dba_num_parts=a.dba_parts,
         num_features=ds.num_features,
+        attack=a.kind,
+        attack_options=a.options,
+        env=AttackEnv(ds.num_classes, ds.num_features, int(a.target), len(ds.y_test),
+                      lambda ix: model_inputs(ds, ds.x_test[list(ix)], torch.float64)),
     )
     check_choice("aggregation.name", cfg.aggregation.name, aggregation.aggregator_names())
     dtype = torch.float32 if cfg.run.dtype == "float32" else torch.float64
