@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from crfl import aggregation, rundir
+from crfl.attacks import GroupInfo
 from crfl.bounds import select_and_bound
 from crfl.config import Config
 from crfl.driver import BaseRound, Finish, RoundOutput, attack_record
@@ -286,7 +287,7 @@ class EnsembleRound(BaseRound):
     def __call__(self, params: torch.Tensor, t: int, *, trigger: bool = True) -> RoundOutput:
         setup, cfg, plan = self.setup, self.setup.cfg, self.setup.plan
         start = params.index_select(0, torch.from_numpy(self._g))
-        loc = local_round(setup, start, t, self._c.tolist(), trigger=trigger)
+        loc = local_round(setup, start, t, self._c.tolist(), trigger=trigger, groups=self.group_info(params, t))
         new = torch.empty_like(params)
         norms, clipped, fixed = [], [], True
         p_attackers: list[float] = []
@@ -325,6 +326,20 @@ class EnsembleRound(BaseRound):
                 "attacker_weights_in_groups": p_attackers,
             })
         return RoundOutput(new, row, entry)
+
+    def group_info(self, params: torch.Tensor, t: int) -> list[GroupInfo | None] | None:
+        """What an attacker row knows of its group in an attack round (its start model, members, weights)."""
+        plan = self.setup.plan
+        if not plan.active(t) or not plan.attackers:
+            return None
+        out: list[GroupInfo | None] = []
+        for g, c in zip(self._g, self._c):
+            if plan.is_attacker(int(c)):
+                members = self.groups.members[int(g)]
+                out.append(GroupInfo(params[int(g)], members, self.setup.weights[list(members)].double(), int(g)))
+            else:
+                out.append(None)
+        return out
 
     def init_params(self) -> torch.Tensor:
         """Every group model starts from the run's w_0 (one initial model for all, as in FLCert)."""
