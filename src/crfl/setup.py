@@ -110,7 +110,7 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
     if module is not None:
         model = wrap_module(module, ds.num_features, ds.num_classes)
     else:
-        opts = {"hidden": cfg.model.hidden} if cfg.model.name == "mlp" else {}
+        opts = {"hidden": cfg.model.hidden} if cfg.model.name in ("mlp", "cnn") else {}
         model = build_model(cfg.model.name, ds.num_features, ds.num_classes, **opts)
     data = ClientData(
         x=torch.from_numpy(np.ascontiguousarray(ds.x_train)),
