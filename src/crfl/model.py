@@ -239,16 +239,19 @@ class CNNModel(ModuleModel):
     stacked along output channels applies w_k to X_k alone, and the fully connected layers are
     batched products (``bmm``) over K. The gradient of sum_k sum_j weight_kj CE_kj is then one
     autograd pass over that graph; client k's rows of it are the gradient of its own loss
-    (no term couples two clients). ``nn.Module`` code (``module``, ``predict``, Monte Carlo
+    (no term couples two clients). The activations are kept channels-last (N, H, W, K C physically),
+    the layout in which oneDNN's grouped convolutions are fast. ``nn.Module`` code (``module``, ``predict``, Monte Carlo
     smoothing) sees the plain :class:`LeNet`.
 
     Memory: the clients are processed in chunks of at most ``chunk_images`` images (at least
     one client per chunk), so the autograd working set is bounded by about
     ``chunk_images * bytes_per_image`` (see :attr:`bytes_per_image`) plus the (K, D)
-    parameters and gradients, whatever K is.
+    parameters and gradients, whatever K is (measured on 28x28: about 57 KB per image, within the
+    154 KB estimate). The default 512 is also the fastest on a 2-core CPU (about 26k images/s for
+    K = 1000, n_B = 10, against 15k in one 10k-image chunk: the working set stays in cache).
     """
 
-    def __init__(self, net: LeNet, num_features: int, num_classes: int, chunk_images: int = 4096) -> None:
+    def __init__(self, net: LeNet, num_features: int, num_classes: int, chunk_images: int = 512) -> None:
         super().__init__(net, num_features, num_classes, name="cnn")
         self.net = net
         self.chunk_images = check_int("chunk_images", chunk_images, low=1)
@@ -270,7 +273,9 @@ class CNNModel(ModuleModel):
         K, n, _ = X.shape
         s = net.side
         c1, c2 = net.conv1.out_channels, net.conv2.out_channels
-        h = X.reshape(K, n, s, s).transpose(0, 1)  # (n, K, s, s): client k is input channel k
+        # (n, K, s, s), client k as input channel k, stored channels-last: oneDNN's grouped convolutions
+        # (forward and backward) run 3-8x faster on CPU in that layout than in NCHW
+        h = X.reshape(K, n, s, s).transpose(0, 1).contiguous(memory_format=torch.channels_last)
         h = F.conv2d(h, p["conv1.weight"].reshape(K * c1, 1, 5, 5), p["conv1.bias"].reshape(K * c1), padding=2, groups=K)
         h = F.relu(F.max_pool2d(h, 2))
         w2 = p["conv2.weight"].reshape(K * c2, c1, 5, 5)
