@@ -213,8 +213,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", choices=["ensemble"], help="re-measure one section and replace it in --out")
+    ap.add_argument("--only", choices=["ensemble", "cnn"], default=None,
+                    help="ensemble: re-measure that section and replace it in --out; cnn: the CNN step and epoch, printed as JSON")
     a = ap.parse_args()
+    if a.only == "cnn":
+        print(json.dumps({"step": bench_cnn_round(), "epoch": bench_cnn_epoch()}, indent=2))
+        return
     rep = 3 if a.quick else 5
     if a.only == "ensemble":
         date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -364,6 +368,60 @@ def end_to_end(ds) -> dict:
                 "peak_rss_gib": peak_rss_gib()}
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_cnn_round(ks: tuple[int, ...] = (100, 1000), n_B: int = 10, rep: int = 3, lr: float = 0.01) -> dict:
+    """One local SGD step of the ``cnn`` model (LeNet, 28x28 inputs) for K clients x n_B images:
+    torch.func's vmap(grad) over the nn.Module (ModuleModel) against CNNModel's grouped convolution.
+    The two are timed alternately (best of ``rep``) so that load from other processes hits both alike."""
+    from crfl.model import ModuleModel, build_model
+
+    fast = build_model("cnn", 784, 10)
+    slow = ModuleModel(fast.net, 784, 10, name="cnn-vmap")
+    out: dict = {"model": "cnn", "num_params": fast.num_params, "n_B": n_B, "threads": torch.get_num_threads(), "K": {}}
+    g = torch.Generator().manual_seed(0)
+    for K in ks:
+        P = torch.stack([fast.init(g) for _ in range(K)])
+        X = torch.rand(K, n_B, 784, generator=g)
+        Y = torch.randint(0, 10, (K, n_B), generator=g)
+        W = torch.full((K, n_B), 1.0 / n_B)
+        times: dict[str, list[float]] = {"vmap": [], "grouped": []}
+        for i in range(rep + 1):
+            for name, m in (("vmap", slow), ("grouped", fast)):
+                t0 = time.perf_counter()
+                P2 = P - lr * m.loss_grad(P, X, Y, W)
+                if i > 0:  # the first pass warms up
+                    times[name].append(time.perf_counter() - t0)
+        del P2
+        row = {name: {"seconds": min(ts), "images_per_second": K * n_B / min(ts)} for name, ts in times.items()}
+        row["speedup"] = row["vmap"]["seconds"] / row["grouped"]["seconds"]
+        out["K"][K] = row
+    return out
+
+
+def bench_cnn_epoch(num_clients: int = 1000, per_client: int = 60, n_B: int = 10, rounds: int = 2) -> dict:
+    """One full local epoch (every client's tau = per_client / n_B steps, all clients batched) of the ``cnn``
+    model on Fashion-MNIST-sized data (or synthetic data of its shape), through crfl.local.local_round."""
+    from crfl.local import local_round
+
+    ds, name = fashion_or_synthetic()
+    cfg = resolve("mnist", None, {"data.name": "mnist-5k", "model.name": "cnn", "data.partition": "iid",
+                                  "data.num_clients": num_clients, "clients.batch_size": n_B,
+                                  "clients.local_epochs": 1, "clients.local_iters": None, "attack.num_attackers": 0})
+    keep = num_clients * per_client
+    ds = Dataset(name=ds.name, x_train=ds.x_train[:keep], y_train=ds.y_train[:keep], x_test=ds.x_test[:100],
+                 y_test=ds.y_test[:100], num_classes=ds.num_classes, input_scale=ds.input_scale, image_shape=ds.image_shape,
+                 class_names=ds.class_names, source=ds.source)
+    setup = prepare(cfg, ds)
+    params = setup.model.init(torch.Generator().manual_seed(0))
+    times = []
+    for t in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        loc = local_round(setup, params, t)
+        times.append(time.perf_counter() - t0)
+    return {"data": name, "num_clients": setup.data.num_clients, "tau": int(setup.tau.max()), "n_B": n_B,
+            "images_per_round": int(setup.tau.sum()) * n_B, "seconds_per_round": min(times), "all_seconds": times,
+            "updates_finite": bool(torch.isfinite(loc.updates).all()), "peak_rss_gib": peak_rss_gib()}
 
 
 def _cpu_name() -> str:

@@ -123,7 +123,7 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
     if module is not None:
         model = wrap_module(module, ds.num_features, ds.num_classes, input_bound=bound)
     else:
-        opts: dict[str, Any] = {"hidden": cfg.model.hidden} if cfg.model.name == "mlp" else {}
+        opts: dict[str, Any] = {"hidden": cfg.model.hidden} if cfg.model.name in ("mlp", "cnn") else {}
         model = build_model(cfg.model.name, ds.num_features, ds.num_classes, input_bound=bound, **opts)
     data = ClientData(
         x=torch.from_numpy(np.ascontiguousarray(ds.x_train)),
