@@ -239,9 +239,9 @@ class CNNModel(ModuleModel):
     stacked along output channels applies w_k to X_k alone, and the fully connected layers are
     batched products (``bmm``) over K. The gradient of sum_k sum_j weight_kj CE_kj is then one
     autograd pass over that graph; client k's rows of it are the gradient of its own loss
-    (no term couples two clients). The activations are kept channels-last (N, H, W, K C physically),
-    the layout in which oneDNN's grouped convolutions are fast. ``nn.Module`` code (``module``, ``predict``, Monte Carlo
-    smoothing) sees the plain :class:`LeNet`.
+    (no term couples two clients). The activations are kept channels-last (N, H, W, K C
+    physically), the layout in which oneDNN's grouped convolutions are fast. ``nn.Module`` code
+    (``module``, ``predict``, Monte Carlo smoothing) sees the plain :class:`LeNet`.
 
     Memory: the clients are processed in chunks of at most ``chunk_images`` images (at least
     one client per chunk), so the autograd working set is bounded by about
