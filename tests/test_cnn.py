@@ -117,3 +117,15 @@ def test_train_and_certify_end_to_end(tmp_path):
     assert s["smoothing"]["method"] == "monte-carlo"
     assert s["certificate"]["radius_certified"] is False
     assert s["results"]["clean"]["smoothed_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("side", [8, 28])
+def test_logits_shared_equal_the_module_per_model(side):
+    """m models on the same inputs (Monte Carlo smoothing's noisy models), in chunks of points."""
+    model, P, X, _, _ = _problem(side, 4, n=11, dtype=torch.float64, seed=3)
+    model = CNNModel(model.net.double(), side * side, 5, chunk_images=12)  # 3 points per chunk
+    Z = model.logits_shared(P, X[0])
+    assert Z.shape == (4, 11, 5)
+    for k in range(4):
+        torch.testing.assert_close(Z[k], _reference_net(side, 5, P[k], torch.float64)(X[0]), rtol=1e-10, atol=1e-12)
+    assert model.logits_shared(P, X[0, :0]).shape == (4, 0, 5)
