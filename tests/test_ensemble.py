@@ -284,3 +284,13 @@ def test_ensemble_sweep_writes_client_level_rows_and_a_figure(tmp_path):
     assert float(g3["clean_cert_acc@m=2"]) == 0.0
     figs = plot_sweep(tmp_path / "out")
     assert any(p.name == "ens-client-level.png" for p in figs)
+
+
+def test_cnn_ensemble_votes_equal_each_models_own_prediction():
+    ds = synthetic_images()
+    setup = prepare(ens_config(**{"model.name": "cnn", "ensemble.groups": 3}), ds)
+    P = torch.stack([setup.model.init(torch.Generator().manual_seed(g)) for g in range(3)])
+    X = torch.from_numpy(ds.x_test[:50]).float() / ds.input_scale
+    got = ensemble.ensemble_predictions(setup, P, X, chunk=7)
+    for g in range(3):
+        assert got[g].tolist() == setup.model.predict(P[g], X).tolist()

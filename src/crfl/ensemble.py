@@ -258,6 +258,12 @@ def ensemble_predictions(setup: Setup, params: torch.Tensor, X: torch.Tensor, ch
             Xi = model.input_map(X[i : i + chunk].to(setup.dtype))
             out[:, i : i + chunk] = torch.addmm(bt, Xi, Wt).view(-1, G, C).argmax(dim=2).T.numpy()
         return out
+    shared = getattr(model, "logits_shared", None)  # the CNN: G models on the same inputs in one pass
+    if shared is not None:
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                out[:, i : i + chunk] = shared(P, X[i : i + chunk].to(setup.dtype)).argmax(dim=2).numpy()
+        return out
     for g in range(G):
         for i in range(0, n, chunk):
             out[g, i : i + chunk] = model.predict(P[g], X[i : i + chunk].to(setup.dtype)).numpy()

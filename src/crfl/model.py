@@ -373,6 +373,7 @@ class CNNModel(ModuleModel):
         ``functional_call`` of the module (60k-120k against 12k model-image evaluations/s, 2 cores).
         """
         net = self.net
+        X = self.input_map(X)
         m, s = params.shape[0], net.side
         c1, c2 = net.conv1.out_channels, net.conv2.out_channels
         p = self.unflatten(params)
