@@ -315,10 +315,18 @@ class EnsembleRound(BaseRound):
                 for r, c in zip(rows, self._c[rows]):
                     if plan.is_attacker(int(c)) and agg.weights is not None:
                         p_attackers.append(float(agg.weights[list(rows).index(r)]))
+        row, entry = self.record(params, t, norms, clipped, fixed, p_attackers)
+        return RoundOutput(new, row, entry)
+
+    def record(self, params: torch.Tensor, t: int, norms: list[float], clipped: list[bool], fixed: bool,
+               attacker_weights: list[float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Round t's rounds.csv fields and attack.json entry, from the groups' norms (before the clip with
+        ``ensemble.server_step``, else of the new models), clip flags and the attackers' in-group weights."""
+        setup, plan, step = self.setup, self.setup.plan, self.setup.cfg.ensemble.server_step
         row: dict[str, Any] = {
             "norm_before_clip": max(norms),
-            "rho": setup.rho(t) if cfg.ensemble.server_step else None,
-            "sigma": (setup.sigma(t) if t < setup.rounds else 0.0) if cfg.ensemble.server_step else None,
+            "rho": setup.rho(t) if step else None,
+            "sigma": (setup.sigma(t) if t < setup.rounds else 0.0) if step else None,
             "clipped": int(any(clipped)),
             "attack": int(plan.active(t)),
             "aggregation_fixed_weights": int(fixed),
@@ -326,12 +334,11 @@ class EnsembleRound(BaseRound):
         entry = None
         if plan.active(t) and plan.attackers:
             first = self.groups.group_of(plan.attackers[0])
-            g0 = first[0] if first else 0
-            entry = attack_record(setup, t, params[g0], None, measured={
+            entry = attack_record(setup, t, params[first[0] if first else 0], None, measured={
                 "groups_of_attackers": {str(a): self.groups.group_of(a) for a in plan.attackers},
-                "attacker_weights_in_groups": p_attackers,
+                "attacker_weights_in_groups": attacker_weights,
             })
-        return RoundOutput(new, row, entry)
+        return row, entry
 
     def group_info(self, params: torch.Tensor, t: int) -> list[GroupInfo | None] | None:
         """What an attacker row knows of its group in an attack round (its start model, members, weights)."""

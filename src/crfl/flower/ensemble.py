@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from crfl import rundir
-from crfl.driver import Finish, RoundOutput, RunState, attack_record
+from crfl.driver import Finish, RoundOutput, RunState
 from crfl.ensemble import EnsembleRound, Groups
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
 from crfl.flower.strategy import CRFL, Roster
@@ -93,27 +93,12 @@ class FlowerEnsembleRound(EnsembleRound):
             norms.append(rec.norm_before_clip)
             clipped.append(rec.clipped)
             fixed &= bool(rec.fixed_weights)
-        step = setup.cfg.ensemble.server_step
-        row: dict[str, Any] = {
-            "norm_before_clip": max(norms) if step else max(float(torch.linalg.vector_norm(new[g].double()))
-                                                            for g in range(len(norms))),
-            "rho": setup.rho(t) if step else None,
-            "sigma": (setup.sigma(t) if t < setup.rounds else 0.0) if step else None,
-            "clipped": int(any(clipped)) if step else 0,
-            "attack": int(plan.active(t)),
-            "aggregation_fixed_weights": int(fixed),
-        }
-        entry = None
-        if plan.active(t) and plan.attackers:
-            first = self.groups.group_of(plan.attackers[0])
-            g0 = first[0] if first else 0
-            entry = attack_record(setup, t, params[g0], None, measured={
-                "groups_of_attackers": {str(a): self.groups.group_of(a) for a in plan.attackers},
-                "attacker_weights_in_groups": [
-                    w for g, s in enumerate(self.strategies) for a in plan.attackers
-                    if (w := s.history[t].weight_of(a)) is not None and a in self.groups.members[g]
-                ],
-            })
+        if not setup.cfg.ensemble.server_step:  # no clip: the norms of the new models
+            norms = [float(torch.linalg.vector_norm(new[g].double())) for g in range(len(norms))]
+            clipped = []
+        weights = [w for g, s in enumerate(self.strategies) for a in plan.attackers
+                   if a in self.groups.members[g] and (w := s.history[t].weight_of(a)) is not None]
+        row, entry = self.record(params, t, norms, clipped, fixed, weights)
         return RoundOutput(new, row, entry, None, {"round": t, "groups": logs})
 
     def identity(self) -> dict[str, Any]:
