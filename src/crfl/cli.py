@@ -179,6 +179,12 @@ def _fmt_radius(r: float | str | None) -> str:
     return "inf" if r in (math.inf, "inf") else f"{r:.4g}"
 
 
+def _print_failed_checks(summary: dict[str, Any]) -> None:
+    failed = [k for k, c in summary.get("assumptions", {}).get("checks", {}).items() if not c.get("holds")]
+    if failed:
+        print(f"  not certified: {', '.join(failed)} (see summary.json 'assumptions')")
+
+
 def _report_client_level(summary: dict[str, Any], run_dir: Path) -> None:
     """Print an ensemble's client-level certificate: certified accuracy against the number m of malicious clients."""
     cert, cl = summary["certificate"], summary.get("client_level") or {}
@@ -187,8 +193,7 @@ def _report_client_level(summary: dict[str, Any], run_dir: Path) -> None:
           f"clients{k}), certified: {cert.get('client_level_certified')}")
     print(f"  guarantee: {cert['guarantee']}")
     if not cert.get("client_level_certified"):
-        failed = [n for n, c in summary.get("assumptions", {}).get("checks", {}).items() if not c.get("holds")]
-        print(f"  not certified: {', '.join(failed)} (see summary.json 'assumptions')")
+        _print_failed_checks(summary)
     for name in ("clean", "backdoor"):
         r = cl.get(name)
         if not r:
@@ -219,9 +224,7 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
     if cert.get("guarantee"):
         print(f"  guarantee: {cert['guarantee']}")
     if not cert.get("radius_certified"):
-        failed = [k for k, c in summary.get("assumptions", {}).get("checks", {}).items() if not c.get("holds")]
-        if failed:
-            print(f"  not certified: {', '.join(failed)} (see summary.json 'assumptions')")
+        _print_failed_checks(summary)
     delta = cert.get("delta_norm")
     for k in ("clean", "backdoor"):
         r = res.get(k)
