@@ -28,7 +28,7 @@ def test_train_then_resume_then_certify(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--preset", "nope", "--out", "X"], "The 'preset' parameter must be one of 'demo', 'emnist', 'loan', 'mnist'. Got 'nope'"),
+        (["train", "--preset", "nope", "--out", "X"], "The 'preset' parameter must be one of 'demo', 'emnist', 'flcert', 'loan', 'mnist'. Got 'nope'"),
         (["train", "--dataset", "cifar", "--out", "X"], "The 'data.name' parameter must be one of"),
         (["train", "--set", "server.sigma=-1", "--out", "X"], "The 'server.sigma' parameter must be a float in [0, inf). Got -1"),
         (["train", "--set", "attack.poison_per_batch=500", "--out", "X"], "'attack.poison_per_batch' parameter must be an integer in [0, 100]"),
