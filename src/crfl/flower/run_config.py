@@ -13,7 +13,7 @@ from typing import Any
 
 #: key -> (default, meaning).
 RUN_CONFIG: dict[str, tuple[Any, str]] = {
-    "preset": ("demo", "crfl preset (demo, mnist, emnist, loan); empty for none"),
+    "preset": ("demo", "crfl preset (demo, mnist, emnist, loan, flcert); empty for none"),
     "config-file": ("", "a crfl YAML config file, layered over the preset"),
     "overrides": ("", "'key=value' overrides separated by ';', e.g. 'server.rounds=5; data.num_clients=4'"),
     "out-dir": ("runs/flower-{run_id}", "run directory; {run_id} is replaced by Flower's run id; prefer an absolute path"),
