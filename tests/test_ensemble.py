@@ -149,10 +149,10 @@ def test_groups_are_the_servers_and_reproducible():
 # training: one batched round for the G models
 
 
-@pytest.mark.parametrize("kind", ["partition", "sampled"])
-def test_batched_round_equals_a_loop_over_groups(kind):
+@pytest.mark.parametrize("kind, rule", [("partition", "fedavg"), ("sampled", "fedavg"), ("partition", "median")])
+def test_batched_round_equals_a_loop_over_groups(kind, rule):
     ds = synthetic_images()
-    over = {"ensemble.kind": kind, "ensemble.groups": 4, "aggregation.name": "fedavg", "clients.weighting": "samples"}
+    over = {"ensemble.kind": kind, "ensemble.groups": 4, "aggregation.name": rule, "clients.weighting": "samples"}
     if kind == "sampled":
         over.update({"ensemble.clients_per_model": 6, "ensemble.sample_seed": 5})
     setup = prepare(ens_config(**over), ds)
@@ -161,7 +161,7 @@ def test_batched_round_equals_a_loop_over_groups(kind):
     out = step(params, 2)
     for g, members in enumerate(step.groups.members):
         loc = local_round(setup, params[g], 2, list(members))
-        agg = aggregation.aggregate("fedavg", loc.updates.double(), setup.weights[list(members)])
+        agg = aggregation.aggregate(rule, loc.updates.double(), setup.weights[list(members)])
         torch.testing.assert_close(out.params[g], params[g] + agg.update.float(), rtol=1e-5, atol=1e-6)
 
 

@@ -294,15 +294,11 @@ class EnsembleRound(BaseRound):
         setup, cfg, plan = self.setup, self.setup.cfg, self.setup.plan
         start = params.index_select(0, torch.from_numpy(self._g))
         loc = local_round(setup, start, t, self._c.tolist(), trigger=trigger, groups=self.group_info(params, t))
+        updates, weights, fixed = self._aggregate(loc.updates)
         new = torch.empty_like(params)
-        norms, clipped, fixed = [], [], True
-        p_attackers: list[float] = []
-        for g, rows in enumerate(self._slices):
-            w = setup.weights[torch.from_numpy(self._c[rows])].double()
-            agg = aggregation.aggregate(cfg.aggregation.name, loc.updates[torch.from_numpy(rows)].double(), w,
-                                        **cfg.aggregation.options)
-            fixed &= bool(agg.fixed_weights)
-            upd = agg.update.to(params.dtype)
+        norms, clipped = [], []
+        for g in range(self.groups.G):
+            upd = updates[g].to(params.dtype)
             if cfg.ensemble.server_step:
                 new[g], info = server_step(params[g], upd, t=t, rounds=setup.rounds, rho_t=setup.rho(t),
                                            sigma_t=setup.sigma(t), seed=cfg.seed, stream=(g,))
@@ -310,13 +306,44 @@ class EnsembleRound(BaseRound):
                 clipped.append(info.clipped)
             else:
                 new[g] = params[g] + upd
-                norms.append(float(torch.linalg.vector_norm(new[g].double())))
-            if plan.active(t):
-                for r, c in zip(rows, self._c[rows]):
-                    if plan.is_attacker(int(c)) and agg.weights is not None:
-                        p_attackers.append(float(agg.weights[list(rows).index(r)]))
+        if not cfg.ensemble.server_step:
+            norms = torch.linalg.vector_norm(new.double(), dim=1).tolist()
+        p_attackers: list[float] = []
+        if plan.active(t) and weights is not None:
+            p_attackers = [float(weights[r]) for r, c in enumerate(self._c) if plan.is_attacker(int(c))]
         row, entry = self.record(params, t, norms, clipped, fixed, p_attackers)
         return RoundOutput(new, row, entry)
+
+    def _aggregate(self, updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(G, D) aggregated updates in float64, each row's effective weight in its group (None where the rule
+        has none) and whether every group's weights were fixed before the updates were seen.
+
+        FedAvg (the rule without options) is one weighted ``index_add_`` over the rows: sum_i p_i u_i / sum_i p_i
+        per group; any other rule runs per group on its rows (:func:`crfl.aggregation.aggregate`).
+        """
+        cfg, setup = self.setup.cfg, self.setup
+        g_t = torch.from_numpy(self._g)
+        w = setup.weights[torch.from_numpy(self._c)].double()
+        if cfg.aggregation.name == "fedavg" and not cfg.aggregation.options:
+            if not bool(torch.isfinite(updates).all()):
+                raise ConfigError("The client updates must be finite; some hold NaN or inf.")
+            total = torch.zeros(self.groups.G, dtype=torch.float64).index_add_(0, g_t, w)
+            p = w / total[g_t]
+            out = torch.zeros(self.groups.G, updates.shape[1], dtype=torch.float64)
+            return out.index_add_(0, g_t, updates.double() * p[:, None]), p, True
+        out = torch.empty(self.groups.G, updates.shape[1], dtype=torch.float64)
+        eff: torch.Tensor | None = torch.empty(len(self._g), dtype=torch.float64)
+        fixed = True
+        for g, rows in enumerate(self._slices):
+            r = torch.from_numpy(rows)
+            agg = aggregation.aggregate(cfg.aggregation.name, updates[r].double(), w[r], **cfg.aggregation.options)
+            out[g] = agg.update
+            fixed &= bool(agg.fixed_weights)
+            if eff is not None and agg.weights is not None:
+                eff[r] = agg.weights.double()
+            else:
+                eff = None
+        return out, eff, fixed
 
     def record(self, params: torch.Tensor, t: int, norms: list[float], clipped: list[bool], fixed: bool,
                attacker_weights: list[float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
