@@ -294,3 +294,18 @@ def test_cnn_ensemble_votes_equal_each_models_own_prediction():
     got = ensemble.ensemble_predictions(setup, P, X, chunk=7)
     for g in range(3):
         assert got[g].tolist() == setup.model.predict(P[g], X).tolist()
+
+
+@pytest.mark.parametrize("which", ["mlp", "module"])
+def test_ensemble_trains_and_certifies_any_model(tmp_path, which):
+    ds = synthetic_images()
+    over = {"server.rounds": 2, "ensemble.groups": 4}
+    module = None
+    if which == "mlp":
+        over["model.name"] = "mlp"
+    else:
+        module = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, ds.num_classes))
+    res = train(ens_config(**over), tmp_path / "r", dataset=ds, module=module)
+    assert res.final_params.shape[0] == 4 and not res.setup.model.is_linear
+    s = certify_run(tmp_path / "r", dataset=ds, module=module)
+    assert s["certificate"]["reading"] == "client-level" and s["client_level"]["clean"]["ensemble_accuracy"] > 0.5
