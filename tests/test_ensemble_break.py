@@ -34,7 +34,7 @@ def _predictions(res, X):
     return ensemble.ensemble_predictions(res.setup, res.final_params, X)
 
 
-def _run(tmp_path, name, ds, **over):
+def _retrain(tmp_path, name, ds, **over):
     cfg = ens_config(**{"ensemble.groups": G, "data.num_clients": N, "server.rounds": 3, "clients.lr": 0.05,
                         "run.eval_every": 3, **over})
     return train(cfg, tmp_path / name, dataset=ds)
@@ -44,7 +44,7 @@ def _run(tmp_path, name, ds, **over):
 def clean(tmp_path_factory):
     ds = synthetic_images(n_test=150)
     d = tmp_path_factory.mktemp("clean")
-    res = _run(d, "run", ds)
+    res = _retrain(d, "run", ds)
     X = torch.from_numpy(ds.x_test).to(res.setup.dtype) / ds.input_scale
     preds = _predictions(res, X)
     groups = ensemble.build_groups(res.setup.cfg, N)
@@ -81,7 +81,7 @@ def test_m_malicious_clients_never_flip_a_point_certified_for_m(tmp_path, clean,
     kinds["adaptive"] = {"attack.options": {"target_class": runner_up, "points": [int(i) for i in certified[:10]],
                                             "scale": 50.0, "steps": 3}}
     for kind in kinds:
-        got = _run(tmp_path, kind, ds, **_attack(kind, clients, **kinds[kind]))
+        got = _retrain(tmp_path, kind, ds, **_attack(kind, clients, **kinds[kind]))
         after = ensemble.plurality(ensemble.vote_counts(_predictions(got, X), ds.num_classes))
         changed_groups = {g for g in range(G) if not torch.equal(got.final_params[g], res.final_params[g])}
         assert changed_groups <= {groups.group_of(c)[0] for c in clients}, kind  # locality: the other groups are untouched
@@ -106,7 +106,7 @@ def test_m_star_plus_one_adaptive_clients_flip_points(tmp_path, clean):
         clients = _worst_clients(groups, preds, i, A, m)
         if len(clients) < m:
             continue
-        got = _run(tmp_path, f"tight-{i}", ds, **_attack(
+        got = _retrain(tmp_path, f"tight-{i}", ds, **_attack(
             "adaptive", clients, **{"attack.options": {"target_class": B, "points": [i], "scale": 200.0, "steps": 5}}))
         after = ensemble.plurality(ensemble.vote_counts(_predictions(got, X[i : i + 1]), ds.num_classes))[0]
         tried += 1
