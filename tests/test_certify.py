@@ -317,7 +317,7 @@ def test_short_last_batch_raises_the_effective_poison_ratio(tmp_path, images28):
 
 def test_start_norm_bound_for_the_paper_reading(tmp_path, trained, images28):
     """sqrt(rho_{t-1}^2 + sigma_{t-1}^2 D) for t_adv > 1; the initial model's norm for t_adv = 1."""
-    from crfl.certify import start_norm_bound
+    from crfl.readings.paper import start_norm_bound
     from crfl.setup import prepare
 
     setup = prepare(cfg28(), images28)
@@ -397,3 +397,23 @@ def test_scope_checks_that_can_fail(tmp_path, trained, images28):
 def test_attack_records_the_rounds_total_weight(trained):
     rec = json.loads((trained / "attack.json").read_text())["rounds"][0]
     assert rec["p_total"] == pytest.approx(1.0)
+
+
+def test_each_reading_is_one_registered_object(trained, images28):
+    """crfl.readings: every name maps to the reading object of that name; the facade delegates to it."""
+    from crfl.certify import Certifier
+    from crfl.readings import READINGS, reading_class
+    from crfl.rundir import load_run
+    from crfl.setup import prepare
+    from crfl.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'certify.reading' parameter must be one of 'coupled', 'mixture', 'paper'"):
+        reading_class("twin")
+    for name in READINGS:
+        assert reading_class(name).name == name
+    for name in ("coupled", "paper"):
+        cfg, final, log = load_run(trained, {"certify.reading": name})
+        cert = Certifier(prepare(cfg, images28), final, log, trained)
+        assert type(cert.impl) is reading_class(name) and cert.reading == name
+        assert cert.block()["guarantee"] == cert.impl.GUARANTEE and cert.ing is cert.impl.ing
+        assert (name == "paper") == hasattr(cert, "paper")

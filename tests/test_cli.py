@@ -98,13 +98,16 @@ def test_every_certify_parameter_has_one_flag_with_the_configs_type_and_choices(
 
 
 def test_choice_lists_come_from_the_modules_that_own_them():
-    from crfl import attacks, bounds, radius
+    from crfl import attacks, bounds
     from crfl.config import CHOICES
+    from crfl.readings import READINGS, coupled
     from crfl.data.partition import SCHEMES
 
     assert CHOICES["certify.bound"] is bounds.BOUNDS and set(bounds._LOWER) == set(bounds._UPPER) == set(bounds.BOUNDS)
     assert CHOICES["certify.coverage"] is bounds.COVERAGES
-    assert CHOICES["certify.bound_form"] is radius.BOUND_FORMS
+    # the readings and their budgets build on the config, so the config names them; the owners must agree
+    assert CHOICES["certify.bound_form"] == tuple(coupled.BUDGETS)
+    assert CHOICES["certify.reading"] == tuple(READINGS)
     assert CHOICES["attack.trigger"] == ("auto", *attacks.TRIGGERS)
     assert CHOICES["data.partition"] is SCHEMES
 

@@ -1,4 +1,4 @@
-"""The coupled certificate's math (crfl.closeness, radius budgets, lipschitz.lz_centred): hand computations,
+"""The coupled certificate's math (crfl.closeness, the budgets of crfl.readings.coupled, lipschitz.lz_centred): hand computations,
 independent re-derivations, edge cases and adversarial searches against the bounds it rests on."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 from scipy import optimize
 from scipy.stats import norm
 
-from crfl import closeness, lipschitz, radius
+from crfl import closeness, lipschitz
+from crfl.readings import coupled
 from crfl.closeness import AttackTerm
 from crfl.validation import ConfigError
 
@@ -92,19 +93,19 @@ def test_gaussian_margin_matches_scipy_and_keeps_precision():
     pa = np.array([0.6, 0.9, 0.999])
     pb = np.array([0.3, 0.05, 1e-4])
     expect = norm.ppf(pa) - norm.ppf(pb)
-    assert radius.gaussian_margin(np.log1p(-pa), np.log(pb)) == pytest.approx(expect, rel=1e-12)
+    assert coupled.gaussian_margin(np.log1p(-pa), np.log(pb)) == pytest.approx(expect, rel=1e-12)
     # p_A_lower = 1 - 1e-40 is 1.0 in float64, its margin is not infinite
-    m = radius.gaussian_margin(np.array([-40 * math.log(10)]), np.array([-40 * math.log(10)]))
+    m = coupled.gaussian_margin(np.array([-40 * math.log(10)]), np.array([-40 * math.log(10)]))
     assert m[0] == pytest.approx(-2 * norm.ppf(1e-40), rel=1e-12)
-    assert radius.gaussian_margin(np.array([-math.inf]), np.array([math.log(0.1)]))[0] == math.inf  # p_A = 1
-    assert radius.gaussian_margin(np.array([math.log(0.7)]), np.array([math.log(0.4)]))[0] < 0  # p_A = 0.3 <= p_B
-    assert radius.neyman_pearson_budget(0.1, np.array([-0.2, 0.0]))[:2].tolist() == [0.0, 0.0]
+    assert coupled.gaussian_margin(np.array([-math.inf]), np.array([math.log(0.1)]))[0] == math.inf  # p_A = 1
+    assert coupled.gaussian_margin(np.array([math.log(0.7)]), np.array([math.log(0.4)]))[0] < 0  # p_A = 0.3 <= p_B
+    assert coupled.neyman_pearson_budget(0.1, np.array([-0.2, 0.0]))[:2].tolist() == [0.0, 0.0]
 
 
 def test_neyman_pearson_budget_is_the_exact_switch_point():
     """At distance Delta = budget the worst-case p_A and p_B meet (Cohen et al.'s tight condition)."""
     for pa, pb, s in [(0.8, 0.1, 0.01), (0.99, 0.005, 1.0), (0.55, 0.45, 1e-9)]:
-        d = radius.neyman_pearson_budget(s, radius.gaussian_margin(np.log1p(-pa), np.log(pb)))
+        d = coupled.neyman_pearson_budget(s, coupled.gaussian_margin(np.log1p(-pa), np.log(pb)))
         worst_a = norm.cdf(norm.ppf(pa) - d / s)
         worst_b = norm.cdf(norm.ppf(pb) + d / s)
         assert worst_a == pytest.approx(worst_b, rel=1e-9)
@@ -115,8 +116,8 @@ def test_neyman_pearson_is_never_weaker_than_the_kl_form():
     for pb in [1e-12, 1e-3, 0.1, 0.4]:
         a = pa[pa > pb]
         b = np.full(a.shape, pb)
-        np_b = radius.neyman_pearson_budget(0.3, radius.gaussian_margin(np.log1p(-a), np.log(b)))
-        kl_b = radius.kl_distance_budget(0.3, a, b)
+        np_b = coupled.neyman_pearson_budget(0.3, coupled.gaussian_margin(np.log1p(-a), np.log(b)))
+        kl_b = coupled.kl_distance_budget(0.3, a, b)
         assert np.all(np_b >= kl_b)
         # KL form by hand: sigma sqrt(2 eps), eps = -log(1 - (sqrt pa - sqrt pb)^2)
         i = len(a) // 2
@@ -167,7 +168,7 @@ def test_logit_margin_budget_is_tight():
     W, b = rng.normal(size=(C, d)), rng.normal(size=C)
     x = rng.normal(size=d)
     z = W @ x + b
-    budget = radius.logit_margin_budget(z[None, :], np.array([np.linalg.norm(x)]))[0]
+    budget = coupled.logit_margin_budget(z[None, :], np.array([np.linalg.norm(x)]))[0]
     A, j = int(np.argmax(z)), int(np.argsort(z)[-2])
     xt = np.append(x, 1.0)
     # worst direction: lower row A and raise row j along x~

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crfl.certify import ENFORCED_SOURCE, Certifier, certify_run
+from crfl.certify import Certifier, certify_run
+from crfl.readings.coupled import ENFORCED_SOURCE
 from crfl.closeness import AttackTerm, solve_radius
 from crfl.clients import ClientData, local_updates, round_batches
 from crfl.config import resolve

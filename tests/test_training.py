@@ -299,7 +299,7 @@ def test_bad_values_found_against_the_data(tmp_path, tiny_images):
 
 def test_setup_caches_are_independent_of_call_order():
     """certify's training-input statistics before the first evaluation (this order raised KeyError: 'y')."""
-    from crfl.certify import training_input_stats
+    from crfl.readings.base import training_input_stats
     from crfl.setup import evaluate, prepare
 
     ds = synthetic_images(n_train=200, side=28)

@@ -1,4 +1,10 @@
-"""The certified radius of CRFL (Corollary 1, Theorems 1-3), in log space.
+"""The paper's certified radius: Corollary 1 (Eq. 2) with Theorems 1-3 and the inverse questions, in log space.
+
+This module is the paper's formula and nothing else: the ``paper`` reading
+(:mod:`crfl.readings.paper`) evaluates it on a run, sweeps and benchmarks on synthetic
+ingredients. The sound readings' parameter-distance budgets (Neyman-Pearson, the KL form, the
+base model's logit margin) live with them in :mod:`crfl.readings.coupled`; they use only
+:func:`kl_budget` (Theorem 3, Eq. 39) from here.
 
 Symbols (Section 3, Theorem 1): R attackers i = 1..R with aggregation weight p_i,
 scale factor gamma_i, local iterations tau_i, learning rate eta_i and poison
@@ -43,11 +49,6 @@ import numpy as np
 from scipy import special
 
 from crfl.validation import ConfigError, check_int, check_real
-
-#: How smoothing probabilities become a parameter-distance budget (``certify.bound_form``):
-#: the Gaussian mechanism by Neyman-Pearson (:func:`neyman_pearson_budget`) or Theorem 3's KL
-#: form (:func:`kl_distance_budget`).
-BOUND_FORMS = ("neyman-pearson", "kl")
 
 __all__ = [
     "kl_budget",
@@ -571,62 +572,3 @@ def _int_r(R: object) -> int:
     if isinstance(R, np.integer):
         R = int(R)
     return check_int("R", R, low=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sound readings: Neyman-Pearson (Gaussian mechanism) and KL budgets on the parameter distance
-
-
-def gaussian_margin(log1m_p_a_lower: np.ndarray | float, log_p_b_upper: np.ndarray | float) -> np.ndarray:
-    """Phi^-1(p_A_lower) - Phi^-1(p_B_upper) from log(1 - p_A_lower) and log(p_B_upper).
-
-    Phi^-1(p) = -Phi^-1(1 - p) is evaluated as -ndtri_exp(log(1 - p)), so a p_A_lower that
-    rounds to 1.0 in float64 keeps its margin. <= 0 where the point abstains; +inf where
-    p_A_lower = 1 exactly (log(1 - p_A_lower) = -inf) or p_B_upper = 0.
-    """
-    a = np.asarray(log1m_p_a_lower, dtype=np.float64)
-    b = np.asarray(log_p_b_upper, dtype=np.float64)
-    if np.any(a > 0) or np.any(b > 0) or np.any(np.isnan(a)) or np.any(np.isnan(b)):
-        raise ConfigError("The 'log1m_p_a_lower' and 'log_p_b_upper' parameters must be logs of probabilities (<= 0).")
-    with np.errstate(invalid="ignore"):
-        return -special.ndtri_exp(a) - special.ndtri_exp(b)
-
-
-def neyman_pearson_budget(sigma: float, margin: np.ndarray) -> np.ndarray:
-    """The parameter distance Delta under which the smoothed prediction c_A is kept (Cohen et al. 2019, Thm 1).
-
-    For N(w', sigma^2 I) and N(w, sigma^2 I) with ||w - w'|| <= Delta and any classifier f:
-    P_w[f = c_A] >= Phi(Phi^-1(p_A_lower) - Delta/sigma), P_w[f = c] <= Phi(Phi^-1(p_B_upper) + Delta/sigma)
-    (Neyman-Pearson), so c_A stays on top while Delta < sigma (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2.
-    Also the Gaussian-DP form of one Gaussian mechanism with sensitivity Delta. 0 where margin <= 0.
-    """
-    s = _scalar("sigma", sigma, low=0.0, low_open=True, high=math.inf, high_open=True)
-    m = np.asarray(margin, dtype=np.float64)
-    return np.where(m > 0, s * m / 2.0, 0.0)
-
-
-def kl_distance_budget(
-    sigma: float, p_a_lower: np.ndarray, p_b_upper: np.ndarray, one_minus_p_a: np.ndarray | None = None
-) -> np.ndarray:
-    """The KL form: D_KL(N(w, s^2 I) || N(w', s^2 I)) = ||w - w'||^2 / (2 s^2) <= eps (Theorem 3).
-
-    Delta <= sigma sqrt(2 eps), eps = -log(1 - (sqrt p_A - sqrt p_B)^2) (:func:`kl_budget`). Weaker
-    than :func:`neyman_pearson_budget` (by up to sqrt(2) for small margins); kept as the paper's form.
-    """
-    s = _scalar("sigma", sigma, low=0.0, low_open=True, high=math.inf, high_open=True)
-    return s * np.sqrt(2.0 * np.asarray(kl_budget(p_a_lower, p_b_upper, one_minus_p_a), dtype=np.float64))
-
-
-def logit_margin_budget(logits: np.ndarray, input_norms: np.ndarray) -> np.ndarray:
-    """The base linear model's own certificate: its prediction is kept while
-    ||w - w'|| < min_{j != A} (z_A - z_j) / (sqrt(2) sqrt(||x||^2 + 1)).
-
-    A logit gap (w_A - w_j) . [x; 1] changes by at most ||(w_A - w_j) - (w'_A - w'_j)|| ||x~||
-    <= sqrt(2) ||w - w'|| ||x~|| between two parameter vectors (docs/theory.md (g)).
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] < 2:
-        raise ConfigError(f"The 'logits' parameter must be an (n, C) array with C >= 2. Got shape {z.shape} instead.")
-    top = np.sort(z, axis=1)
-    gap = top[:, -1] - top[:, -2]
-    return gap / (math.sqrt(2.0) * np.sqrt(np.asarray(input_norms, dtype=np.float64) ** 2 + 1.0))

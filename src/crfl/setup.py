@@ -50,7 +50,7 @@ class Setup:
     #: the per-round evaluation's test inputs; owned by :func:`evaluation_inputs` (filled on first use)
     eval_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
     #: (max ||x||, min x_j, max x_j) of the clean training inputs; owned by
-    #: :func:`crfl.certify.training_input_stats` (None until computed)
+    #: :func:`crfl.readings.base.training_input_stats` (None until computed)
     train_input_stats: tuple[float, float, float] | None = field(default=None, repr=False)
 
     @property

@@ -1,0 +1,431 @@
+"""The coupled reading (the default): this run against its trigger-free twin, on the same randomness.
+
+Fix this run's training randomness omega (initial model, batches, server noise). The
+counterfactual is the run on the same omega whose attackers' poisoned samples carry no trigger
+(same labels, same gamma scaling): the paper's D against D'. The two final models are two fixed
+centres at distance
+
+    ||w - w'|| <= ||delta|| c(B_0 + ||delta||)     (<= ||delta|| c(B_0) when the model enforces B_0)
+
+(:mod:`crfl.closeness`, docs/theory.md (g)). Parameter smoothing with sigma_T keeps c_A while that
+distance is below the Neyman-Pearson budget sigma_T (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2
+(:func:`neyman_pearson_budget`; Theorem 3's KL form with ``certify.bound_form: kl``). p_A, p_B are
+the smoothed probabilities around this run's final model (exact for linear models). With
+``method: margin`` the deployed linear base model itself is certified, from its logit margin
+(:func:`logit_margin_budget`, no smoothing).
+
+This module also holds what the mixture reading (:mod:`crfl.readings.mixture`) shares with it:
+the sound budgets, the ingredients (:class:`SoundIngredients`), budget -> radius
+(:func:`sound_radii`) and the assumption checks (:func:`scope_checks`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from scipy import special
+
+from crfl import closeness, lipschitz, rundir
+from crfl.bounds import BoundResult
+from crfl.closeness import AttackTerm
+from crfl.radius import kl_budget
+from crfl.readings.base import Reading, radius_blockers, training_input_stats
+from crfl.setup import Setup
+from crfl.validation import ConfigError, check_real
+
+# ---------------------------------------------------------------------------------------------
+# the sound budgets: how far the parameters may move before the prediction changes
+
+
+def _sigma(sigma: object) -> float:
+    if isinstance(sigma, (np.floating, np.integer)):
+        sigma = sigma.item()
+    return check_real("sigma", sigma, low=0.0, low_open=True, high=math.inf, high_open=True)
+
+
+def gaussian_margin(log1m_p_a_lower: np.ndarray | float, log_p_b_upper: np.ndarray | float) -> np.ndarray:
+    """Phi^-1(p_A_lower) - Phi^-1(p_B_upper) from log(1 - p_A_lower) and log(p_B_upper).
+
+    Phi^-1(p) = -Phi^-1(1 - p) is evaluated as -ndtri_exp(log(1 - p)), so a p_A_lower that
+    rounds to 1.0 in float64 keeps its margin. <= 0 where the point abstains; +inf where
+    p_A_lower = 1 exactly (log(1 - p_A_lower) = -inf) or p_B_upper = 0.
+    """
+    a = np.asarray(log1m_p_a_lower, dtype=np.float64)
+    b = np.asarray(log_p_b_upper, dtype=np.float64)
+    if np.any(a > 0) or np.any(b > 0) or np.any(np.isnan(a)) or np.any(np.isnan(b)):
+        raise ConfigError("The 'log1m_p_a_lower' and 'log_p_b_upper' parameters must be logs of probabilities (<= 0).")
+    with np.errstate(invalid="ignore"):
+        return -special.ndtri_exp(a) - special.ndtri_exp(b)
+
+
+def neyman_pearson_budget(sigma: float, margin: np.ndarray) -> np.ndarray:
+    """The parameter distance Delta under which the smoothed prediction c_A is kept (Cohen et al. 2019, Thm 1).
+
+    For N(w', sigma^2 I) and N(w, sigma^2 I) with ||w - w'|| <= Delta and any classifier f:
+    P_w[f = c_A] >= Phi(Phi^-1(p_A_lower) - Delta/sigma), P_w[f = c] <= Phi(Phi^-1(p_B_upper) + Delta/sigma)
+    (Neyman-Pearson), so c_A stays on top while Delta < sigma (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)) / 2.
+    Also the Gaussian-DP form of one Gaussian mechanism with sensitivity Delta. 0 where margin <= 0.
+    """
+    s = _sigma(sigma)
+    m = np.asarray(margin, dtype=np.float64)
+    return np.where(m > 0, s * m / 2.0, 0.0)
+
+
+def kl_distance_budget(
+    sigma: float, p_a_lower: np.ndarray, p_b_upper: np.ndarray, one_minus_p_a: np.ndarray | None = None
+) -> np.ndarray:
+    """The KL form: D_KL(N(w, s^2 I) || N(w', s^2 I)) = ||w - w'||^2 / (2 s^2) <= eps (Theorem 3).
+
+    Delta <= sigma sqrt(2 eps), eps = -log(1 - (sqrt p_A - sqrt p_B)^2) (:func:`crfl.radius.kl_budget`,
+    Eq. 39). Weaker than :func:`neyman_pearson_budget` (by up to sqrt(2) for small margins); kept as
+    the paper's form.
+    """
+    s = _sigma(sigma)
+    return s * np.sqrt(2.0 * np.asarray(kl_budget(p_a_lower, p_b_upper, one_minus_p_a), dtype=np.float64))
+
+
+def logit_margin_budget(logits: np.ndarray, input_norms: np.ndarray) -> np.ndarray:
+    """The base linear model's own certificate: its prediction is kept while
+    ||w - w'|| < min_{j != A} (z_A - z_j) / (sqrt(2) sqrt(||x||^2 + 1)).
+
+    A logit gap (w_A - w_j) . [x; 1] changes by at most ||(w_A - w_j) - (w'_A - w'_j)|| ||x~||
+    <= sqrt(2) ||w - w'|| ||x~|| between two parameter vectors (docs/theory.md (g)).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ConfigError(f"The 'logits' parameter must be an (n, C) array with C >= 2. Got shape {z.shape} instead.")
+    top = np.sort(z, axis=1)
+    gap = top[:, -1] - top[:, -2]
+    return gap / (math.sqrt(2.0) * np.sqrt(np.asarray(input_norms, dtype=np.float64) ** 2 + 1.0))
+
+
+def _np_budget(sigma: float, sm: BoundResult) -> np.ndarray:
+    return neyman_pearson_budget(sigma, gaussian_margin(sm.log1m_a(), sm.log_b()))
+
+
+def _kl_form_budget(sigma: float, sm: BoundResult) -> np.ndarray:
+    return kl_distance_budget(sigma, sm.p_a_lower, sm.p_b_upper, np.exp(sm.log1m_a()))
+
+
+#: ``certify.bound_form`` -> the budget from the bounds at smoothing noise sigma; the names are
+#: ``crfl.config.CHOICES["certify.bound_form"]`` (tests/test_cli.py checks they agree).
+BUDGETS: dict[str, Callable[[float, BoundResult], np.ndarray]] = {
+    "neyman-pearson": _np_budget,
+    "kl": _kl_form_budget,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the ingredients of the sound readings (coupled and mixture)
+
+
+@dataclass(frozen=True)
+class SoundIngredients:
+    """What the coupled and mixture radii are computed from (all written to summary.json)."""
+
+    reading: str
+    terms: tuple[AttackTerm, ...]  # the attack rounds, in order
+    input_norm_bound: float  # B_0 >= ||x|| of every clean training input (triggered ones: B_0 + ||delta||)
+    input_norm_source: str
+    input_norm_enforced: bool  # the model projects every input onto ||x|| <= B_0: triggered ones too
+    sigma: float  # the Gaussian noise of the Neyman-Pearson step: sigma_T (coupled) or sigma_t_adv (mixture)
+    bound_form: str
+    delta_norm: float
+
+    def to_dict(self) -> dict[str, Any]:
+        terms = []
+        for k in self.terms:
+            terms.append({
+                "round": k.round, "p": list(k.p), "gamma": list(k.gamma), "eta": list(k.eta), "tau": list(k.tau),
+                "poison_ratio": list(k.poison_ratio), "Q": list(k.Q), "p_total": k.p_total,
+                "start_centred_opnorm": k.start_opnorm, "round_lipschitz": closeness.round_lipschitz(k),
+                "L_Z_at_B0": [lipschitz.lz_centred(k.start_opnorm, t, e, self.input_norm_bound) for t, e in zip(k.tau, k.eta)],
+            })
+        return {
+            "attack_rounds": terms,
+            "input_norm_bound": self.input_norm_bound,
+            "input_norm_source": self.input_norm_source,
+            "input_norm_enforced": self.input_norm_enforced,
+            "deviation_coefficient_at_B0": closeness.deviation_coefficient(self.terms, self.input_norm_bound),
+            "sigma": self.sigma,
+            "delta_norm": self.delta_norm,
+        }
+
+
+def clean_input_norm_bound(setup: Setup) -> float:
+    """B_0 = max ||x|| over the clean training inputs (what only a simulator knows; a federation sets it)."""
+    return training_input_stats(setup)[0]
+
+
+ENFORCED_SOURCE = "model.input_norm_bound (enforced by the model)"
+
+
+def input_norm_bound(setup: Setup) -> tuple[float, str, bool]:
+    """(B_0, where it comes from, whether the model enforces it on every input, triggered ones included).
+
+    ``model.input_norm_bound`` supersedes everything: the model maps every input into the ball of radius
+    B_0, so no data needs to be seen (the config refuses ``certify.input_norm_bound`` next to it).
+    """
+    bound = getattr(setup.model, "input_bound", None)
+    if bound is not None:
+        return float(bound.radius), ENFORCED_SOURCE, True
+    given = setup.cfg.certify.input_norm_bound
+    if given is not None:
+        return float(given), "certify.input_norm_bound (server-owned)", False
+    return clean_input_norm_bound(setup), "max ||x|| over the clean training inputs", False
+
+
+def attack_terms(attack_log: list[dict[str, Any]]) -> tuple[AttackTerm, ...]:
+    """The attack rounds of attack.json, in order; a ConfigError when none was recorded."""
+    if not attack_log:
+        raise ConfigError(
+            "The run's attack.json records no attack round: the coupled and mixture certificates bound what an attack "
+            "that happened did. Train with 'attack.num_attackers' >= 1 and 'attack.rounds' set, or use --reading paper."
+        )
+    return tuple(AttackTerm.from_record(rec) for rec in attack_log)
+
+
+def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.ndarray]:
+    """(budget, radius) per point: the parameter distance the prediction tolerates, and the ||delta|| solving
+    ||delta|| c(B_0 + ||delta||) = budget, or ||delta|| c(B_0) = budget when the model enforces B_0 (0 where the
+    point abstains)."""
+    if ing.sigma <= 0:
+        budget = np.zeros(len(sm.p_a_lower))
+    else:
+        budget = BUDGETS["kl" if ing.bound_form == "kl" else "neyman-pearson"](ing.sigma, sm)
+    budget = np.where(sm.abstain, 0.0, budget)
+    return budget, closeness.solve_radius(budget, ing.terms, ing.input_norm_bound, enforced=ing.input_norm_enforced)
+
+
+def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[BoundResult, np.ndarray]:
+    """The linear base model's prediction and its logit-margin budget (``method: margin``), at the model's inputs P(X)."""
+    W, b = setup.model.split(params.double())
+    Xd = setup.model.input_map(X.double())
+    z = (Xd @ W.T + b).numpy()
+    budget = logit_margin_budget(z, torch.linalg.vector_norm(Xd, dim=1).numpy())
+    order = np.argsort(-z, axis=1, kind="stable")
+    c_a, c_b = order[:, 0].astype(np.int64), order[:, 1].astype(np.int64)
+    n = len(z)
+    # no probabilities: p_a_lower = 1, p_b_upper = 0 stand for the deterministic base prediction
+    res = BoundResult(c_a, c_b, None, None, np.ones(n), np.zeros(n), budget <= 0, np.full(n, -np.inf), np.full(n, -np.inf))
+    return res, budget
+
+
+# ---------------------------------------------------------------------------------------------
+# the assumptions of the sound readings, checked for this run
+
+
+def _input_norm_check(setup: Setup, ing: SoundIngredients) -> dict[str, Any]:
+    """B_0 must bound every clean training input; a server-owned bound is checked against the data when it is here.
+
+    A bound the model enforces holds by construction: the model projects every input, clean or triggered,
+    onto the ball of radius B_0 (the data's norms only say how many inputs the projection shrinks)."""
+    B = ing.input_norm_bound
+    data_max = clean_input_norm_bound(setup) if len(setup.dataset.y_train) else 0.0
+    if ing.input_norm_enforced:
+        bound = setup.model.input_bound
+        return {
+            "holds": True,
+            "detail": f"B_0 = {B:.6g} enforced by the model: {bound.describe()}, so every input the model sees, clean "
+                      f"or triggered, has norm <= B_0; the training data's max ||x|| = {data_max:.6g}"
+                      + (" (the projection shrinks the larger inputs)" if data_max > B else ""),
+        }
+    holds = B >= data_max * (1 - 1e-12)
+    return {
+        "holds": holds,
+        "detail": f"B_0 = {B:.6g} ({ing.input_norm_source}); the training data's max ||x|| = {data_max:.6g}"
+                  + ("" if holds else ": the bound is too small") + "; triggered inputs: B_0 + radius (the fixed point)",
+    }
+
+
+def _box_check(setup: Setup, attack_log: list[dict[str, Any]], ing: SoundIngredients) -> dict[str, Any]:
+    """Clamping x + delta to the box only shrinks the trigger when the clean inputs lie in the box."""
+    _, lo, hi = training_input_stats(setup)
+    inside = lo >= 0.0 and hi <= 1.0
+    # a model that clamps to the trigger's box itself sees clamp(x + delta) - clamp(x), of norm <= ||delta||, for any x
+    bound = getattr(setup.model, "input_bound", None) if ing.input_norm_enforced else None
+    model_clamps = bound is not None and (bound.low, bound.high) == (setup.plan.trigger.low, setup.plan.trigger.high)
+    actual = [v for rec in attack_log for v in (rec.get("measured") or {}).get("actual_delta_norm_max", [])]
+    within = all(v <= ing.delta_norm * (1 + 1e-4) for v in actual)  # float32 rounding of x + delta - x
+    return {
+        "holds": (inside or model_clamps) and within,
+        "detail": f"clean training inputs in [{lo:.4g}, {hi:.4g}] (the trigger is clamped to [0, 1]"
+                  + ("; so does the model's input map" if model_clamps else "") + "); largest applied "
+                  f"||x' - x|| = {max(actual) if actual else 0.0:.4g} <= ||delta|| = {ing.delta_norm:.4g}",
+    }
+
+
+def scope_checks(
+    setup: Setup, ing: SoundIngredients, attack_log: list[dict[str, Any]], fixed_rounds: dict[int, bool], method: str
+) -> dict[str, dict[str, Any]]:
+    """The assumptions both sound readings rest on (docs/theory.md (g)), checked for this run."""
+    B = ing.input_norm_bound
+    beta = lipschitz.smoothness_bound(B)
+    eta = max([e for k in ing.terms for e in k.eta] + [setup.cfg.clients.lr])
+    first = ing.terms[0].round if ing.terms else min(fixed_rounds or {1: True})
+    later = {t: ok for t, ok in fixed_rounds.items() if t >= first}
+    fixed = all(later.values()) if later else setup.cfg.aggregation.name == "fedavg"
+    p_tot = max([k.p_total for k in ing.terms] + [float(setup.weights.sum())])
+    return {
+        "convex_model": {"holds": bool(setup.model.is_linear),
+                         "detail": f"{setup.model.name}: multinomial logistic regression is convex (Assumption 1)"
+                         if setup.model.is_linear else f"{setup.model.name} is not convex: no certificate"},
+        "eta_le_2_over_beta": {
+            "holds": eta <= 2.0 / beta,
+            "detail": (f"eta = {eta:.4g} <= 2/beta = {2 / beta:.4g} (beta <= (B_0^2 + 1)/2, B_0 = {B:.4g}): every clean "
+                       "gradient step is nonexpansive" if eta <= 2.0 / beta else
+                       f"eta = {eta:.4g} > 2/beta = {2 / beta:.4g} (beta <= (B_0^2 + 1)/2, B_0 = {B:.4g}): fails, a clean "
+                       "gradient step need not be nonexpansive; lower clients.lr or bound the inputs "
+                       "(model.input_norm_bound)"),
+        },
+        "fixed_aggregation_weights": {
+            "holds": bool(fixed),
+            "detail": ("weights fixed before the updates are seen in every round from t_adv on"
+                       if fixed else f"'{setup.cfg.aggregation.name}' weights depend on the updates in some round >= {first}: "
+                       "the aggregation is not nonexpansive, no certificate"),
+        },
+        "weights_sum_le_1": {"holds": p_tot <= 1.0 + 1e-12, "detail": f"largest sum of weights in a round = {p_tot:.6g}"},
+        "noise_for_neyman_pearson": {
+            "holds": ing.sigma > 0 or method == "margin",
+            "detail": f"sigma = {ing.sigma} ({'sigma_T' if ing.reading == 'coupled' else 'sigma at t_adv'})"
+                      if method != "margin" else "margin method: no smoothing",
+        },
+        "input_norm_bound": _input_norm_check(setup, ing),
+        "inputs_in_trigger_box": _box_check(setup, attack_log, ing),
+    }
+
+
+def confidence_check(setup: Setup, method: str) -> dict[str, Any] | None:
+    """Monte Carlo bounds make the statement hold with probability 1 - alpha, for a jointly covered (p_A, p_B)."""
+    cz = setup.cfg.certify
+    if not (setup.model.is_linear and method == "monte-carlo"):
+        return None
+    valid = cz.coverage == "simultaneous" or cz.selection > 0
+    return {
+        "holds": valid,
+        "detail": f"Monte Carlo bounds: the statement holds with probability >= 1 - {cz.alpha}" if valid else
+                  "coverage 'paper' bounds p_A and p_B each at alpha for the data-selected top two: not a joint "
+                  "statement for c_A (docs/theory.md (c)); use coverage 'simultaneous' or a selection sample",
+    }
+
+
+def fixed_weight_rounds(run_dir: Path) -> dict[int, bool]:
+    """rounds.csv's ``aggregation_fixed_weights`` per round (rounds that did not record it are left out)."""
+    return {r.round: bool(r.aggregation_fixed_weights) for r in rundir.RunDir(run_dir).read_rounds()
+            if r.aggregation_fixed_weights is not None}
+
+
+LABEL_SWAP_SCOPE = (
+    "The radius bounds the trigger's magnitude ||delta_x||; the label swap delta_y is part of both D and D' "
+    "(the counterfactual keeps the target labels and the scaling), as in the paper's Lemma 1 (y_1 = y_2)."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reading
+
+
+class CoupledReading(Reading):
+    """This run against its trigger-free twin on the same randomness: smoothing with sigma_T around this
+    run's final model (or, ``method: margin``, the base model's logit margin), budget -> radius by
+    model closeness (:mod:`crfl.closeness`)."""
+
+    name: ClassVar[str] = "coupled"
+    CERTIFIES_BASE_MODEL: ClassVar[bool] = True
+    GUARANTEE: ClassVar[str] = (
+        "With this run's training randomness fixed (initial model, batches, server noise), the counterfactual run on "
+        "the same randomness whose attackers' poisoned samples carry no trigger (same labels, same scaling: data D "
+        "instead of D') gives the same parameter-smoothed prediction (sigma_T) at this input whenever the trigger's "
+        "norm ||delta|| is below the radius."
+    )
+    MARGIN_GUARANTEE: ClassVar[str] = (
+        "With this run's training randomness fixed (initial model, batches, server noise), the counterfactual run on "
+        "the same randomness whose attackers' poisoned samples carry no trigger (same labels, same scaling: data D "
+        "instead of D') deploys a linear model with the same prediction at this input whenever the trigger's norm "
+        "||delta|| is below the radius (no smoothing)."
+    )
+    #: The model the guarantee compares with (the ``scope`` of the assumptions block).
+    REFERENCE: ClassVar[str] = "the twin run trained by --twin (same randomness, no trigger)"
+
+    def __init__(self, setup: Setup, final: dict[str, Any], attack_log: list[dict[str, Any]], run_dir: Path) -> None:
+        super().__init__(setup, final, attack_log, run_dir)
+        blockers = radius_blockers(setup, attack_log)
+        terms = attack_terms(attack_log) if not blockers else ()
+        B0, source, enforced = input_norm_bound(setup)
+        cz = setup.cfg.certify
+        self.ing = SoundIngredients(self.name, terms, B0, source, enforced, self.noise(terms), cz.bound_form,
+                                    float(setup.plan.trigger.norm))
+        self.report = self._report(fixed_weight_rounds(self.run_dir))
+        self.delta_norm = self.ing.delta_norm
+        self.radius_ok = not blockers
+        if blockers:
+            self.report["note"] = " ".join(blockers)
+        self.report["radius_certified"] = bool(self.report["radius_certified"] and self.radius_ok)
+
+    def noise(self, terms: tuple[AttackTerm, ...]) -> float:
+        """The Gaussian noise of the Neyman-Pearson step: the smoothing noise sigma_T."""
+        return float(self.setup.cfg.certify.sigma_T)
+
+    def _report(self, fixed_rounds: dict[int, bool]) -> dict[str, Any]:
+        checks = scope_checks(self.setup, self.ing, self.attack_log, fixed_rounds, self.method)
+        checks.update(self.own_checks())
+        conf = confidence_check(self.setup, self.method)
+        if conf is not None:
+            checks["confidence"] = conf
+        certified = all(c["holds"] for c in checks.values())
+        return {"radius_certified": certified, "checks": checks, "scope": [LABEL_SWAP_SCOPE, "Reference model: " + self.REFERENCE]}
+
+    def own_checks(self) -> dict[str, dict[str, Any]]:
+        """The checks only this reading needs (none for the coupled one)."""
+        return {}
+
+    @property
+    def margin(self) -> bool:
+        return self.method == "margin"
+
+    @property
+    def guarantee(self) -> str:
+        return self.MARGIN_GUARANTEE if self.margin else self.GUARANTEE
+
+    @property
+    def bound_form(self) -> str | None:
+        return None if self.margin else self.setup.cfg.certify.bound_form
+
+    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
+        if self.margin:
+            if twin and not self.has_twin:
+                raise ConfigError(f"The run directory {str(self.run_dir)!r} has no twin: train it with --twin.")
+            return margin_result(self.setup, self.twin_params if twin else self.params, X)[0]
+        return super().bounds(X, twin=twin)
+
+    def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
+        if not self.margin:
+            return super().certify(X)
+        sm, budget = margin_result(self.setup, self.params, X)
+        if not self.radius_ok:
+            return sm, None, np.zeros(len(sm.p_a_lower))
+        return sm, budget, self._solve(budget)
+
+    def radii(self, sm: BoundResult) -> tuple[np.ndarray, np.ndarray]:
+        return sound_radii(self.ing, sm)
+
+    def _solve(self, budget: np.ndarray) -> np.ndarray:
+        return closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound, enforced=self.ing.input_norm_enforced)
+
+    def ingredients_block(self) -> dict[str, Any]:
+        return self.ing.to_dict()
+
+    @property
+    def twin_compared_with(self) -> str:
+        return "base prediction of the twin's final model" if self.margin else super().twin_compared_with
+
+    @property
+    def twin_exact(self) -> bool:
+        # exact bounds (exact smoothing or the margin): a disagreement at a covered point is a violated certificate
+        return self.method in ("exact", "margin")
