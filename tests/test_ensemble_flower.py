@@ -131,3 +131,30 @@ def test_server_app_draws_the_sampled_subsets_and_certifies(tmp_path):
 
     members = torch.load(tmp_path / "run" / rundir.MODEL, weights_only=True)["ensemble"]["members"]
     assert [list(m) for m in sampled_groups(8, 5, 3, saved["ensemble"]["sample_seed"]).members] == members
+
+
+def test_clients_never_see_the_subsets_seed_and_sampled_noise_is_shared(tmp_path):
+    from crfl.ensemble import noise_stream, sampled_groups
+
+    ds = synthetic_images()
+    cfg = ens_config(**{**CASES["sampled"], "data.num_clients": 12, "server.rounds": 2, "ensemble.server_step": True,
+                        "server.sigma": 0.01, "server.rho": {"kind": "linear", "a": 0.1, "b": 1.0}})
+    seen = []
+    app = make_client_app(ds)
+
+    def spy(msg, context):
+        seen.append(json.loads(str(next(iter(msg.content.config_records.values()))["crfl-config"])))
+        return app(msg, context)
+
+    fl, _ = flower_ensemble(cfg, ds, tmp_path / "fl", overrides={k: spy for k in range(12)})
+    assert seen and all(d["ensemble"]["sample_seed"] is None for d in seen)
+    sim = train(cfg, tmp_path / "sim", dataset=ds)
+    torch.testing.assert_close(fl.final_params, sim.final_params, rtol=1e-5, atol=1e-6)
+    g = sampled_groups(12, 6, 5, 9)
+    assert noise_stream(g, 3) == () and noise_stream(prepare_groups_partition(), 3) == (3,)
+
+
+def prepare_groups_partition():
+    from crfl.ensemble import partition_groups
+
+    return partition_groups(12, 4, seed=1)

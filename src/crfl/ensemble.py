@@ -13,12 +13,14 @@ FLCert, Cao, Zhang, Jia and Gong, IEEE TIFS 2022). Two kinds (``ensemble.kind``)
 - ``sampled`` (Ensemble FL / FLCert-P): G models, model g trained on a uniform random subset S_g
   of k clients, drawn by the server from ``numpy_generator(sample_seed, "ensemble-sample", g)``;
   ``sample_seed`` is drawn from the operating system when training starts (recorded in the run's
-  config.yaml, which only the server sees) unless the configuration fixes it.
+  config.yaml, which only the server sees; the configuration sent to Flower clients leaves it out)
+  unless the configuration fixes it.
 
 All G models train as one batched computation (:class:`EnsembleRound`): every (group, client)
 pair is a row of :func:`crfl.local.local_round` that starts from its group's model, and the
 aggregation is a registered rule applied per group. ``ensemble.server_step`` applies CRFL's
-clip to rho_t and noise sigma_t (drawn per group, ``("server-noise", t, g)``) to every model.
+clip to rho_t and noise sigma_t to every model (partition: drawn per group, ``("server-noise", t, g)``;
+sampled: one sequence for all models, :func:`noise_stream`).
 
 The certificates (proofs in docs/theory.md (i)); which clients are malicious is fixed before
 training, and the group rule and the subsets are the server's:
@@ -108,6 +110,23 @@ def sampled_groups(num_clients: int, G: int, k: int, sample_seed: int) -> Groups
         for g in range(G)
     )
     return Groups("sampled", num_clients, members, clients_per_model=k)
+
+
+def noise_stream(groups: Groups, g: int) -> tuple[int, ...]:
+    """The server-noise indices of group g (``("server-noise", t, *stream)``) with ``ensemble.server_step``.
+
+    partition: each group its own noise, ``(g,)``. sampled: one noise sequence for every model, ``()``, so
+    that model g is f_{S_g}(x; omega) with the same omega for all g: the G models are then independent,
+    identically distributed draws of f_S (docs/theory.md (i)), which the vote shares' bounds need.
+    """
+    return () if groups.kind == "sampled" else (int(g),)
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """The configuration a client is sent: without the sampled kind's subset seed, which only the server knows."""
+    d = cfg.to_dict()
+    d["ensemble"]["sample_seed"] = None
+    return d
 
 
 def build_groups(cfg: Config, num_clients: int) -> Groups:
@@ -301,7 +320,7 @@ class EnsembleRound(BaseRound):
             upd = updates[g].to(params.dtype)
             if cfg.ensemble.server_step:
                 new[g], info = server_step(params[g], upd, t=t, rounds=setup.rounds, rho_t=setup.rho(t),
-                                           sigma_t=setup.sigma(t), seed=cfg.seed, stream=(g,))
+                                           sigma_t=setup.sigma(t), seed=cfg.seed, stream=noise_stream(self.groups, g))
                 norms.append(info.norm_before_clip)
                 clipped.append(info.clipped)
             else:

@@ -8,7 +8,7 @@ restricted to its members' partitions, all G sharing one partition-to-node bindi
 group its group's model w~^g_{t-1} (a client of several sampled groups gets one message per
 group), screens and weights the replies with the server's p_i renormalized per group, and
 aggregates per group; with ``ensemble.server_step`` each group's model is clipped to rho_t and
-perturbed with noise from ``("server-noise", t, g)``, as the simulator's
+perturbed with the noise of :func:`crfl.ensemble.noise_stream`, as the simulator's
 :class:`crfl.ensemble.EnsembleRound` does, so both engines train the same G models.
 """
 
@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from crfl import rundir
 from crfl.driver import Finish, RoundOutput, RunState
-from crfl.ensemble import EnsembleRound, Groups
+from crfl.ensemble import EnsembleRound, Groups, noise_stream, redacted
 from crfl.flower.records import CRFL_CONFIG, config_to_json, params_to_record, record_to_params
 from crfl.flower.strategy import CRFL, Roster
 from crfl.setup import Setup
@@ -49,7 +49,8 @@ def group_strategies(setup: Setup, groups: Groups, inner_factory: Any, *, noise_
         out.append(CRFL(
             inner_factory(), rho=setup.rho if step else NO_CLIP, sigma=setup.sigma if step else 0.0,
             rounds=setup.rounds, seed=setup.cfg.seed, num_clients=groups.num_clients, weights=setup.weights,
-            noise_seed=noise_seed, partitions=members, roster=roster, noise_stream=(g,), node_timeout=node_timeout,
+            noise_seed=noise_seed, partitions=members, roster=roster, noise_stream=noise_stream(groups, g),
+            node_timeout=node_timeout,
         ))
     return out
 
@@ -62,7 +63,7 @@ class FlowerEnsembleRound(EnsembleRound):
         super().__init__(setup, groups, seed_drawn)
         self.engine = rundir.FLOWER
         self.grid, self.strategies, self.round_timeout = grid, strategies, round_timeout
-        self._config_json = config_to_json(setup.cfg.to_dict())
+        self._config_json = config_to_json(redacted(setup.cfg))  # without the subsets' seed
         if len(strategies) != groups.G:
             raise ValueError(f"{len(strategies)} strategies for G = {groups.G} groups")
 
