@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -869,3 +870,21 @@ def test_two_sweeps_on_one_directory_never_mix(tmp_path):
         rows = (d / "results.csv").read_text().splitlines()
         assert len(rows) == 2 and ",ok," in rows[1]
         assert _stale(d) == []
+
+
+def test_sigma_t_too_small_for_the_arithmetic_is_refused_not_an_infinite_radius(run_copy, capsys):
+    """Issue 18: --sigma-T 1e-200 made every smoothed probability saturate and every radius infinite, certified."""
+    before = snapshot(run_copy)
+    rc, err = cli(["certify", run_copy, "--sigma-T", "1e-200"], capsys)
+    assert_clear(rc, err, "'certify.sigma_T'", "1e-200", "too small for the arithmetic")
+    assert snapshot(run_copy) == before
+    # small but resolvable sigma_T: finite radii, converging to the base model's limit
+    radii = []
+    for s in ("1e-9", "1e-12"):
+        rc, err = cli(["certify", run_copy, "--sigma-T", s], capsys)
+        assert rc == 0, err
+        summary = json.loads((run_copy / "summary.json").read_text())
+        r = summary["results"]["clean"]["max_radius"]
+        assert isinstance(r, float) and math.isfinite(r), r
+        radii.append(r)
+    assert radii[0] == pytest.approx(radii[1], rel=1e-3)

@@ -200,6 +200,15 @@ def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.
     else:
         budget = BUDGETS["kl" if ing.bound_form == "kl" else "neyman-pearson"](ing.sigma, sm)
     budget = np.where(sm.abstain, 0.0, budget)
+    bad = ~np.isfinite(budget)
+    if bad.any():
+        # p_A < 1 and p_B > 0 for Gaussian smoothing, so the budget is finite in exact arithmetic: an infinite (or
+        # NaN) one is float64 saturating (p_A rounds to 1 when sigma ||x|| is tiny against the margin), not a radius
+        raise ConfigError(
+            f"The 'certify.sigma_T' parameter is too small for the arithmetic: with sigma = {ing.sigma:.3g} the smoothed "
+            f"probabilities of {int(bad.sum())} point(s) saturate in float64 and their distance budget is not finite. "
+            "Use a larger certify.sigma_T (e.g. >= 1e-6), or --method margin for the base model without smoothing."
+        )
     return budget, closeness.solve_radius(budget, ing.terms, ing.input_norm_bound, enforced=ing.input_norm_enforced)
 
 
