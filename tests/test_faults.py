@@ -888,3 +888,11 @@ def test_sigma_t_too_small_for_the_arithmetic_is_refused_not_an_infinite_radius(
         assert isinstance(r, float) and math.isfinite(r), r
         radii.append(r)
     assert radii[0] == pytest.approx(radii[1], rel=1e-3)
+
+
+def test_continuations_beyond_memory_are_refused_before_work(run_copy, capsys):
+    """Issue 18: --training-samples 100000000 tried to allocate 3.1 TB and died with an internal error."""
+    before = snapshot(run_copy)
+    rc, err = cli(["certify", run_copy, "--training-samples", "100000000", "--num-test", "10"], capsys)
+    assert_clear(rc, err, "'certify.training_samples'", "100000000", "GiB", "use at most about")
+    assert snapshot(run_copy) == before

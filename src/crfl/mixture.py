@@ -49,6 +49,31 @@ def _noise(setup: Setup, t: int, ks: range, sigma: float, D: int, stream: str) -
     return out.mul_(sigma)
 
 
+def continuation_bytes(setup: Setup, K: int, chunk: int, D: int) -> int:
+    """Bytes the K continuations need at once: the K final models, a chunk's models in float64 (state,
+    update, noise) and the N clients' copies of the chunk's models in the shared local step."""
+    item = torch.finfo(setup.dtype).bits // 8
+    return K * D * item + chunk * D * (3 * 8 + item) + setup.data.num_clients * chunk * D * item
+
+
+def _check_memory(setup: Setup, K: int, chunk: int, D: int) -> None:
+    """Refuse a number of continuations whose memory exceeds 80% of this machine's before any work starts."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = continuation_bytes(setup, K, chunk, D)
+    if need > 0.8 * total:
+        per = continuation_bytes(setup, 1, 1, D)
+        raise ConfigError(
+            f"The 'certify.training_samples' parameter must fit in memory: K = {K} continuations need about "
+            f"{need / 2**30:.1f} GiB, and this machine has {total / 2**30:.1f} GiB (80% usable). "
+            f"Got {K} instead; use at most about {max(1, int(0.8 * total // per))}."
+        )
+
+
 def continuations(
     setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, chunk: int | None = None, first: int = 0,
     stream: str = "mixture-noise",
@@ -75,6 +100,7 @@ def continuations(
         raise ConfigError(f"The mixture certificate needs FedAvg with fixed weights. Got 'aggregation.name' = {cfg.aggregation.name!r} instead.")
     D = setup.model.num_params
     chunk = K if chunk is None else max(1, int(chunk))
+    _check_memory(setup, K, chunk, D)
     weights = setup.weights.to(torch.float64)
     out = torch.empty((K, D), dtype=setup.dtype)
     sigma_a = setup.sigma(t_adv)
