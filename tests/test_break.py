@@ -46,21 +46,25 @@ def _cfg(**over):
     return resolve(None, None, base)
 
 
-def _search_inputs(setup, params: torch.Tensor, n_pairs: int = 24, seed: int = 0) -> torch.Tensor:
+def _search_inputs(
+    setup, params: torch.Tensor, n_pairs: int = 24, seed: int = 0, outside_box: bool = False
+) -> torch.Tensor:
     """Test points, triggered test points, and points on segments between test points of different
-    predictions, packed around where the run's prediction changes (all in the data's box [0, 1]^d).
+    predictions, packed around where the run's prediction changes (all in the data's box [0, 1]^d;
+    ``outside_box`` adds the test points scaled up and shifted out of it, for a model that projects
+    its inputs).
 
     The twin's decision boundary lies within the certified deviation of the run's, so the points
     where the two disagree sit next to the run's boundary: the search samples both sides of each
-    crossing at distances from 1e-7 to 1e-1 of the segment.
+    crossing at distances from 1e-7 to 1e-1 of the segment. The run's prediction is the model's own
+    (its input map, if any, included).
     """
     ds = setup.dataset
     X = model_inputs(ds, ds.x_test, torch.float64)
-    W, b = setup.model.split(params.double())
-    pred = lambda Z: (Z @ W.T + b).argmax(dim=1)  # noqa: E731
+    pred = lambda Z: setup.model.predict(params.double(), Z)  # noqa: E731
     py = pred(X)
     rng = np.random.default_rng(seed)
-    pts = [X, setup.plan.trigger.apply(X)]
+    pts = [X, setup.plan.trigger.apply(X)] + ([3.0 * X, X - 0.2] if outside_box else [])
     offsets = torch.tensor(np.concatenate([-np.logspace(-7, -1, 40), [0.0], np.logspace(-7, -1, 40)]))
     for _ in range(n_pairs):
         i = int(rng.integers(len(X)))
