@@ -199,6 +199,7 @@ class TrainResult:
     seconds: float = 0.0
     finished: bool = True
     state: RunState | None = None
+    finish: Finish | None = None  # the engine's part of the final result set (None until the run finished)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,14 +422,15 @@ def _loop(
             run.write_checkpoint(state.to_checkpoint(), chash)
         if stopping:
             return _result(run.path, setup, state, finished=False)
-    write_final(run, setup, state, step.finish(state), chash)
-    return _result(run.path, setup, state, finished=True)
+    fin = step.finish(state)
+    write_final(run, setup, state, fin, chash)
+    return _result(run.path, setup, state, finished=True, finish=fin)
 
 
-def _result(out: Path, setup: Setup, state: RunState, finished: bool) -> TrainResult:
+def _result(out: Path, setup: Setup, state: RunState, finished: bool, finish: Finish | None = None) -> TrainResult:
     return TrainResult(
         out, setup, state.params, [dataclasses.asdict(r) for r in state.rows], [a.to_dict() for a in state.attacks],
-        state.twin_params, state.seconds, finished=finished, state=state,
+        state.twin_params, state.seconds, finished=finished, state=state, finish=finish,
     )
 
 

@@ -424,7 +424,7 @@ def run_federation(
     if not res.finished:
         return result
     out = res.out_dir
-    fin = step.finish(res.state) if res.state is not None else Finish()
+    fin = res.finish or Finish()  # what the driver wrote into the result set
     if fin.extra.get("rounds_with_contributions", T) == 0:
         raise FederationFailed(
             f"No client contributed to any of the {T} rounds (see {out / FLOWER_LOG}); the run is not certified."
