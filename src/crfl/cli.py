@@ -276,7 +276,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, overrides=_certify_overrides(args))
+    # certify with the dataset training just loaded (one load per run; the model and config come from the files)
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), dataset=res.setup.dataset)
     _report_certification(summary, Path(res.out_dir))
     return 0
 

@@ -1,0 +1,63 @@
+"""The fast paths of issue 20 compute what the reference implementations compute.
+
+- the fused local SGD of the logistic model (crfl.local.linear_local_updates) against the generic
+  batched step (crfl.clients.local_updates) and whole training runs against runs on the generic path;
+- the Monte Carlo inner loop against a plain per-chunk reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crfl import local
+from crfl.clients import local_updates, round_batches
+from crfl.config import resolve
+from crfl.setup import prepare
+from tests.conftest import synthetic_images
+
+
+def _setup(**over):
+    base = {"data.num_clients": 5, "clients.batch_size": 16, "clients.local_epochs": 2, "clients.lr": 0.05,
+            "server.rounds": 6, "attack.rounds": [3], "attack.poison_per_batch": 3, "data.partition": "dirichlet"}
+    return prepare(resolve("mnist", None, {**base, **over}), synthetic_images(n_train=431, n_test=60, side=28))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bound", [None, 2.5])
+def test_fused_linear_step_equals_the_generic_step(dtype, bound):
+    s = _setup(**({"model.input_norm_bound": bound} if bound else {}))
+    idx = round_batches(s.data, 16, s.tau, 1, 4)
+    assert (idx < 0).any() and len(set(s.tau.tolist())) > 1  # padded slots, short batches, unequal tau_i
+    g = torch.Generator().manual_seed(0)
+    for params in (s.w0 * 3, torch.randn(s.data.num_clients, s.model.num_params, generator=g)):
+        ref, _ = local_updates(s.model, params, s.data, idx, 0.05, None, dtype)
+        new = local.linear_local_updates(s.model, params, s.data, idx, 0.05, dtype)
+        # rounding only: each of the tau steps may round w (|w| <= max|params| + max|update|) differently
+        eps, steps = torch.finfo(dtype).eps, idx.shape[1]
+        atol = 10 * steps * eps * (float(params.abs().max()) + float(ref.abs().max()))
+        assert new.dtype == dtype and new.shape == ref.shape
+        torch.testing.assert_close(new, ref, rtol=0, atol=atol)
+        assert float((new - ref).abs().max()) < 1e-3 * float(ref.abs().max())  # not both zero or tiny
+
+
+def test_fused_training_equals_the_generic_training(tmp_path, monkeypatch):
+    """Six rounds with an attack round: the final model and every logged number as on the generic path."""
+    from crfl.train import train
+
+    cfg = resolve("mnist", None, {"data.num_clients": 5, "clients.batch_size": 16, "clients.local_epochs": 2,
+                                  "clients.lr": 0.05, "server.rounds": 6, "attack.rounds": [3], "attack.poison_per_batch": 3})
+    ds = synthetic_images(n_train=400, n_test=60, side=28)
+    calls = []
+    real = local.linear_local_updates
+    monkeypatch.setattr(local, "linear_local_updates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = train(cfg, tmp_path / "fast", dataset=ds)
+    assert len(calls) == 5  # every round but the attack round (poisoned slots: the generic path)
+    monkeypatch.setattr(local, "fused_linear_applies", lambda model: False)
+    slow = train(cfg, tmp_path / "slow", dataset=ds)
+    torch.testing.assert_close(fast.final_params, slow.final_params, rtol=1e-5, atol=1e-6)
+    assert float((fast.final_params - slow.final_params).abs().max()) < 1e-4
+    for a, b in zip(fast.records, slow.records):
+        assert a["clean_acc"] == b["clean_acc"] and a["backdoor_acc"] == b["backdoor_acc"]
+        assert np.isclose(a["norm_before_clip"], b["norm_before_clip"], rtol=1e-5)
