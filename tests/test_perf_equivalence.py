@@ -61,3 +61,37 @@ def test_fused_training_equals_the_generic_training(tmp_path, monkeypatch):
     for a, b in zip(fast.records, slow.records):
         assert a["clean_acc"] == b["clean_acc"] and a["backdoor_acc"] == b["backdoor_acc"]
         assert np.isclose(a["norm_before_clip"], b["norm_before_clip"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps sharing a store of runs train a shared configuration once
+
+
+def test_sweeps_sharing_a_run_store_train_and_certify_once(tmp_path, monkeypatch):
+    import crfl.certify
+    import crfl.train
+    from crfl.sweep import sweep
+    from tests.test_sweep import SPEC, strip, write_spec
+
+    base = {**SPEC, "base": {**SPEC["base"], "set": {**SPEC["base"]["set"], "server.rounds": 3}}}
+    a = write_spec(tmp_path / "a.yaml", {**base, "name": "a", "grid": {"attack.num_attackers": [1, 2]}})
+    b = write_spec(tmp_path / "b.yaml", {**base, "name": "b", "grid": {"attack.num_attackers": [2, 3]},
+                                          "certify": {"grid": {"certify.alpha": [0.001, 0.01]}}})
+    trained, certified = [], []
+    real_train, real_cert = crfl.train.train, crfl.certify.certify_run
+    monkeypatch.setattr(crfl.train, "train", lambda cfg, out, **k: trained.append(out) or real_train(cfg, out, **k))
+    monkeypatch.setattr(crfl.certify, "certify_run", lambda run, **k: certified.append(run) or real_cert(run, **k))
+    store = tmp_path / "store"
+    rows_a = sweep(a, tmp_path / "A", runs_dir=store, progress=False)
+    rows_b = sweep(b, tmp_path / "B", runs_dir=store, progress=False)
+    assert len(trained) == 3  # R = 1, 2, 3: the R = 2 run of sweep b is sweep a's
+    assert len(certified) == 2 + 3  # b's (R = 2, alpha = 0.001) is a's certification
+    assert len(list(store.iterdir())) == 3 and (tmp_path / "B" / "runs").resolve() == store.resolve()
+    # the shared points' rows are the numbers an unshared sweep computes
+    alone = sweep(b, tmp_path / "C", progress=False)
+    assert strip(rows_b) == strip(alone) and len(rows_a) == 2
+    # a sweep that already keeps its own runs is not silently switched to the store
+    from crfl.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="'--runs' parameter must be the run store this sweep already uses"):
+        sweep(b, tmp_path / "C", runs_dir=store, progress=False)

@@ -292,7 +292,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra["data.name"] = args.dataset
     if args.data_dir:
         extra["data.data_dir"] = args.data_dir
-    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not args.quiet)
+    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not args.quiet, runs_dir=args.runs)
     failed = sum(r.get("status", "ok") != "ok" for r in rows)
     print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
     return 1 if failed else 0
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p_sweep.add_argument("--dataset", help="run every point on this dataset (e.g. fashion-mnist, loan-openintro)")
     p_sweep.add_argument("--data-dir", help="directory with the dataset's files")
+    p_sweep.add_argument("--runs", default=None, help="a store of training runs shared with other sweeps (trained once, reused)")
     p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p_sweep.add_argument("--quiet", action="store_true")
     p_sweep.set_defaults(func=cmd_sweep)
