@@ -95,3 +95,42 @@ def test_sweeps_sharing_a_run_store_train_and_certify_once(tmp_path, monkeypatch
 
     with pytest.raises(ConfigError, match="'--runs' parameter must be the run store this sweep already uses"):
         sweep(b, tmp_path / "C", runs_dir=store, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-round evaluation on a fixed subset of the test set
+
+
+def test_subsampled_evaluation_is_the_accuracy_on_that_subset():
+    from crfl.attacks import backdoor_test_mask
+    from crfl.setup import eval_subset, evaluate, model_inputs
+
+    s = _setup()
+    ds = s.dataset
+    params = s.w0 + 0.3 * torch.randn(s.model.num_params, generator=torch.Generator().manual_seed(3))
+    n = len(ds.y_test)
+    assert eval_subset(n, None) is None and eval_subset(n, n) is None
+    sub = eval_subset(n, 17)
+    assert len(sub) == 17 and sub[0] == 0 and sub[-1] == n - 1 and (np.diff(sub) > 0).all()
+    for rows, points in ((np.arange(n), None), (sub, 17)):
+        X = model_inputs(ds, ds.x_test[rows], s.dtype)
+        y = torch.from_numpy(ds.y_test[rows])
+        mask = backdoor_test_mask(y, s.plan.target)
+        clean = float((s.model.predict(params, X) == y).double().mean())
+        bd = float((s.model.predict(params, s.plan.trigger.apply(X[mask])) == s.plan.target).double().mean())
+        assert evaluate(s, params, points) == (clean, bd)
+
+
+def test_eval_points_changes_rounds_csv_only(tmp_path):
+    from crfl.rundir import config_hash
+    from crfl.setup import evaluate
+    from crfl.train import train
+
+    over = {"data.num_clients": 4, "clients.batch_size": 16, "server.rounds": 4, "attack.rounds": [2]}
+    ds = synthetic_images(n_train=300, n_test=120, side=28)
+    full = train(resolve("mnist", None, {**over, "run.eval_points": None}), tmp_path / "full", dataset=ds)
+    sub = train(resolve("mnist", None, {**over, "run.eval_points": 30}), tmp_path / "sub", dataset=ds)
+    assert config_hash(full.setup.cfg.to_dict()) == config_hash(sub.setup.cfg.to_dict())
+    assert torch.equal(full.final_params, sub.final_params)
+    assert full.records[-1]["clean_acc"] == sub.records[-1]["clean_acc"] == evaluate(full.setup, full.final_params)[0]
+    assert [r["clean_acc"] for r in sub.records[:-1]] != [r["clean_acc"] for r in full.records[:-1]]
