@@ -35,7 +35,7 @@ from crfl.data import Dataset
 from crfl.driver import BaseRound, RoundOutput, TrainResult, attack_record, diverged, drive
 from crfl.local import local_round
 from crfl.server import server_step
-from crfl.setup import Setup, evaluate, prepare
+from crfl.setup import Setup, prepare
 from crfl.validation import ConfigError
 
 ROUND_COLUMNS = rundir.ROUND_COLUMNS
@@ -104,16 +104,7 @@ class SimulatorRound(BaseRound):
     setup: Setup
     engine: str = field(default=rundir.SIMULATOR, init=False)
     trains_twin: bool = field(default=True, init=False)
-    _round: int = field(default=0, init=False, repr=False)  # the last round computed (the evaluation's)
-
-    def evaluate(self, params: torch.Tensor) -> tuple[float, float]:
-        """rounds.csv's accuracies of the model after the last round computed: on ``run.eval_points``
-        test points (all when None), and on the whole test set after the last round T (the summary's)."""
-        last = self._round >= self.setup.rounds
-        return evaluate(self.setup, params, None if last else self.setup.cfg.run.eval_points)
-
     def __call__(self, params: torch.Tensor, t: int, *, trigger: bool = True) -> RoundOutput:
-        self._round = t
         try:
             res = run_round(self.setup, params, t, trigger=trigger)
         except ConfigError as e:
