@@ -134,3 +134,41 @@ def test_eval_points_changes_rounds_csv_only(tmp_path):
     assert torch.equal(full.final_params, sub.final_params)
     assert full.records[-1]["clean_acc"] == sub.records[-1]["clean_acc"] == evaluate(full.setup, full.final_params)[0]
     assert [r["clean_acc"] for r in sub.records[:-1]] != [r["clean_acc"] for r in full.records[:-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Monte Carlo votes: the blocked product, argmax and scatter-add count against a model-by-model reference
+
+
+def _votes_reference(W, b, X, sigma, M, gen, models_per_chunk, dtype):
+    """GetCounts written plainly: the same noise draws (one (m, D) block per chunk), one model at a time."""
+    C, d = W.shape
+    counts = torch.zeros(X.shape[0], C, dtype=torch.int64)
+    Xd = X.to(dtype)
+    for m0 in range(0, M, models_per_chunk):
+        E = torch.randn((min(models_per_chunk, M - m0), C * d + C), generator=gen, dtype=dtype)
+        for e in E:
+            Wj = W.to(dtype) + sigma * e[: C * d].view(C, d)
+            bj = b.to(dtype) + sigma * e[C * d :]
+            pred = (Xd @ Wj.T + bj).argmax(dim=1)
+            counts[torch.arange(len(pred)), pred] += 1
+    return counts
+
+
+def test_monte_carlo_votes_equal_a_model_by_model_reference():
+    from crfl.smoothing import LINEAR_POINT_BLOCK, monte_carlo_counts_linear
+
+    g = torch.Generator().manual_seed(5)
+    C, d, n = 4, 30, 2 * LINEAR_POINT_BLOCK + 37  # several blocks of points, a short last one
+    W, b = torch.randn(C, d, generator=g) * 0.3, torch.randn(C, generator=g) * 0.1
+    X = torch.rand(n, d, generator=g)
+    sigma, M, per = 0.2, 130, 50  # a short last chunk of models
+    new = monte_carlo_counts_linear(W, b, X, sigma, M, torch.Generator().manual_seed(9), models_per_chunk=per,
+                                    dtype=torch.float64)
+    ref = _votes_reference(W, b, X, sigma, M, torch.Generator().manual_seed(9), per, torch.float64)
+    assert torch.equal(new, ref)
+    assert (new.sum(dim=1) == M).all() and (new > 0).sum(dim=1).float().mean() > 1.5  # noisy votes, not one class
+    # float32 (the default) votes as float64 does, but for the rare model on a near-tie
+    new32 = monte_carlo_counts_linear(W, b, X, sigma, M, torch.Generator().manual_seed(9), models_per_chunk=per)
+    ref32 = _votes_reference(W, b, X, sigma, M, torch.Generator().manual_seed(9), per, torch.float32)
+    assert int((new32 - ref32).abs().sum()) <= 2 * n * M * 1e-3
