@@ -1,7 +1,7 @@
 """The fast paths of issue 20 compute what the reference implementations compute.
 
 - the fused local SGD of the logistic model (crfl.local.linear_local_updates) against the generic
-  batched step (crfl.clients.local_updates) and whole training runs against runs on the generic path;
+  batched step (crfl.clients.local_updates_generic) and whole training runs against runs on the generic path;
 - the Monte Carlo inner loop against a plain per-chunk reference.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crfl import local
-from crfl.clients import local_updates, round_batches
+from crfl.clients import local_updates_generic, round_batches
 from crfl.config import resolve
 from crfl.setup import prepare
 from tests.conftest import synthetic_images
@@ -26,14 +26,25 @@ def _setup(**over):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bound", [None, 2.5])
-def test_fused_linear_step_equals_the_generic_step(dtype, bound):
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_fused_linear_step_equals_the_generic_step(dtype, bound, poisoned):
+    from crfl.clients import Poison, poison_slots
+
     s = _setup(**({"model.input_norm_bound": bound} if bound else {}))
     idx = round_batches(s.data, 16, s.tau, 1, 4)
     assert (idx < 0).any() and len(set(s.tau.tolist())) > 1  # padded slots, short batches, unequal tau_i
     g = torch.Generator().manual_seed(0)
+    poison = None
+    if poisoned:  # clients 0 and 2 poison 3 slots of every batch with their own trigger (clamped to the box)
+        deltas = torch.zeros(s.data.num_clients, s.model.num_features, dtype=dtype)
+        deltas[[0, 2]] = torch.rand(2, s.model.num_features, generator=g, dtype=dtype) * 0.8
+        poison = Poison(mask=poison_slots(idx, [0, 2], 3), deltas=deltas, target=1)
     for params in (s.w0 * 3, torch.randn(s.data.num_clients, s.model.num_params, generator=g)):
-        ref, _ = local_updates(s.model, params, s.data, idx, 0.05, None, dtype)
-        new = local.linear_local_updates(s.model, params, s.data, idx, 0.05, dtype)
+        ref, ref_stats = local_updates_generic(s.model, params, s.data, idx, 0.05, poison, dtype)
+        new, stats = local.linear_local_updates(s.model, params, s.data, idx, 0.05, dtype, poison)
+        for k in ("count", "max_norm", "sum_norm"):
+            np.testing.assert_allclose(getattr(stats, k), getattr(ref_stats, k), rtol=1e-12)
+        assert (stats.count[[0, 2]] > 0).all() == poisoned
         # rounding only: each of the tau steps may round w (|w| <= max|params| + max|update|) differently
         eps, steps = torch.finfo(dtype).eps, idx.shape[1]
         atol = 10 * steps * eps * (float(params.abs().max()) + float(ref.abs().max()))
@@ -53,7 +64,7 @@ def test_fused_training_equals_the_generic_training(tmp_path, monkeypatch):
     real = local.linear_local_updates
     monkeypatch.setattr(local, "linear_local_updates", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = train(cfg, tmp_path / "fast", dataset=ds)
-    assert len(calls) == 5  # every round but the attack round (poisoned slots: the generic path)
+    assert len(calls) == 6  # every round, the attack round's poisoned slots too
     monkeypatch.setattr(local, "fused_linear_applies", lambda model: False)
     slow = train(cfg, tmp_path / "slow", dataset=ds)
     torch.testing.assert_close(fast.final_params, slow.final_params, rtol=1e-5, atol=1e-6)
@@ -172,3 +183,28 @@ def test_monte_carlo_votes_equal_a_model_by_model_reference():
     new32 = monte_carlo_counts_linear(W, b, X, sigma, M, torch.Generator().manual_seed(9), models_per_chunk=per)
     ref32 = _votes_reference(W, b, X, sigma, M, torch.Generator().manual_seed(9), per, torch.float32)
     assert int((new32 - ref32).abs().sum()) <= 2 * n * M * 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# one dataset load per `crfl run`
+
+
+def test_crfl_run_loads_the_dataset_once(tmp_path, monkeypatch, capsys):
+    import json
+
+    import crfl.setup
+    from crfl.cli import main
+
+    loads = []
+    real = crfl.setup.load_data
+    monkeypatch.setattr(crfl.setup, "load_data", lambda cfg: loads.append(cfg.data.name) or real(cfg))
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "demo", "--set", "server.rounds=3", "--set", "attack.rounds=[2]",
+                 "--num-test", "50", "--out", str(out), "--quiet"]) == 0
+    assert loads == ["mnist-5k"]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["results"]["clean"]["points"] == 50
+    # the certificate is the one `crfl certify` computes from the files (which loads the data itself)
+    first = (out / "certificates_clean.csv").read_text()
+    assert main(["certify", str(out), "--num-test", "50", "--quiet"]) == 0
+    assert loads == ["mnist-5k", "mnist-5k"] and (out / "certificates_clean.csv").read_text() == first

@@ -98,11 +98,7 @@ def local_round(
     data = setup.data
     if attacking and level == "data" and any(bad):
         data = relabel_shards(setup, t, rows, bad, idx)  # the attackers train on relabelled shards
-    if poison is None and fused_linear_applies(setup.model):
-        updates = linear_local_updates(setup.model, params, data, idx, cfg.clients.lr, setup.dtype)
-        stats = PoisonStats.empty(len(rows))
-    else:
-        updates, stats = local_updates(setup.model, params, data, idx, cfg.clients.lr, poison, setup.dtype)
+    updates, stats = local_updates(setup.model, params, data, idx, cfg.clients.lr, poison, setup.dtype)
     if scaling and level == BACKDOOR:
         for r in range(len(rows)):
             if bad[r]:
@@ -127,9 +123,13 @@ def fused_linear_applies(model: Model) -> bool:
 
 def linear_local_updates(
     model: LinearModel, params: torch.Tensor, data: ClientData, idx: np.ndarray, lr: float, dtype: torch.dtype,
-) -> torch.Tensor:
-    """Every client's local SGD of the logistic model at once, as :func:`crfl.clients.local_updates`
-    computes it (without poisoned slots), in fewer and larger operations; returns the updates (K, D).
+    poison: Poison | None = None,
+) -> tuple[torch.Tensor, PoisonStats]:
+    """Every client's local SGD of the logistic model at once, as :func:`crfl.clients.local_updates_generic`
+    computes it, in fewer and larger operations; returns the updates (K, D) and the poison statistics.
+
+    Poisoned slots (``poison``) are treated as the generic path treats them: the trigger is added in
+    model units and clamped to the data's box, the label becomes the target (in the round's targets).
 
     Step s of client k is w <- w - eta sum_j a_j (softmax(W x_j + b) - e_{y_j}) [x_j; 1]^T (Eq. 24),
     a_j = 1/|B_s| for a sample of the batch and 0 for a padded slot. Against the generic path:
@@ -145,7 +145,8 @@ def linear_local_updates(
 
     Each batch is converted to floats once and streamed by two products, the logits X W^T and the
     update G^T X; about 12 operations per local step instead of 25. Equal to the generic path up to
-    float rounding (tests/test_perf_equivalence.py).
+    float rounding (tests/test_perf_equivalence.py). :func:`crfl.clients.local_updates` calls it for
+    the logistic model.
     """
     K, tau_max, n_B = idx.shape
     C, d = model.num_classes, model.num_features
@@ -160,8 +161,14 @@ def linear_local_updates(
     rows = idx_t.clamp(min=0)
     # a_j: 1 / (samples in the batch) for a sample, 0 for a padded slot (an empty step changes nothing)
     weight = valid.to(dtype) / valid.sum(dim=2, keepdim=True).clamp(min=1).to(dtype)
+    labels = data.y.index_select(0, rows.reshape(-1)).view(K, tau_max, n_B)
+    stats = PoisonStats.empty(K)
+    pmask = poison.mask if poison is not None else None
+    if pmask is not None:
+        labels = labels.masked_fill(pmask, poison.target)  # a poisoned slot's label is the target
     target = torch.zeros(K, tau_max, n_B, C, dtype=dtype)
-    target.scatter_(-1, data.y.index_select(0, rows.reshape(-1)).view(K, tau_max, n_B, 1), weight.unsqueeze(-1))
+    target.scatter_(-1, labels.unsqueeze(-1), weight.unsqueeze(-1))
+    poisoned_steps = set(torch.nonzero(pmask.any(dim=2).any(dim=0)).flatten().tolist()) if pmask is not None else set()
     step_rows = rows.transpose(0, 1).reshape(tau_max, K * n_B)  # step s: the K clients' rows
     inv = 1.0 / data.input_scale
     bound = model.input_bound
@@ -169,6 +176,12 @@ def linear_local_updates(
     for s in range(tau_max):
         # the step's rows in their storage type (uint8 pixels), converted to floats once, into one buffer
         X.view(K * n_B, d).copy_(data.x.index_select(0, step_rows[s]))
+        if s in poisoned_steps:  # as crfl.clients._batch: x' = clamp(x + delta) in model units, stored back
+            k, j = torch.nonzero(pmask[:, s], as_tuple=True)
+            clean = X[k, j] / data.input_scale
+            dirty = torch.clamp(clean + poison.deltas[k].to(dtype), poison.low, poison.high)
+            X[k, j] = dirty * data.input_scale
+            stats.add(k, torch.linalg.vector_norm((dirty - clean).double(), dim=1))
         Xm = X if bound is None else bound.apply(X, inv)  # the model's input map P, in storage units
         Z = torch.baddbmm(b.unsqueeze(1), Xm, W.transpose(1, 2), alpha=inv)  # logits (K, n_B, C)
         Z.sub_(Z.amax(dim=-1, keepdim=True)).exp_()
@@ -176,4 +189,4 @@ def linear_local_updates(
         G = Z.mul_(weight[:, s].unsqueeze(-1) / Z.sum(dim=-1, keepdim=True)).sub_(target[:, s])
         W.baddbmm_(G.transpose(1, 2), Xm, alpha=-lr * inv)
         b.sub_(G.sum(dim=1), alpha=lr)
-    return torch.cat([W.view(K, C * d), b], dim=1).sub_(starts)
+    return torch.cat([W.view(K, C * d), b], dim=1).sub_(starts), stats
