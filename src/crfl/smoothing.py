@@ -130,9 +130,11 @@ def _count(pred: torch.Tensor, counts: torch.Tensor, start: int, C: int) -> None
     counts[start : start + n_c].scatter_add_(1, pred.to(counts.device), ones)
 
 
-#: points per product in the linear path: a block's logits (block x m C floats, 2.5 MB for m = 250,
-#: C = 10) stay in the cache between the product that writes them and the argmax that reads them
-LINEAR_POINT_BLOCK = 256
+#: at most this many points per product in the linear path. Smaller blocks keep a block's logits
+#: (block x m C floats: 2.5 MB at 256 points, m = 250, C = 10) in cache for the argmax, which then costs
+#: less (single-threaded, measured); with 2 threads on a busy machine the many small parallel regions
+#: cost more than that saves, so the default stays at the points_per_chunk default (docs/benchmarks.md).
+LINEAR_POINT_BLOCK = 2048
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def monte_carlo_counts_linear(
         bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
         return lambda Xc: torch.addmm(bn.reshape(1, m * C), Xc, Wn.T).view(Xc.shape[0], m, C)
 
-    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # fewer points per product: same votes, cache-resident logits
+    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
     counts = _votes(noisy_model, Xd, C * d + C, M, generator, models_per_chunk, block)
     return counts if counts is not None else torch.zeros((0, C), dtype=torch.int64, device=device)
 
