@@ -292,8 +292,10 @@ def support_terms(
     if support.indices is None:
         return terms
     idx = list(support.indices)
-    trig = setup.plan.trigger
-    BS = lipschitz.support_norm_bound(len(idx), trig.low, trig.high)
+    # the box every input the model sees lies in: the model's own clamp when it enforces B_0, else the trigger's
+    # (clean inputs inside it: the inputs_in_trigger_box check)
+    box = setup.model.input_bound if enforced else setup.plan.trigger
+    BS = lipschitz.support_norm_bound(len(idx), box.low, box.high)
     out = []
     for term, rec in zip(terms, attack_log):
         cols = rec.get("start_centred_column_norms")
