@@ -288,7 +288,7 @@ def test_support_beyond_the_data_is_refused(tmp_path, small_images):
     assert Certifier(prepare(cfg, small_images), final, log, run).block()["trigger_support"]["kind"] == "given"
 
 
-def test_twin_tightness_and_the_certified_fraction_by_support(tmp_path, small_images):
+def test_twin_tightness_and_the_certified_fraction_by_support(tmp_path, small_images, monkeypatch, capsys):
     """summary.json: twin.tightness = ||w_T - w'_T|| / (||delta|| c(B_0 + ||delta||)), recomputed by hand from
     attack.json (one attack round: c = p gamma eta L_Z Q), and the certified fraction under both supports."""
     import json
@@ -317,3 +317,17 @@ def test_twin_tightness_and_the_certified_fraction_by_support(tmp_path, small_im
     by = s["results"]["clean"]["certified_at_attack_by_support"]
     assert set(by) == {"anywhere", "attack"} and by["attack"] == s["results"]["clean"]["certified_at_attack"]
     assert by["attack"] >= by["anywhere"]
+    # crfl run / certify print both fractions and the tightness
+    from crfl import cli, plots
+
+    monkeypatch.setattr(plots, "plot_run", lambda run_dir: None)
+    cli._report_certification(s, run)
+    out = capsys.readouterr().out
+    assert f"by trigger support: anywhere {by['anywhere']:.4f}, attack {by['attack']:.4f}" in out
+    assert f"(tightness {tw['tightness']:.4f})" in out
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli._add_certify_args(parser)
+    args = parser.parse_args(["--trigger-support", "28,35"])
+    assert cli._certify_overrides(args)["certify.trigger_support"] == "28,35"
