@@ -3,7 +3,7 @@
     crfl train   [--preset NAME] [--config FILE] [--dataset NAME] [--data-dir DIR] [--set k=v ...] --out DIR
     crfl train   --resume DIR
     crfl certify RUN_DIR [--method exact|monte-carlo] [--M N] [--alpha A] [--bound B] [--sigma-T S]
-                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N]
+                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N] [--replay-seed S]
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
     crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
     crfl plot    DIR
@@ -92,6 +92,11 @@ def _add_certify_args(p: argparse.ArgumentParser) -> None:
         choices = CHOICES.get(f"certify.{name}")
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(name), choices=choices,
                        metavar=metavar, help=help_)
+    # not a certify.* parameter: a seed recorded by an earlier certification (summary.json smoothing.seed), given
+    # back to replay it; never in config.yaml, so no input can be built against it before it is drawn
+    p.add_argument("--replay-seed", type=int, metavar="S",
+                   help="replay a recorded certification seed (default: a fresh one from the OS's entropy); the "
+                        "statement then holds only for inputs fixed before that seed was first drawn")
 
 
 def _certify_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     from crfl.certify import certify_run
 
-    summary = certify_run(args.run_dir, overrides=_certify_overrides(args))
+    summary = certify_run(args.run_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
     _report_certification(summary, Path(args.run_dir))
     return 0
 
@@ -223,6 +228,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
     print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {cert.get('radius_certified')}")
     if cert.get("guarantee"):
         print(f"  guarantee: {cert['guarantee']}")
+    if sm.get("seed") is not None:
+        print(f"  certification seed {sm['seed']} ({sm.get('seed_source')}); replay: crfl certify {run_dir} "
+              f"--replay-seed {sm['seed']}")
     if not cert.get("radius_certified"):
         _print_failed_checks(summary)
     delta = cert.get("delta_norm")
@@ -276,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, overrides=_certify_overrides(args))
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
     _report_certification(summary, Path(res.out_dir))
     return 0
 
