@@ -34,7 +34,7 @@ from crfl.config import Config
 from crfl.data import Dataset
 from crfl.metrics import covered, curve_table, finite_max, radius_grid
 from crfl.readings import Reading, reading_class
-from crfl.rng import CertificationSeed, certification_seed
+from crfl.rng import CertificationSeed, certification_seed, draw_certification_seed, replay_certification_seed
 from crfl.setup import Setup, model_inputs, prepare
 
 CERT_COLUMNS = [
@@ -148,8 +148,12 @@ class Certifier:
         return self.impl.certify(X, seed=self._seed(replay_seed))
 
     def _seed(self, replay_seed: int | None) -> CertificationSeed | None:
-        """The call's certification seed, drawn now (after X is given), or the replayed one; None if nothing is drawn."""
-        return certification_seed(replay_seed) if self.statistical else None
+        """The call's certification seed, drawn now (after X is given), or the replayed one; None if nothing is drawn
+        (a replay seed is checked even then)."""
+        replay = None if replay_seed is None else replay_certification_seed(replay_seed)
+        if not self.statistical:
+            return None
+        return draw_certification_seed() if replay is None else replay
 
     def block(self) -> dict[str, Any]:
         """summary.json's ``certificate`` block."""

@@ -92,8 +92,12 @@ def _add_certify_args(p: argparse.ArgumentParser) -> None:
         choices = CHOICES.get(f"certify.{name}")
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(name), choices=choices,
                        metavar=metavar, help=help_)
-    # not a certify.* parameter: a seed recorded by an earlier certification (summary.json smoothing.seed), given
-    # back to replay it; never in config.yaml, so no input can be built against it before it is drawn
+
+
+def _add_replay_arg(p: argparse.ArgumentParser) -> None:
+    """--replay-seed of every command that certifies: not a certify.* parameter but a seed recorded by an earlier
+    certification (summary.json smoothing.seed), given back to replay it; never in config.yaml or the config hash,
+    so no input can be built against a seed before it is drawn (docs/theory.md (j))."""
     p.add_argument("--replay-seed", type=int, metavar="S",
                    help="replay a recorded certification seed (default: a fresh one from the OS's entropy); the "
                         "statement then holds only for inputs fixed before that seed was first drawn")
@@ -355,11 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     p_cert = add("certify", help="certify a training run (Algorithm 2, Corollary 1)")
     p_cert.add_argument("run_dir")
     _add_certify_args(p_cert)
+    _add_replay_arg(p_cert)
     p_cert.add_argument("--quiet", action="store_true")
     p_cert.set_defaults(func=cmd_certify)
     p_run = add("run", help="train and certify in one command (default: the demo preset)")
     _add_train_args(p_run, out_required=False)
     _add_certify_args(p_run)
+    _add_replay_arg(p_run)
     p_run.set_defaults(func=cmd_run)
     p_sweep = add("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
     p_sweep.add_argument("spec", help="a sweep YAML file or a built-in spec name (fig5-attackers-mnist, ...)")

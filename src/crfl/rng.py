@@ -87,13 +87,14 @@ class CertificationSeed:
 
     ``seed``: 63 bits; ``source``: ``os-entropy`` (drawn now with :mod:`secrets`) or ``replay`` (given
     back by the user to reproduce a recorded certification: its statements then hold only for inputs
-    fixed before the seed was first drawn); ``drawn_at``: when this object was made (ISO 8601, UTC);
+    fixed before the seed was first drawn); ``drawn_at``: when it was drawn from the OS (ISO 8601, UTC;
+    None for a replayed seed, whose first draw is recorded with the certification it replays);
     ``derived_from``: for a child seed (:meth:`child`), the stream of the parent it comes from.
     """
 
     seed: int
     source: str
-    drawn_at: str
+    drawn_at: str | None
     derived_from: str | None = None
 
     def torch_generator(self, stream: str, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -133,7 +134,7 @@ def draw_certification_seed() -> CertificationSeed:
 
 def replay_certification_seed(seed: int) -> CertificationSeed:
     """A recorded certification seed given back (``--replay-seed``): reproduces that certification bit for bit."""
-    return CertificationSeed(check_int("replay_seed", seed, low=0, high=MAX_CERTIFICATION_SEED), "replay", _now())
+    return CertificationSeed(check_int("replay_seed", seed, low=0, high=MAX_CERTIFICATION_SEED), "replay", None)
 
 
 def certification_seed(replay_seed: int | None = None) -> CertificationSeed:
