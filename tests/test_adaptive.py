@@ -140,12 +140,12 @@ def _lp_attack(data, vote_for_a, prefer_b, C: int, n: int, seed: int) -> torch.T
     return torch.tensor(np.array(out)).float().double()  # float32-representable: what a test set stores
 
 
-def _known_noisy_models(setup, params, seed: int, M: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The M noisy models of crfl.smoothing's GetCounts under the stream ("smoothing", 0) of ``seed`` (chunks of
-    250 models, float32 noise): what an adversary who knows the seed computes."""
+def _known_noisy_models(setup, params, seed: int, M: int, sigma: float, stream: str = "smoothing"):
+    """The M noisy models (W (M, C, d), b (M, C)) of crfl.smoothing's GetCounts under the stream (``stream``, 0) of
+    ``seed`` (chunks of 250 models, float32 noise): what an adversary who knows the seed computes."""
     W, b = _split(setup, params)
     C, d = W.shape
-    gen = rng.torch_generator(seed, "smoothing", 0)
+    gen = rng.torch_generator(seed, stream, 0)
     E = torch.cat([torch.randn((min(250, M - m0), C * d + C), generator=gen, dtype=torch.float32)
                    for m0 in range(0, M, 250)]).double()
     return W.unsqueeze(0) + sigma * E[:, : C * d].view(M, C, d), b.unsqueeze(0) + sigma * E[:, C * d :]
@@ -215,11 +215,17 @@ def _false_in_files(out, p_sets: dict[str, np.ndarray], eps: float = 0.0) -> tup
 # Monte Carlo
 
 
-def test_monte_carlo_adaptive_inputs_break_a_known_seed_not_fresh_randomness(run, data, entropy, tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"certify.bound": "hoeffding"}, {"certify.selection": 20}],
+                         ids=["clopper-pearson", "hoeffding", "selection"])
+def test_monte_carlo_adaptive_inputs_break_a_known_seed_not_fresh_randomness(run, data, entropy, tmp_path, variant):
+    MC = globals()["MC"] | variant
     setup, final, log = _setup(run, data, MC)
     cz, params = setup.cfg.certify, final["params"]
     W, b = _split(setup, params)
     known = _known_noisy_models(setup, params, setup.cfg.seed, cz.M, cz.sigma_T)
+    if cz.selection:  # the selection sample's models too: they pick c_A
+        sel = _known_noisy_models(setup, params, setup.cfg.seed, cz.selection, cz.sigma_T, "selection")
+        known = tuple(torch.cat(v) for v in zip(known, sel))
     X = _lp_attack(data, known, (W.unsqueeze(0), b.unsqueeze(0)), W.shape[0], N_ATTACK, seed=0)
     assert len(X) >= 0.8 * N_ATTACK
     p = _exact_p(setup, params, X, cz.sigma_T)
@@ -228,17 +234,18 @@ def test_monte_carlo_adaptive_inputs_break_a_known_seed_not_fresh_randomness(run
     # the attack has teeth: against the config seed's noise (replayed) nearly every input gets a false certificate
     old = cert.bounds(X, replay_seed=setup.cfg.seed)
     assert old.seed.source == "replay" and old.seed.seed == setup.cfg.seed
-    assert _false(p, old.c_a, old.p_a_lower, old.p_b_upper, old.abstain).mean() >= 0.8
+    teeth = _false(p, old.c_a, old.p_a_lower, old.p_b_upper, old.abstain).mean()
+    assert teeth >= 0.5
 
     # Certifier: a fresh seed per call; one call per input, so the statements are independent
-    seeds, bad = set(), 0
+    seeds, bad_calls = set(), 0
     for i in range(len(X)):
         sm = cert.certify(X[i : i + 1])[0]
         seeds.add(sm.seed.seed)
         assert sm.seed.source == "os-entropy"
-        bad += int(_false(p[i : i + 1], sm.c_a, sm.p_a_lower, sm.p_b_upper, sm.abstain).sum())
+        bad_calls += int(_false(p[i : i + 1], sm.c_a, sm.p_a_lower, sm.p_b_upper, sm.abstain).sum())
     assert len(seeds) == len(X)
-    assert bad <= _binomial_allowance(len(X), cz.alpha)
+    assert bad_calls <= _binomial_allowance(len(X), cz.alpha)
 
     # certify_run (what `crfl certify` runs) on a test set holding the attack's inputs, R fresh certifications
     ds = _attack_dataset(data, X)
@@ -248,7 +255,7 @@ def test_monte_carlo_adaptive_inputs_break_a_known_seed_not_fresh_randomness(run
     out = tmp_path / "old"
     certify_run(run, overrides=MC, dataset=ds, out_dir=out, replay_seed=setup.cfg.seed)
     bad_old, _ = _false_in_files(out, p_sets)
-    assert bad_old >= 0.8 * len(X)  # the attack's inputs, certified falsely under the known seed
+    assert bad_old >= 0.5 * len(X)  # the attack's inputs, certified falsely under the known seed
     R, shares, total_certified = 3, [], 0
     for j in range(R):
         out = tmp_path / f"fresh{j}"
@@ -257,6 +264,8 @@ def test_monte_carlo_adaptive_inputs_break_a_known_seed_not_fresh_randomness(run
         bad, certified = _false_in_files(out, p_sets)
         shares.append(bad / (2 * len(Xt)))
         total_certified += certified
+    print(f"Monte Carlo {variant}: known seed false {teeth:.2f} (Certifier), {bad_old} (certify_run); fresh: "
+          f"Certifier {bad_calls}/{len(X)}, certify_run shares {shares}, certified {total_certified}")
     assert np.mean(shares) <= _cantelli_share(cz.alpha, R)
     assert total_certified >= R * len(data.y_test)  # not vacuous: the real test points are certified
 
@@ -289,24 +298,26 @@ def test_mixture_adaptive_inputs_break_known_continuations_not_fresh_ones(run, d
     cert = Certifier(setup, final, log, run)
 
     old = cert.bounds(X, replay_seed=setup.cfg.seed)
-    assert _false(p, old.c_a, old.p_a_lower, old.p_b_upper, old.abstain, eps).mean() >= 0.5  # teeth
+    teeth = _false(p, old.c_a, old.p_a_lower, old.p_b_upper, old.abstain, eps).mean()
+    assert teeth >= 0.5
 
-    bad, seeds = 0, set()
-    n = 12
+    bad_calls, seeds = 0, set()
+    n = 8
     for i in range(n):  # fresh continuations per call (K trained per call): independent statements
         sm = cert.certify(X[i : i + 1])[0]
         seeds.add(sm.seed.seed)
-        bad += int(_false((p[0][i : i + 1], p[1][i : i + 1]), sm.c_a, sm.p_a_lower, sm.p_b_upper, sm.abstain, eps).sum())
+        bad_calls += int(_false((p[0][i : i + 1], p[1][i : i + 1]), sm.c_a, sm.p_a_lower, sm.p_b_upper, sm.abstain, eps).sum())
     assert len(seeds) == n
-    assert bad <= _binomial_allowance(n, cz.alpha)
+    assert bad_calls <= _binomial_allowance(n, cz.alpha)
 
     ds = _attack_dataset(data, X[:10])
     Xt = model_inputs(ds, ds.x_test, torch.float32)
     p_sets = {"clean": law(Xt), "backdoor": law(setup.plan.trigger.apply(Xt))}
     out = tmp_path / "old"
     certify_run(run, overrides=MIX, dataset=ds, out_dir=out, replay_seed=setup.cfg.seed)
-    assert _false_in_files(out, p_sets, eps)[0] >= 5
-    R, shares, total_certified = 3, [], 0
+    bad_old = _false_in_files(out, p_sets, eps)[0]
+    assert bad_old >= 5
+    R, shares, total_certified = 2, [], 0
     for j in range(R):
         out = tmp_path / f"fresh{j}"
         s = certify_run(run, overrides=MIX, dataset=ds, out_dir=out)
@@ -314,6 +325,8 @@ def test_mixture_adaptive_inputs_break_known_continuations_not_fresh_ones(run, d
         bad, certified = _false_in_files(out, p_sets, eps)
         shares.append(bad / (2 * len(Xt)))
         total_certified += certified
+    print(f"mixture: known seed false {teeth:.2f} (Certifier), {bad_old} (certify_run); fresh: Certifier {bad_calls}/{n}, "
+          f"certify_run shares {shares}, certified {total_certified}")
     assert np.mean(shares) <= _cantelli_share(cz.alpha, R)
     assert total_certified >= R * len(data.y_test)
 
