@@ -234,7 +234,7 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
         print(f"  guarantee: {cert['guarantee']}")
     if sm.get("seed") is not None:
         print(f"  certification seed {sm['seed']} ({sm.get('seed_source')}); replay: crfl certify {run_dir} "
-              f"--replay-seed {sm['seed']}")
+              f"--replay-seed {sm['seed']} with the same certify flags")
     if not cert.get("radius_certified"):
         _print_failed_checks(summary)
     delta = cert.get("delta_norm")
