@@ -403,3 +403,17 @@ def test_replay_seed_is_checked_and_reaches_certification_from_the_cli(run, monk
     monkeypatch.setattr(certify, "certify_run", fake)
     assert main(["certify", str(run), "--replay-seed", "42", "--M", "10"]) == 2
     assert seen["replay_seed"] == 42 and "replay_seed" not in str(seen["overrides"])
+
+
+def test_certifier_draws_fresh_randomness_per_call_and_replays_a_call(run, data):
+    setup, final, log = _setup(run, data, NOISY)
+    cert = Certifier(setup, final, log, run)
+    X = model_inputs(data, data.x_test, torch.float32)
+    (a, _, ra), (b, _, _) = cert.certify(X), cert.certify(X)
+    assert a.seed.source == b.seed.source == "os-entropy" and a.seed.seed != b.seed.seed
+    assert not np.array_equal(a.n_a, b.n_a)
+    r, _, rr = cert.certify(X, replay_seed=a.seed.seed)
+    assert r.seed.source == "replay" and np.array_equal(r.n_a, a.n_a) and np.array_equal(r.p_a_lower, a.p_a_lower)
+    assert np.array_equal(rr, ra)
+    exact = Certifier(*_setup(run, data, None), run)
+    assert exact.certify(X)[0].seed is None and exact.bounds(X, twin=True).seed is None
