@@ -172,6 +172,17 @@ def _false(p, c_a, p_a_lower, p_b_upper, abstain, eps: float = 0.0) -> np.ndarra
     return bad & ~np.asarray(abstain, dtype=bool)
 
 
+def _twin_check_sees_it(cert: Certifier, X: torch.Tensor, old) -> None:
+    """The twin check on the attack's inputs: smoothed with the certificate's own (known) noise, as before, the twin
+    (a model close to the run's) votes like the run everywhere, so the check cannot see the attack; with the
+    check's own stream of the seed (what certify_run uses) it disagrees on many of the falsely certified inputs."""
+    ok = ~old.abstain
+    shared = cert.impl.bounds(X, twin=True, seed=old.seed)
+    own = cert.impl.bounds(X, twin=True, seed=old.seed.child("check"))
+    assert np.mean(shared.c_a[ok] == old.c_a[ok]) == 1.0
+    assert np.mean(own.c_a[ok] == old.c_a[ok]) <= 0.75
+
+
 def _binomial_allowance(n: int, alpha: float) -> int:
     return int(stats.binom.ppf(1 - 1e-4, n, alpha))
 
@@ -236,6 +247,7 @@ def test_monte_carlo_adaptive_inputs_break_a_known_seed_not_fresh_randomness(run
     assert old.seed.source == "replay" and old.seed.seed == setup.cfg.seed
     teeth = _false(p, old.c_a, old.p_a_lower, old.p_b_upper, old.abstain).mean()
     assert teeth >= 0.5
+    _twin_check_sees_it(cert, X, old)
 
     # Certifier: a fresh seed per call; one call per input, so the statements are independent
     seeds, bad_calls = set(), 0
@@ -300,6 +312,7 @@ def test_mixture_adaptive_inputs_break_known_continuations_not_fresh_ones(run, d
     old = cert.bounds(X, replay_seed=setup.cfg.seed)
     teeth = _false(p, old.c_a, old.p_a_lower, old.p_b_upper, old.abstain, eps).mean()
     assert teeth >= 0.5
+    _twin_check_sees_it(cert, X, old)
 
     bad_calls, seeds = 0, set()
     n = 8
