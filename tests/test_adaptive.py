@@ -430,3 +430,27 @@ def test_certifier_draws_fresh_randomness_per_call_and_replays_a_call(run, data)
     assert np.array_equal(rr, ra)
     exact = Certifier(*_setup(run, data, None), run)
     assert exact.certify(X)[0].seed is None and exact.bounds(X, twin=True).seed is None
+
+
+def test_crfl_certify_prints_records_and_replays_the_seed(tmp_path, capsys):
+    from crfl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["train", "--preset", "demo", "--set", "server.rounds=3", "--set", "attack.rounds=[2]", "--out", str(out),
+                 "--quiet"]) == 0
+    flags = ["--method", "monte-carlo", "--M", "100", "--num-test", "100", "--sigma-T", "0.5"]
+    files = ("certificates_clean.csv", "certificates_backdoor.csv")
+    assert main(["certify", str(out), *flags]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    seed = s["smoothing"]["seed"]
+    assert s["smoothing"]["seed_source"] == "os-entropy" and s["smoothing"]["seed_drawn_at"]
+    assert f"--replay-seed {seed}" in capsys.readouterr().out
+    first = [(out / f).read_bytes() for f in files]
+    assert main(["certify", str(out), *flags]) == 0  # fresh: another seed, other votes
+    assert json.loads((out / "summary.json").read_text())["smoothing"]["seed"] != seed
+    assert [(out / f).read_bytes() for f in files] != first
+    assert main(["certify", str(out), *flags, "--replay-seed", str(seed)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["smoothing"]["seed"] == seed and s["smoothing"]["seed_source"] == "replay"
+    assert "only for inputs fixed before that seed was first drawn" in s["certificate"]["guarantee"]
+    assert [(out / f).read_bytes() for f in files] == first
