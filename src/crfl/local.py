@@ -113,7 +113,7 @@ def local_round(
 
 
 # ---------------------------------------------------------------------------------------------
-# the fused local SGD of the logistic model (no poisoned slot in the round)
+# the fused local SGD of the logistic model (crfl.clients.local_updates calls it)
 
 
 def fused_linear_applies(model: Model) -> bool:
