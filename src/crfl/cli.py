@@ -141,6 +141,7 @@ def _config_from_args(args: argparse.Namespace, default_preset: str | None = Non
 def _print_training(res) -> None:
     last = res.records[-1]
     rows = [
+        ("preset", str(res.setup.cfg.preset)),
         ("rounds", str(res.setup.rounds)),
         ("clients", str(res.setup.data.num_clients)),
         ("attackers / rounds", f"{list(res.setup.plan.attackers)} / {list(res.setup.plan.rounds)}"),
@@ -174,11 +175,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("The '--out' parameter must name the run directory. Got nothing instead.")
-        if not args.preset and not args.config:
-            log.warning("note: no --preset or --config given: training the demo preset (as `crfl run` does); "
-                        "pass --preset NAME (crfl list presets) or --config FILE to choose.")
         cfg = _config_from_args(args, default_preset="demo")
         res = train(cfg, args.out, twin=cfg.certify.twin)
+        if not args.preset and not args.config:  # said after the run, so that a bad value stays the only line
+            log.warning("note: no --preset or --config given: trained the demo preset (as `crfl run` does); "
+                        "pass --preset NAME (crfl list presets) or --config FILE to choose.")
     _print_training(res)
     return 0
 
