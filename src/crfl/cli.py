@@ -359,7 +359,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "--config it trains the demo preset, as crfl run does, and says so.",
         "  crfl train --preset demo --out runs/demo\n"
         "  crfl train --preset mnist --dataset fashion-mnist --set server.rounds=20 --out runs/fm\n"
-        "  crfl train --plugin my_parts --set aggregation.name=my-rule --out runs/mine\n"
+        "  crfl train --plugin examples/my_parts.py --dataset digits-1k --set aggregation.name=clipped-mean --out runs/mine\n"
         "  crfl train --resume runs/fm            # continue an interrupted run",
     ),
     "certify": (
@@ -402,7 +402,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "user's parts.",
         "  crfl list\n"
         "  crfl list aggregators\n"
-        "  crfl list datasets --plugin my_parts",
+        "  crfl list datasets --plugin examples/my_parts.py",
     ),
 }
 

@@ -418,13 +418,14 @@ def _run_jobs(
     threads = max(1, cores // jobs)
     results: dict[int, list[dict[str, Any]]] = {}
     watch = _watch(job_list, root)
+    report = progress and watch.bar.mode != "tty"  # on a terminal the bar says which runs are done
     try:
         if jobs == 1:
             for i, j in enumerate(job_list):
                 with progress_mod.showing(None):  # the sweep's bar shows the run's rounds
                     results[i] = run_job(j, str(root / j.train_hash), threads)
                 watch.finished(i)
-                _report(progress, i, len(job_list), j, results[i])
+                _report(report, i, len(job_list), j, results[i])
         else:
             ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                         initializer=_worker_init, initargs=(os.getpid(), tuple(plugins.specs())))
@@ -434,7 +435,7 @@ def _run_jobs(
                     i = futs[fut]
                     results[i] = fut.result()
                     watch.finished(i)
-                    _report(progress, n, len(job_list), job_list[i], results[i])
+                    _report(report, n, len(job_list), job_list[i], results[i])
             except BaseException:
                 _stop_workers(ex)
                 raise
