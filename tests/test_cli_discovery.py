@@ -254,6 +254,12 @@ def test_sweep_watch_counts_rounds_from_growing_files(tmp_path):
     assert done == 6 and "running 2/4" in detail and detail.startswith("runs 0/3")
     w.finished(0)
     assert w.rounds_done()[1].startswith("runs 1/3")
+    files[1].write_text("round\n1\n2\n3\n4\n")
+    files[2].write_text("round\n1\n2\n3\n4\n")  # trained, being certified: the bar stays short of its end
+    assert w.rounds_done() == (11, "runs 1/3; certifying 2")
+    w.finished(1)
+    w.finished(2)
+    assert w.rounds_done() == (12, "runs 3/3")
 
 
 # ---------------------------------------------------------------------------------------------

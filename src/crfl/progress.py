@@ -195,7 +195,7 @@ class Watch:
     def rounds_done(self) -> tuple[int, str]:
         with self._lock:
             done = set(self.done)
-        total, running = 0, []
+        total, running, certifying = 0, [], 0
         for i, (path, T) in enumerate(self.runs):
             if i in done:
                 total += T
@@ -204,9 +204,14 @@ class Watch:
             total += n
             if 0 < n < T:
                 running.append(f"{n}/{T}")
+            certifying += n == T
         detail = f"runs {len(done)}/{len(self.runs)}"
         if running:
             detail += "; running " + ", ".join(running[:4]) + (" ..." if len(running) > 4 else "")
+        if certifying:
+            detail += f"; certifying {certifying}"
+        if len(done) < len(self.runs):  # the bar ends when the last run is done, certification included
+            total = min(total, self.bar.total - 1)
         return total, detail
 
     def draw(self) -> None:

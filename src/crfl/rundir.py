@@ -61,9 +61,9 @@ import fcntl
 import hashlib
 import io as _io
 import json
+import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,8 +543,9 @@ class RunDir:
         dtype = run.get("dtype") if isinstance(run, Mapping) else None
         if stored == legacy_config_hash(d) and str(params.dtype) == f"torch.{dtype}":
             # written before run.dtype was hashed: the parameters' own dtype stands in for it
-            print(f"crfl: note: {self.path / name} carries the configuration hash of crfl 0.1.0 (without "
-                  f"run.dtype); accepted, since its parameters are {dtype} as config.yaml says.", file=sys.stderr)
+            logging.getLogger("crfl.rundir").warning(
+                "note: %s carries the configuration hash of crfl 0.1.0 (without run.dtype); accepted, since its "
+                "parameters are %s as config.yaml says.", self.path / name, dtype)
             return
         raise RunDirError(
             f"{self.path / name} was written by the configuration with hash {stored}, but "
