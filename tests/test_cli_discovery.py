@@ -95,6 +95,9 @@ def test_list_every_kind_with_descriptions(capsys):
 
 
 def test_every_command_has_a_description_and_examples(capsys):
+    from crfl.cli import INTERRUPTED
+
+    assert set(INTERRUPTED) == set(COMMANDS)  # and what Ctrl-C leaves behind
     for name, (_short, desc, examples) in COMMANDS.items():
         with pytest.raises(SystemExit):
             main([name, "--help"])
@@ -277,16 +280,23 @@ def test_rounds_csv_grows_during_a_run_and_ends_whole(tmp_path):
     cfg = resolve("demo", overrides={"server.rounds": 5, "attack.rounds": [3], "data.num_clients": 4,
                                      "attack.pixels": [[0, 0], [0, 1]]})
     seen: list[list[dict[str, str]]] = []
+    texts: list[str] = []
     out = tmp_path / "run"
     setup = prepare(cfg, ds)
     run = rundir.create_run(out)
+
+    def look(state) -> None:
+        texts.append((out / rundir.ROUNDS).read_text())
+        seen.append(_rows(out / rundir.ROUNDS))
+
     with run:
-        res = drive(setup, SimulatorRound(setup), run, on_round=lambda state: seen.append(_rows(out / rundir.ROUNDS)))
+        res = drive(setup, SimulatorRound(setup), run, on_round=look)
     assert [len(s) for s in seen] == [1, 2, 3, 4, 5]
-    for s in seen:  # every row, once written, stays as it is
-        assert s == seen[-1][: len(s)]
+    for s, text in zip(seen, texts):  # every row, once written, stays as it is
+        assert s == seen[-1][: len(s)] and texts[-1].startswith(text)
     final = _rows(out / rundir.ROUNDS)
     assert final == seen[-1] and [r["round"] for r in final] == ["1", "2", "3", "4", "5"]
+    assert (out / rundir.ROUNDS).read_text() == texts[-1]  # the final result set wrote the same bytes
     assert len(res.records) == 5
 
 

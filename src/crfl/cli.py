@@ -53,6 +53,7 @@ INTERRUPTED = {
     "certify": "the run's previous results are unchanged. Rerun: crfl certify {dir}",
     "sweep": "results.csv lists the runs that finished. Rerun the same command to finish the sweep.",
     "plot": "no figure was half-written.",
+    "list": "nothing was written.",
 }
 
 

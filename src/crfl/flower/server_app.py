@@ -476,6 +476,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _ensure_log_handler()
+        from crfl.plugins import load_entry_points
+
+        load_entry_points()  # installed plugins (crfl.plugins) register their parts here as in the crfl command
         rc = {k: v[0] for k, v in RUN_CONFIG.items()}
         unknown = set(context.run_config) - set(rc)
         if unknown:
