@@ -173,6 +173,17 @@ def test_a_plugin_that_cannot_be_imported_is_one_error(spec, expect, capsys, own
     assert err.startswith("crfl: error:") and expect in err and err.count("\n") == 1, err
 
 
+def test_a_plugin_file_never_replaces_an_imported_module(tmp_path, capsys, own_registries):
+    shadow = tmp_path / "json.py"
+    shadow.write_text("raise RuntimeError('must not run')\n")
+    import json as json_module
+
+    assert main(["list", "--plugin", str(shadow)]) == 2
+    err = capsys.readouterr().err
+    assert "would replace the module 'json'" in err and err.count("\n") == 1, err
+    assert sys.modules["json"] is json_module
+
+
 def test_a_plugin_that_fails_while_importing_is_one_error(tmp_path, capsys, own_registries):
     bad = tmp_path / "user_parts_bad.py"
     bad.write_text("raise RuntimeError('boom')\n")

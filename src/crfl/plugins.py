@@ -73,6 +73,10 @@ def _import_file(path: Path) -> str:
     if not name.isidentifier():
         raise ConfigError(f"The '{FLAG}' parameter must name a .py file whose name is a Python identifier. "
                           f"Got {str(path)!r} instead; rename it (e.g. {name.replace('-', '_')!r}.py).")
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != path.resolve():
+        raise ConfigError(f"The '{FLAG}' parameter must name a .py file whose name is not that of a module already "
+                          f"imported. Got {str(path)!r} instead (it would replace the module {name!r}); rename it.")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has a loader
         raise ConfigError(f"The '{FLAG}' parameter must name a Python file. Got {str(path)!r} instead.")
