@@ -139,9 +139,9 @@ def linear_local_updates(
       into one reused float buffer (a gather of the whole round's rows at once is slower: it leaves the cache);
     - W (K, C, d) and b (K, C) are kept apart during the steps; the gradient product is fused into
       the update (``W.baddbmm_(G^T, X, alpha=-eta / scale)``), so the gradient is never a tensor;
-    - the batch stays in storage units (0..255 pixels as floats): the 1/scale of the inputs enters
-      the two products as their ``alpha`` instead of a pass over the batch (with an input bound,
-      the map P is applied to the batch in those units, as the generic path does).
+    - the batch stays in storage units (0..255 pixels as floats): the 1/scale of the inputs goes into
+      the (much smaller) weights for the logits and into the update's ``alpha``, instead of a pass over
+      the batch (with an input bound, the map P is applied to the batch in those units, as the generic path does).
 
     Each batch is converted to floats once and streamed by two products, the logits X W^T and the
     update G^T X; about 12 operations per local step instead of 25. Equal to the generic path up to
@@ -183,7 +183,9 @@ def linear_local_updates(
             X[k, j] = dirty * data.input_scale
             stats.add(k, torch.linalg.vector_norm((dirty - clean).double(), dim=1))
         Xm = X if bound is None else bound.apply(X, inv)  # the model's input map P, in storage units
-        Z = torch.baddbmm(b.unsqueeze(1), Xm, W.transpose(1, 2), alpha=inv)  # logits (K, n_B, C)
+        # logits (K, n_B, C): the weights scaled first, as the generic step does (the product of the
+        # unscaled ones with 0..255 pixels would overflow float32 earlier when a run diverges)
+        Z = torch.baddbmm(b.unsqueeze(1), Xm, (W * inv if inv != 1.0 else W).transpose(1, 2))
         Z.sub_(Z.amax(dim=-1, keepdim=True)).exp_()
         # G = a_j softmax(z_j) - a_j e_{y_j}: the weighted softmax minus the weighted one-hot target
         G = Z.mul_(weight[:, s].unsqueeze(-1) / Z.sum(dim=-1, keepdim=True)).sub_(target[:, s])
