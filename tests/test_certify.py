@@ -56,7 +56,8 @@ def _c(cert: dict, B: mp.mpf) -> mp.mpf:
             + (k["p_total"] - sum(k["p"])) + sum(p * g for p, g in zip(k["p"], k["gamma"]))
         a = mp.mpf(0)
         for p, g, e, t, Q in zip(k["p"], k["gamma"], k["eta"], k["tau"], k["Q"]):
-            lz = (mp.mpf(k["start_centred_opnorm"]) + t * mp.mpf(e) * mp.sqrt(2) * B) / 2 * mp.sqrt(B * B + 1) + mp.sqrt(2)
+            slack = mp.mpf(cert.get("rounding", {}).get("opnorm_slack", {}).get(str(k["round"]), 0.0))  # (g) step 7
+            lz = (mp.mpf(k["start_centred_opnorm"]) + slack + t * mp.mpf(e) * mp.sqrt(2) * B) / 2 * mp.sqrt(B * B + 1) + mp.sqrt(2)
             a += mp.mpf(p) * g * mp.mpf(e) * mp.mpf(Q) * lz
         c = lip * c + a
     return c
@@ -105,9 +106,12 @@ def rederive_sound(row: dict, cert: dict) -> float:
             budget = mp.mpf(row["budget"])
         else:
             budget = _budget(mp.mpf(row["log1m_p_a_lower"]), mp.mpf(row["log_p_b_upper"]), cert)
+        rounding = cert.get("rounding")  # (g) step 7: r^ c'(B^ + r^) + E <= budget, r^ = (1 + iota_1) r + iota_0
+        if rounding is not None:
+            budget -= mp.mpf(rounding["rounding_error"])
         if budget <= 0:
             return 0.0
-        B0 = mp.mpf(cert["input_norm_bound"])
+        B0 = mp.mpf(rounding["realised_input_bound"] if rounding else cert["input_norm_bound"])
         lo, hi = mp.mpf(0), budget / _c(cert, B0)
         for _ in range(200):
             mid = (lo + hi) / 2
@@ -115,6 +119,9 @@ def rederive_sound(row: dict, cert: dict) -> float:
                 hi = mid
             else:
                 lo = mid
+        if rounding is not None:
+            scale, offset = rounding["trigger_rounding"]
+            lo = max(mp.mpf(0), (lo - mp.mpf(offset)) / (1 + mp.mpf(scale)))
         return float(lo)
 
 
