@@ -365,7 +365,11 @@ def _box_check(setup: Setup, attack_log: list[dict[str, Any]], ing: SoundIngredi
     bound = getattr(setup.model, "input_bound", None) if ing.input_norm_enforced else None
     model_clamps = bound is not None and (bound.low, bound.high) == (setup.plan.trigger.low, setup.plan.trigger.high)
     actual = [v for rec in attack_log for v in (rec.get("measured") or {}).get("actual_delta_norm_max", [])]
-    within = all(v <= ing.delta_norm * (1 + 1e-4) for v in actual)  # float32 rounding of x + delta - x
+    # float32 rounding of x + delta - x: |fl(x + delta) - x| <= |delta| + u |x + delta| (docs/theory.md (g) step 7a)
+    slack = ing.delta_norm * 1e-4
+    if ing.rounding is not None:
+        slack = max(slack, ing.rounding.trigger_scale * ing.delta_norm + ing.rounding.trigger_offset)
+    within = all(v <= ing.delta_norm + slack for v in actual)
     return {
         "holds": (inside or model_clamps) and within,
         "detail": f"clean training inputs in [{lo:.4g}, {hi:.4g}] (the trigger is clamped to [0, 1]"
