@@ -268,6 +268,7 @@ def test_radius_equal_to_the_trigger_norm_is_not_covered_anywhere(tmp_path, trai
     delta = certify_run(trained, dataset=images28, out_dir=tmp_path / "first")["certificate"]["delta_norm"]
     assert metrics.covered(delta, delta) == False and metrics.covered(math.nextafter(delta, 1), delta) == True  # noqa: E712
     monkeypatch.setattr(closeness, "solve_radius", lambda budget, terms, b0, **kw: np.where(np.asarray(budget) > 0, delta, 0.0))
+    monkeypatch.setattr(closeness, "solve_radius_rounded", lambda budget, terms, rb, **kw: np.where(np.asarray(budget) > 0, delta, 0.0))
     out = tmp_path / "runs" / "T" / "cert-C"
     s = certify_run(trained, overrides={"certify.radii": [delta]}, dataset=images28, out_dir=out)
     for k in ("clean", "backdoor"):

@@ -275,13 +275,27 @@ def rounding_spec(setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforc
     )
 
 
+def noise_seed_unknown(run_dir: Path | None) -> bool:
+    """Whether config.yaml's provenance says the server noise came from a seed other than the config's."""
+    if run_dir is None:
+        return False
+    try:
+        prov = rundir.RunDir(run_dir).read_config().get("provenance") or {}
+    except (rundir.RunDirError, OSError):  # no readable config.yaml (a Certifier built in memory): the config's seed
+        return False
+    return "separate" in str((prov.get("flower") or {}).get("noise_seed", ""))
+
+
 def rounding_bound(
-    setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforced: bool, reading: str
+    setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforced: bool, reading: str, run_dir: Path | None = None
 ) -> tuple[closeness.RoundingBound | None, str | None]:
     """(the rounding bound, None) or (None, why it cannot be bounded). The mixture reading compares the attack
     round's pre-noise aggregates from equal starts: only that round's rounding (run and twin) enters."""
     if not terms:
         return None, None
+    if noise_seed_unknown(run_dir):
+        return None, ("the server noise was drawn from a separate seed that is not recorded (Flower's noise-seed), so "
+                      "its norm, which the rounding bound needs, is unknown")
     try:
         spec = rounding_spec(setup, terms, B0, enforced)
         rb = closeness.rounding_error(spec)
@@ -476,7 +490,7 @@ class CoupledReading(Reading):
         terms = attack_terms(attack_log) if not blockers else ()
         B0, source, enforced = input_norm_bound(setup)
         cz = setup.cfg.certify
-        rounding, why = rounding_bound(setup, terms, B0, enforced, self.name) if not blockers else (None, None)
+        rounding, why = rounding_bound(setup, terms, B0, enforced, self.name, run_dir) if not blockers else (None, None)
         self.ing = SoundIngredients(self.name, terms, B0, source, enforced, self.noise(terms), cz.bound_form,
                                     float(setup.plan.trigger.norm), rounding)
         self.report = self._report(fixed_weight_rounds(self.run_dir))
