@@ -132,6 +132,33 @@ def test_errors_before_an_attack_round_are_amplified_by_its_lipschitz_constant()
     assert U64 / U32 < rb64.total / rb.total < 10 * U64 / U32
 
 
+def test_float64_logits_obey_the_backward_error_the_certification_term_assumes():
+    """Assumption (A2) on this machine's BLAS: every computed logit of a batched product (the certification's
+    float64 logits) is within gamma_{d+1} sum_j |w_j x~_j| of the exact one (Fractions), on inputs built for
+    cancellation; so the logits are those of a model within gamma_{d+2} ||w|| (certification_rounding)."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(4)
+    d, C = 300, 4
+    W = torch.randn((C, d), generator=g, dtype=torch.float64) * torch.logspace(-3, 3, d, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    X = torch.rand((40, d), generator=g, dtype=torch.float64)
+    X[:20] = (X[:20] - 0.5).sign() * W[0].sign() * X[:20]  # aligned with row 0: large partial sums
+    z = (X @ W.T + b).numpy()
+    gam = closeness.gamma_n(d + 1, U64)
+    worst = 0.0
+    for i in range(len(X)):
+        for c in range(C):
+            exact = sum(Fraction(float(w)) * Fraction(float(x)) for w, x in zip(W[c], X[i])) + Fraction(float(b[c]))
+            scale = float((W[c].abs() * X[i].abs()).sum() + b[c].abs())
+            err = abs(float(Fraction(float(z[i, c])) - exact))
+            assert err <= gam * scale
+            worst = max(worst, err / (gam * scale))
+    assert worst > 0  # rounding happened
+    w_norm = float(torch.linalg.vector_norm(torch.cat([W.flatten(), b])))
+    assert closeness.certification_rounding(w_norm, d) == pytest.approx(closeness.gamma_n(d + 2, U64) * w_norm, rel=1e-15)
+
+
 def test_the_bound_refuses_chains_of_roundings_it_cannot_control():
     with pytest.raises(ConfigError, match="float64"):
         closeness.round_errors(_spec(num_features=200_000))

@@ -41,7 +41,7 @@ from crfl.validation import ConfigError, check_real
 
 __all__ = [
     "AttackTerm", "round_lipschitz", "attack_coefficient", "deviation_coefficient", "solve_radius",
-    "RoundingSpec", "RoundingBound", "unit_roundoff", "gamma_n", "round_errors", "rounding_error", "solve_radius_rounded",
+    "RoundingSpec", "RoundingBound", "certification_rounding", "unit_roundoff", "gamma_n", "round_errors", "rounding_error", "solve_radius_rounded",
 ]
 
 
@@ -237,10 +237,11 @@ class RoundingBound:
     trigger_offset: float  # iota_0
     input_bound: float  # B^
     step_error: float  # the largest per-step bound r
+    certification: float = 0.0  # the certification's own float64 logits, as a parameter perturbation (in ``total``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "rounding_error": self.total, "largest_round_error": max(self.per_round, default=0.0),
+            "rounding_error": self.total, "certification_rounding": self.certification, "largest_round_error": max(self.per_round, default=0.0),
             "largest_step_error": self.step_error, "trigger_rounding": [self.trigger_scale, self.trigger_offset],
             "realised_input_bound": self.input_bound, "opnorm_slack": {str(k): v for k, v in self.opnorm_slack.items()},
         }
@@ -333,6 +334,13 @@ def rounding_error(spec: RoundingSpec) -> RoundingBound:
     if spec.map_radius is not None:
         iota0 += 2.0 * gamma_n(spec.num_features + 4, u) * spec.map_radius
     return RoundingBound(tuple(errs), total, slack, iota1, iota0, spec.input_bound, worst)
+
+
+def certification_rounding(model_norm: float, num_features: int) -> float:
+    """The float64 logits z^ = fl(W x + b) that certification computes are the exact logits of a model w + dw_x with
+    |dw| <= gamma_{d+1} |w| componentwise (backward error of a dot product), so they certify a model within
+    gamma_{d+2} ||w|| of the deployed one; the twin is then within that much more (docs/theory.md (g) step 7e)."""
+    return gamma_n(num_features + 2, 2.0 ** -53) * model_norm
 
 
 def solve_radius_rounded(

@@ -287,10 +287,12 @@ def noise_seed_unknown(run_dir: Path | None) -> bool:
 
 
 def rounding_bound(
-    setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforced: bool, reading: str, run_dir: Path | None = None
+    setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforced: bool, reading: str, run_dir: Path | None = None,
+    model_norm: float = 0.0,
 ) -> tuple[closeness.RoundingBound | None, str | None]:
     """(the rounding bound, None) or (None, why it cannot be bounded). The mixture reading compares the attack
-    round's pre-noise aggregates from equal starts: only that round's rounding (run and twin) enters."""
+    round's pre-noise aggregates from equal starts: only that round's rounding (run and twin) enters. Both add the
+    certification's own rounding of the smoothed model (norm ``model_norm``) as a parameter perturbation."""
     if not terms:
         return None, None
     if noise_seed_unknown(run_dir):
@@ -304,7 +306,12 @@ def rounding_bound(
     if reading == "mixture":
         t_adv = terms[0].round
         rb = replace(rb, per_round=(rb.per_round[t_adv - 1],), total=2.0 * rb.per_round[t_adv - 1])
-    return rb, None
+        # the continuations are Clip_{rho_T} outputs: their norms are bounded by rho_T, not by this run's model
+        model_norm = setup.rho(setup.rounds) * (1.0 + 3.0 * closeness.unit_roundoff(setup.dtype))
+        if not math.isfinite(model_norm):
+            return None, "rho_T is infinite: the mixture's continuations have no norm bound for the certification's rounding"
+    cert = closeness.certification_rounding(model_norm, int(setup.model.num_features))
+    return replace(rb, total=rb.total + cert, certification=cert), None
 
 
 def arithmetic_check(setup: Setup, ing: SoundIngredients, why: str | None) -> dict[str, Any]:
@@ -490,7 +497,9 @@ class CoupledReading(Reading):
         terms = attack_terms(attack_log) if not blockers else ()
         B0, source, enforced = input_norm_bound(setup)
         cz = setup.cfg.certify
-        rounding, why = rounding_bound(setup, terms, B0, enforced, self.name, run_dir) if not blockers else (None, None)
+        rounding, why = (rounding_bound(setup, terms, B0, enforced, self.name, run_dir,
+                                       float(torch.linalg.vector_norm(self.params.double())))
+                         if not blockers else (None, None))
         self.ing = SoundIngredients(self.name, terms, B0, source, enforced, self.noise(terms), cz.bound_form,
                                     float(setup.plan.trigger.norm), rounding)
         self.report = self._report(fixed_weight_rounds(self.run_dir))
