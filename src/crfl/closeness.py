@@ -295,6 +295,8 @@ def round_errors(spec: RoundingSpec, *, noise: bool = True) -> tuple[list[float]
         cw, aw = spec.clean_weight[t], spec.attack_weight[t]
         U = cw * Uc + aw * Ua
         e = (cw * Rc + aw * (Ra + u * Ua)) * (1.0 + u)  # local rounding through the (scaled) weights; fl(gamma u_i)
+        # a client that sends its model (Flower: w~ + gamma u_i in the dtype, the server takes w_i - w~ in the dtype)
+        e += 2.0 * u * (cw * (M + Uc) + aw * (M + Ua))
         e += gamma_n(spec.num_clients + 1, u64) * U * (1.0 + u) + u * U  # float64 weighted sum, cast to the dtype
         e += u * (M + U * (1.0 + 2 * u))  # w~_{t-1} + update
         rho = spec.rho[t]

@@ -498,7 +498,7 @@ class CoupledReading(Reading):
         B0, source, enforced = input_norm_bound(setup)
         cz = setup.cfg.certify
         rounding, why = (rounding_bound(setup, terms, B0, enforced, self.name, run_dir,
-                                       float(torch.linalg.vector_norm(self.params.double())))
+                                       float(torch.linalg.vector_norm(self.params.double())) if self.params is not None else math.inf)
                          if not blockers else (None, None))
         self.ing = SoundIngredients(self.name, terms, B0, source, enforced, self.noise(terms), cz.bound_form,
                                     float(setup.plan.trigger.norm), rounding)
