@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,9 +65,9 @@ def _proven_distance(ing, delta: float) -> float:
     """r^ c'(B^ + r^) + E: the realised run-to-twin distance the certificate assumes (docs/theory.md (g) step 7)."""
     rb = ing.rounding
     r_hat = (1.0 + rb.trigger_scale) * delta + rb.trigger_offset
-    terms = [replace(k, start_opnorm=k.start_opnorm + rb.opnorm_slack.get(k.round, 0.0)) for k in ing.terms]
+    terms = closeness.inflate_opnorms(ing.terms, rb)
     B = rb.input_bound if ing.input_norm_enforced else rb.input_bound + r_hat
-    return r_hat * closeness.deviation_coefficient(terms, B) + rb.total
+    return r_hat * closeness.deviation_coefficient(terms, B) + rb.total + closeness.support_leak(terms, rb, ing.input_norm_enforced)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +204,7 @@ def test_rounding_term_covers_a_float32_run_against_float64_and_is_not_vacuous(r
     c64, _, f64 = _certifier(runs("float64", 1e-8), small_images)
     r32, r64 = c32.ing.rounding, c64.ing.rounding
     offset = r32.trigger_offset + r64.trigger_offset + 2 * 1e-8 * (r32.trigger_scale + r64.trigger_scale)
-    terms = [replace(k, start_opnorm=k.start_opnorm + r32.opnorm_slack.get(k.round, 0.0)) for k in c32.ing.terms]
+    terms = closeness.inflate_opnorms(c32.ing.terms, r32)
     bound = offset * closeness.deviation_coefficient(terms, r32.input_bound + offset) + 0.5 * (r32.total + r64.total)
     for key in ("params", "twin_params"):
         realised = float(torch.linalg.vector_norm(f32[key].double() - f64[key].double()))

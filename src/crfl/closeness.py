@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from crfl.lipschitz import lz_centred_array
+from crfl.lipschitz import SupportGeometry, lz_centred_array, lz_support_array
 from crfl.validation import ConfigError, check_real
 
 __all__ = [
@@ -57,6 +57,8 @@ class AttackTerm:
     poison_ratio: tuple[float, ...]  # mean over the local steps of q_s / n_s; Q_i = tau_i * this
     start_opnorm: float  # ||(I - 11^T/C) W~_{t-1}||_2 of the broadcast model
     p_total: float = 1.0  # sum of all clients' weights in the round
+    # the trigger's support S when the certificate covers triggers on S only (None: anywhere); see lz
+    support: SupportGeometry | None = None
 
     def __post_init__(self) -> None:
         n = len(self.p)
@@ -74,6 +76,13 @@ class AttackTerm:
             check_real(f"poison_ratio[{i}]", self.poison_ratio[i], low=0.0, high=1.0)
         check_real("start_opnorm", self.start_opnorm, low=0.0, high=math.inf, high_open=True)
         check_real("p_total", self.p_total, low=0.0, high=math.inf, high_open=True)
+
+    def lz(self, tau: float, eta: float, B: float | np.ndarray) -> np.ndarray:
+        """L_Z of one attacker's local steps at input bound B: :func:`crfl.lipschitz.lz_centred` for triggers
+        anywhere, :func:`crfl.lipschitz.lz_support` for triggers on the support S (docs/theory.md (g), steps 3, 3b)."""
+        if self.support is None:
+            return lz_centred_array(self.start_opnorm, tau, eta, B)
+        return lz_support_array(self.start_opnorm, tau, eta, B, self.support)
 
     @property
     def Q(self) -> tuple[float, ...]:
@@ -112,10 +121,11 @@ def round_lipschitz(term: AttackTerm) -> float:
 def attack_coefficient(term: AttackTerm, B: float | np.ndarray) -> float | np.ndarray:
     """A_k(B) = sum_i p_i gamma_i eta_i L_Z,i(B) Q_i: the deviation added per unit of ||delta||.
 
-    L_Z,i is :func:`crfl.lipschitz.lz_centred` for attacker i (vectorised over B)."""
+    L_Z,i is :func:`crfl.lipschitz.lz_centred` for attacker i, or :func:`crfl.lipschitz.lz_support` when the
+    term carries a trigger support (:meth:`AttackTerm.lz`, vectorised over B)."""
     out = np.zeros(np.shape(B))
     for p, g, e, t, Q in zip(term.p, term.gamma, term.eta, term.tau, term.Q):
-        out = out + p * g * e * Q * lz_centred_array(term.start_opnorm, t, e, B)
+        out = out + p * g * e * Q * term.lz(t, e, B)
     return float(out) if np.ndim(B) == 0 else out
 
 
@@ -238,6 +248,7 @@ class RoundingBound:
     input_bound: float  # B^
     step_error: float  # the largest per-step bound r
     certification: float = 0.0  # the certification's own float64 logits, as a parameter perturbation (in ``total``)
+    trigger_offset_map: float = 0.0  # the part of iota_0 from the computed input map, which also leaves a support S
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -332,10 +343,9 @@ def rounding_error(spec: RoundingSpec) -> RoundingBound:
             start = spec.w0_norm * (1.0 + u) if t == 0 else norms[t - 1]
             slack[t + 1] = spec.tau * _local(u, spec, spec.attack_input_bound, start)[2]
     iota1 = 6.0 * u
-    iota0 = 4.0 * u * spec.box_norm
-    if spec.map_radius is not None:
-        iota0 += 2.0 * gamma_n(spec.num_features + 4, u) * spec.map_radius
-    return RoundingBound(tuple(errs), total, slack, iota1, iota0, spec.input_bound, worst)
+    iota_map = 2.0 * gamma_n(spec.num_features + 4, u) * spec.map_radius if spec.map_radius is not None else 0.0
+    iota0 = 4.0 * u * spec.box_norm + iota_map
+    return RoundingBound(tuple(errs), total, slack, iota1, iota0, spec.input_bound, worst, trigger_offset_map=iota_map)
 
 
 def certification_rounding(model_norm: float, num_features: int) -> float:
@@ -343,6 +353,27 @@ def certification_rounding(model_norm: float, num_features: int) -> float:
     |dw| <= gamma_{d+1} |w| componentwise (backward error of a dot product), so they certify a model within
     gamma_{d+2} ||w|| of the deployed one; the twin is then within that much more (docs/theory.md (g) step 7e)."""
     return gamma_n(num_features + 2, 2.0 ** -53) * model_norm
+
+
+def inflate_opnorms(terms: Sequence[AttackTerm], rounding: RoundingBound) -> list[AttackTerm]:
+    """The attack terms with ||P W~||_2 (and a support's ||P W~_S||_2) raised by the realised local steps' rounding."""
+    out = []
+    for k in terms:
+        s = rounding.opnorm_slack.get(k.round, 0.0)
+        sup = getattr(k, "support", None)
+        extra = {"support": replace(sup, start_opnorm=sup.start_opnorm + s)} if sup is not None else {}
+        out.append(replace(k, start_opnorm=k.start_opnorm + s, **extra))
+    return out
+
+
+def support_leak(terms: Sequence[AttackTerm], rounding: RoundingBound, enforced: bool) -> float:
+    """The deviation the computed input map's rounding adds outside a trigger support S: L_Z on S bounds the gradient
+    gap of an input change on S (plus the exact map's leak kappa), not the rounding's iota_map spread over every
+    coordinate, so that part is carried by the any-direction coefficient: iota_map c(B^) (enforced bound only)."""
+    if not enforced or rounding.trigger_offset_map == 0.0 or all(getattr(k, "support", None) is None for k in terms):
+        return 0.0
+    anywhere = [replace(k, support=None) for k in terms]
+    return rounding.trigger_offset_map * float(deviation_coefficient(anywhere, rounding.input_bound))
 
 
 def solve_radius_rounded(
@@ -354,8 +385,9 @@ def solve_radius_rounded(
     b = np.atleast_1d(np.asarray(budget, dtype=np.float64))
     if np.any(np.isnan(b)):
         raise ConfigError("The 'budget' parameter must not be NaN.")
-    inflated = [replace(k, start_opnorm=k.start_opnorm + rounding.opnorm_slack.get(k.round, 0.0)) for k in terms]
-    left = np.where(b > rounding.total, b - rounding.total, 0.0)
+    inflated = inflate_opnorms(terms, rounding)
+    total = rounding.total + support_leak(inflated, rounding, enforced)
+    left = np.where(b > total, b - total, 0.0)
     r_hat = solve_radius(left, inflated, rounding.input_bound, enforced=enforced)
     with np.errstate(invalid="ignore"):
         out = (r_hat - rounding.trigger_offset) / (1.0 + rounding.trigger_scale)
