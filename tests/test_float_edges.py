@@ -193,8 +193,9 @@ def test_realised_twin_distance_is_below_the_bound_with_rounding(runs, small_ima
     assert dist <= bound, (dist, bound)
     if delta == 0.0:
         assert dist == 0.0  # the twin is then the run itself
-    s = cert.block() if hasattr(cert, "block") else {}
-    assert cert.ing.rounding.total > 0 and cert.ing.to_dict()["rounding_error"] == cert.ing.rounding.total, s
+    assert cert.ing.rounding.total > 0 and cert.ing.to_dict()["rounding_error"] == cert.ing.rounding.total
+    tight = cert.impl.twin_tightness()
+    assert tight["distance"] == dist and tight["deviation_bound_with_rounding"] == pytest.approx(bound, rel=1e-12)
 
 
 def test_rounding_term_covers_a_float32_run_against_float64_and_is_not_vacuous(runs, small_images):

@@ -317,6 +317,15 @@ def rounding_bound(
     return replace(rb, total=rb.total + cert, certification=cert), None
 
 
+def proven_deviation(terms: tuple[AttackTerm, ...], rb: closeness.RoundingBound, ing: SoundIngredients, delta: float) -> float:
+    """r^ c'(B^ + r^) + E (+ the support leak): what the certificate assumes of the realised run and twin at ||delta||."""
+    r_hat = (1.0 + rb.trigger_scale) * delta + rb.trigger_offset
+    inflated = closeness.inflate_opnorms(terms, rb)
+    B = rb.input_bound + (0.0 if ing.input_norm_enforced else r_hat)
+    return float(r_hat * closeness.deviation_coefficient(inflated, B) + rb.total
+                 + closeness.support_leak(inflated, rb, ing.input_norm_enforced))
+
+
 def arithmetic_check(setup: Setup, ing: SoundIngredients, why: str | None) -> dict[str, Any]:
     """The rounding term is proven for this run (the assumptions of docs/theory.md (g), step 7), or the reason it is not."""
     dtype = str(setup.dtype).replace("torch.", "")
@@ -715,7 +724,12 @@ class CoupledReading(Reading):
             if terms is not None:
                 bound = self.deviation_bound(terms)
                 by[name] = {"deviation_bound": bound, "tightness": dist / bound if bound > 0 else None}
+                rb = self.ing.rounding
+                if rb is not None:  # the bound of the realised (rounded) runs, docs/theory.md (g) step 7
+                    by[name]["deviation_bound_with_rounding"] = proven_deviation(terms, rb, self.ing, self.delta_norm)
         out["deviation_bound"] = by[self.support.kind]["deviation_bound"]
+        if "deviation_bound_with_rounding" in by[self.support.kind]:
+            out["deviation_bound_with_rounding"] = by[self.support.kind]["deviation_bound_with_rounding"]
         out["tightness"] = by[self.support.kind]["tightness"]
         out["tightness_by_support"] = by
         return out
