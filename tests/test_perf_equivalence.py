@@ -179,10 +179,6 @@ def test_monte_carlo_votes_equal_a_model_by_model_reference():
     ref = _votes_reference(W, b, X, sigma, M, torch.Generator().manual_seed(9), per, torch.float64)
     assert torch.equal(new, ref)
     assert (new.sum(dim=1) == M).all() and (new > 0).sum(dim=1).float().mean() > 1.5  # noisy votes, not one class
-    # float32 (the default) votes as float64 does, but for the rare model on a near-tie
-    new32 = monte_carlo_counts_linear(W, b, X, sigma, M, torch.Generator().manual_seed(9), models_per_chunk=per)
-    ref32 = _votes_reference(W, b, X, sigma, M, torch.Generator().manual_seed(9), per, torch.float32)
-    assert int((new32 - ref32).abs().sum()) <= 2 * n * M * 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
