@@ -31,6 +31,7 @@ from crfl.data import DataError, Dataset
 from crfl.rundir import config_hash, load_run
 
 from tests.conftest import synthetic_images
+from tests.support.integrity import reseal
 
 TINY = ["--preset", "demo", "--set", "server.rounds=3", "--set", "data.num_clients=4", "--set", "attack.rounds=[2]",
         "--set", "run.threads=1"]
@@ -275,7 +276,9 @@ def _legacy_files(run: Path) -> None:
     for name in ("model_final.pt", "checkpoint.pt"):
         obj = torch.load(run / name, weights_only=True)
         obj["config_hash"] = rundir.legacy_config_hash(d)
+        obj.pop("state_digest", None)
         torch.save(obj, run / name)
+    reseal(run, "model_final.pt")
 
 
 def test_run_of_the_previous_version_certifies_with_a_note(run_copy, capsys):
@@ -668,6 +671,9 @@ def _result_bytes(d: Path) -> dict[str, object]:
             continue
         if k.endswith("summary.json"):
             out[k] = _drop_timing(json.loads(v))
+        elif k.endswith(rundir.RECORD):  # every digest but the JSON files' (which cover their timings)
+            out[k] = json.loads(v)
+            out[k]["files"] = {n: e for n, e in out[k]["files"].items() if not n.endswith(".json")}
         else:
             out[k] = v
     return out

@@ -288,9 +288,7 @@ def _client_level_row(spec: Spec, row: dict[str, Any], out: dict[str, Any], s: d
         out[f"{k}_median_m_star"] = r.get("median_m_star")
         f = cdir / f"client_level_{k}.csv"
         if row["status"] == "ok" and f.is_file():
-            from crfl.io import read_csv
-
-            rows = read_csv(f)
+            rows = rundir.RunDir(cdir).read_rows(f.name, ["m_star", "correct"])  # checked against the integrity record
             m_star = [int(x["m_star"]) for x in rows]
             ok = [x["correct"] == "1" for x in rows]
             for m in spec.malicious:
