@@ -1050,3 +1050,24 @@ def test_a_dropped_node_reported_by_the_superlink_is_counted_once(tmp_path):
     for rec in strategy.history.values():
         assert rec.missing == [3] and rec.rejected == [] and rec.accepted == [0, 1, 2]
     assert json.loads((res.out_dir / "summary.json").read_text())["training"]["replies_missing"] == 2
+
+
+@pytest.mark.parametrize("sets, name, value", [
+    (["clients.batch_size=1000000000000000"], "clients.batch_size", "1000000000000000"),
+    (["model.name=mlp", "model.hidden=1000000000000"], "model.hidden", "1000000000000"),
+])
+def test_sizes_beyond_memory_are_refused_before_allocating(sets, name, value, tmp_path, capsys):
+    argv = ["train", "--preset", "demo", *[x for s in sets for x in ("--set", s)], "--out", tmp_path / "r"]
+    assert_clear(*cli(argv, capsys), f"The '{name}' parameter must fit in memory", "GiB", f"Got {value} instead")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_of_memory_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
+    import crfl.train
+
+    def oom(*a, **k):
+        raise MemoryError("Unable to allocate 3.1 TiB")
+
+    monkeypatch.setattr(crfl.train, "train", oom)
+    assert_clear(*cli(["train", *TINY, "--out", tmp_path / "r"], capsys), "Out of memory (Unable to allocate 3.1 TiB)",
+                 "model.hidden")

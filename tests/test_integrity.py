@@ -302,3 +302,28 @@ def test_no_torch_load_pickle_or_allow_pickle_outside_the_validated_reader():
 def _line_of_load() -> int:
     lines = (SRC / "rundir.py").read_text().splitlines()
     return next(i for i, line in enumerate(lines, 1) if "torch.load(_io.BytesIO(data), weights_only=True)" in line)
+
+
+# ---------------------------------------------------------------------------------------------
+# found by the catalogue: directories where files belong, results the record lists but plot skipped
+
+
+def test_a_directory_in_place_of_a_checkpoint_or_a_result_file_is_one_line(run, capsys):
+    (run / "certificates_clean.csv").unlink()
+    (run / "certificates_clean.csv").mkdir()
+    before = snapshot(run)
+    assert_clear(*cli(["certify", run, "--num-test", "5"], capsys), "certificates_clean.csv is a directory, not a file")
+    assert snapshot(run) == before and not (run / rundir.STAGE).exists()
+    (run / "model_final.pt").unlink()
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.pt").mkdir()
+    before = snapshot(run)
+    assert_clear(*cli(["train", "--resume", run], capsys), "checkpoint.pt is a directory, not a file")
+    assert snapshot(run) == before
+
+
+def test_plot_refuses_a_listed_result_that_is_missing(run, capsys):
+    (run / "certificates_backdoor.csv").unlink()
+    before = snapshot(run)
+    assert_clear(*cli(["plot", run], capsys), "certificates_backdoor.csv is missing", "integrity record", "lists it")
+    assert snapshot(run) == before

@@ -446,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - an unexpected failure: one line, the traceback behind --debug
         if debug:
             raise
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+            print(f"crfl: error: Out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): the configuration "
+                  "asks for more than this machine has; reduce its sizes (model.hidden, clients.batch_size, "
+                  "data.num_clients, certify.num_test, certify.training_samples).", file=sys.stderr)
+            return 2
         print(f"crfl: internal error: {type(e).__name__}: {e}. Rerun with --debug for the traceback and report it.",
               file=sys.stderr)
         return 1

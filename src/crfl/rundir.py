@@ -658,6 +658,10 @@ class RunDir:
         """
         todo = "delete it to restart the run from round 1, or train into a new directory"
         required = ("round", "params", "records", "attack_log", "config_hash")
+        for name in (CHECKPOINT, LEGACY_FLOWER_CHECKPOINT):
+            if (self.path / name).exists() and not (self.path / name).is_file():
+                raise RunDirError(f"{self.path / name} is a directory, not a file; move it away to restart the run from "
+                                  "round 1, or train into a new directory.")
         if self.exists(CHECKPOINT):
             ck = self.read_torch(CHECKPOINT, required, todo)
             self._check_hash(CHECKPOINT, ck["config_hash"], cfg_dict, ck["params"])
@@ -943,7 +947,8 @@ def open_run(path: str | Path, param: str = "RUN_DIR") -> RunDir:
     settled first when no other process holds the directory; a live writer's files are left alone."""
     p = Path(path)
     if not p.is_dir():
-        raise ConfigError(f"The '{param}' parameter must be a training run directory. Got {str(p)!r} instead (no such directory).")
+        what = "a file" if p.exists() else "no such directory"
+        raise ConfigError(f"The '{param}' parameter must be a training run directory. Got {str(p)!r} instead ({what}).")
     if any(n == STAGE or io.TEMP_PATTERN.match(n) for n in os.listdir(p)):
         try:
             claim = Claim.acquire(p)
@@ -1036,8 +1041,16 @@ class ResultSet:
         return self._summary
 
     def commit(self) -> None:
-        if self.names:
-            self.write_json(RECORD, self._record())
+        try:  # before the COMMIT list: a failure drops the stage and leaves the previous set in place
+            for n in self.names:
+                if (self.directory / n).exists() and not (self.directory / n).is_file():
+                    raise RunDirError(f"{self.directory / n} is a directory, not a file, so crfl cannot put its {n} there; "
+                                      "move it away and rerun. Nothing was changed.")
+            if self.names:
+                self.write_json(RECORD, self._record())
+        except BaseException:
+            self.abort()
+            raise
         io.atomic_write_text(self.stage / COMMIT, "\n".join(self.names) + "\n")
         _recover(self.directory)
 
