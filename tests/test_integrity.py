@@ -327,3 +327,23 @@ def test_plot_refuses_a_listed_result_that_is_missing(run, capsys):
     before = snapshot(run)
     assert_clear(*cli(["plot", run], capsys), "certificates_backdoor.csv is missing", "integrity record", "lists it")
     assert snapshot(run) == before
+
+
+def test_a_sweep_reusing_an_edited_run_fails_that_run_naming_the_file(tmp_path, capsys):
+    """A sweep rerun reuses finished runs and certifications (DONE): it checks them against their records first."""
+    import yaml
+
+    from tests.test_faults import SPEC
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "grid": {"attack.num_attackers": [1]}}))
+    out = tmp_path / "S"
+    assert main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 0
+    (run,) = (out / "runs").iterdir()
+    (cdir,) = run.glob("cert-*")
+    _edit_certificate(cdir / "certificates_clean.csv")
+    assert_clear(*cli(["plot", out], capsys), "certificates_clean.csv does not match")
+    _edit_gamma(run / "attack.json")
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 1
+    assert "attack.json does not match the run's integrity record" in (run / "error.txt").read_text()
