@@ -1071,3 +1071,17 @@ def test_out_of_memory_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(crfl.train, "train", oom)
     assert_clear(*cli(["train", *TINY, "--out", tmp_path / "r"], capsys), "Out of memory (Unable to allocate 3.1 TiB)",
                  "model.hidden")
+
+
+def test_certify_says_before_work_when_a_reading_or_method_does_not_apply_to_the_model(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    assert main(["train", *TINY, "--set", "model.name=mlp", "--set", "model.hidden=8", "--out", str(out), "--quiet"]) == 0
+    before = snapshot(out)
+    for flags, needle in ((["--reading", "mixture"], "reading 'mixture'"), (["--method", "exact"], "method 'exact'"),
+                          (["--method", "margin"], "method 'margin'")):
+        assert_clear(*cli(["certify", out, *flags], capsys), "cannot certify the non-linear model 'mlp'", needle)
+    # Monte Carlo smoothing is the method that applies (auto resolves to it): --M is used, --lipschitz is not
+    assert_clear(*cli(["certify", out, "--lipschitz", "paper"], capsys), "'--lipschitz' parameter is not used by the coupled reading")
+    assert snapshot(out) == before
+    rc, err = cli(["certify", out, "--M", "20", "--num-test", "4", "--quiet"], capsys)
+    assert rc == 0, err
