@@ -1085,3 +1085,10 @@ def test_certify_says_before_work_when_a_reading_or_method_does_not_apply_to_the
     assert snapshot(out) == before
     rc, err = cli(["certify", out, "--M", "20", "--num-test", "4", "--quiet"], capsys)
     assert rc == 0, err
+
+
+def test_crfl_run_resume_checks_certify_flags_before_training(run_copy, capsys):
+    (run_copy / "model_final.pt").unlink()
+    before = snapshot(run_copy)
+    assert_clear(*cli(["run", "--resume", run_copy, "--M", "7"], capsys), "'--M' parameter is not used", "--M 7")
+    assert snapshot(run_copy) == before

@@ -334,6 +334,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_resume_alone(args)
     if args.resume:
+        from crfl.rundir import resume_run
+
+        with resume_run(args.resume) as held:  # the saved config, read under the claim; flags checked before training
+            cfg = held.load_config(_certify_overrides(args))
+        _check_certify_flags(args, cfg, _model_is_linear(cfg))
         res = train(None, args.resume, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
     else:
         cfg = _config_from_args(args, default_preset="demo")
