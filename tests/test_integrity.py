@@ -347,3 +347,27 @@ def test_a_sweep_reusing_an_edited_run_fails_that_run_naming_the_file(tmp_path, 
     capsys.readouterr()
     assert main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 1
     assert "attack.json does not match the run's integrity record" in (run / "error.txt").read_text()
+
+
+def test_a_flower_runs_files_are_recorded_and_checked(tmp_path):
+    """flower.json joins the training set's record; the Flower server's resume checks its checkpoint's binding."""
+    pytest.importorskip("flwr")
+    from tests.conftest import synthetic_images
+    from tests.test_driver import flower_train, small_config
+
+    ds, cfg = synthetic_images(), small_config()
+    out = tmp_path / "fl"
+    flower_train(cfg, ds, out)
+    assert _record(out)["files"]["flower.json"]["role"] == "training"
+    d = json.loads((out / "flower.json").read_text())
+    d["rounds"][0]["missing"] = [1]
+    (out / "flower.json").write_text(json.dumps(d))
+    with pytest.raises(rundir.RunDirError, match="flower.json does not match the run's integrity record"):
+        certify_run(out, dataset=ds, overrides={"certify.num_test": 5})
+    part = tmp_path / "part"
+    flower_train(cfg, ds, part, stop_after=2)
+    ck = _ck(part)
+    ck["round"] = 4
+    torch.save(ck, part / "checkpoint.pt")
+    with pytest.raises(rundir.RunDirError, match="checkpoint.pt does not match its own state digest"):
+        flower_train(cfg, ds, part, resume=True)
