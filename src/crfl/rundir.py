@@ -568,6 +568,9 @@ class RunDir:
                               "with this run's results (copied in from elsewhere?); remove it or rerun the command that writes it.")
         got = sha256(data)
         if entry["sha256"] != got or entry["bytes"] != len(data):
+            if (self.path / STAGE / COMMIT).is_file():  # a live writer is switching its set in (open_run leaves it alone)
+                raise RunDirError(f"{path} is being replaced: a crfl process is switching in a new result set in "
+                                  f"{str(self.path)!r} right now; rerun when it has finished.")
             raise RunDirError(
                 f"{path} does not match the run's integrity record (sha256 {got[:16]}, {len(data)} bytes; recorded "
                 f"{entry['sha256'][:16]}, {entry['bytes']} bytes): it was edited, truncated or copied from another run. "
