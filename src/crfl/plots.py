@@ -118,7 +118,7 @@ def plot_client_level(run: Path) -> list[Path]:
 def plot_run(run_dir: str | Path, rounds_dir: str | Path | None = None) -> list[Path]:
     run = Path(run_dir)
     rdir = Path(rounds_dir) if rounds_dir is not None else run
-    RunDir(run).verify_files()  # every file the integrity record lists: present and as written (crfl.rundir)
+    RunDir(run).verify_files(contents=False)  # every file the integrity record lists is there (each read checks its bytes)
     out: list[Path] = []
     if (run / "client_level_clean.csv").is_file():
         out += plot_client_level(run)

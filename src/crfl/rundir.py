@@ -13,6 +13,7 @@ Files (written by whom)::
     summary.json     blocks: ``training`` (:class:`TrainingBlock`), then certification's
                      ``certificate``, ``smoothing``, ``results`` (:class:`ResultBlock`), ...
     certificates_{clean,backdoor}.csv, inverse_*.csv                    certify (its result set)
+    integrity.json   sha256 of every file of every result set (:data:`RECORD`)  each result set's commit
     *.png, *.pdf     figures (derived from the files above; :mod:`crfl.plots`)
 
 Rules:
@@ -33,7 +34,16 @@ Rules:
   stage) rolls a committed stage forward and drops an uncommitted one, so every reader sees the
   old set or the new one, never a mix. Stale temporary files of killed writes are swept.
 - **Validated reads.** A corrupt, truncated, foreign or non-UTF-8 file gives :class:`RunDirError`
-  naming the file, the problem and what to do; never a traceback.
+  naming the file, the problem and what to do; never a traceback. Torch files are read only by
+  :func:`load_torch` (``weights_only=True``): a pickle payload is refused, never run.
+- **One integrity record.** :meth:`ResultSet.commit` writes ``integrity.json`` into the set it
+  switches in: the sha256 and size of each of its files (entries of earlier sets kept), the config
+  hash and, for results written outside their run, the digest of the certified model. Every typed
+  reader checks the bytes it parsed against it (:meth:`RunDir.verify`): an edited, truncated,
+  deleted, unlisted or other run's file is refused naming it. ``checkpoint.pt`` carries its own
+  :func:`state_digest`, and its round must match its rows. Directories written before records are
+  read with a note (summary.json's ``integrity`` key tells a deleted record from an old directory).
+  Not a signature: a consistent rewrite of a whole directory is not detected.
 
 Use::
 
@@ -440,6 +450,8 @@ class RunDir:
         self.path = Path(path)
         self.claim = claim
         self.created = created  # the claim created the directory
+        self._record: dict[str, Any] | None = None  # integrity.json, read once (:meth:`record`)
+        self._source_ok = False  # the certified model's digest was checked (:meth:`_verify_source`)
 
     # -- lifetime
     def release(self) -> None:
@@ -517,7 +529,7 @@ class RunDir:
         A directory whose summary.json says it was written with a record, but that has none, is refused;
         one written before records (no marker) is accepted with a note, once.
         """
-        if getattr(self, "_record", None) is not None:
+        if self._record is not None:
             return self._record
         path = self.path / RECORD
         if not path.is_file():
@@ -581,7 +593,7 @@ class RunDir:
     def _verify_source(self, rec: Mapping[str, Any]) -> None:
         """A result set written outside its run (a sweep's cert-* folder) is bound to the model it certified."""
         src = rec.get("source")
-        if not isinstance(src, dict) or getattr(self, "_source_ok", False):
+        if not isinstance(src, dict) or self._source_ok:
             return
         base = (self.path / str(src.get("dir", ""))).resolve()
         model = base / MODEL
@@ -592,12 +604,15 @@ class RunDir:
             )
         self._source_ok = True
 
-    def verify_files(self, role: str | None = None) -> None:
-        """Check every file the integrity record lists (``role``: only those of that result set kind)."""
+    def verify_files(self, role: str | None = None, contents: bool = True) -> None:
+        """Check every file the integrity record lists (``role``: only those of that result set kind;
+        ``contents=False``: only that each is there, for readers whose typed reads check the bytes)."""
         rec = self.record()
         for name, entry in rec["files"].items():
             if role is None or entry.get("role") == role:
-                self.verify(name, self._bytes(name, "restore it or rerun the command that wrote it"))
+                data = self._bytes(name, "restore it or rerun the command that wrote it")
+                if contents:
+                    self.verify(name, data)
 
     def read_config(self) -> dict[str, Any]:
         """config.yaml as a mapping (provenance included)."""
