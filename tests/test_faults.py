@@ -944,6 +944,9 @@ def test_crfl_run_refuses_unused_flags_and_inapplicable_readings_before_training
                  "cannot certify the non-linear model 'mlp'", "reading 'mixture'")
     assert_clear(*cli(["run", *TINY, "--set", "model.name=mlp", "--method", "exact", "--out", tmp_path / "r"], capsys),
                  "cannot certify the non-linear model 'mlp'", "method 'exact'")
+    ens = ["--set", "ensemble.kind=partition", "--set", "ensemble.groups=2"]
+    assert_clear(*cli(["run", *TINY, *ens, "--reading", "mixture", "--out", tmp_path / "r"], capsys),
+                 "'--reading' parameter is not used by the client-level certificate", "--reading mixture")
     assert not (tmp_path / "r").exists()
 
 

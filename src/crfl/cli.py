@@ -119,7 +119,14 @@ def _check_certify_flags(args: argparse.Namespace, cfg: Any, linear: bool | None
     """Before any work: flags the reading or method would ignore, and methods that do not apply to the model."""
     from crfl import ensemble
 
-    if ensemble.is_ensemble(cfg):
+    if ensemble.is_ensemble(cfg):  # the client-level certificate (crfl.ensemble) uses only --num-test
+        for name in CERTIFY_FLAGS:
+            v = getattr(args, name, None)
+            if v is not None and name != "num_test":
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"The '{flag}' parameter is not used by the client-level certificate of an ensemble run "
+                                  f"(ensemble.kind = {cfg.ensemble.kind!r}), which takes only --num-test. Got {flag} {v} "
+                                  "instead; drop it.")
         return
     cz = cfg.certify
     if linear is False and (cz.method in ("exact", "margin") or cz.reading == "mixture"):
