@@ -3,7 +3,7 @@
     crfl train   [--preset NAME] [--config FILE] [--dataset NAME] [--data-dir DIR] [--set k=v ...] --out DIR
     crfl train   --resume DIR
     crfl certify RUN_DIR [--method exact|monte-carlo] [--M N] [--alpha A] [--bound B] [--sigma-T S]
-                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N]
+                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N] [--replay-seed S]
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
     crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
     crfl plot    DIR
@@ -161,6 +161,15 @@ def _add_certify_args(p: argparse.ArgumentParser) -> None:
                        metavar=metavar, help=help_)
 
 
+def _add_replay_arg(p: argparse.ArgumentParser) -> None:
+    """--replay-seed of every command that certifies: not a certify.* parameter but a seed recorded by an earlier
+    certification (summary.json smoothing.seed), given back to replay it; never in config.yaml or the config hash,
+    so no input can be built against a seed before it is drawn (docs/theory.md (j))."""
+    p.add_argument("--replay-seed", type=int, metavar="S",
+                   help="replay a recorded certification seed (default: a fresh one from the OS's entropy); the "
+                        "statement then holds only for inputs fixed before that seed was first drawn")
+
+
 def _certify_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for k in CERTIFY_FLAGS:
@@ -239,7 +248,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     overrides = _certify_overrides(args)
     cfg, final, _ = load_run(args.run_dir, overrides)  # validated before any work; certify_run reads it again
     _check_certify_flags(args, cfg, final.get("linear"))
-    summary = certify_run(args.run_dir, overrides=overrides)
+    summary = certify_run(args.run_dir, overrides=overrides, replay_seed=args.replay_seed)
     _report_certification(summary, Path(args.run_dir))
     return 0
 
@@ -294,6 +303,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
     print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {cert.get('radius_certified')}")
     if cert.get("guarantee"):
         print(f"  guarantee: {cert['guarantee']}")
+    if sm.get("seed") is not None:
+        print(f"  certification seed {sm['seed']} ({sm.get('seed_source')}); replay: crfl certify {run_dir} "
+              f"--replay-seed {sm['seed']} with the same certify flags")
     if not cert.get("radius_certified"):
         _print_failed_checks(summary)
     delta = cert.get("delta_norm")
@@ -353,7 +365,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, overrides=_certify_overrides(args))
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
     _report_certification(summary, Path(res.out_dir))
     return 0
 
@@ -424,11 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     p_cert = add("certify", help="certify a training run (Algorithm 2, Corollary 1)")
     p_cert.add_argument("run_dir")
     _add_certify_args(p_cert)
+    _add_replay_arg(p_cert)
     p_cert.add_argument("--quiet", action="store_true")
     p_cert.set_defaults(func=cmd_certify)
     p_run = add("run", help="train and certify in one command (default: the demo preset)")
     _add_train_args(p_run, out_required=False)
     _add_certify_args(p_run)
+    _add_replay_arg(p_run)
     p_run.set_defaults(func=cmd_run)
     p_sweep = add("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
     p_sweep.add_argument("spec", help="a sweep YAML file or a built-in spec name (fig5-attackers-mnist, ...)")

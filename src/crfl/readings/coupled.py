@@ -406,16 +406,16 @@ class CoupledReading(Reading):
     def bound_form(self) -> str | None:
         return None if self.margin else self.setup.cfg.certify.bound_form
 
-    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
+    def bounds(self, X: torch.Tensor, *, twin: bool = False, seed: Any = None) -> BoundResult:
         if self.margin:
             if twin and not self.has_twin:
                 raise ConfigError(f"The run directory {str(self.run_dir)!r} has no twin: train it with --twin.")
             return margin_result(self.setup, self.twin_params if twin else self.params, X)[0]
-        return super().bounds(X, twin=twin)
+        return super().bounds(X, twin=twin, seed=seed)
 
-    def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
+    def certify(self, X: torch.Tensor, *, seed: Any = None) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
         if not self.margin:
-            return super().certify(X)
+            return super().certify(X, seed=seed)
         sm, budget = margin_result(self.setup, self.params, X)
         if not self.radius_ok:
             return sm, None, np.zeros(len(sm.p_a_lower))
