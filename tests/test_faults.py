@@ -1095,3 +1095,12 @@ def test_crfl_run_resume_checks_certify_flags_before_training(run_copy, capsys):
     before = snapshot(run_copy)
     assert_clear(*cli(["run", "--resume", run_copy, "--M", "7"], capsys), "'--M' parameter is not used", "--M 7")
     assert snapshot(run_copy) == before
+
+
+def test_flower_simulation_entry_point_bad_input_is_one_line(tmp_path, capsys):
+    pytest.importorskip("flwr")
+    from crfl.flower.simulation import _main_line
+
+    assert_clear(_main_line(["--preset", "nope", "--out", str(tmp_path / "o")]), capsys.readouterr().err,
+                 "The 'preset' parameter must be one of", "'nope'")
+    assert not (tmp_path / "o").exists()
