@@ -988,11 +988,23 @@ def _nodes_main(argv, capsys) -> tuple[int, str]:
     return exc.value.code, capsys.readouterr().err
 
 
+#: A throwaway ECDSA key in OpenSSH format protected by the passphrase "secret" (ssh-keygen -t ecdsa -N secret),
+#: stored here so that no test starts ssh-keygen.
+PASSPHRASE_KEY = """-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0AAAAGAAAABD1fqu3Nq
+oZEFmOr5HDKzUtAAAAEAAAAAEAAABoAAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlz
+dHAyNTYAAABBBJqZPxAlxC9w+IRYmiToLEu+96dR5B+KATV/t927jXvZEXSCfoLw5qGBcU
+DzDQyimQi1pGycsI99JA3MfoqvetgAAACwTd/Tlto/Y+szGtxJ4mKgM57Hxqvuw3yVEPov
+ef2RplLu/C05SnkZZsYEKuHCBQBSNZW1/bd5UAgQU8a3Exf/7/42XRIbuWXY4B1KacIcVo
+Fr7e+keQCQCEVUdpqWpiX4l2t4e5QOxvIKOK9WGsmqsVCeGWwdWJwV5TJudmFvZpJHQ/Cg
++zwzd6Spo8DBKeDltV5yuFg10Ck5csZSx0HbhOPm5PeQbbkNSxVa/VF30lM=
+-----END OPENSSH PRIVATE KEY-----
+"""
+
+
 def test_node_host_key_with_a_passphrase_is_one_line(tmp_path, capsys):
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen is not installed")
     key = tmp_path / "node0"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "secret", "-f", str(key)], check=True)
+    key.write_text(PASSPHRASE_KEY)
     ca = tmp_path / "ca.crt"
     ca.write_text("x")
     code, err = _nodes_main(["--superlink", "127.0.0.1:1", "--root-certificates", ca, "--auth-supernode-private-key", key], capsys)
