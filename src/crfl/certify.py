@@ -205,7 +205,12 @@ def certify_run(
         twin_block = twin_check(both, cert.impl.bounds(XX, twin=True, seed=check_seed), rad_all, m, cert.delta_norm,
                                 cert.impl.twin_compared_with, cert.impl.twin_exact)
         twin_block.update(check_seed.to_dict() if check_seed is not None else {"seed": None})
+        # the realised twin distance over the proven deviation bound (twin.tightness; the coupled reading)
+        twin_block.update(getattr(cert.impl, "twin_tightness", dict)())
     radius_ok, delta_norm = cert.radius_ok, cert.delta_norm
+    # the same budgets under the other trigger supports (anywhere, the attack's): the sound readings only
+    by_support = getattr(cert.impl, "radii_by_support", None)
+    rad_by = by_support(budget_all) if by_support is not None and budget_all is not None and radius_ok else {}
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
     rad = {"clean": rad_all[:m], "backdoor": rad_all[m:]}
     budget = {"clean": None if budget_all is None else budget_all[:m], "backdoor": None if budget_all is None else budget_all[m:]}
@@ -227,6 +232,9 @@ def certify_run(
             "certified_correct_at_attack": float((hit & (pred == y)).mean()) if radius_ok and m else None,
             "curve": curve_table(r, pred, y, grid) if radius_ok else [],
         }
+        if rad_by and m:
+            results[k]["certified_at_attack_by_support"] = {
+                name: float((covered(rs_[i * m : (i + 1) * m], delta_norm) & ~s.abstain).mean()) for name, rs_ in rad_by.items()}
     blocks: dict[str, Any] = {"certificate": cert.block()}
     blocks["certificate"]["guarantee"] += cert.impl.randomness_note(seed)
     blocks["smoothing"] = cert.impl.smoothing_block(smooth_seconds, seed)

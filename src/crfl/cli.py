@@ -72,6 +72,8 @@ CERTIFY_FLAGS: dict[str, tuple[str, str | None]] = {
     "sigma_T": ("smoothing noise sigma_T", None),
     "lipschitz": ("L_Z: sound for ||x|| <= B, or Lemma 1 as printed", None),
     "num_test": ("certify only the first N test points", "N"),
+    "trigger_support": ("which triggers the certificate covers: anywhere (default), attack (the run's trigger's "
+                        "pixels or features), or input indices '3,5,7'", "S"),
 }
 #: ``certify.*`` parameters without a certify flag, and where they are set instead.
 CERTIFY_NOT_FLAGS = {
@@ -318,6 +320,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
         if r.get("certified_at_attack") is not None and delta is not None:
             print(f"    certified at the attack's ||delta|| = {delta:.4g}: {r['certified_at_attack']:.4f} of the points "
                   f"({r['certified_correct_at_attack']:.4f} certified and correct)")
+            by = r.get("certified_at_attack_by_support") or {}
+            if len(by) > 1:
+                print("      by trigger support: " + ", ".join(f"{name} {v:.4f}" for name, v in by.items()))
         curve = r.get("curve") or []
         if curve:
             step = max(1, len(curve) // radii_to_show)
@@ -332,6 +337,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
                   f"{tw['delta_norm']:.3g}; the twin ({tw.get('compared_with')}) agrees on {tw[k]['agreement']}, "
                   + (f"violations {tw[k].get('violations')}" if "violations" in tw[k]
                      else f"disagreements {tw[k].get('disagreements')} (statistical bounds)"))
+        if tw.get("tightness") is not None:
+            print(f"  twin distance ||w_T - w'_T|| = {tw['distance']:.4g}, proven bound {tw['deviation_bound']:.4g} "
+                  f"(tightness {tw['tightness']:.4f})")
     from crfl.plots import plot_run
 
     plot_run(run_dir)
