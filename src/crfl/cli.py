@@ -94,6 +94,7 @@ CERTIFY_FLAG_USE: dict[str, tuple[Any, str]] = {
     "bound_form": (lambda r, m: r != "paper" and m != "margin", "the coupled and mixture readings with smoothing"),
     "lipschitz": (lambda r, m: r == "paper", "the paper reading (--reading paper)"),
     "sigma_T": (lambda r, m: m != "margin", "smoothed certificates (every method but margin)"),
+    "trigger_support": (lambda r, m: r != "paper", "the coupled and mixture readings"),
 }
 
 
