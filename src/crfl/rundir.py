@@ -71,9 +71,9 @@ import fcntl
 import hashlib
 import io as _io
 import json
+import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,6 +474,7 @@ class RunDir:
         if self.exists(CHECKPOINT) or self.exists(LEGACY_FLOWER_CHECKPOINT):
             return
         (self.path / CONFIG).unlink(missing_ok=True)
+        (self.path / ROUNDS).unlink(missing_ok=True)  # the rows appended so far (append_rounds)
         sweep_stale(self.path)
         if self.created and not [n for n in os.listdir(self.path) if n != LOCK]:
             self.release()
@@ -550,8 +551,9 @@ class RunDir:
                 )
             if ((self.path / MODEL).is_file() or (self.path / SUMMARY).is_file()) and str(self.path) not in _NOTED:
                 _NOTED.add(str(self.path))
-                print(f"crfl: note: {self.path} has no integrity record ({RECORD}; written by crfl before it); "
-                      "its files are read without digests.", file=sys.stderr)
+                logging.getLogger("crfl.rundir").warning(
+                    "note: %s has no integrity record (%s; written by crfl before it); its files are read without "
+                    "digests.", self.path, RECORD)
             self._record = rec
             return rec
         data = _json(path, _decode(path, self._bytes(RECORD, "rerun the command that wrote the results"),
@@ -634,7 +636,11 @@ class RunDir:
         """config.yaml as a validated :class:`~crfl.config.Config` (``overrides``: dotted keys, e.g. certify.*)."""
         from crfl.config import from_dict, set_dotted
 
-        d = {k: v for k, v in self.read_config().items() if k != "provenance"}
+        raw = self.read_config()
+        from crfl.plugins import import_recorded  # the user's parts the run was trained with (rules, datasets, ...)
+
+        import_recorded((raw.get("provenance") or {}).get("plugins"), f"The run {str(self.path)!r}")
+        d = {k: v for k, v in raw.items() if k != "provenance"}
         for k, v in (overrides or {}).items():
             set_dotted(d, k, v)
         try:
@@ -713,8 +719,9 @@ class RunDir:
                               f"{rounds if rounds is None or len(rounds) < 8 else rounds[:3] + ['...'] + rounds[-2:]}: "
                               f"its round was edited or the file is damaged; {todo}.")
         if stored is None and name == CHECKPOINT:
-            print(f"crfl: note: {path} carries no state digest (written by crfl before integrity records); "
-                  "its round and rows are consistent, so it is used.", file=sys.stderr)
+            logging.getLogger("crfl.rundir").warning(
+                "note: %s carries no state digest (written by crfl before integrity records); its round and rows "
+                "are consistent, so it is used.", path)
 
     def engine(self, cfg_dict: Mapping[str, Any] | None = None) -> str:
         """The engine that wrote the run: config.yaml's ``provenance.engine`` (runs written before the
@@ -746,8 +753,9 @@ class RunDir:
         dtype = run.get("dtype") if isinstance(run, Mapping) else None
         if stored == legacy_config_hash(d) and str(params.dtype) == f"torch.{dtype}":
             # written before run.dtype was hashed: the parameters' own dtype stands in for it
-            print(f"crfl: note: {self.path / name} carries the configuration hash of crfl 0.1.0 (without "
-                  f"run.dtype); accepted, since its parameters are {dtype} as config.yaml says.", file=sys.stderr)
+            logging.getLogger("crfl.rundir").warning(
+                "note: %s carries the configuration hash of crfl 0.1.0 (without run.dtype); accepted, since its "
+                "parameters are %s as config.yaml says.", self.path / name, dtype)
             return
         raise RunDirError(
             f"{self.path / name} was written by the configuration with hash {stored}, but "
@@ -1004,6 +1012,30 @@ def load_run(run_dir: str | Path, overrides: Mapping[str, Any] | None = None):
                           f"{run.path / CONFIG} hashes to {config_hash(saved)}: the files belong to different runs; "
                           "restore them or retrain.")
     return cfg, final, attack_log
+
+
+def append_rounds(directory: str | Path, rows: Sequence[Mapping[str, Any]], *, restart: bool = False) -> None:
+    """rounds.csv while a run trains: ``rows`` appended as whole lines and flushed, one call per round.
+
+    ``restart`` rewrites the file (atomically) with the header and ``rows`` (a run starting, or
+    resuming from its checkpoint's rows). What a reader may rely on mid-run: the header, then one
+    complete row per finished round in order, each ending in a newline (ignore a last line
+    without one: it is being written); rows past the last checkpoint are written again, with the
+    same values, by a resume. The final result set replaces the file whole with the same rows.
+    """
+    path = Path(directory) / ROUNDS
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if restart:
+        w.writerow(ROUND_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else io._csv_cell(r.get(k)) for k in ROUND_COLUMNS])
+    if restart:
+        io.atomic_write_text(path, buf.getvalue())
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(buf.getvalue())
+        f.flush()
 
 
 # ---------------------------------------------------------------------------------------------
