@@ -90,7 +90,7 @@ def _value(v: object) -> str:
 def param_words(key: str) -> str:
     """The words for a swept parameter, with its symbol: ``number of attackers R``."""
     sym, words = PARAMS.get(key, (key.split(".")[-1].replace("_", " "), ""))
-    return f"{words} {sym}" if words and words != sym else sym
+    return sym if not words else words if sym in words.split() else f"{words} {sym}"
 
 
 def point_label(point: dict, keys: list[str]) -> str:
