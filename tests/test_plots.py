@@ -80,7 +80,7 @@ def test_sweep_figures_draw_uncertified_curves_as_such(rules_sweep, monkeypatch)
     assert "NOT certified (rule = rfa, rule = krum)" in note and "fixed_aggregation_weights" in note
     assert "MNIST setting, on mnist-5k" in ax["title"]  # the data actually used, not the spec's "(MNIST)"
     rounds = next(f for f in seen if f["name"] == "rules-rounds")
-    assert "attack round" in rounds["axes"][0]["legend"] and "mnist-5k" in rounds["suptitle"]
+    assert any(t.startswith("attack round t_adv = 2") for t in rounds["axes"][0]["legend"]) and "mnist-5k" in rounds["suptitle"]
 
 
 def test_sweep_of_uncertified_runs_only_says_so_in_the_title(rules_sweep, monkeypatch, tmp_path):
