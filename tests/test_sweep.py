@@ -118,6 +118,7 @@ def test_builtin_specs_expand_and_numeric_study():
         spec = load_spec(n)
         if spec.kind == "numeric":
             rows = numeric_study(spec)
+            assert all(r["radius_certified"] is False for r in rows)  # Corollary 1 as printed: never certified
             # below the threshold larger T certifies larger radii; far above it T does not matter
             small = [r["radius"] for r in rows if r["rho_over_sigma"] == 0.5]
             large = [r["radius"] for r in rows if r["rho_over_sigma"] == 8]

@@ -504,7 +504,7 @@ def _report(progress: bool, n: int, total: int, job: Job, rows: list[dict[str, A
 
 
 def numeric_study(spec: Spec) -> list[dict[str, Any]]:
-    """Corollary 1 on a grid of rho/sigma and T with fixed p_A, p_B (Fig. 9b)."""
+    """Corollary 1 on a grid of rho/sigma and T with fixed p_A, p_B (Fig. 9b); rows say ``radius_certified: False``."""
     from crfl import lipschitz, radius
 
     n = spec.numeric
@@ -524,5 +524,7 @@ def numeric_study(spec: Spec) -> list[dict[str, Any]]:
                 [p_a], [p_b], sigma_t_adv=sigma, L_Z=L_Z, p=[p], gamma=[gamma], tau=[tau], eta=[eta],
                 poison_ratio=[q], log_contraction=lc,
             )[0]
-            rows.append({"rho_over_sigma": ratio, "T": int(T), "log_contraction": lc, "radius": float(rad)})
+            # Corollary 1 as printed (the paper reading): a number for reproduction, never a certified radius
+            rows.append({"rho_over_sigma": ratio, "T": int(T), "log_contraction": lc, "radius": float(rad),
+                         "radius_certified": False})
     return rows
