@@ -538,8 +538,16 @@ def _sweep_rounds(d: Path, jobs: list[dict], keys: list[str], title: str, legend
     axes[1].set_ylabel("backdoor accuracy = attack success (dashed)")
     notes = []
     for which, idx in (("clean accuracy", 2), ("attack success", 3)):
-        for g in _identical([ln[0] for ln in lines], [ln[idx] for ln in lines]):
+        groups = _identical([ln[0] for ln in lines], [ln[idx] for ln in lines])
+        for g in groups:
             notes.append(f"Identical {which} curves (drawn on top of each other): {', '.join(g)}.")
+        same_t = [ln[1] for ln in lines]
+        if not groups and len(lines) > 1 and all(np.array_equal(t, same_t[0]) for t in same_t):
+            ys = np.stack([ln[idx] for ln in lines])
+            equal = np.all(ys == ys[:1], axis=0)
+            k = int(np.argmin(equal)) if not equal.all() else len(equal)
+            if k > 0:  # the runs share their randomness: they coincide until they differ (the attack, say)
+                notes.append(f"All {which} curves coincide up to round {int(same_t[0][k - 1])} (drawn on top of each other).")
     for ax in axes:
         ax.set_xlabel("round t")
         ax.set_ylim(0, 1.02)
