@@ -93,7 +93,7 @@ def test_sweep_of_uncertified_runs_only_says_so_in_the_title(rules_sweep, monkey
         seen = _captured(monkeypatch)
         plots.plot_sweep(out)
         ax = next(f for f in seen if f["name"] == "rules-certified-backdoor")["axes"][0]
-        assert "NOT CERTIFIED" in ax["title"] and ax["ylabel"] == "certified accuracy (NOT certified)"
+        assert "NOT CERTIFIED" in ax["title"] and ax["ylabel"] == "fraction correct with radius > r (NOT certified)"
     finally:
         (out / "sweep.json").write_text(original)
 

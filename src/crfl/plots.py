@@ -422,9 +422,8 @@ def _plot_curves(curves: list[SweepCurve], kind: str, legend_title: str, title: 
         b = [(i, c.base_accuracy) for i, c in enumerate(curves) if c.base_accuracy is not None]
         if b and max(v for _, v in b) - min(v for _, v in b) <= 0.01:
             lo, hi = min(v for _, v in b), max(v for _, v in b)
-            ax.axhline((lo + hi) / 2, color="grey", ls="--", lw=1,
-                       label=f"base model accuracy, all runs ({lo:.3f})" if lo == hi else
-                       f"base model accuracy, all runs ({lo:.3f}–{hi:.3f})")
+            span = f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}–{hi:.3f}"
+            ax.axhline((lo + hi) / 2, color="grey", ls="--", lw=1, label=f"base model accuracy, all runs ({span})")
         else:
             for j, (i, v) in enumerate(b):
                 ax.axhline(v, color=f"C{i % 10}", ls="--", lw=0.9, alpha=0.7,
@@ -439,8 +438,10 @@ def _plot_curves(curves: list[SweepCurve], kind: str, legend_title: str, title: 
                      "not a certified accuracy.")
     all_bad = all(not c.certified for c in curves)
     what = "certified accuracy" if kind == "certified" else "certified rate"
+    if all_bad:  # no curve is a certificate: the axis says what is drawn instead
+        what = ("fraction correct with radius > r" if kind == "certified" else "fraction with radius > r") + " (NOT certified)"
     ax.set_xlabel("radius r = trigger norm ‖δ‖")
-    ax.set_ylabel(f"{what} (NOT certified)" if all_bad else what)
+    ax.set_ylabel(what)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title=legend_title, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
