@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -96,6 +97,8 @@ class BoundResult:
         p_b_upper: upper confidence bound on max_{c != c_A} p_c (float64), or on p_{c_B}
             only for ``coverage="paper"``.
         abstain: p_a_lower <= p_b_upper (bool); Algorithm 2 outputs ABSTAIN and radius 0.
+        seed: the :class:`crfl.rng.CertificationSeed` the bounds' randomness came from (Monte Carlo,
+            mixture continuations); None for bounds that draw nothing (exact smoothing, margin).
     """
 
     c_a: np.ndarray
@@ -107,6 +110,7 @@ class BoundResult:
     abstain: np.ndarray
     log1m_p_a_lower: np.ndarray | None = None  # log(1 - p_a_lower), exact where p_a_lower rounds to 1
     log_p_b_upper: np.ndarray | None = None  # log(p_b_upper), exact where p_b_upper underflows
+    seed: Any = None  # the CertificationSeed of statistical bounds (None: nothing drawn)
 
     def log1m_a(self) -> np.ndarray:
         """log(1 - p_A_lower): the stored exact value, else from p_a_lower."""
@@ -129,7 +133,8 @@ class BoundResult:
     def slice(self, start: int, stop: int) -> "BoundResult":
         """The points start..stop-1 (e.g. the clean half of a clean + backdoored batch)."""
         cut = lambda v: None if v is None else v[start:stop]  # noqa: E731
-        return BoundResult(*(cut(getattr(self, f.name)) for f in dataclasses.fields(self)))
+        return BoundResult(*(getattr(self, f.name) if f.name == "seed" else cut(getattr(self, f.name))
+                             for f in dataclasses.fields(self)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from crfl.config import Config
 from crfl.data import Dataset
 from crfl.metrics import covered, curve_table, finite_max, radius_grid
 from crfl.readings import Reading, reading_class
+from crfl.rng import CertificationSeed, certification_seed, draw_certification_seed, replay_certification_seed
 from crfl.setup import Setup, model_inputs, prepare
 
 CERT_COLUMNS = [
@@ -101,7 +102,17 @@ class Certifier:
     and the run's files; :meth:`certify` gives, for inputs X (n, d) in model units, the bounds
     (prediction c_A or ABSTAIN, p_A_lower, p_B_upper), the parameter-distance budget and the radius;
     ``twin=True`` evaluates the counterfactual twin the same way (its prediction is what the guarantee
-    speaks about). The mixture reading trains its K continuations (and the twin's) once, on first use.
+    speaks about).
+
+    Randomness (Monte Carlo, and the mixture reading's continuations): every :meth:`certify` and
+    :meth:`bounds` call draws a fresh certification seed from the operating system's entropy, after
+    its X is given, so its confidence statement holds for any X chosen before the call, even one chosen
+    after seeing earlier calls' results; the result's ``seed`` (:class:`crfl.rng.CertificationSeed`)
+    says which seed was used. The mixture reading therefore trains K fresh continuations per call
+    (the cost of a whole certification each time: certify many inputs in one call). ``replay_seed``
+    reproduces a recorded call bit for bit; its statement then holds only for inputs fixed before that
+    seed was first drawn (never pass a seed whose votes an input could have been chosen against).
+    Exact smoothing and the margin draw nothing (``seed`` None).
     """
 
     def __init__(self, setup: Setup, final: dict[str, Any], attack_log: list[dict[str, Any]], run_dir: Path) -> None:
@@ -144,13 +155,28 @@ class Certifier:
             raise AttributeError(f"'Certifier' under the {self.reading!r} reading has no attribute 'paper'")
         return self.impl.ing
 
-    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
-        """c_A and (p_A_lower, p_B_upper) at inputs X, for the run's model (or its twin)."""
-        return self.impl.bounds(X, twin=twin)
+    @property
+    def statistical(self) -> bool:
+        """Whether the bounds draw randomness (Monte Carlo, mixture continuations): fresh per call."""
+        return self.impl.statistical
 
-    def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
-        """(bounds, budget, radius) per point at X (budget None for the paper reading)."""
-        return self.impl.certify(X)
+    def bounds(self, X: torch.Tensor, *, twin: bool = False, replay_seed: int | None = None) -> BoundResult:
+        """c_A and (p_A_lower, p_B_upper) at inputs X, for the run's model (or its twin); a fresh seed per call
+        (or ``replay_seed``), in the result's ``seed``."""
+        return self.impl.bounds(X, twin=twin, seed=self._seed(replay_seed))
+
+    def certify(self, X: torch.Tensor, *, replay_seed: int | None = None) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
+        """(bounds, budget, radius) per point at X (budget None for the paper reading); a fresh seed per call
+        (or ``replay_seed``), in the bounds' ``seed``."""
+        return self.impl.certify(X, seed=self._seed(replay_seed))
+
+    def _seed(self, replay_seed: int | None) -> CertificationSeed | None:
+        """The call's certification seed, drawn now (after X is given), or the replayed one; None if nothing is drawn
+        (a replay seed is checked even then)."""
+        replay = None if replay_seed is None else replay_certification_seed(replay_seed)
+        if not self.statistical:
+            return None
+        return draw_certification_seed() if replay is None else replay
 
     def block(self) -> dict[str, Any]:
         """summary.json's ``certificate`` block."""
@@ -164,6 +190,7 @@ def certify_run(
     dataset: Dataset | None = None,
     module: torch.nn.Module | None = None,
     out_dir: str | Path | None = None,
+    replay_seed: int | None = None,
 ) -> dict[str, Any]:
     """Certify the final model of a finished run under ``certify.reading``; write certificates and summary blocks.
 
@@ -171,8 +198,17 @@ def certify_run(
     training run), or by default into :func:`reading_dir`: the run directory for the run's own reading,
     ``RUN/readings/<reading>/`` for another one, so certifying under a second reading never overwrites
     the first; ``summary.json`` there starts from the run's.
+
+    Statistical bounds (Monte Carlo, mixture continuations) draw from a certification seed taken
+    from the OS's entropy once the test inputs are fixed, recorded in the ``smoothing`` block
+    (``seed``, ``seed_source``, ``seed_drawn_at``); ``replay_seed`` (``--replay-seed``) gives back a
+    recorded one and reproduces that certification's result files bit for bit. The twin check draws
+    from the seed's own stream "check" (independent of the certificate's draws; recorded in the
+    ``twin`` block). Exact and margin methods draw nothing; a replay seed is then unused.
     """
     src = Path(run_dir)
+    if replay_seed is not None:  # a bad seed is refused before any work
+        certification_seed(replay_seed)
     cfg, final, attack_log = load_run(src, overrides)
     if ensemble.is_ensemble(cfg):  # G group models: the client-level certificate (crfl.ensemble)
         return ensemble.certify_ensemble(src, cfg, final, dataset=dataset, module=module, out_dir=out_dir)
@@ -183,14 +219,23 @@ def certify_run(
     X, Xb, y = _test_inputs(setup, cz.num_test)
     m = len(y)
     XX = torch.cat([X, Xb])
+    # the inputs are fixed: now (and only now) the certification's randomness is drawn
+    seed = certification_seed(replay_seed) if cert.statistical else None
     t_s = time.perf_counter()
-    both, budget_all, rad_all = cert.certify(XX)
+    both, budget_all, rad_all = cert.impl.certify(XX, seed=seed)
     smooth_seconds = time.perf_counter() - t_s
     twin_block = None
     if cert.has_twin:
-        twin_block = twin_check(both, cert.bounds(XX, twin=True), rad_all, m, cert.delta_norm,
+        check_seed = None if seed is None else seed.child("check")
+        twin_block = twin_check(both, cert.impl.bounds(XX, twin=True, seed=check_seed), rad_all, m, cert.delta_norm,
                                 cert.impl.twin_compared_with, cert.impl.twin_exact)
+        twin_block.update(check_seed.to_dict() if check_seed is not None else {"seed": None})
+        # the realised twin distance over the proven deviation bound (twin.tightness; the coupled reading)
+        twin_block.update(getattr(cert.impl, "twin_tightness", dict)())
     radius_ok, delta_norm = cert.radius_ok, cert.delta_norm
+    # the same budgets under the other trigger supports (anywhere, the attack's): the sound readings only
+    by_support = getattr(cert.impl, "radii_by_support", None)
+    rad_by = by_support(budget_all) if by_support is not None and budget_all is not None and radius_ok else {}
     sets = {"clean": both.slice(0, m), "backdoor": both.slice(m, 2 * m)}
     rad = {"clean": rad_all[:m], "backdoor": rad_all[m:]}
     budget = {"clean": None if budget_all is None else budget_all[:m], "backdoor": None if budget_all is None else budget_all[m:]}
@@ -221,8 +266,12 @@ def certify_run(
             "uncertified_correct_at_attack": None if certified else correct_at_attack,
             "curve": curve_table(r, pred, y, grid) if radius_ok else [],
         }
+        if rad_by and m:  # certified means certified: the fractions by support are named as the one above
+            results[k][f"{'' if certified else 'un'}certified_at_attack_by_support"] = {
+                name: float((covered(rs_[i * m : (i + 1) * m], delta_norm) & ~s.abstain).mean()) for name, rs_ in rad_by.items()}
     blocks: dict[str, Any] = {"certificate": cert_block}
-    blocks["smoothing"] = cert.impl.smoothing_block(smooth_seconds)
+    blocks["certificate"]["guarantee"] += cert.impl.randomness_note(seed)
+    blocks["smoothing"] = cert.impl.smoothing_block(smooth_seconds, seed)
     blocks["results"] = results
     blocks["assumptions"] = cert.report
     if twin_block is not None:

@@ -3,7 +3,7 @@
     crfl train   [--preset NAME] [--config FILE] [--dataset NAME] [--data-dir DIR] [--set k=v ...] --out DIR
     crfl train   --resume DIR
     crfl certify RUN_DIR [--method exact|monte-carlo] [--M N] [--alpha A] [--bound B] [--sigma-T S]
-                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N]
+                         [--lipschitz paper|sound] [--coverage simultaneous|paper] [--num-test N] [--replay-seed S]
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
     crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
     crfl plot    DIR
@@ -72,6 +72,8 @@ CERTIFY_FLAGS: dict[str, tuple[str, str | None]] = {
     "sigma_T": ("smoothing noise sigma_T", None),
     "lipschitz": ("L_Z: sound for ||x|| <= B, or Lemma 1 as printed", None),
     "num_test": ("certify only the first N test points", "N"),
+    "trigger_support": ("which triggers the certificate covers: anywhere (default), attack (the run's trigger's "
+                        "pixels or features), or input indices '3,5,7'", "S"),
 }
 #: ``certify.*`` parameters without a certify flag, and where they are set instead.
 CERTIFY_NOT_FLAGS = {
@@ -92,6 +94,15 @@ def _add_certify_args(p: argparse.ArgumentParser) -> None:
         choices = CHOICES.get(f"certify.{name}")
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(name), choices=choices,
                        metavar=metavar, help=help_)
+
+
+def _add_replay_arg(p: argparse.ArgumentParser) -> None:
+    """--replay-seed of every command that certifies: not a certify.* parameter but a seed recorded by an earlier
+    certification (summary.json smoothing.seed), given back to replay it; never in config.yaml or the config hash,
+    so no input can be built against a seed before it is drawn (docs/theory.md (j))."""
+    p.add_argument("--replay-seed", type=int, metavar="S",
+                   help="replay a recorded certification seed (default: a fresh one from the OS's entropy); the "
+                        "statement then holds only for inputs fixed before that seed was first drawn")
 
 
 def _certify_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     from crfl.certify import certify_run
 
-    summary = certify_run(args.run_dir, overrides=_certify_overrides(args))
+    summary = certify_run(args.run_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
     _report_certification(summary, Path(args.run_dir))
     return 0
 
@@ -231,6 +242,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
         print(f"  result set: {where}")
     if cert.get("guarantee"):
         print(f"  guarantee: {cert['guarantee']}")
+    if sm.get("seed") is not None:
+        print(f"  certification seed {sm['seed']} ({sm.get('seed_source')}); replay: crfl certify {run_dir} "
+              f"--replay-seed {sm['seed']} with the same certify flags")
     if not certified:
         print(f"  not certified: {why} (see summary.json 'assumptions'); the radii below are the reading's formula "
               "evaluated anyway, a vote-margin statistic, not a certificate")
@@ -245,6 +259,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
         if certified and r.get("certified_at_attack") is not None and delta is not None:
             print(f"    certified at the attack's ||delta|| = {delta:.4g}: {r['certified_at_attack']:.4f} of the points "
                   f"({r['certified_correct_at_attack']:.4f} certified and correct)")
+            by = r.get("certified_at_attack_by_support") or {}
+            if len(by) > 1:
+                print("      by trigger support: " + ", ".join(f"{name} {v:.4f}" for name, v in by.items()))
         elif r.get("uncertified_at_attack") is not None and delta is not None:
             print(f"    not certified at the attack's ||delta|| = {delta:.4g}: {r['uncertified_at_attack']:.4f} of the points "
                   "have a vote margin whose formula radius exceeds it (not a certificate)")
@@ -263,6 +280,9 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
                   f"{tw['delta_norm']:.3g}; the twin ({tw.get('compared_with')}) agrees on {tw[k]['agreement']}, "
                   + (f"violations {tw[k].get('violations')}" if "violations" in tw[k]
                      else f"disagreements {tw[k].get('disagreements')} (statistical bounds)"))
+        if tw.get("tightness") is not None:
+            print(f"  twin distance ||w_T - w'_T|| = {tw['distance']:.4g}, proven bound {tw['deviation_bound']:.4g} "
+                  f"(tightness {tw['tightness']:.4f})")
     from crfl.plots import plot_run
 
     plot_run(run_dir)
@@ -290,7 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, overrides=_certify_overrides(args))
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
     _report_certification(summary, Path(res.out_dir))
     return 0
 
@@ -361,11 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     p_cert = add("certify", help="certify a training run (Algorithm 2, Corollary 1)")
     p_cert.add_argument("run_dir")
     _add_certify_args(p_cert)
+    _add_replay_arg(p_cert)
     p_cert.add_argument("--quiet", action="store_true")
     p_cert.set_defaults(func=cmd_certify)
     p_run = add("run", help="train and certify in one command (default: the demo preset)")
     _add_train_args(p_run, out_required=False)
     _add_certify_args(p_run)
+    _add_replay_arg(p_run)
     p_run.set_defaults(func=cmd_run)
     p_sweep = add("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
     p_sweep.add_argument("spec", help="a sweep YAML file or a built-in spec name (fig5-attackers-mnist, ...)")

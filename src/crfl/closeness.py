@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from crfl.lipschitz import lz_centred_array
+from crfl.lipschitz import SupportGeometry, lz_centred_array, lz_support_array
 from crfl.validation import ConfigError, check_real
 
 __all__ = ["AttackTerm", "round_lipschitz", "attack_coefficient", "deviation_coefficient", "solve_radius"]
@@ -54,6 +54,8 @@ class AttackTerm:
     poison_ratio: tuple[float, ...]  # mean over the local steps of q_s / n_s; Q_i = tau_i * this
     start_opnorm: float  # ||(I - 11^T/C) W~_{t-1}||_2 of the broadcast model
     p_total: float = 1.0  # sum of all clients' weights in the round
+    # the trigger's support S when the certificate covers triggers on S only (None: anywhere); see lz
+    support: SupportGeometry | None = None
 
     def __post_init__(self) -> None:
         n = len(self.p)
@@ -71,6 +73,13 @@ class AttackTerm:
             check_real(f"poison_ratio[{i}]", self.poison_ratio[i], low=0.0, high=1.0)
         check_real("start_opnorm", self.start_opnorm, low=0.0, high=math.inf, high_open=True)
         check_real("p_total", self.p_total, low=0.0, high=math.inf, high_open=True)
+
+    def lz(self, tau: float, eta: float, B: float | np.ndarray) -> np.ndarray:
+        """L_Z of one attacker's local steps at input bound B: :func:`crfl.lipschitz.lz_centred` for triggers
+        anywhere, :func:`crfl.lipschitz.lz_support` for triggers on the support S (docs/theory.md (g), steps 3, 3b)."""
+        if self.support is None:
+            return lz_centred_array(self.start_opnorm, tau, eta, B)
+        return lz_support_array(self.start_opnorm, tau, eta, B, self.support)
 
     @property
     def Q(self) -> tuple[float, ...]:
@@ -109,10 +118,11 @@ def round_lipschitz(term: AttackTerm) -> float:
 def attack_coefficient(term: AttackTerm, B: float | np.ndarray) -> float | np.ndarray:
     """A_k(B) = sum_i p_i gamma_i eta_i L_Z,i(B) Q_i: the deviation added per unit of ||delta||.
 
-    L_Z,i is :func:`crfl.lipschitz.lz_centred` for attacker i (vectorised over B)."""
+    L_Z,i is :func:`crfl.lipschitz.lz_centred` for attacker i, or :func:`crfl.lipschitz.lz_support` when the
+    term carries a trigger support (:meth:`AttackTerm.lz`, vectorised over B)."""
     out = np.zeros(np.shape(B))
     for p, g, e, t, Q in zip(term.p, term.gamma, term.eta, term.tau, term.Q):
-        out = out + p * g * e * Q * lz_centred_array(term.start_opnorm, t, e, B)
+        out = out + p * g * e * Q * term.lz(t, e, B)
     return float(out) if np.ndim(B) == 0 else out
 
 

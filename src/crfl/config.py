@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -135,6 +136,8 @@ class CertifyConfig:
     num_test: int | None = None  # certify the first n test points (None: all)
     twin: bool = False
     input_norm_bound: float | None = None  # B >= ||x|| for every client input (None: max over the training data)
+    # which triggers the sound certificates cover: anywhere | attack (the run's trigger's support) | input indices
+    trigger_support: str | list[int] = "anywhere"
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,34 @@ def validate(cfg: Config) -> None:
     if z.radii is not None:
         for i, v in enumerate(z.radii):
             check_real(f"certify.radii[{i}]", v, low=0.0)
+    parse_trigger_support(z.trigger_support)
+
+
+TRIGGER_SUPPORTS = ("anywhere", "attack")
+
+
+def parse_trigger_support(value: Any, num_features: int | None = None) -> str | tuple[int, ...]:
+    """``certify.trigger_support``: 'anywhere', 'attack', or a non-empty set of input indices in [0, d)
+    (a list, or a string '3,5,7' as the command line gives it); returns the name or the sorted indices.
+    ``num_features`` (d) is checked where the data is known."""
+    allowed = "'anywhere', 'attack' or a non-empty list of input indices (ints in [0, d))"
+    if isinstance(value, str):
+        if value in TRIGGER_SUPPORTS:
+            return value
+        parts = [p.strip() for p in value.strip().strip("[]").split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"The 'certify.trigger_support' parameter must be {allowed}. Got {value!r} instead.") from None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"The 'certify.trigger_support' parameter must be {allowed}. Got {value!r} instead.")
+    high = num_features if num_features is not None else math.inf
+    bad = [v for v in value if v < 0 or v >= high]
+    if bad:
+        where = f" (d = {num_features} features)" if num_features is not None else ""
+        raise ConfigError(f"The 'certify.trigger_support' parameter must list input indices in [0, d){where}. "
+                          f"Got {bad[:5]} instead.")
+    return tuple(sorted(set(value)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-from crfl import rundir
+from crfl import lipschitz, rundir
 from crfl.lipschitz import centred_operator_norm
 from crfl.clients import nominal_poison_ratio
 from crfl.setup import Setup, evaluate, resolved_config
@@ -246,6 +246,8 @@ def attack_record(
         "delta_norm": [float(plan.local_triggers[a].norm) for a in attackers],
         "start_norm": float(torch.linalg.vector_norm(start_params.double())),
         "start_centred_opnorm": centred_opnorm(setup, start_params),
+        # ||(I - 11^T/C) w_j|| per input column j: bounds ||(I - 11^T/C) W~_S||_2 for a trigger support S (lipschitz.lz_support)
+        "start_centred_column_norms": centred_column_norms(setup, start_params),
         # the sum of every client's weight in this round (P of docs/theory.md (g)): the round's Lipschitz constant needs it
         "p_total": float(setup.weights.sum()) if p_total is None else float(p_total),
     }
@@ -262,6 +264,14 @@ def centred_opnorm(setup: Setup, params: torch.Tensor) -> float | None:
         return None
     W, _ = setup.model.split(params.double())
     return centred_operator_norm(W)
+
+
+def centred_column_norms(setup: Setup, params: torch.Tensor) -> list[float] | None:
+    """||(I - 11^T/C) w_j|| per column j of a linear model's weight matrix (None for other models); see lipschitz.lz_support."""
+    if not setup.model.is_linear:
+        return None
+    W, _ = setup.model.split(params.double())
+    return [float(v) for v in lipschitz.centred_column_norms(W)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ form (:func:`cross_entropy_gradient`) and the ratio above
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +41,13 @@ from crfl.validation import ConfigError, check_real
 
 __all__ = [
     "centred_operator_norm",
+    "centred_column_norms",
     "lz_centred",
+    "lz_support",
+    "SupportGeometry",
+    "support_norm_bound",
+    "support_opnorm_bound",
+    "off_support_share",
     "smoothness_bound",
     "lz_paper",
     "lz_sound",
@@ -174,3 +181,111 @@ def gradient_difference_ratio(
     g1 = cross_entropy_gradient(weight, bias, x1, y)
     g2 = cross_entropy_gradient(weight, bias, x2, y)
     return torch.linalg.vector_norm(g1 - g2, dim=1) / torch.linalg.vector_norm(x1 - x2, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# L_Z for triggers on a known support S (docs/theory.md (g), step 3b)
+
+
+@dataclass(frozen=True)
+class SupportGeometry:
+    """What L_Z needs to know about a trigger support S (the input coordinates a trigger may touch).
+
+    Attributes:
+        size: |S|.
+        start_opnorm: omega_S >= ||(I - 11^T/C) W~_S||_2 of the broadcast model, W~_S its columns on S
+            (:func:`support_opnorm_bound`; any upper bound is sound, e.g. the whole ||(I - 11^T/C) W~||_2).
+        norm_bound: B_S >= ||v_S|| for every input v the model's local steps see, clean or triggered
+            (:func:`support_norm_bound`: sqrt(|S|) max(|low|, |high|) for inputs in the box [low, high]^d).
+        enforced: the model projects its (boxed) inputs onto the ball ||v|| <= B_0; the projection's rescaling
+            leaks a share kappa <= B_S / B_0 of the trigger outside S (:func:`off_support_share`).
+    """
+
+    size: int
+    start_opnorm: float
+    norm_bound: float
+    enforced: bool = False
+
+    def __post_init__(self) -> None:
+        check_real("size", self.size, low=1.0, high=math.inf, high_open=True)
+        check_real("start_opnorm", self.start_opnorm, low=0.0, high=math.inf, high_open=True)
+        check_real("norm_bound", self.norm_bound, low=0.0, high=math.inf, high_open=True)
+
+
+def support_norm_bound(size: int, low: float, high: float) -> float:
+    """B_S = sqrt(|S|) max(|low|, |high|): ||v_S|| for every v in the box [low, high]^d (clean and triggered inputs;
+    the trigger is clamped to the box, and a model that projects onto a ball only shrinks v)."""
+    n = check_real("size", size, low=0.0, high=math.inf, high_open=True)
+    return math.sqrt(n) * max(abs(float(low)), abs(float(high)))
+
+
+def off_support_share(support_bound: float | np.ndarray, input_norm_bound: float | np.ndarray, enforced: bool) -> np.ndarray:
+    """kappa: ||u_off|| <= kappa ||delta|| for the part of the model-input change u outside S.
+
+    Without a ball projection the model sees x' - x = clamp(x + delta) - clamp(x), zero outside S: kappa = 0.
+    With the enforced ball (v = a min(1, B_0/||a||), a = clamp(x)) the part outside S is
+    (g(||a'||) - g(||a||)) a_off, g(r) = min(1, B_0/r); along the segment a(t) (in the box, ||a(t)_S|| <= B_S),
+    |d/dt g(r) ||a_off||| <= (B_0/r^2)(B_S ||delta||/r) r <= B_S ||delta|| / B_0 where r > B_0 (and 0 where
+    r < B_0), so kappa = min(1, B_S / B_0) (docs/theory.md (g), step 3b).
+    """
+    BS = np.asarray(support_bound, dtype=np.float64)
+    B = np.asarray(input_norm_bound, dtype=np.float64)
+    if not enforced:
+        return np.zeros(np.broadcast(BS, B).shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(B > 0, np.minimum(1.0, BS / np.where(B > 0, B, 1.0)), 1.0)
+
+
+def lz_support(
+    start_opnorm: float, tau: int, eta: float, input_norm_bound: float, support: SupportGeometry
+) -> float:
+    """L_Z for triggers supported on S along an attacker's local trajectory (docs/theory.md (g), step 3b):
+
+        L_Z,S(B) = 1/2 min[(omega_S + tau eta sqrt(2) B_S) + kappa (omega + tau eta sqrt(2) B),
+                           omega + tau eta sqrt(2) B] sqrt(B^2 + 1) + sqrt(2),
+
+    omega = ||P W~||_2 (``start_opnorm``), omega_S >= ||P W~_S||_2 (``support.start_opnorm``, capped at omega),
+    B_S = min(support.norm_bound, B), kappa = :func:`off_support_share`. For a model-input change u = v' - v
+    caused by a trigger on S (||u|| <= ||delta||, ||u_off|| <= kappa ||delta||) the gradient gap is
+    (P' - P) v~'^T + (P - Y) [u; 0]^T, and ||P' - P|| <= 1/2 ||P W u|| <= 1/2 (||P W_S|| + kappa ||P W||) ||delta||;
+    a local step changes P W_S by eta times a batch mean of centred (P_j - Y_j) v_{j,S}^T of spectral norm
+    <= sqrt(2) B_S. The second term of the min is :func:`lz_centred`'s (||P W u|| <= ||P W|| ||u|| holds for any u),
+    so L_Z,S never exceeds it.
+    """
+    op = check_real("start_opnorm", start_opnorm, low=0.0, high=math.inf, high_open=True)
+    tau_ = check_real("tau", tau, low=0.0, high=math.inf, high_open=True)
+    eta_ = check_real("eta", eta, low=0.0, high=math.inf, high_open=True)
+    B = check_real("input_norm_bound", input_norm_bound, low=0.0, high=math.inf, high_open=True)
+    if not isinstance(support, SupportGeometry):
+        raise ConfigError(f"The 'support' parameter must be a SupportGeometry. Got {type(support).__name__} instead.")
+    return float(lz_support_array(op, tau_, eta_, np.float64(B), support))
+
+
+def lz_support_array(start_opnorm: float, tau: float, eta: float, B: np.ndarray, support: SupportGeometry) -> np.ndarray:
+    """:func:`lz_support` for an array of input bounds B (no validation; for the radius solver)."""
+    B = np.asarray(B, dtype=np.float64)
+    BS = np.minimum(support.norm_bound, B)
+    kappa = off_support_share(BS, B, support.enforced)
+    on = min(support.start_opnorm, start_opnorm) + tau * eta * math.sqrt(2.0) * BS
+    off = start_opnorm + tau * eta * math.sqrt(2.0) * B
+    # ||P W u|| <= ||P W_S|| ||u_S|| + ||P W_off|| ||u_off||, and <= ||P W|| ||u|| whatever the support
+    return 0.5 * np.minimum(on + kappa * off, off) * np.sqrt(B * B + 1.0) + math.sqrt(2.0)
+
+
+def centred_column_norms(weight: torch.Tensor) -> np.ndarray:
+    """||(I - 11^T/C) w_j|| for every column j of W (C, d): recorded for the broadcast model of an attack round,
+    so that :func:`support_opnorm_bound` can bound ||(I - 11^T/C) W_S||_2 for any support S later."""
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ConfigError(f"The 'weight' parameter must be a 2-D tensor (C, d). Got {got} instead.")
+    W = weight.double()
+    return torch.linalg.vector_norm(W - W.mean(dim=0, keepdim=True), dim=0).numpy()
+
+
+def support_opnorm_bound(column_norms: np.ndarray | list[float], support: np.ndarray | list[int]) -> float:
+    """omega_S = ||(I - 11^T/C) W_S||_F = sqrt(sum_{j in S} ||(I - 11^T/C) w_j||^2) >= ||(I - 11^T/C) W_S||_2."""
+    c = np.asarray(column_norms, dtype=np.float64)
+    idx = np.asarray(support, dtype=np.int64)
+    if c.ndim != 1 or idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= c.size)):
+        raise ConfigError(f"The 'support' parameter must index the {c.size} recorded column norms. Got {idx.tolist()[:10]} instead.")
+    return float(math.sqrt(float(np.sum(c[idx] ** 2))))

@@ -21,12 +21,14 @@ the mixture prediction c_A is kept while Delta < sigma_t_adv (Phi^-1(p_A_lower) 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from crfl.bounds import BoundResult, mixture_bound
 from crfl.clients import local_updates_shared, round_batches
-from crfl.rng import torch_generator
+from crfl.rng import CertificationSeed, draw_certification_seed, torch_generator
 from crfl.server import clip_to_norm
 from crfl.setup import Setup
 from crfl.smoothing import exact_class_bounds
@@ -35,16 +37,17 @@ from crfl.validation import ConfigError, check_int
 __all__ = ["continuations", "mixture_class_bounds", "mixture_certificate"]
 
 
-def _noise(setup: Setup, t: int, ks: range, sigma: float, D: int, stream: str) -> torch.Tensor:
+def _noise(setup: Setup, t: int, ks: range, sigma: float, D: int, stream: str, seed: CertificationSeed) -> torch.Tensor:
     """eps_t of continuations ks: one generator per (round, continuation), so chunking changes nothing.
 
-    ``stream="server-noise"`` replays the run's own noise (every continuation then is the run itself:
-    a test of the continuation engine).
+    The noise of continuation k in round t comes from the stream ("mixture-noise", t, k) of the
+    certification seed ``seed``, never from the config's seed. ``stream="server-noise"`` replays the
+    run's own noise instead (every continuation then is the run itself: a test of the continuation engine).
     """
     out = torch.empty((len(ks), D), dtype=torch.float64)
     for j, k in enumerate(ks):
         gen = torch_generator(setup.cfg.seed, "server-noise", t) if stream == "server-noise" else \
-            torch_generator(setup.cfg.seed, "mixture-noise", t, k)
+            seed.torch_generator("mixture-noise", t, k)
         out[j] = torch.randn(D, generator=gen, dtype=torch.float64)
     return out.mul_(sigma)
 
@@ -76,15 +79,17 @@ def _check_memory(setup: Setup, K: int, chunk: int, D: int) -> None:
 
 def continuations(
     setup: Setup, pre_noise: torch.Tensor, t_adv: int, K: int, *, chunk: int | None = None, first: int = 0,
-    stream: str = "mixture-noise",
+    stream: str = "mixture-noise", seed: CertificationSeed | None = None,
 ) -> torch.Tensor:
     """K i.i.d. final models Clip_{rho_T}(w_T) continuing the run from round t_adv's pre-noise aggregate.
 
     Round t_adv: w~ = pre_noise + eps_{t_adv} (fresh, sigma_t_adv); rounds t_adv+1..T: every
     client's benign local SGD on the run's batches (:func:`crfl.clients.round_batches`), FedAvg
     with the configured weights, Clip_{rho_t}, fresh eps_t for t <= T-1. Continuation k draws its
-    noise from the stream ("mixture-noise", t, k) of the run's seed, k = first, ..., first + K - 1
-    (a later ``first`` draws a fresh, independent set).
+    noise from the stream ("mixture-noise", t, k) of the certification seed ``seed``, k = first, ...,
+    first + K - 1 (a later ``first`` draws an independent set); ``seed`` None draws a fresh seed from the
+    OS's entropy now. The batches are the run's (a function of the config's seed): the law is
+    conditioned on them, as on everything before eps_{t_adv}.
     """
     K = check_int("certify.training_samples", K, low=1)
     cfg, T = setup.cfg, setup.rounds
@@ -101,6 +106,7 @@ def continuations(
     D = setup.model.num_params
     chunk = K if chunk is None else max(1, int(chunk))
     _check_memory(setup, K, chunk, D)
+    seed = draw_certification_seed() if seed is None else seed
     weights = setup.weights.to(torch.float64)
     out = torch.empty((K, D), dtype=setup.dtype)
     sigma_a = setup.sigma(t_adv)
@@ -108,7 +114,7 @@ def continuations(
         ks = range(first + k0, first + min(K, k0 + chunk))
         w = pre_noise.to(torch.float64).unsqueeze(0).repeat(len(ks), 1)
         if sigma_a > 0:
-            w += _noise(setup, t_adv, ks, sigma_a, D, stream)
+            w += _noise(setup, t_adv, ks, sigma_a, D, stream, seed)
         w = w.to(setup.dtype)
         for t in range(t_adv + 1, T + 1):
             idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, t)
@@ -119,7 +125,7 @@ def continuations(
                 new[j] = clip_to_norm(new[j], rho)[0]
             sigma = setup.sigma(t)
             if sigma > 0:
-                new += _noise(setup, t, ks, sigma, D, stream)
+                new += _noise(setup, t, ks, sigma, D, stream, seed)
             w = new.to(setup.dtype)
         out[k0 : k0 + len(ks)] = w
     return out
@@ -140,7 +146,9 @@ def mixture_class_bounds(setup: Setup, finals: torch.Tensor, X: torch.Tensor, si
     return (lo / K).numpy(), (up / K).numpy()
 
 
-def mixture_certificate(setup: Setup, finals: torch.Tensor, X: torch.Tensor, sigma_T: float, alpha: float) -> BoundResult:
-    """c_A (the mixture's prediction), p_A_lower and p_B_upper of the mixture, simultaneous over classes."""
+def mixture_certificate(setup: Setup, finals: torch.Tensor, X: torch.Tensor, sigma_T: float, alpha: float,
+                        seed: CertificationSeed | None = None) -> BoundResult:
+    """c_A (the mixture's prediction), p_A_lower and p_B_upper of the mixture, simultaneous over classes
+    (``seed``: the certification seed the continuations ``finals`` were drawn from, carried by the result)."""
     lo, up = mixture_class_bounds(setup, finals, X, sigma_T)
-    return mixture_bound(lo, up, finals.shape[0], alpha)
+    return dataclasses.replace(mixture_bound(lo, up, finals.shape[0], alpha), seed=seed)

@@ -147,10 +147,11 @@ class AttackRecord:
     p_total: float | None = None  # the sum of all clients' weights in the round
     aggregation: dict[str, Any] | None = None
     measured: dict[str, Any] | None = None
+    start_centred_column_norms: list[float] | None = None  # per input column, for a trigger-support certificate
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("p_total", "aggregation", "measured"):
+        for k in ("p_total", "aggregation", "measured", "start_centred_column_norms"):
             if d[k] is None:
                 del d[k]
         return d
@@ -175,6 +176,9 @@ class AttackRecord:
         for k in ("start_norm", "start_centred_opnorm"):
             if not (_is_number(d[k]) or (k == "start_centred_opnorm" and d[k] is None)):
                 raise RunDirError(f"{where}: '{k}' must be a number; found {d[k]!r}.")
+        cn = d.get("start_centred_column_norms")
+        if cn is not None and not (isinstance(cn, list) and all(_is_number(x) and x >= 0 for x in cn)):
+            raise RunDirError(f"{where}: 'start_centred_column_norms' must be a list of numbers >= 0; found {str(cn)[:80]}.")
         return AttackRecord(**{k: d.get(k) for k in names})
 
 

@@ -14,6 +14,7 @@ The pipeline per input follows locuslab/smoothing's split: sample votes or integ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from crfl import bounds, lipschitz, smoothing
 from crfl.bounds import BoundResult
-from crfl.rng import torch_generator
+from crfl.rng import CertificationSeed, draw_certification_seed
 from crfl.setup import Setup, model_inputs
 from crfl.validation import ConfigError
 
@@ -71,11 +72,15 @@ def radius_blockers(setup: Setup, attack_log: list[dict[str, Any]]) -> list[str]
 # smoothing one run's final model: N(w, sigma_T^2 I) (Algorithm 2)
 
 
-def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str) -> BoundResult:
+def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
+           seed: CertificationSeed | None = None) -> BoundResult:
     """c_A, p_A_lower, p_B_upper (and votes) for inputs X under N(params, sigma_T^2 I).
 
-    ``method``: ``exact`` (linear models, :func:`crfl.smoothing.exact_top_two`) or ``monte-carlo``
-    (M noisy models, then :func:`crfl.bounds.select_and_bound`).
+    ``method``: ``exact`` (linear models, :func:`crfl.smoothing.exact_top_two`; draws nothing) or
+    ``monte-carlo`` (M noisy models, then :func:`crfl.bounds.select_and_bound`). The noisy models
+    come from the stream ("smoothing", 0) of the certification seed ``seed``, the selection sample
+    from ("selection", 0) -- never from the config's seed (:mod:`crfl.rng`); ``seed`` None draws a
+    fresh one from the OS's entropy now, after X is fixed. The result carries the seed it used.
     """
     cz = setup.cfg.certify
     X = setup.model.input_map(X)  # the inputs the model sees (a no-op without an input bound)
@@ -85,12 +90,13 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str) -> 
         p_a_lo, p_b_up = np.asarray(tt.p_a_lower, dtype=float), np.asarray(tt.p_b_upper, dtype=float)
         return BoundResult(np.asarray(tt.c_a), np.asarray(tt.c_b), None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up,
                            np.asarray(tt.log1m_p_a_lower, dtype=float), np.asarray(tt.log_p_b_upper, dtype=float))
-    gen = torch_generator(setup.cfg.seed, "smoothing", 0)
-    counts = _counts(setup, params, X, cz.M, gen)
+    seed = draw_certification_seed() if seed is None else seed
+    counts = _counts(setup, params, X, cz.M, seed.torch_generator("smoothing", 0))
     sel = None
     if cz.selection > 0:
-        sel = _counts(setup, params, X, cz.selection, torch_generator(setup.cfg.seed, "selection", 0)).numpy()
-    return bounds.select_and_bound(counts.numpy(), cz.alpha, cz.bound, cz.coverage, selection_counts=sel)
+        sel = _counts(setup, params, X, cz.selection, seed.torch_generator("selection", 0)).numpy()
+    res = bounds.select_and_bound(counts.numpy(), cz.alpha, cz.bound, cz.coverage, selection_counts=sel)
+    return dataclasses.replace(res, seed=seed)
 
 
 def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> torch.Tensor:
@@ -160,16 +166,25 @@ class Reading:
         """Whether the run kept what the twin check needs (trained with --twin)."""
         return self.twin_params is not None
 
-    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
-        """c_A and (p_A_lower, p_B_upper) at inputs X, for the run's model (or its twin)."""
+    @property
+    def statistical(self) -> bool:
+        """Whether the bounds draw randomness (a :class:`crfl.rng.CertificationSeed`): Monte Carlo here."""
+        return self.method == "monte-carlo"
+
+    def bounds(self, X: torch.Tensor, *, twin: bool = False, seed: CertificationSeed | None = None) -> BoundResult:
+        """c_A and (p_A_lower, p_B_upper) at inputs X, for the run's model (or its twin).
+
+        Statistical bounds draw from ``seed`` (None: a fresh one from the OS's entropy, drawn now);
+        the result's ``seed`` says which. Exact and margin bounds draw nothing (``seed`` unused, None).
+        """
         params = self.twin_params if twin else self.params
         if twin and not self.has_twin:
             raise ConfigError(f"The run directory {str(self.run_dir)!r} has no twin: train it with --twin.")
-        return smooth(self.setup, params, X, self.method)
+        return smooth(self.setup, params, X, self.method, seed)
 
-    def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
+    def certify(self, X: torch.Tensor, *, seed: CertificationSeed | None = None) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
         """(bounds, budget, radius) per point at X: sample or integrate -> bound -> radius (0 where no radius)."""
-        sm = self.bounds(X)
+        sm = self.bounds(X, seed=seed)
         if not self.radius_ok:
             return sm, None, np.zeros(len(sm.p_a_lower))
         return (sm, *self.radii(sm))
@@ -218,16 +233,31 @@ class Reading:
             return cz.alpha, cz.bound, cz.coverage
         return None, None, None
 
-    def smoothing_block(self, seconds: float) -> dict[str, Any]:
-        """summary.json's ``smoothing`` block (``seconds``: the time the bounds and radii took)."""
+    def smoothing_block(self, seconds: float, seed: CertificationSeed | None = None) -> dict[str, Any]:
+        """summary.json's ``smoothing`` block (``seconds``: the time the bounds and radii took; ``seed``: the
+        certification seed the statistical bounds drew from, recorded as ``seed``, ``seed_source``,
+        ``seed_drawn_at``; all None where nothing was drawn)."""
         cz = self.setup.cfg.certify
         mc = self.method == "monte-carlo"
         alpha, bound, coverage = self.confidence()
+        drawn = seed.to_dict() if seed is not None and self.statistical else {}
         return {
             "method": self.method, "M": cz.M if mc else None, "alpha": alpha, "bound": bound, "coverage": coverage,
             "selection": cz.selection if mc else None,
             "sigma_T": cz.sigma_T if self.method != "margin" else None, "seconds": seconds,
+            "seed": drawn.get("seed"), "seed_source": drawn.get("seed_source"), "seed_drawn_at": drawn.get("seed_drawn_at"),
         }
+
+    def randomness_note(self, seed: CertificationSeed | None) -> str:
+        """The sentence the guarantee gets about its randomness (empty for bounds that draw nothing)."""
+        if not self.statistical or seed is None:
+            return ""
+        if seed.source == "replay":
+            return (f" Replayed with the given certification seed {seed.seed}: the confidence statement holds only for "
+                    "inputs fixed before that seed was first drawn.")
+        return (f" The confidence statement rests on the certification seed {seed.seed}, drawn from the operating "
+                f"system's entropy at {seed.drawn_at}, after these inputs were fixed; it holds for inputs that did "
+                "not depend on it.")
 
     def tables(self, sm: BoundResult) -> list[tuple[str, list[str], list[list[Any]]]]:
         """Further per-point tables of one test set: (file stem, columns, rows); written as ``STEM_{clean,backdoor}.csv``."""

@@ -21,6 +21,7 @@ the sound budgets, the ingredients (:class:`SoundIngredients`), budget -> radius
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from scipy import special
 from crfl import closeness, lipschitz, rundir
 from crfl.bounds import BoundResult
 from crfl.closeness import AttackTerm
+from crfl.config import parse_trigger_support
 from crfl.radius import kl_budget
 from crfl.readings.base import Reading, radius_blockers, training_input_stats
 from crfl.setup import Setup
@@ -145,7 +147,8 @@ class SoundIngredients:
                 "round": k.round, "p": list(k.p), "gamma": list(k.gamma), "eta": list(k.eta), "tau": list(k.tau),
                 "poison_ratio": list(k.poison_ratio), "Q": list(k.Q), "p_total": k.p_total,
                 "start_centred_opnorm": k.start_opnorm, "round_lipschitz": closeness.round_lipschitz(k),
-                "L_Z_at_B0": [lipschitz.lz_centred(k.start_opnorm, t, e, self.input_norm_bound) for t, e in zip(k.tau, k.eta)],
+                **({} if k.support is None else {"support_centred_opnorm": k.support.start_opnorm}),
+                "L_Z_at_B0": [float(k.lz(t, e, self.input_norm_bound)) for t, e in zip(k.tau, k.eta)],
             })
         return {
             "attack_rounds": terms,
@@ -224,6 +227,100 @@ def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[
     # no probabilities: p_a_lower = 1, p_b_upper = 0 stand for the deterministic base prediction
     res = BoundResult(c_a, c_b, None, None, np.ones(n), np.zeros(n), budget <= 0, np.full(n, -np.inf), np.full(n, -np.inf))
     return res, budget
+
+
+# ---------------------------------------------------------------------------------------------
+# which triggers the certificate covers (certify.trigger_support; docs/theory.md (g), step 3b)
+
+
+@dataclass(frozen=True)
+class TriggerSupport:
+    """The set S of input coordinates a covered trigger may touch (None: anywhere), and where it came from."""
+
+    kind: str  # anywhere | attack | given
+    indices: tuple[int, ...] | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": None if self.indices is None else len(self.indices),
+                "indices": None if self.indices is None else list(self.indices), "source": self.source}
+
+    def covers(self) -> str:
+        """The guarantee's sentence on which triggers it speaks about."""
+        if self.indices is None:
+            return ("It covers triggers in any direction (certify.trigger_support: anywhere): every delta with "
+                    "||delta|| below the radius.")
+        return (f"It covers only triggers supported on S, {len(self.indices)} input coordinate(s) ({self.source}): "
+                "x' = clamp(x + delta) with delta_j = 0 for j outside S and ||delta|| below the radius; a trigger "
+                "touching any other input coordinate is not covered.")
+
+
+def trigger_coordinates(setup: Setup) -> tuple[int, ...]:
+    """The input coordinates the run's own trigger touches: the nonzero entries of the full trigger and of every
+    attacker's local trigger (DBA parts)."""
+    plan = setup.plan
+    touched: set[int] = set()
+    for trig in [plan.trigger, *plan.local_triggers.values()]:
+        touched.update(int(i) for i in torch.nonzero(trig.delta).flatten().tolist())
+    return tuple(sorted(touched))
+
+
+def resolve_support(setup: Setup, spec: Any = None) -> TriggerSupport:
+    """``certify.trigger_support`` (or ``spec``) resolved against the run: anywhere, the attack's trigger, or given indices."""
+    d = int(setup.dataset.num_features)
+    value = parse_trigger_support(setup.cfg.certify.trigger_support if spec is None else spec, d)
+    if value == "anywhere":
+        return TriggerSupport("anywhere", None, "any direction")
+    if value == "attack":
+        idx = trigger_coordinates(setup)
+        if not idx:
+            raise ConfigError("The 'certify.trigger_support' parameter 'attack' needs a trigger with a nonzero entry. "
+                              "Got a zero trigger (attack.magnitude = 0) instead: use 'anywhere' or list input indices.")
+        return TriggerSupport("attack", idx, f"the attack's {setup.plan.kind} trigger, from the attack plan")
+    return TriggerSupport("given", tuple(value), "given by certify.trigger_support")
+
+
+def support_terms(
+    setup: Setup, terms: tuple[AttackTerm, ...], attack_log: list[dict[str, Any]], support: TriggerSupport, enforced: bool
+) -> tuple[AttackTerm, ...]:
+    """The attack terms with the support's geometry (:class:`crfl.lipschitz.SupportGeometry`), so that their L_Z is
+    :func:`crfl.lipschitz.lz_support`; unchanged for triggers anywhere.
+
+    omega_S is the Frobenius norm of the broadcast model's centred columns on S (attack.json's
+    ``start_centred_column_norms``); a record without them (an older run) falls back to the whole
+    ||(I - 11^T/C) W~||_2, also an upper bound."""
+    if support.indices is None:
+        return terms
+    idx = list(support.indices)
+    # the box every input the model sees lies in: the model's own clamp when it enforces B_0, else the trigger's
+    # (clean inputs inside it: the inputs_in_trigger_box check)
+    box = setup.model.input_bound if enforced else setup.plan.trigger
+    BS = lipschitz.support_norm_bound(len(idx), box.low, box.high)
+    out = []
+    for term, rec in zip(terms, attack_log):
+        cols = rec.get("start_centred_column_norms")
+        omega_s = term.start_opnorm
+        if cols is not None and len(cols) == setup.dataset.num_features:
+            omega_s = min(omega_s, lipschitz.support_opnorm_bound(cols, idx))
+        geom = lipschitz.SupportGeometry(len(idx), omega_s, BS, enforced)
+        out.append(dataclasses.replace(term, support=geom))
+    return tuple(out)
+
+
+def support_check(setup: Setup, support: TriggerSupport) -> dict[str, Any]:
+    """The run's own trigger must lie inside S, else the certificate does not speak about the attack that happened."""
+    touched = trigger_coordinates(setup)
+    if support.indices is None:
+        return {"holds": True, "detail": "triggers in any direction are covered"}
+    outside = sorted(set(touched) - set(support.indices))
+    return {
+        "holds": not outside,
+        "detail": (f"the attack's trigger touches {len(touched)} input coordinate(s), all inside S (|S| = "
+                   f"{len(support.indices)}, {support.source})" if not outside else
+                   f"the attack's trigger touches {len(outside)} input coordinate(s) outside S (e.g. {outside[:5]}; |S| = "
+                   f"{len(support.indices)}, {support.source}): this run's attack is not among the covered triggers; "
+                   "use certify.trigger_support 'attack' or 'anywhere'"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +462,10 @@ class CoupledReading(Reading):
     def __init__(self, setup: Setup, final: dict[str, Any], attack_log: list[dict[str, Any]], run_dir: Path) -> None:
         super().__init__(setup, final, attack_log, run_dir)
         blockers = radius_blockers(setup, attack_log)
-        terms = attack_terms(attack_log) if not blockers else ()
         B0, source, enforced = input_norm_bound(setup)
+        self.support = resolve_support(setup)
+        self.anywhere_terms = attack_terms(attack_log) if not blockers else ()
+        terms = support_terms(setup, self.anywhere_terms, attack_log, self.support, enforced)
         cz = setup.cfg.certify
         self.ing = SoundIngredients(self.name, terms, B0, source, enforced, self.noise(terms), cz.bound_form,
                                     float(setup.plan.trigger.norm))
@@ -383,6 +482,7 @@ class CoupledReading(Reading):
 
     def _report(self, fixed_rounds: dict[int, bool]) -> dict[str, Any]:
         checks = scope_checks(self.setup, self.ing, self.attack_log, fixed_rounds, self.method)
+        checks["trigger_in_support"] = support_check(self.setup, self.support)
         checks.update(self.own_checks())
         conf = confidence_check(self.setup, self.method)
         if conf is not None:
@@ -400,22 +500,22 @@ class CoupledReading(Reading):
 
     @property
     def guarantee(self) -> str:
-        return self.MARGIN_GUARANTEE if self.margin else self.GUARANTEE
+        return (self.MARGIN_GUARANTEE if self.margin else self.GUARANTEE) + " " + self.support.covers()
 
     @property
     def bound_form(self) -> str | None:
         return None if self.margin else self.setup.cfg.certify.bound_form
 
-    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
+    def bounds(self, X: torch.Tensor, *, twin: bool = False, seed: Any = None) -> BoundResult:
         if self.margin:
             if twin and not self.has_twin:
                 raise ConfigError(f"The run directory {str(self.run_dir)!r} has no twin: train it with --twin.")
             return margin_result(self.setup, self.twin_params if twin else self.params, X)[0]
-        return super().bounds(X, twin=twin)
+        return super().bounds(X, twin=twin, seed=seed)
 
-    def certify(self, X: torch.Tensor) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
+    def certify(self, X: torch.Tensor, *, seed: Any = None) -> tuple[BoundResult, np.ndarray | None, np.ndarray]:
         if not self.margin:
-            return super().certify(X)
+            return super().certify(X, seed=seed)
         sm, budget = margin_result(self.setup, self.params, X)
         if not self.radius_ok:
             return sm, None, np.zeros(len(sm.p_a_lower))
@@ -428,7 +528,62 @@ class CoupledReading(Reading):
         return closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound, enforced=self.ing.input_norm_enforced)
 
     def ingredients_block(self) -> dict[str, Any]:
-        return self.ing.to_dict()
+        out = self.ing.to_dict()
+        sup = self.support.to_dict()
+        geom = self.ing.terms[0].support if self.ing.terms else None
+        if geom is not None:
+            sup["norm_bound"] = geom.norm_bound  # B_S
+            sup["off_support_share"] = float(lipschitz.off_support_share(min(geom.norm_bound, self.ing.input_norm_bound),
+                                                                         self.ing.input_norm_bound, geom.enforced))
+        out["trigger_support"] = sup
+        return out
+
+    # -- the same budgets under the other trigger supports, and the twin's distance against the bound ----------------
+
+    def _terms_for(self, name: str) -> tuple[AttackTerm, ...] | None:
+        """The attack terms for the support ``name`` (anywhere | attack); None where it cannot be formed."""
+        if name == self.support.kind:
+            return self.ing.terms
+        if name == "anywhere":
+            return self.anywhere_terms
+        try:
+            sup = resolve_support(self.setup, name)
+        except ConfigError:
+            return None
+        return support_terms(self.setup, self.anywhere_terms, self.attack_log, sup, self.ing.input_norm_enforced)
+
+    def radii_by_support(self, budget: np.ndarray) -> dict[str, np.ndarray]:
+        """The radius of the same budgets (the smoothing does not depend on S) for triggers anywhere and on the
+        attack's support, next to this certificate's own (``crfl run`` prints the certified fraction for each)."""
+        out = {}
+        for name in dict.fromkeys(("anywhere", "attack", self.support.kind)):
+            terms = self._terms_for(name)
+            if terms is not None:
+                out[name] = closeness.solve_radius(budget, terms, self.ing.input_norm_bound, enforced=self.ing.input_norm_enforced)
+        return out
+
+    def deviation_bound(self, terms: tuple[AttackTerm, ...] | None = None) -> float:
+        """The proven ||w_T - w'_T|| <= ||delta|| c(B), B = B_0 (enforced) or B_0 + ||delta|| (docs/theory.md (g), step 5)."""
+        B = self.ing.input_norm_bound + (0.0 if self.ing.input_norm_enforced else self.delta_norm)
+        return float(self.delta_norm * closeness.deviation_coefficient(self.ing.terms if terms is None else terms, B))
+
+    def twin_tightness(self) -> dict[str, Any]:
+        """summary.json's ``twin`` additions: the realised ||w_T - w'_T|| over the proven deviation bound (the coupled
+        reading with a twin only; the mixture's twin is a law, not one model)."""
+        if self.name != "coupled" or not self.has_twin or not self.radius_ok or not self.ing.terms:
+            return {}
+        dist = float(torch.linalg.vector_norm(self.params.double() - self.twin_params.double()))
+        out: dict[str, Any] = {"distance": dist}
+        by = {}
+        for name in dict.fromkeys((self.support.kind, "anywhere", "attack")):
+            terms = self._terms_for(name)
+            if terms is not None:
+                bound = self.deviation_bound(terms)
+                by[name] = {"deviation_bound": bound, "tightness": dist / bound if bound > 0 else None}
+        out["deviation_bound"] = by[self.support.kind]["deviation_bound"]
+        out["tightness"] = by[self.support.kind]["tightness"]
+        out["tightness_by_support"] = by
+        return out
 
     @property
     def twin_compared_with(self) -> str:

@@ -23,6 +23,7 @@ from crfl import mixture, rundir
 from crfl.bounds import BoundResult
 from crfl.closeness import AttackTerm
 from crfl.readings.coupled import CoupledReading
+from crfl.rng import CertificationSeed, draw_certification_seed
 from crfl.schedule import noise_after_round
 from crfl.setup import Setup
 from crfl.validation import ConfigError
@@ -43,7 +44,7 @@ class MixtureReading(CoupledReading):
     REFERENCE: ClassVar[str] = "the law of continuations without the trigger from the attack round's aggregate"
 
     def __init__(self, setup: Setup, final: dict[str, Any], attack_log: list[dict[str, Any]], run_dir: Path) -> None:
-        self._finals: dict[bool, torch.Tensor] = {}
+        self._finals: dict[tuple[bool, int], torch.Tensor] = {}
         super().__init__(setup, final, attack_log, run_dir)
 
     def check_method(self, method: str) -> None:
@@ -79,9 +80,19 @@ class MixtureReading(CoupledReading):
     def has_twin(self) -> bool:
         return self.twin_params is not None and "twin_pre_noise" in self.state
 
-    def _continuations(self, twin: bool) -> torch.Tensor:
-        """The K final models continuing the run (or its twin) from attack round t_adv (trained once, on first use)."""
-        if twin not in self._finals:
+    @property
+    def statistical(self) -> bool:
+        """The continuations are random draws (their noise from the certification seed)."""
+        return True
+
+    def _continuations(self, twin: bool, seed: CertificationSeed) -> torch.Tensor:
+        """The K final models continuing the run (or its twin) from attack round t_adv, their noise from ``seed``.
+
+        Trained anew for every seed: continuations whose votes were seen are never reused for other inputs
+        (only the last set is kept, so a replayed seed on the same object does not retrain).
+        """
+        key_ = (twin, seed.seed)
+        if key_ not in self._finals:
             # no terms when a radius blocker holds: the first attack round is then the kept aggregate's
             t_adv = self.ing.terms[0].round if self.ing.terms else int(self.state.get("round", -1))
             key = "twin_pre_noise" if twin else "pre_noise"
@@ -90,15 +101,23 @@ class MixtureReading(CoupledReading):
                     f"The run directory {str(self.run_dir)!r} keeps no pre-noise aggregate of attack round {t_adv} "
                     "(model_final.pt 'attack_state'): retrain it with this version of crfl for the mixture reading."
                 )
-            self._finals[twin] = mixture.continuations(self.setup, self.state[key], t_adv, self.setup.cfg.certify.training_samples)
-        return self._finals[twin]
+            finals = mixture.continuations(self.setup, self.state[key], t_adv, self.setup.cfg.certify.training_samples,
+                                           seed=seed)
+            self._finals = {key_: finals}
+        return self._finals[key_]
 
-    def bounds(self, X: torch.Tensor, *, twin: bool = False) -> BoundResult:
-        """The mixture's c_A and (p_A_lower, p_B_upper) at X over the continuations of the run (or its twin)."""
+    def bounds(self, X: torch.Tensor, *, twin: bool = False, seed: CertificationSeed | None = None) -> BoundResult:
+        """The mixture's c_A and (p_A_lower, p_B_upper) at X over K continuations of the run (or its twin).
+
+        The continuations' noise comes from ``seed`` (None: a fresh one from the OS's entropy, drawn now,
+        after X is fixed), so each call without a seed trains K fresh continuations (the cost of a
+        certification, per call); the result's ``seed`` says which seed was used.
+        """
         cz = self.setup.cfg.certify
         if twin and not self.has_twin:
             raise ConfigError(f"The run directory {str(self.run_dir)!r} has no twin: train it with --twin.")
-        return mixture.mixture_certificate(self.setup, self._continuations(twin), X, cz.sigma_T, cz.alpha)
+        seed = draw_certification_seed() if seed is None else seed
+        return mixture.mixture_certificate(self.setup, self._continuations(twin, seed), X, cz.sigma_T, cz.alpha, seed)
 
     def confidence(self) -> tuple[float | None, str | None, str | None]:
         return self.setup.cfg.certify.alpha, "kl-chernoff", "simultaneous"
