@@ -484,6 +484,9 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=7)
         return _save(fig, figs / name)
     title = dataset_title(spec.get("title", name), sweep_datasets(d))
+    extra = {k: v for k, v in (meta.get("extra") or {}).items() if k not in ("data.name", "data.data_dir")}
+    if extra:  # --set overrides change the paper's setting: the title says so
+        title += "; with " + point_label(extra, list(extra))
     jobs = meta["jobs"]
     keys = list(spec.get("grid") or {})
     cert_keys = list((spec.get("certify") or {}).get("grid") or {})
