@@ -31,7 +31,7 @@ def test_train_then_resume_then_certify(tmp_path, capsys):
         (["train", "--preset", "nope", "--out", "X"], "The 'preset' parameter must be one of 'demo', 'emnist', 'flcert', 'loan', 'mnist'. Got 'nope'"),
         (["train", "--dataset", "cifar", "--out", "X"], "The 'data.name' parameter must be one of"),
         (["train", "--set", "server.sigma=-1", "--out", "X"], "The 'server.sigma' parameter must be a float in [0, inf). Got -1"),
-        (["train", "--set", "attack.poison_per_batch=500", "--out", "X"], "'attack.poison_per_batch' parameter must be an integer in [0, 100]"),
+        (["train", "--set", "attack.poison_per_batch=500", "--out", "X"], "'attack.poison_per_batch' parameter must be an integer in [0, 50]"),  # the demo's n_B: train defaults to it
         (["train", "--set", "gamma", "--out", "X"], "The '--set' parameter must look like key=value. Got 'gamma'"),
         (["train", "--dataset", "mnist", "--data-dir", "/nonexistent", "--out", "X"], "/nonexistent"),
         (["train", "--set", "data.options={colour: red}", "--out", "X"], "The 'data.options' parameter must hold options of the 'mnist-5k' loader (test_fraction). Got 'colour'"),

@@ -101,7 +101,7 @@ BAD_PARAMS = [
     (["--set", "clients.lr=0"], "'clients.lr' parameter must be a float in (0, inf). Got 0"),
     (["--set", "clients.lr=fast"], "'clients.lr' parameter must be of type float. Got 'fast'"),
     (["--set", "clients.batch_size=0"], "'clients.batch_size' parameter must be an integer in [1, inf]"),
-    (["--set", "attack.poison_per_batch=500"], "'attack.poison_per_batch' parameter must be an integer in [0, 100]"),
+    (["--set", "attack.poison_per_batch=500"], "'attack.poison_per_batch' parameter must be an integer in [0, 50]"),  # the demo's n_B (train defaults to the demo)
     (["--set", "gamma"], "The '--set' parameter must look like key=value. Got 'gamma'"),
     (["--set", "attack.num_attackers=9", "--set", "data.num_clients=4"], "The 'attack.num_attackers' parameter must be an integer in [0, 4]"),
     (["--set", "data.num_clients=0"], "'data.num_clients' parameter must be an integer in [1, inf]"),

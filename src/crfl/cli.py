@@ -7,28 +7,44 @@
     crfl run     (train + certify; no arguments: the demo preset on the built-in data)
     crfl sweep   SPEC --out DIR [--jobs N] [--dataset NAME] [--set k=v ...]
     crfl plot    DIR
+    crfl list    [datasets|aggregators|attacks|models|readings|specs|presets]
 
 Every expected failure (a bad parameter, a corrupt or foreign file, an OS error, a full disk)
 is one line ``crfl: error: ...`` naming the parameter or file, the problem and what to do,
 with exit status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130.
+
+Discovery: ``crfl --version``, ``python -m crfl``, ``crfl COMMAND --help`` (a description and
+examples), ``crfl list [datasets|aggregators|attacks|models|readings|specs|presets]`` (each name
+with its registry's one-line description) and "Did you mean ...?" on mistyped commands, choice
+values, ``--set`` keys, dataset/rule/attack/model, spec and preset names. ``--plugin MODULE``
+(and entry points of the group ``crfl.plugins``) import the user's own parts first
+(:mod:`crfl.plugins`). Diagnostics go through :mod:`logging` to stderr (``-v`` more, ``-q``
+less), progress bars with an ETA to stderr on a terminal (``--progress`` elsewhere, off with
+``-q``); results go to stdout, so ``crfl list specs | head`` ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import difflib
 import errno
+import logging
+import math
+import os
+import re
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
+from crfl import progress
 from crfl.config import CHOICES, CertifyConfig, preset_names, resolve
 from crfl.data.base import DataError
 from crfl.rundir import RunDirError
 from crfl.validation import ConfigError, check_int
 
 EXPECTED = (ConfigError, DataError, RunDirError)
+log = logging.getLogger("crfl.cli")
 RESUME_CONFLICTS = {"preset": "--preset", "config": "--config", "dataset": "--dataset", "data_dir": "--data-dir",
                     "overrides": "--set", "out": "--out", "twin": "--twin"}
 INTERRUPTED = {
@@ -37,6 +53,7 @@ INTERRUPTED = {
     "certify": "the run's previous results are unchanged. Rerun: crfl certify {dir}",
     "sweep": "results.csv lists the runs that finished. Rerun the same command to finish the sweep.",
     "plot": "no figure was half-written.",
+    "list": "nothing was written.",
 }
 
 
@@ -50,7 +67,6 @@ def _add_train_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     p.add_argument("--out", required=out_required, help="the run directory to write")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR")
     p.add_argument("--twin", action="store_true", help="also train the clean twin (model closeness, certificate check)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 #: One flag per ``certify.*`` parameter: ``--`` + the field name with ``-`` for ``_`` (``--sigma-T``).
@@ -137,6 +153,7 @@ def _config_from_args(args: argparse.Namespace, default_preset: str | None = Non
 def _print_training(res) -> None:
     last = res.records[-1]
     rows = [
+        ("preset", str(res.setup.cfg.preset)),
         ("rounds", str(res.setup.rounds)),
         ("clients", str(res.setup.data.num_clients)),
         ("attackers / rounds", f"{list(res.setup.plan.attackers)} / {list(res.setup.plan.rounds)}"),
@@ -166,12 +183,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _check_resume_alone(args)
     if args.resume:
-        res = train(None, args.resume, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
+        res = train(None, args.resume, resume=True)  # type: ignore[arg-type]
     else:
         if not args.out:
             raise ConfigError("The '--out' parameter must name the run directory. Got nothing instead.")
-        cfg = _config_from_args(args)
-        res = train(cfg, args.out, progress=not args.quiet, twin=cfg.certify.twin)
+        cfg = _config_from_args(args, default_preset="demo")
+        res = train(cfg, args.out, twin=cfg.certify.twin)
+        if not args.preset and not args.config:  # said after the run, so that a bad value stays the only line
+            log.warning("note: no --preset or --config given: trained the demo preset (as `crfl run` does); "
+                        "pass --preset NAME (crfl list presets) or --config FILE to choose.")
     _print_training(res)
     return 0
 
@@ -304,11 +324,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_resume_alone(args)
     if args.resume:
-        res = train(None, args.resume, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
+        res = train(None, args.resume, resume=True)  # type: ignore[arg-type]
     else:
         cfg = _config_from_args(args, default_preset="demo")
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
-        res = train(cfg, out, progress=not args.quiet, twin=cfg.certify.twin)
+        res = train(cfg, out, twin=cfg.certify.twin)
     _print_training(res)
     summary = certify_run(res.out_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
     _report_certification(summary, Path(res.out_dir))
@@ -325,7 +345,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra["data.name"] = args.dataset
     if args.data_dir:
         extra["data.data_dir"] = args.data_dir
-    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not args.quiet)
+    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False))
     failed = sum(r.get("status", "ok") != "ok" for r in rows)
     print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
     return 1 if failed else 0
@@ -365,51 +385,258 @@ def _error_message(e: BaseException) -> str:
     return str(e)
 
 
-def main(argv: list[str] | None = None) -> int:
+#: What each command does and examples of it (``crfl COMMAND --help``).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": (
+        "federated training with clipping and noise (Algorithm 1)",
+        "Train a CRFL model into a new run directory (config.yaml, rounds.csv growing round by round, "
+        "checkpoint.pt; at the end model_final.pt, attack.json, summary.json). Without --preset or "
+        "--config it trains the demo preset, as crfl run does, and says so.",
+        "  crfl train --preset demo --out runs/demo\n"
+        "  crfl train --preset mnist --dataset fashion-mnist --set server.rounds=20 --out runs/fm\n"
+        "  crfl train --plugin examples/my_parts.py --dataset digits-1k --set aggregation.name=clipped-mean --out runs/mine\n"
+        "  crfl train --resume runs/fm            # continue an interrupted run",
+    ),
+    "certify": (
+        "certify a training run (Algorithm 2, Corollary 1)",
+        "Certify a finished run: smoothed predictions, certified radii per test point "
+        "(certificates_*.csv), summary.json's certificate, curves and certified.png.",
+        "  crfl certify runs/demo\n"
+        "  crfl certify runs/demo --reading mixture --training-samples 100\n"
+        "  crfl certify runs/cnn --method monte-carlo --M 1000 --num-test 500",
+    ),
+    "run": (
+        "train and certify in one command (default: the demo preset)",
+        "Train, then certify, then print the certified accuracy table. With no arguments: the demo "
+        "preset on the built-in MNIST digits, into runs/demo (runs/demo-2, ... when it exists).",
+        "  crfl run\n"
+        "  crfl run --preset flcert\n"
+        "  crfl run --set attack.gamma=50 --twin --out runs/gamma50",
+    ),
+    "sweep": (
+        "run a sweep spec (a grid of runs): content-addressed, resumable, parallel",
+        "Run every grid point of a sweep spec (a YAML file, format in docs/sweeps.md, or a built-in "
+        "spec: crfl list specs) into OUT/runs/<config hash>/ and write OUT/results.csv. Rerunning "
+        "an interrupted sweep finishes it without recomputing what is done.",
+        "  crfl sweep fig5-attackers-mnist --dataset fashion-mnist --out runs/fig5\n"
+        "  crfl sweep my-spec.yaml --out runs/mine --jobs 2 --set server.rounds=20\n"
+        "  crfl plot runs/fig5",
+    ),
+    "plot": (
+        "plot a run or a sweep directory (reads only result files)",
+        "Draw the figures of a run (rounds.png, certified.png) or of a sweep (one per swept "
+        "parameter) from the files in DIR; nothing is recomputed.",
+        "  crfl plot runs/demo\n"
+        "  crfl plot runs/fig5",
+    ),
+    "list": (
+        "list datasets, aggregation rules, attacks, models, readings, sweep specs or presets",
+        "List what a name may be, each with its one-line description: datasets (data.name, "
+        "--dataset), aggregators (aggregation.name), attacks (attack.kind), models (model.name), "
+        "readings (--reading), specs (crfl sweep SPEC), presets (--preset). --plugin adds the "
+        "user's parts.",
+        "  crfl list\n"
+        "  crfl list aggregators\n"
+        "  crfl list datasets --plugin examples/my_parts.py",
+    ),
+}
+
+
+def _first_comment(text: str) -> str:
+    """A preset's description: the first line of its leading comment."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def listings() -> dict[str, dict[str, str]]:
+    """What ``crfl list`` prints: kind -> name -> one-line description, from the registries and files."""
+    from importlib import resources
+
+    from crfl.aggregation import describe_aggregators
+    from crfl.attacks import describe_attacks
+    from crfl.data import describe_datasets
+    from crfl.model import describe_models
+    from crfl.readings import READINGS
+    from crfl.registry import describe
+    from crfl.sweep import load_spec, spec_names
+
+    presets = {n: _first_comment(resources.files("crfl.presets").joinpath(f"{n}.yaml").read_text()) for n in preset_names()}
+    return {
+        "datasets": describe_datasets(),
+        "aggregators": describe_aggregators(),
+        "attacks": describe_attacks(),
+        "models": describe_models(),
+        "readings": describe(READINGS),
+        "specs": {n: load_spec(n).title for n in spec_names()},
+        "presets": presets,
+    }
+
+
+LIST_KINDS = ("datasets", "aggregators", "attacks", "models", "readings", "specs", "presets")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.what] if args.what else list(LIST_KINDS)
+    table = listings()
+    for n, kind in enumerate(kinds):
+        entries = table[kind]
+        if len(kinds) > 1:
+            print(("\n" if n else "") + f"{kind}:")
+        w = max((len(k) for k in entries), default=0)
+        for name, desc in entries.items():
+            print(f"  {name:<{w}}  {desc}".rstrip())
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with "Did you mean ...?" on an invalid choice (a command, a --reading value, ...)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f". Did you mean {close[0]!r}?"
+        super().error(message)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to the current ``sys.stderr`` (not the one at creation: tests capture it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _setup_logging(verbose: int, quiet: bool) -> logging.Handler:
+    """crfl's diagnostics on stderr as ``crfl: ...``: INFO by default, WARNING with -q, DEBUG with -v."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    lg = logging.getLogger("crfl")
+    for h in [h for h in lg.handlers if isinstance(h, _StderrHandler)]:
+        lg.removeHandler(h)
+    h = _StderrHandler()
+    h.setFormatter(logging.Formatter("crfl: %(message)s"))
+    lg.addHandler(h)
+    lg.setLevel(level)
+    lg.propagate = False
+    return h
+
+
+def _version() -> str:
+    import importlib.metadata
+    import platform
+
+    from crfl import __version__
+
+    try:
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        torch = "not installed"
+    return f"crfl {__version__} (torch {torch}, Python {platform.python_version()})"
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    """Entry points of the group crfl.plugins, then every --plugin, before the command builds anything."""
+    from crfl import plugins
+
+    for p in plugins.load_entry_points():
+        logging.getLogger("crfl").debug("plugin %s (entry point %s of %s)", p.module, p.entry_point, p.distribution)
+    for spec in getattr(args, "plugins", None) or []:
+        p = plugins.load(spec)
+        logging.getLogger("crfl").debug("plugin %s (%s)", p.module, p.file or "module")
+
+
+def _reader_gone(e: BaseException) -> bool:
+    """Whether ``e`` is the end of the pipe stdout writes to (``crfl list | head``): an EPIPE naming no file."""
+    return isinstance(e, BrokenPipeError) and e.filename is None
+
+
+def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    parser = argparse.ArgumentParser(prog="crfl", description="Certifiably Robust Federated Learning (Xie et al., ICML 2021)",
-                                     parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more diagnostics on stderr")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars and only warnings on stderr")
+    common.add_argument("--progress", action="store_true", default=argparse.SUPPRESS,
+                        help="progress lines on stderr even when it is not a terminal (a log file)")
+    plug = argparse.ArgumentParser(add_help=False)
+    plug.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                      help="import a module (or a .py file) registering your own rules, datasets, attacks or models "
+                           "first (repeatable); installed entry points of 'crfl.plugins' are imported always")
+    parser = _Parser(prog="crfl", parents=[common],
+                     description="Certifiably Robust Federated Learning against backdoor attacks (Xie et al., ICML 2021): "
+                                 "train, certify, sweep and plot.",
+                     epilog="Start with `crfl run` (the demo), `crfl list`, or `crfl COMMAND --help`.\n"
+                            "Documentation: README.md, docs/sweeps.md, docs/theory.md.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kw)
+    def add(name: str, plugins: bool = True) -> argparse.ArgumentParser:
+        short, desc, examples = COMMANDS[name]
+        return sub.add_parser(name, parents=[common, plug] if plugins else [common], help=short, description=desc,
+                              epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p_train = add("train", help="federated training with clipping and noise (Algorithm 1)")
+    p_train = add("train")
     _add_train_args(p_train, out_required=False)
     p_train.set_defaults(func=cmd_train)
-    p_cert = add("certify", help="certify a training run (Algorithm 2, Corollary 1)")
-    p_cert.add_argument("run_dir")
+    p_cert = add("certify")
+    p_cert.add_argument("run_dir", help="a finished run directory")
     _add_certify_args(p_cert)
     _add_replay_arg(p_cert)
-    p_cert.add_argument("--quiet", action="store_true")
     p_cert.set_defaults(func=cmd_certify)
-    p_run = add("run", help="train and certify in one command (default: the demo preset)")
+    p_run = add("run")
     _add_train_args(p_run, out_required=False)
     _add_certify_args(p_run)
     _add_replay_arg(p_run)
     p_run.set_defaults(func=cmd_run)
-    p_sweep = add("sweep", help="run a sweep spec (a grid of runs): content-addressed, resumable, parallel")
-    p_sweep.add_argument("spec", help="a sweep YAML file or a built-in spec name (fig5-attackers-mnist, ...)")
+    p_sweep = add("sweep")
+    p_sweep.add_argument("spec", help="a sweep YAML file (docs/sweeps.md) or a built-in spec name (crfl list specs)")
     p_sweep.add_argument("--out", required=True, help="the sweep directory")
     p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p_sweep.add_argument("--dataset", help="run every point on this dataset (e.g. fashion-mnist, loan-openintro)")
     p_sweep.add_argument("--data-dir", help="directory with the dataset's files")
-    p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p_sweep.add_argument("--quiet", action="store_true")
+    p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one parameter of every run, e.g. --set server.rounds=20 (repeatable)")
     p_sweep.set_defaults(func=cmd_sweep)
-    p_plot = add("plot", help="plot a run or a sweep directory (reads only result files)")
-    p_plot.add_argument("dir")
+    p_plot = add("plot", plugins=False)
+    p_plot.add_argument("dir", help="a run or a sweep directory")
     p_plot.set_defaults(func=cmd_plot)
+    p_list = add("list")
+    p_list.add_argument("what", nargs="?", choices=LIST_KINDS, help="one kind (default: all)")
+    p_list.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    quiet = getattr(args, "quiet", False)
+    handler = _setup_logging(getattr(args, "verbose", 0) or 0, quiet)
+    mode = progress.mode_for(sys.stderr, quiet=quiet, force=getattr(args, "progress", False))
     try:
-        return args.func(args)
+        with progress.showing(mode):
+            _load_plugins(args)
+            return args.func(args)
     except KeyboardInterrupt:
         d = getattr(args, "resume", None) or getattr(args, "out", None) or getattr(args, "run_dir", None) or "DIR"
         print(f"\ncrfl: interrupted; {INTERRUPTED[args.command].format(dir=d)}", file=sys.stderr)
         return 130
     except (*EXPECTED, OSError, UnicodeDecodeError) as e:
+        if _reader_gone(e):
+            # the reader of stdout went away (`crfl list | head`): stop quietly, as command-line tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         if debug:
             raise
         print(f"crfl: error: {_error_message(e)}", file=sys.stderr)
@@ -420,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crfl: internal error: {type(e).__name__}: {e}. Rerun with --debug for the traceback and report it.",
               file=sys.stderr)
         return 1
+    finally:
+        logging.getLogger("crfl").removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from crfl.attacks import PAPER_PIXELS, TRIGGERS
 from crfl.bounds import BOUNDS, COVERAGES
 from crfl.data.partition import SCHEMES
 from crfl.io import load_yaml, yaml_problem
-from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
+from crfl.validation import ConfigError, check_choice, check_int, check_real, did_you_mean, fail
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the configuration"
-        raise ConfigError(f"Unknown parameter(s) {unknown} in {where}; valid: {', '.join(names)}.")
+        hint = "".join(did_you_mean(u, names) for u in unknown[:1])
+        raise ConfigError(f"Unknown parameter(s) {unknown} in {where}; valid: {', '.join(names)}.{hint}")
     kwargs = {}
     for name in names:
         if name not in data:

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from crfl import lipschitz, rundir
+from crfl import progress as progress_mod
 from crfl.lipschitz import centred_operator_norm
 from crfl.clients import nominal_poison_ratio
 from crfl.setup import Setup, evaluate, resolved_config
@@ -278,30 +280,20 @@ def centred_column_norms(setup: Setup, params: torch.Tensor) -> list[float] | No
 # progress and divergence
 
 
-class Progress:
-    """A progress bar on a terminal (redrawn in place); a line every ~10% of rounds otherwise."""
+def _progress_bar(total: int, start: int, progress: bool) -> progress_mod.Bar:
+    """The rounds' bar: forced on with ``progress`` (a terminal redraws it, a pipe gets a line every
+    ~10%), else as the caller's :func:`crfl.progress.showing` says (the ``crfl`` command)."""
+    mode = progress_mod.mode_for(sys.stderr, force=True) if progress else None
+    return progress_mod.Bar(total, "training", unit="rounds", start=start, mode=mode)
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, total // 10)
 
-    def update(self, t: int, row: rundir.RoundRow) -> None:
-        if not self.enabled or (not self.tty and t % self.every and t != self.total):
-            return
-        width = 28
-        done = int(width * t / self.total)
-        msg = f"[{'#' * done}{'.' * (width - done)}] round {t}/{self.total}"
-        if isinstance(row.clean_acc, float):
-            msg += f"  acc {row.clean_acc:.3f}"
-        if isinstance(row.backdoor_acc, float) and not math.isnan(row.backdoor_acc):
-            msg += f"  backdoor {row.backdoor_acc:.3f}"
-        msg += f"  {time.perf_counter() - self.t0:.1f}s"
-        if self.tty:
-            sys.stderr.write("\r" + msg + ("\n" if t == self.total else ""))
-        else:
-            sys.stderr.write(msg + "\n")
-        sys.stderr.flush()
+def _round_detail(row: rundir.RoundRow) -> str:
+    out = []
+    if isinstance(row.clean_acc, float):
+        out.append(f"acc {row.clean_acc:.3f}")
+    if isinstance(row.backdoor_acc, float) and not math.isnan(row.backdoor_acc):
+        out.append(f"backdoor {row.backdoor_acc:.3f}")
+    return "  ".join(out)
 
 
 def diverged(setup: Setup, t: int, what: str) -> ConfigError:
@@ -351,6 +343,7 @@ def drive(
     progress: bool = False,
     checkpoint_every: int | None = None,
     stop_after: int | None = None,
+    on_round: Callable[[RunState], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) Algorithm 1 with ``step`` as its round, into the claimed run directory ``run``.
 
@@ -358,6 +351,11 @@ def drive(
     round and ``stop_after`` always write one). A fresh run that fails before its first
     checkpoint leaves nothing behind. ``twin`` trains the coupled certificate's clean twin
     beside the run (engines with ``trains_twin``).
+
+    rounds.csv grows as rounds finish (:func:`crfl.rundir.append_rounds`: one whole row per
+    round, flushed); the final result set replaces it with the same rows at the end. A resume
+    first rewrites it with the checkpoint's rows. ``on_round(state)`` is called after each
+    round's row is on disk (progress displays, tests).
     """
     if twin and not step.trains_twin:
         raise ConfigError(f"This run's rounds ({type(step).__name__}, engine {step.engine!r}) cannot train the clean twin "
@@ -390,7 +388,7 @@ def drive(
     try:
         if not resume:
             run.write_config(resolved)
-        return _loop(setup, step, run, state, chash, progress, checkpoint_every, stop_after)
+        return _loop(setup, step, run, state, chash, progress, checkpoint_every, stop_after, on_round)
     except (ConfigError, OSError):
         if not resume:
             run.discard_unstarted()  # a fresh run that failed before its first checkpoint leaves nothing
@@ -399,11 +397,12 @@ def drive(
 
 def _loop(
     setup: Setup, step: Round, run: rundir.RunDir, state: RunState, chash: str, progress: bool,
-    checkpoint_every: int | None, stop_after: int | None,
+    checkpoint_every: int | None, stop_after: int | None, on_round: Callable[[RunState], None] | None = None,
 ) -> TrainResult:
     T = setup.rounds
     every = checkpoint_every or setup.cfg.run.checkpoint_every
-    bar = Progress(T, progress)
+    bar = _progress_bar(T, state.round, progress)
+    rundir.append_rounds(run.path, [dataclasses.asdict(r) for r in state.rows], restart=True)
     t0, seconds0 = time.perf_counter(), state.seconds
     for t in range(state.round + 1, T + 1):
         out = _step(setup, step, state.params, t)
@@ -426,12 +425,17 @@ def _loop(
         if out.log is not None:
             state.logs.append(out.log)
         state.seconds = seconds0 + time.perf_counter() - t0
-        bar.update(t, row)
+        rundir.append_rounds(run.path, [dataclasses.asdict(row)])
+        bar.update(t, _round_detail(row))
+        if on_round is not None:
+            on_round(state)
         stopping = stop_after is not None and t >= stop_after and t < T
         if t == T or t % every == 0 or stopping:
             run.write_checkpoint(state.to_checkpoint(), chash)
         if stopping:
+            bar.close()
             return _result(run.path, setup, state, finished=False)
+    bar.close()
     fin = step.finish(state)
     write_final(run, setup, state, fin, chash)
     return _result(run.path, setup, state, finished=True, finish=fin)

@@ -26,6 +26,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from crfl import progress
 from crfl.bounds import BoundResult, mixture_bound
 from crfl.clients import local_updates_shared, round_batches
 from crfl.rng import CertificationSeed, draw_certification_seed, torch_generator
@@ -110,6 +111,7 @@ def continuations(
     weights = setup.weights.to(torch.float64)
     out = torch.empty((K, D), dtype=setup.dtype)
     sigma_a = setup.sigma(t_adv)
+    bar = progress.bar(-(-K // chunk) * (T - t_adv), "mixture continuations", unit="rounds")
     for k0 in range(0, K, chunk):
         ks = range(first + k0, first + min(K, k0 + chunk))
         w = pre_noise.to(torch.float64).unsqueeze(0).repeat(len(ks), 1)
@@ -127,7 +129,9 @@ def continuations(
             if sigma > 0:
                 new += _noise(setup, t, ks, sigma, D, stream, seed)
             w = new.to(setup.dtype)
+            bar.update(bar.done + 1, f"K = {K}")
         out[k0 : k0 + len(ks)] = w
+    bar.close()
     return out
 
 
@@ -137,11 +141,14 @@ def mixture_class_bounds(setup: Setup, finals: torch.Tensor, X: torch.Tensor, si
     lo = torch.zeros((n, C), dtype=torch.float64)
     up = torch.zeros((n, C), dtype=torch.float64)
     Xd = setup.model.input_map(X.double())  # the inputs the model sees (a no-op without an input bound)
+    bar = progress.bar(finals.shape[0], "mixture bounds", unit="models")
     for k in range(finals.shape[0]):
         W, b = setup.model.split(finals[k].double())
         lk, uk = exact_class_bounds(W, b, Xd, sigma_T)
         lo += lk
         up += uk
+        bar.update(k + 1, f"{n} points")
+    bar.close()
     K = finals.shape[0]
     return (lo / K).numpy(), (up / K).numpy()
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crfl.validation import ConfigError, check_choice, check_int, check_real, fail
+from crfl import registry
+from crfl.validation import ConfigError, check_int, check_real, fail
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,16 @@ class ModuleModel:
 
 Model = LinearModel | ModuleModel
 
-_MODELS: dict[str, Callable[..., Model]] = {}
+_MODELS: registry.Entries[Callable[..., Model]] = {}
+
+
+def register_model(name: str, description: str) -> Callable[[Callable[..., Model]], Callable[..., Model]]:
+    """Decorator: register ``builder(num_features, num_classes, input_bound=None, **options) -> Model`` as ``model.name``."""
+    return registry.register(_MODELS, name, description)
+
+
+def describe_models() -> dict[str, str]:
+    return registry.describe(_MODELS)
 
 
 def _mlp(num_features: int, num_classes: int, hidden: int = 64, input_bound: InputBound | None = None) -> ModuleModel:
@@ -268,8 +278,8 @@ def _logistic(num_features: int, num_classes: int, input_bound: InputBound | Non
     return LinearModel(num_features, num_classes, input_bound=input_bound)
 
 
-_MODELS["logistic"] = _logistic
-_MODELS["mlp"] = _mlp
+register_model("logistic", "multinomial logistic regression, the paper's model (convex: certified radii)")(_logistic)
+register_model("mlp", "one hidden ReLU layer (option hidden); empirical runs, no certified radius")(_mlp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,17 +440,16 @@ def _cnn(num_features: int, num_classes: int, hidden: int = 64, channels: tuple[
     return CNNModel(LeNet(side, num_classes, (c1, c2), hidden), num_features, num_classes, input_bound=input_bound)
 
 
-_MODELS["cnn"] = _cnn
+register_model("cnn", "a small LeNet for image data (options hidden, channels); empirical runs, no certified radius")(_cnn)
 
 
 def model_names() -> list[str]:
-    return sorted(_MODELS)
+    return registry.names(_MODELS)
 
 
 def build_model(name: str, num_features: int, num_classes: int, **options: object) -> Model:
     """Build a registered model: ``logistic`` (the paper's), ``mlp`` or ``cnn`` (empirical runs only)."""
-    check_choice("model.name", name, model_names())
-    return _MODELS[name](num_features, num_classes, **options)
+    return registry.lookup(_MODELS, "model.name", name)(num_features, num_classes, **options)
 
 
 def wrap_module(module: nn.Module, num_features: int, num_classes: int, input_bound: InputBound | None = None) -> Model:

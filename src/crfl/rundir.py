@@ -61,9 +61,9 @@ import fcntl
 import hashlib
 import io as _io
 import json
+import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,6 +407,7 @@ class RunDir:
         if self.exists(CHECKPOINT) or self.exists(LEGACY_FLOWER_CHECKPOINT):
             return
         (self.path / CONFIG).unlink(missing_ok=True)
+        (self.path / ROUNDS).unlink(missing_ok=True)  # the rows appended so far (append_rounds)
         sweep_stale(self.path)
         if self.created and not [n for n in os.listdir(self.path) if n != LOCK]:
             self.release()
@@ -455,7 +456,11 @@ class RunDir:
         """config.yaml as a validated :class:`~crfl.config.Config` (``overrides``: dotted keys, e.g. certify.*)."""
         from crfl.config import from_dict, set_dotted
 
-        d = {k: v for k, v in self.read_config().items() if k != "provenance"}
+        raw = self.read_config()
+        from crfl.plugins import import_recorded  # the user's parts the run was trained with (rules, datasets, ...)
+
+        import_recorded((raw.get("provenance") or {}).get("plugins"), f"The run {str(self.path)!r}")
+        d = {k: v for k, v in raw.items() if k != "provenance"}
         for k, v in (overrides or {}).items():
             set_dotted(d, k, v)
         try:
@@ -542,8 +547,9 @@ class RunDir:
         dtype = run.get("dtype") if isinstance(run, Mapping) else None
         if stored == legacy_config_hash(d) and str(params.dtype) == f"torch.{dtype}":
             # written before run.dtype was hashed: the parameters' own dtype stands in for it
-            print(f"crfl: note: {self.path / name} carries the configuration hash of crfl 0.1.0 (without "
-                  f"run.dtype); accepted, since its parameters are {dtype} as config.yaml says.", file=sys.stderr)
+            logging.getLogger("crfl.rundir").warning(
+                "note: %s carries the configuration hash of crfl 0.1.0 (without run.dtype); accepted, since its "
+                "parameters are %s as config.yaml says.", self.path / name, dtype)
             return
         raise RunDirError(
             f"{self.path / name} was written by the configuration with hash {stored}, but "
@@ -760,6 +766,30 @@ def load_run(run_dir: str | Path, overrides: Mapping[str, Any] | None = None):
     attack_log = [r.to_dict() for r in run.read_attacks().rounds]
     run.read_summary()  # validated now: certification must not fail on it after computing
     return cfg, final, attack_log
+
+
+def append_rounds(directory: str | Path, rows: Sequence[Mapping[str, Any]], *, restart: bool = False) -> None:
+    """rounds.csv while a run trains: ``rows`` appended as whole lines and flushed, one call per round.
+
+    ``restart`` rewrites the file (atomically) with the header and ``rows`` (a run starting, or
+    resuming from its checkpoint's rows). What a reader may rely on mid-run: the header, then one
+    complete row per finished round in order, each ending in a newline (ignore a last line
+    without one: it is being written); rows past the last checkpoint are written again, with the
+    same values, by a resume. The final result set replaces the file whole with the same rows.
+    """
+    path = Path(directory) / ROUNDS
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if restart:
+        w.writerow(ROUND_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else io._csv_cell(r.get(k)) for k in ROUND_COLUMNS])
+    if restart:
+        io.atomic_write_text(path, buf.getvalue())
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(buf.getvalue())
+        f.flush()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,4 +264,8 @@ def resolved_config(setup: Setup) -> dict[str, Any]:
         },
         "attack": {"rounds": list(setup.plan.rounds), "trigger_norm": setup.plan.trigger.norm},
     }
+    from crfl.plugins import loaded
+
+    if loaded():  # the user's modules that registered parts (crfl.plugins): certify and resume import them again
+        d["provenance"]["plugins"] = loaded()
     return d

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from scipy import special
 
+from crfl import progress
 from crfl.validation import ConfigError, check_int, check_real
 
 __all__ = [
@@ -146,7 +147,7 @@ def _votes(
     """
     n = Xd.shape[0]
     counts: torch.Tensor | None = None
-    with torch.no_grad():
+    with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
         for m0 in range(0, M, models_per_chunk):
             logits_of = noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, Xd.dtype, Xd.device))
             for n0 in range(0, n, points_per_chunk):
@@ -154,6 +155,7 @@ def _votes(
                 if counts is None:
                     counts = torch.zeros((n, logits.shape[-1]), dtype=torch.int64, device=Xd.device)
                 _count(logits.argmax(dim=-1), counts, n0, logits.shape[-1])
+            bar.update(min(M, m0 + models_per_chunk), f"{n} points")
     return counts
 
 

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -43,12 +44,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from crfl import rundir
+from crfl import plugins, rundir
+from crfl import progress as progress_mod
 from crfl.config import from_dict, read_yaml_mapping, resolve
 from crfl.io import atomic_write_text, load_yaml, write_csv, write_json
-from crfl.validation import ConfigError, check_real
+from crfl.validation import ConfigError, check_real, did_you_mean
 
 DONE = "DONE"
+log = logging.getLogger("crfl.sweep")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def load_spec(path_or_name: str | Path) -> Spec:
     else:
         raise ConfigError(
             f"The 'SPEC' parameter must be a YAML file or one of {', '.join(spec_names())}. Got {str(path_or_name)!r} instead."
+            + did_you_mean(str(path_or_name), spec_names())
         )
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
@@ -373,9 +377,11 @@ def _write_results(out: Path, spec: Spec, job_list: list[Job], results: dict[int
     return rows
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, plugin_specs: tuple[str, ...] = ()) -> None:
     """A sweep worker dies with its parent (pid ``parent``): PR_SET_PDEATHSIG where Linux has it, a
-    watchdog thread always, and at once if the parent died while this worker was starting."""
+    watchdog thread always, and at once if the parent died while this worker was starting. It
+    imports the parent's plugins (``--plugin``, :func:`crfl.plugins.specs`) and the installed ones
+    (entry points) before its first job, so the user's parts are registered as in the parent."""
     try:
         import ctypes
 
@@ -394,6 +400,9 @@ def _worker_init(parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+    for spec in plugin_specs:
+        plugins.load(spec)
+    plugins.load_entry_points()
 
 
 def _stop_workers(ex: cf.ProcessPoolExecutor) -> None:
@@ -451,28 +460,36 @@ def _run_jobs(
     jobs = max(1, min(jobs, len(job_list)))
     threads = max(1, cores // jobs)
     results: dict[int, list[dict[str, Any]]] = {}
+    watch = _watch(job_list, root)
+    report = progress and watch.bar.mode != "tty"  # on a terminal the bar says which runs are done
     try:
         if jobs == 1:
             for i, j in enumerate(job_list):
-                results[i] = run_job(j, str(root / j.train_hash), threads)
-                _report(progress, i, len(job_list), j, results[i])
+                with progress_mod.showing(None):  # the sweep's bar shows the run's rounds
+                    results[i] = run_job(j, str(root / j.train_hash), threads)
+                watch.finished(i)
+                _report(report, i, len(job_list), j, results[i])
         else:
             ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                        initializer=_worker_init, initargs=(os.getpid(),))
+                                        initializer=_worker_init, initargs=(os.getpid(), tuple(plugins.specs())))
             try:
                 futs = {ex.submit(run_job, j, str(root / j.train_hash), threads): i for i, j in enumerate(job_list)}
                 for n, fut in enumerate(cf.as_completed(futs)):
                     i = futs[fut]
                     results[i] = fut.result()
-                    _report(progress, n, len(job_list), job_list[i], results[i])
+                    watch.finished(i)
+                    _report(report, n, len(job_list), job_list[i], results[i])
             except BaseException:
                 _stop_workers(ex)
                 raise
             ex.shutdown()
     except KeyboardInterrupt:
+        watch.__exit__()
         with _sigint_deferred():
             _write_results(out, spec, job_list, results)
         raise
+    finally:
+        watch.__exit__()
     with _sigint_deferred():  # a Ctrl-C arriving while the last results are written waits for the write
         rows = _write_results(out, spec, job_list, results)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -497,10 +514,17 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _watch(job_list: list[Job], root: Path) -> progress_mod.Watch:
+    """The sweep's bar (:class:`crfl.progress.Watch`, started): rounds over all jobs, from each run's growing rounds.csv."""
+    runs = [(str(root / j.train_hash / rundir.ROUNDS), int(j.config["server"]["rounds"])) for j in job_list]
+    already = {i for i, j in enumerate(job_list) if (root / j.train_hash / DONE).is_file()}
+    return progress_mod.Watch(runs, "sweep", already).__enter__()
+
+
 def _report(progress: bool, n: int, total: int, job: Job, rows: list[dict[str, Any]]) -> None:
     if progress:
         status = ",".join(sorted({r["status"] for r in rows}))
-        print(f"[{n + 1}/{total}] {job.point or '(base)'} {status} ({rows[0].get('wall_seconds', 0):.1f}s)", flush=True)
+        log.info("sweep: [%d/%d] %s %s (%.1fs)", n + 1, total, job.point or "(base)", status, rows[0].get("wall_seconds", 0))
 
 
 def numeric_study(spec: Spec) -> list[dict[str, Any]]:

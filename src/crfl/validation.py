@@ -6,6 +6,7 @@ Every message names the parameter, what is allowed and the value received:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -64,8 +65,17 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise ConfigError listing them."""
     choices = list(choices)
     if value not in choices:
-        raise fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
+        e = fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
+        raise ConfigError(f"{e}{did_you_mean(value, choices)}")
     return value
+
+
+def did_you_mean(value: Any, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to a mistyped name (difflib), else ``""``."""
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _fmt(x: float) -> str:

@@ -128,6 +128,9 @@ def make_client_app(dataset: Dataset | None = None, *, data_dir_key: str = "data
             if data_dir:
                 d.setdefault("data", {})["data_dir"] = str(data_dir)
             cache.clear()  # one run at a time per worker
+            from crfl.plugins import load_entry_points
+
+            load_entry_points()  # installed plugins (crfl.plugins): the run's own parts, on every node
             cache[key] = prepare(from_dict(d), dataset)
         return cache[key]
 

@@ -27,6 +27,7 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
     "input-norm-bound": (-1.0, "B >= ||x|| for every client input, for the certificate; -1: sqrt(d), inputs in [0, 1]^d "
                                "(not with model.input_norm_bound, which the model enforces)"),
     "resume": (False, "continue the interrupted run in out-dir from its checkpoint.pt"),
+    "log-every": (0, "log the per-round lines every N rounds (and the first and last); 0: about ten per run; 1: every round"),
 }
 
 

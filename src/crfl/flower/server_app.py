@@ -476,6 +476,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _ensure_log_handler()
+        from crfl.plugins import load_entry_points
+
+        load_entry_points()  # installed plugins (crfl.plugins) register their parts here as in the crfl command
         rc = {k: v[0] for k, v in RUN_CONFIG.items()}
         unknown = set(context.run_config) - set(rc)
         if unknown:
@@ -504,6 +507,9 @@ def make_server_app(
         else:
             strategy = build_strategy(setup, inner, noise_seed=seed, sampling=sampling_from_run_config(rc),
                                       node_partitions=partitions, node_timeout=node_timeout)
+        log_every = check_int("log-every", rc["log-every"], low=0)
+        for s in [strategy] if strategy is not None else strategies or []:
+            s.log_every = log_every
         run = run_federation(
             grid, setup, out, strategy=strategy, ensemble_strategies=strategies, seed_drawn=drawn,
             certify=bool(rc["certify"]) if certify is None else certify,

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--certify", action="store_true")
     ap.add_argument("--num-cpus", type=int, default=None)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)-8s: %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)-8s: %(name)s: %(message)s")
+    logging.getLogger("crfl").setLevel(logging.INFO)  # crfl's lines; other libraries' INFO (alembic, ...) stays off
     cfg = resolve(a.preset or None, a.config, parse_overrides(a.set))
     simulate(cfg, a.out, certify=a.certify, num_cpus=a.num_cpus)
     return 0

@@ -32,6 +32,7 @@ schedule and the server step exist once, in :mod:`crfl.schedule` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -64,6 +65,25 @@ from crfl.server import server_step
 from crfl.validation import check_choice, check_int, check_real, fail
 
 log = logging.getLogger("crfl.flower")
+
+
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO
+
+
+@contextlib.contextmanager
+def _flwr_info_off(off: bool):
+    """Flower's own per-round INFO lines (``aggregate_train: Received ...``) dropped inside the block when ``off``."""
+    if not off:
+        yield
+        return
+    lg, f = logging.getLogger("flwr"), _DropInfo()
+    lg.addFilter(f)
+    try:
+        yield
+    finally:
+        lg.removeFilter(f)
 
 Schedule = Callable[[int], float]
 
@@ -459,6 +479,16 @@ class CRFL(Strategy):
 
     # -- Strategy interface --------------------------------------------------------------------
 
+    #: A round's INFO lines (this strategy's and the inner strategy's) are logged every ``log_every``
+    #: rounds and in the first and the last (0: about ten over the run); the others go to DEBUG.
+    #: The run config's ``log-every`` sets it (1: every round).
+    log_every: int = 0
+
+    def loud(self, t: int) -> bool:
+        """Whether round t's per-round lines are logged at INFO."""
+        every = self.log_every or max(1, self.rounds // 10)
+        return t in (1, self.rounds) or t % every == 0
+
     def summary(self) -> None:
         log.info(
             "CRFL: clip the global model to rho_t, add N(0, sigma_t^2 I) for t <= T-1 (T = %d, rho_1 = %.4g, "
@@ -559,7 +589,8 @@ class CRFL(Strategy):
                 name = next(iter(content.metric_records), METRICS_KEY)
                 content[name] = MetricRecord(m)
             try:
-                agg_arrays, inner_metrics = self.strategy.aggregate_train(t, [r.message for r in kept])
+                with _flwr_info_off(not self.loud(t)):
+                    agg_arrays, inner_metrics = self.strategy.aggregate_train(t, [r.message for r in kept])
             except ZeroWeightSum as err:
                 agg_arrays = None
                 rec.skipped = str(err)
@@ -583,7 +614,8 @@ class CRFL(Strategy):
             self.pre_noise[t] = info.pre_noise
         rec.norm_before_clip, rec.rho, rec.sigma, rec.clipped = info.norm_before_clip, info.rho, info.sigma, info.clipped
         rec.seconds = time.perf_counter() - self._started
-        log.info(
+        log.log(
+            logging.INFO if self.loud(t) else logging.DEBUG,
             "Round %d: aggregated %d of %d sampled partitions; ||w_t|| = %.4f, rho_t = %.4g%s, sigma_t = %.4g",
             t, len(kept), len(rec.sampled) or len(kept), info.norm_before_clip, info.rho,
             " (clipped)" if info.clipped else "", info.sigma,
