@@ -3,7 +3,8 @@
 A block that takes long or needs a network or a Flower deployment is marked in the markdown, right before
 it, with ``<!-- docs-test: skip (reason) -->``; the test lists the skipped blocks and their reasons. The
 copy gets a ``.venv`` that runs this interpreter on the copy's own sources (``scripts/dev setup`` would
-install from the package index), and its own HOME (the Flower snippets write ``~/.flwr``).
+install from the package index), on PATH as after setup, and its own HOME (the Flower snippets write
+``~/.flwr``). The blocks of a file run in order, each in a new shell, in the copy's root.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def test_every_command_block_of_the_docs_runs(tmp_path, capsys):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTHON"))}
-    env.update(HOME=str(home), PYTHONPATH=str(repo / "src"), MPLBACKEND="Agg")
+    # as after `scripts/dev setup` in the user's shell: `crfl` is .venv/bin/crfl (README), on PATH for every block
+    env.update(HOME=str(home), PYTHONPATH=str(repo / "src"), MPLBACKEND="Agg",
+               PATH=f"{repo / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     ran, skipped = [], []
     for path in doc_files(repo):
         for b in bash_blocks(path, repo):
