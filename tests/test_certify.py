@@ -56,7 +56,8 @@ def _c(cert: dict, B: mp.mpf) -> mp.mpf:
             + (k["p_total"] - sum(k["p"])) + sum(p * g for p, g in zip(k["p"], k["gamma"]))
         a = mp.mpf(0)
         for p, g, e, t, Q in zip(k["p"], k["gamma"], k["eta"], k["tau"], k["Q"]):
-            lz = (mp.mpf(k["start_centred_opnorm"]) + t * mp.mpf(e) * mp.sqrt(2) * B) / 2 * mp.sqrt(B * B + 1) + mp.sqrt(2)
+            slack = mp.mpf(cert.get("rounding", {}).get("opnorm_slack", {}).get(str(k["round"]), 0.0))  # (g) step 7
+            lz = (mp.mpf(k["start_centred_opnorm"]) + slack + t * mp.mpf(e) * mp.sqrt(2) * B) / 2 * mp.sqrt(B * B + 1) + mp.sqrt(2)
             a += mp.mpf(p) * g * mp.mpf(e) * mp.mpf(Q) * lz
         c = lip * c + a
     return c
@@ -105,9 +106,12 @@ def rederive_sound(row: dict, cert: dict) -> float:
             budget = mp.mpf(row["budget"])
         else:
             budget = _budget(mp.mpf(row["log1m_p_a_lower"]), mp.mpf(row["log_p_b_upper"]), cert)
+        rounding = cert.get("rounding")  # (g) step 7: r^ c'(B^ + r^) + E <= budget, r^ = (1 + iota_1) r + iota_0
+        if rounding is not None:
+            budget -= mp.mpf(rounding["rounding_error"])
         if budget <= 0:
             return 0.0
-        B0 = mp.mpf(cert["input_norm_bound"])
+        B0 = mp.mpf(rounding["realised_input_bound"] if rounding else cert["input_norm_bound"])
         lo, hi = mp.mpf(0), budget / _c(cert, B0)
         for _ in range(200):
             mid = (lo + hi) / 2
@@ -115,6 +119,9 @@ def rederive_sound(row: dict, cert: dict) -> float:
                 hi = mid
             else:
                 lo = mid
+        if rounding is not None:
+            scale, offset = rounding["trigger_rounding"]
+            lo = max(mp.mpf(0), (lo - mp.mpf(offset)) / (1 + mp.mpf(scale)))
         return float(lo)
 
 
@@ -210,11 +217,12 @@ def test_coupled_twin_is_the_counterfactual_and_never_disagrees_where_certified(
 
 def test_margin_method_is_the_limit_of_exact_smoothing(tmp_path, trained, images28):
     margin = certify_run(trained, overrides={"certify.method": "margin"}, dataset=images28, out_dir=tmp_path / "m")
-    rm = np.array([float(r["radius"]) for r in read_csv(tmp_path / "m" / "certificates_clean.csv")])
+    # the budgets (the radius is the same function of them; float32 training's rounding term zeroes small ones)
+    rm = np.array([float(r["budget"]) for r in read_csv(tmp_path / "m" / "certificates_clean.csv")])
     gaps = []
     for s in (1e-2, 1e-4, 1e-7):
         certify_run(trained, overrides={"certify.sigma_T": s}, dataset=images28, out_dir=tmp_path / f"e{s}")
-        re = np.array([float(r["radius"]) for r in read_csv(tmp_path / f"e{s}" / "certificates_clean.csv")])
+        re = np.array([float(r["budget"]) for r in read_csv(tmp_path / f"e{s}" / "certificates_clean.csv")])
         gaps.append(float(np.median(np.abs(re - rm) / rm)))
     # as sigma_T -> 0 the smoothed radius is the base model's; where the pairwise bounds decide p_A_lower and
     # p_B_upper the two coincide exactly: sigma (Phi^-1(p_A) - Phi^-1(p_B)) / 2 = (z_A - z_B) / (sqrt 2 ||x~||)
@@ -261,6 +269,7 @@ def test_radius_equal_to_the_trigger_norm_is_not_covered_anywhere(tmp_path, trai
     delta = certify_run(trained, dataset=images28, out_dir=tmp_path / "first")["certificate"]["delta_norm"]
     assert metrics.covered(delta, delta) == False and metrics.covered(math.nextafter(delta, 1), delta) == True  # noqa: E712
     monkeypatch.setattr(closeness, "solve_radius", lambda budget, terms, b0, **kw: np.where(np.asarray(budget) > 0, delta, 0.0))
+    monkeypatch.setattr(closeness, "solve_radius_rounded", lambda budget, terms, rb, **kw: np.where(np.asarray(budget) > 0, delta, 0.0))
     out = tmp_path / "runs" / "T" / "cert-C"
     s = certify_run(trained, overrides={"certify.radii": [delta]}, dataset=images28, out_dir=out)
     for k in ("clean", "backdoor"):

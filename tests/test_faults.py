@@ -33,7 +33,7 @@ from crfl.rundir import config_hash, load_run
 from tests.conftest import synthetic_images
 
 TINY = ["--preset", "demo", "--set", "server.rounds=3", "--set", "data.num_clients=4", "--set", "attack.rounds=[2]",
-        "--set", "run.threads=1"]
+        "--set", "run.threads=1", "--set", "run.dtype=float32"]  # the demo trains in float64; these tests edit float32
 TRIALS = int(os.environ.get("CRFL_FAULT_TRIALS", "3"))
 CRFL = [sys.executable, "-m", "crfl.cli"]
 TIMING = ("seconds", "seconds_per_round", "certify_seconds")

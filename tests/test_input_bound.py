@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from crfl.certify import Certifier, certify_run
 from crfl.readings.coupled import ENFORCED_SOURCE
-from crfl.closeness import AttackTerm, solve_radius
+from crfl.closeness import AttackTerm, deviation_coefficient, solve_radius
 from crfl.clients import ClientData, local_updates, round_batches
 from crfl.config import resolve
 from crfl.model import InputBound, LinearModel
@@ -176,8 +176,17 @@ def test_certificate_uses_the_enforced_bound(tmp_path, small_images):
     c = cert["deviation_coefficient_at_B0"]
     with open(bound / "certificates_clean.csv") as f:
         rows = list(csv.DictReader(f))
+    # linear in the budget: RAD^ = (budget - E) / c'(B^), RAD = (RAD^ - iota_0) / (1 + iota_1) (docs/theory.md (g) step 7)
+    rb = cert["rounding"]
+    slack = rb["opnorm_slack"]
+    terms = [AttackTerm.from_record({**r, "start_centred_opnorm": r["start_centred_opnorm"] + slack.get(str(r["round"]), 0.0)})
+             for r in json.loads((bound / "attack.json").read_text())["rounds"]]
+    c_rounded = deviation_coefficient(terms, rb["realised_input_bound"])
+    assert c <= c_rounded <= c * (1 + 1e-4)
+    scale, offset = rb["trigger_rounding"]
     for row in rows:
-        assert float(row["radius"]) == pytest.approx(float(row["budget"]) / c, rel=1e-12)
+        expect = max(((float(row["budget"]) - rb["rounding_error"]) / c_rounded - offset) / (1 + scale), 0.0)
+        assert float(row["radius"]) == pytest.approx(expect, rel=1e-12, abs=1e-300)
     assert s["results"]["clean"]["certified_at_attack"] > 0.3
     with pytest.raises(ConfigError, match="'certify.input_norm_bound' parameter must be null"):
         certify_run(bound, overrides={"certify.input_norm_bound": 3.0}, dataset=small_images)

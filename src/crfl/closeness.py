@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,10 @@ import numpy as np
 from crfl.lipschitz import SupportGeometry, lz_centred_array, lz_support_array
 from crfl.validation import ConfigError, check_real
 
-__all__ = ["AttackTerm", "round_lipschitz", "attack_coefficient", "deviation_coefficient", "solve_radius"]
+__all__ = [
+    "AttackTerm", "round_lipschitz", "attack_coefficient", "deviation_coefficient", "solve_radius",
+    "RoundingSpec", "RoundingBound", "certification_rounding", "unit_roundoff", "gamma_n", "round_errors", "rounding_error", "solve_radius_rounded",
+]
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,212 @@ def solve_radius(
                 break
     out[pos] = lo  # lo always satisfies r c(B_0 + r) <= budget
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# floating point: the rounding of the realised trajectories (docs/theory.md (g), step 7)
+
+#: Relative accuracy assumed of exp (in units of the unit roundoff u): torch's exp is within 2 ulp.
+EXP_ULPS = 4.0
+#: The bound refuses when the longest chain of roundings it composes, k u, exceeds this (the second-order
+#: terms are then no longer below 1% of the first-order ones).
+MAX_CHAIN = 0.01
+
+
+def unit_roundoff(dtype: object) -> float:
+    """u = 2^-p of round-to-nearest in the dtype (float32: 2^-24, float64: 2^-53)."""
+    name = str(dtype).replace("torch.", "")
+    table = {"float32": 2.0 ** -24, "float64": 2.0 ** -53}
+    if name not in table:
+        raise ConfigError(f"The 'dtype' parameter must be float32 or float64. Got {name!r} instead.")
+    return table[name]
+
+
+def gamma_n(n: float, u: float) -> float:
+    """gamma_n = n u / (1 - n u): |fl(sum of n + 1 terms) - sum| <= gamma_n sum |terms| in any order (Higham, Thm 3.1)."""
+    if not n * u < 1.0:
+        raise ConfigError(f"The rounding bound needs n u < 1. Got n = {n}, u = {u:.3g} instead.")
+    return n * u / (1.0 - n * u)
+
+
+@dataclass(frozen=True)
+class RoundingSpec:
+    """What the rounding bound of a realised run is computed from (all known to the server before training)."""
+
+    unit_roundoff: float  # u of the training dtype
+    num_features: int  # d
+    num_classes: int  # C
+    num_params: int  # D = C d + C
+    num_clients: int  # N
+    batch_size: int  # n_B
+    lr: float  # the largest eta of any client
+    tau: int  # the largest number of local steps
+    w0_norm: float  # ||w_0||
+    rho: tuple[float, ...]  # rho_t, t = 1..T
+    noise_norm: tuple[float, ...]  # ||eps~_t|| of the realised (shared) server noise, t = 1..T (0 without noise)
+    clean_weight: tuple[float, ...]  # per round: sum of |weight| of the clients that train on clean inputs
+    attack_weight: tuple[float, ...]  # per round: sum_i p_i |gamma_i| of the attackers (0 in benign rounds)
+    lip: tuple[float, ...]  # per round: Lip_k of an attack round, 1 in a benign round
+    input_bound: float  # B^ >= ||x^|| of every realised clean input the model multiplies
+    attack_input_bound: float  # the same for the attackers' poisoned inputs
+    box_norm: float  # sqrt(d): ||x|| of any input in the trigger's box [0, 1]^d (the inputs before the map)
+    map_radius: float | None  # B_0 when the model projects its inputs (their rounding enters the trigger), else None
+    agg_roundoff: float = 2.0 ** -53  # the aggregation and the clip run in float64
+
+
+@dataclass(frozen=True)
+class RoundingBound:
+    """The proven rounding terms (docs/theory.md (g), step 7)."""
+
+    per_round: tuple[float, ...]  # e_t: one realised round against the exact round map, from the same start
+    total: float  # E = sum_t 2 e_t prod_{attack rounds k > t} Lip_k (run and twin both rounded)
+    opnorm_slack: dict[int, float]  # per attack round: added to ||P W~||_2 (the realised local steps' rounding)
+    trigger_scale: float  # iota_1: the realised input difference is <= (1 + iota_1) ||delta|| + iota_0
+    trigger_offset: float  # iota_0
+    input_bound: float  # B^
+    step_error: float  # the largest per-step bound r
+    certification: float = 0.0  # the certification's own float64 logits, as a parameter perturbation (in ``total``)
+    trigger_offset_map: float = 0.0  # the part of iota_0 from the computed input map, which also leaves a support S
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rounding_error": self.total, "certification_rounding": self.certification, "largest_round_error": max(self.per_round, default=0.0),
+            "largest_step_error": self.step_error, "trigger_rounding": [self.trigger_scale, self.trigger_offset],
+            "realised_input_bound": self.input_bound, "opnorm_slack": {str(k): v for k, v in self.opnorm_slack.items()},
+        }
+
+
+def _step_error(u: float, d: int, C: int, n: int, eta: float, X: float, L: float) -> float:
+    """r: one realised local SGD step against the exact step from the same iterate (norm <= L, inputs ||x~|| <= X).
+
+    Logits: |z^ - z| <= gamma_{d+3} sum|w||x~| <= gamma_{d+3} L X; softmax is 1/2-Lipschitz (||diag P - PP^T|| <= 1/2)
+    and its own rounding is <= (2C + EXP_ULPS + 4) u; (P - Y) x~^T summed over n samples: gamma_{n+2}; the update
+    fl(w - fl(eta g)): u (||w|| + eta ||g||)."""
+    g_err = X * (0.5 * gamma_n(d + 3, u) * L * X + (2 * C + EXP_ULPS + 4) * u + 3.0 * math.sqrt(2.0) * u)
+    g_err += math.sqrt(2.0) * X * gamma_n(n + 2, u)
+    r = eta * g_err + u * (L + eta * math.sqrt(2.0) * X)
+    return r * (1.0 + gamma_n(d + n + 2 * C + 16, u))  # second-order terms
+
+
+def _local(u: float, spec: RoundingSpec, B: float, M: float) -> tuple[float, float, float]:
+    """(R, U, r): a client's accumulated rounding, its update norm bound and the per-step bound, from a start of norm <= M."""
+    X = math.sqrt(B * B + 1.0)
+    g_max = math.sqrt(2.0) * X
+    tau, eta = spec.tau, spec.lr
+    L = M + tau * eta * g_max
+    r = _step_error(u, spec.num_features, spec.num_classes, spec.batch_size, eta, X, L)
+    L = L + tau * r
+    r = _step_error(u, spec.num_features, spec.num_classes, spec.batch_size, eta, X, L)  # at the inflated iterate bound
+    U = tau * (eta * g_max + r)
+    R = tau * r + u * U  # the steps, then u_i = fl(w_tau - w_0)
+    return R, U * (1.0 + u), r
+
+
+def round_errors(spec: RoundingSpec, *, noise: bool = True) -> tuple[list[float], list[float], float]:
+    """(e_t for t = 1..T, M_t bounds on the realised broadcast models' norms, largest step bound)."""
+    u, u64 = spec.unit_roundoff, spec.agg_roundoff
+    T = len(spec.rho)
+    for name in ("noise_norm", "clean_weight", "attack_weight", "lip"):
+        if len(getattr(spec, name)) != T:
+            raise ConfigError(f"The '{name}' parameter must have one entry per round ({T}). Got {len(getattr(spec, name))} instead.")
+    chain = (spec.num_features + spec.batch_size + 2 * spec.num_classes + 16) * u
+    if chain > MAX_CHAIN:
+        raise ConfigError(
+            f"The rounding bound needs (d + n_B + 2C + 16) u <= {MAX_CHAIN}; got {chain:.3g} (d = {spec.num_features}, "
+            f"n_B = {spec.batch_size}, u = {u:.3g}): train in float64 (run.dtype)."
+        )
+    errs, norms, worst = [], [], 0.0
+    M = spec.w0_norm * (1.0 + u)
+    for t in range(T):
+        Rc, Uc, rc = _local(u, spec, spec.input_bound, M)
+        Ra, Ua, ra = _local(u, spec, spec.attack_input_bound, M) if spec.attack_weight[t] > 0 else (0.0, 0.0, 0.0)
+        worst = max(worst, rc, ra)
+        cw, aw = spec.clean_weight[t], spec.attack_weight[t]
+        U = cw * Uc + aw * Ua
+        e = (cw * Rc + aw * (Ra + u * Ua)) * (1.0 + u)  # local rounding through the (scaled) weights; fl(gamma u_i)
+        # a client that sends its model (Flower: w~ + gamma u_i in the dtype, the server takes w_i - w~ in the dtype)
+        e += 2.0 * u * (cw * (M + Uc) + aw * (M + Ua))
+        e += gamma_n(spec.num_clients + 1, u64) * U * (1.0 + u) + u * U  # float64 weighted sum, cast to the dtype
+        e += u * (M + U * (1.0 + 2 * u))  # w~_{t-1} + update
+        rho = spec.rho[t]
+        pre = min(rho * (1.0 + 2 * gamma_n(spec.num_params + 4, u64)), (M + U) * (1.0 + 3 * u))
+        e += (u + 2 * gamma_n(spec.num_params + 4, u64)) * pre  # the clip in float64, cast to the dtype
+        nu = spec.noise_norm[t] if noise else 0.0
+        if nu > 0:
+            e += u * (pre * (1.0 + u) + nu) * (1.0 + u) + u * nu  # + eps~_t; the noise's own cast
+        errs.append(e)
+        M = (pre * (1.0 + u) + nu) * (1.0 + u)
+        norms.append(M)
+    return errs, norms, worst
+
+
+def rounding_error(spec: RoundingSpec) -> RoundingBound:
+    """E: the realised run and its realised twin end within ||delta^|| c'(B^ + ||delta^||) + E of each other.
+
+    Each realised round t is the exact round map applied to the realised start plus an error of norm <= e_t
+    (:func:`round_errors`: the local steps, the aggregation, the clip and the noise, in the unit roundoff u of the
+    training dtype times the norm bounds both trajectories share). The exact maps compose as in steps 1-5
+    (benign rounds 1-Lipschitz, attack round k Lip_k), so E = sum_t 2 e_t prod_{attack rounds k > t} Lip_k.
+    The realised trigger moves a model input by <= (1 + iota_1) ||delta|| + iota_0, and the realised local steps
+    move ||P W||_2 by tau r more than the exact ones (``opnorm_slack``). docs/theory.md (g), step 7.
+    """
+    u = spec.unit_roundoff
+    errs, norms, worst = round_errors(spec)
+    total = 0.0
+    for t, e in enumerate(errs):
+        total += 2.0 * e * math.prod(spec.lip[t + 1 :])
+    slack = {}
+    for t in range(len(errs)):
+        if spec.attack_weight[t] > 0:
+            start = spec.w0_norm * (1.0 + u) if t == 0 else norms[t - 1]
+            slack[t + 1] = spec.tau * _local(u, spec, spec.attack_input_bound, start)[2]
+    iota1 = 6.0 * u
+    iota_map = 2.0 * gamma_n(spec.num_features + 4, u) * spec.map_radius if spec.map_radius is not None else 0.0
+    iota0 = 4.0 * u * spec.box_norm + iota_map
+    return RoundingBound(tuple(errs), total, slack, iota1, iota0, spec.input_bound, worst, trigger_offset_map=iota_map)
+
+
+def certification_rounding(model_norm: float, num_features: int) -> float:
+    """The float64 logits z^ = fl(W x + b) that certification computes are the exact logits of a model w + dw_x with
+    |dw| <= gamma_{d+1} |w| componentwise (backward error of a dot product), so they certify a model within
+    gamma_{d+2} ||w|| of the deployed one; the twin is then within that much more (docs/theory.md (g) step 7e)."""
+    return gamma_n(num_features + 2, 2.0 ** -53) * model_norm
+
+
+def inflate_opnorms(terms: Sequence[AttackTerm], rounding: RoundingBound) -> list[AttackTerm]:
+    """The attack terms with ||P W~||_2 (and a support's ||P W~_S||_2) raised by the realised local steps' rounding."""
+    out = []
+    for k in terms:
+        s = rounding.opnorm_slack.get(k.round, 0.0)
+        sup = getattr(k, "support", None)
+        extra = {"support": replace(sup, start_opnorm=sup.start_opnorm + s)} if sup is not None else {}
+        out.append(replace(k, start_opnorm=k.start_opnorm + s, **extra))
+    return out
+
+
+def support_leak(terms: Sequence[AttackTerm], rounding: RoundingBound, enforced: bool) -> float:
+    """The deviation the computed input map's rounding adds outside a trigger support S: L_Z on S bounds the gradient
+    gap of an input change on S (plus the exact map's leak kappa), not the rounding's iota_map spread over every
+    coordinate, so that part is carried by the any-direction coefficient: iota_map c(B^) (enforced bound only)."""
+    if not enforced or rounding.trigger_offset_map == 0.0 or all(getattr(k, "support", None) is None for k in terms):
+        return 0.0
+    anywhere = [replace(k, support=None) for k in terms]
+    return rounding.trigger_offset_map * float(deviation_coefficient(anywhere, rounding.input_bound))
+
+
+def solve_radius_rounded(
+    budget: np.ndarray | float, terms: Sequence[AttackTerm], rounding: RoundingBound, *, enforced: bool = False
+) -> np.ndarray:
+    """The certified radius with the rounding terms: the largest r whose realised trigger
+    r^ = (1 + iota_1) r + iota_0 has r^ c'(B^ + r^) + E <= budget (c' with the opnorm slack); 0 where budget <= E
+    or r^ would be below iota_0."""
+    b = np.atleast_1d(np.asarray(budget, dtype=np.float64))
+    if np.any(np.isnan(b)):
+        raise ConfigError("The 'budget' parameter must not be NaN.")
+    inflated = inflate_opnorms(terms, rounding)
+    total = rounding.total + support_leak(inflated, rounding, enforced)
+    left = np.where(b > total, b - total, 0.0)
+    r_hat = solve_radius(left, inflated, rounding.input_bound, enforced=enforced)
+    with np.errstate(invalid="ignore"):
+        out = (r_hat - rounding.trigger_offset) / (1.0 + rounding.trigger_scale)
+    return np.where(np.isnan(out), 0.0, np.maximum(out, 0.0))

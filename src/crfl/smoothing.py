@@ -58,6 +58,9 @@ __all__ = [
     "QUADRATURE_TOL",
     "QUAD_ERROR",
     "monte_carlo_counts_linear",
+    "MC_FLIP_LIMIT",
+    "vote_flip_probability",
+    "monte_carlo_dtype",
     "monte_carlo_counts_module",
     "logit_noise_scale",
     "trapezoid_rule",
@@ -130,6 +133,72 @@ def _count(pred: torch.Tensor, counts: torch.Tensor, start: int, C: int) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+# Monte Carlo precision: the dtype whose rounding cannot change the votes (docs/theory.md (c))
+
+MC_FLIP_LIMIT = 1e-5
+"""The largest allowed M kappa: the probability that rounding changes any of the M votes on a point (the
+Monte Carlo statement then holds with probability >= 1 - alpha - MC_FLIP_LIMIT)."""
+
+_NOISE_TAIL = 10.0  # ||E_c|| <= sqrt(d + 1) + 10 except with probability exp(-50) per class and model
+
+
+def vote_flip_probability(weight_norm: float, sigma: float, num_features: int, num_classes: int, dtype: torch.dtype) -> float:
+    """kappa: the probability that one noisy model's computed argmax differs from its exact-arithmetic argmax.
+
+    The noisy logits of x are z~ = (W + sigma E) x~ (x~ = [x; 1]); computed in a dtype of unit roundoff u (the
+    sum fl(W + sigma E) and a length-(d + 1) product), each is within e = gamma_{d+3} ||w_c + sigma E_c|| ||x~||
+    of the exact one, ||w_c + sigma E_c|| <= ||w|| + sigma (sqrt(d + 1) + 10) except with probability
+    C exp(-50). The argmax changes only if some pair of exact noisy logits is within 2e; z~_c - z~_j is
+    N(z_c - z_j, 2 s^2), s = sigma ||x~||, whose density is <= 1 / (2 s sqrt(pi)), so each of the C(C-1)/2 pairs
+    has probability <= 2e / (s sqrt(pi)):
+
+        kappa <= C (C - 1) gamma_{d+3} (||w|| / sigma + sqrt(d + 1) + 10) / sqrt(pi) + C exp(-50),
+
+    independent of x. inf where it cannot be bounded (sigma = 0, or (d + 3) u >= 1).
+    """
+    if sigma <= 0:
+        return math.inf
+    u = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}.get(dtype)
+    if u is None:
+        raise ConfigError(f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {dtype} instead.")
+    n = num_features + 3
+    if n * u >= 1.0:
+        return math.inf
+    gam = n * u / (1.0 - n * u)
+    C = num_classes
+    return C * (C - 1) * gam * (weight_norm / sigma + math.sqrt(num_features + 1.0) + _NOISE_TAIL) / math.sqrt(math.pi) \
+        + C * math.exp(-_NOISE_TAIL ** 2 / 2.0)
+
+
+def smallest_sigma(weight_norm: float, M: int, num_features: int, num_classes: int, dtype: torch.dtype) -> float:
+    """The smallest sigma_T at which M kappa <= MC_FLIP_LIMIT in the dtype (inf when no sigma_T is small enough)."""
+    base = M * (vote_flip_probability(weight_norm, 1.0, num_features, num_classes, dtype))
+    per_unit = M * (vote_flip_probability(weight_norm + 1.0, 1.0, num_features, num_classes, dtype)) - base  # d/d(||w||/sigma)
+    rest = base - per_unit * weight_norm
+    if per_unit <= 0 or rest >= MC_FLIP_LIMIT:
+        return math.inf
+    return weight_norm * per_unit / (MC_FLIP_LIMIT - rest)
+
+
+def monte_carlo_dtype(weight_norm: float, sigma: float, M: int, num_features: int, num_classes: int) -> torch.dtype:
+    """float32 when its rounding changes none of the M votes on a point except with probability <= MC_FLIP_LIMIT
+    (:func:`vote_flip_probability`), else float64 when that does; else a ConfigError naming certify.sigma_T, its
+    value and the smallest allowed. sigma = 0 (no noise: the base model's votes) counts in float64."""
+    if sigma == 0:
+        return torch.float64
+    for dt in (torch.float32, torch.float64):
+        if M * vote_flip_probability(weight_norm, sigma, num_features, num_classes, dt) <= MC_FLIP_LIMIT:
+            return dt
+    low = smallest_sigma(weight_norm, M, num_features, num_classes, torch.float64)
+    raise ConfigError(
+        f"The 'certify.sigma_T' parameter is too small for Monte Carlo counts: with sigma_T = {sigma:.3g}, ||w|| = "
+        f"{weight_norm:.4g} and M = {M}, float64 rounding could change a vote with probability above "
+        f"{MC_FLIP_LIMIT:g} per point. Use certify.sigma_T >= {low:.3g}"
+        + (", or method exact for a linear model." if math.isfinite(low) else " (no sigma_T is: lower certify.M), or method exact.")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Monte Carlo
 
 
@@ -165,7 +234,7 @@ def monte_carlo_counts_linear(
     *,
     models_per_chunk: int = 250,
     points_per_chunk: int = 2048,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Algorithm 2's ``GetCounts`` for a linear model: votes of M noisy models on every point.
 
@@ -177,7 +246,9 @@ def monte_carlo_counts_linear(
         generator: the only source of randomness.
         models_per_chunk, points_per_chunk: work sizes; memory is
             O(models_per_chunk * (C d + points_per_chunk * C)).
-        dtype: precision of noise and logits.
+        dtype: precision of noise and logits; None (default): :func:`monte_carlo_dtype`, the cheapest
+            dtype whose rounding changes no vote except with probability <= MC_FLIP_LIMIT per point (a
+            ConfigError when float64 cannot resolve sigma either). A given dtype is used as it is.
 
     Returns:
         (n, C) int64 counts; each row sums to M. The prediction of a noisy model is the
@@ -187,6 +258,9 @@ def monte_carlo_counts_linear(
     sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
     C, d = weight.shape
     device = weight.device
+    if dtype is None:
+        w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
+        dtype = monte_carlo_dtype(w_norm, sigma, M, d, C)
     W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype)
 
     def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -102,8 +102,8 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
 def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> torch.Tensor:
     sigma = setup.cfg.certify.sigma_T
     if setup.model.is_linear:
-        W, b = setup.model.split(params.float())
-        return smoothing.monte_carlo_counts_linear(W, b, X.float(), sigma, M, gen)
+        W, b = setup.model.split(params)  # the counts pick the dtype that resolves sigma_T (smoothing.monte_carlo_dtype)
+        return smoothing.monte_carlo_counts_linear(W, b, X, sigma, M, gen)
     return smoothing.monte_carlo_counts_module(setup.model.module, params.float(), X.float(), sigma, M, gen)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +38,8 @@ from crfl.closeness import AttackTerm
 from crfl.config import parse_trigger_support
 from crfl.radius import kl_budget
 from crfl.readings.base import Reading, radius_blockers, training_input_stats
+from crfl.rng import torch_generator
+from crfl.server import gaussian_noise
 from crfl.setup import Setup
 from crfl.validation import ConfigError, check_real
 
@@ -139,6 +141,7 @@ class SoundIngredients:
     sigma: float  # the Gaussian noise of the Neyman-Pearson step: sigma_T (coupled) or sigma_t_adv (mixture)
     bound_form: str
     delta_norm: float
+    rounding: closeness.RoundingBound | None = None  # the realised trajectories' rounding (None: exact arithmetic)
 
     def to_dict(self) -> dict[str, Any]:
         terms = []
@@ -158,6 +161,7 @@ class SoundIngredients:
             "deviation_coefficient_at_B0": closeness.deviation_coefficient(self.terms, self.input_norm_bound),
             "sigma": self.sigma,
             "delta_norm": self.delta_norm,
+            **({"rounding": self.rounding.to_dict(), "rounding_error": self.rounding.total} if self.rounding else {}),
         }
 
 
@@ -212,7 +216,137 @@ def sound_radii(ing: SoundIngredients, sm: BoundResult) -> tuple[np.ndarray, np.
             f"probabilities of {int(bad.sum())} point(s) saturate in float64 and their distance budget is not finite. "
             "Use a larger certify.sigma_T (e.g. >= 1e-6), or --method margin for the base model without smoothing."
         )
-    return budget, closeness.solve_radius(budget, ing.terms, ing.input_norm_bound, enforced=ing.input_norm_enforced)
+    return budget, solve(ing, budget)
+
+
+def solve(ing: SoundIngredients, budget: np.ndarray) -> np.ndarray:
+    """budget -> radius: with the rounding terms when the ingredients carry them (docs/theory.md (g), step 7)."""
+    if ing.rounding is not None:
+        return closeness.solve_radius_rounded(budget, ing.terms, ing.rounding, enforced=ing.input_norm_enforced)
+    return closeness.solve_radius(budget, ing.terms, ing.input_norm_bound, enforced=ing.input_norm_enforced)
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic: the rounding of the realised run and twin (docs/theory.md (g), step 7)
+
+
+def server_noise_norms(setup: Setup) -> tuple[float, ...]:
+    """||eps~_t|| of the server noise the run and its twin share, t = 1..T (regenerated from the config's seed,
+    as :func:`crfl.server.server_step` draws it: float64, cast to the training dtype)."""
+    D = int(setup.w0.numel())
+    out = []
+    for t in range(1, setup.rounds + 1):
+        sigma = setup.sigma(t) if t < setup.rounds else 0.0
+        if sigma > 0:
+            eps = gaussian_noise((D,), sigma, torch_generator(setup.cfg.seed, "server-noise", t), torch.float64)
+            out.append(float(torch.linalg.vector_norm(eps.to(setup.dtype).double())))
+        else:
+            out.append(0.0)
+    return tuple(out)
+
+
+def rounding_spec(setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforced: bool) -> closeness.RoundingSpec:
+    """The server-known quantities the rounding bound of this run's (and its twin's) realised trajectory rests on."""
+    u = closeness.unit_roundoff(setup.dtype)
+    d, C = int(setup.model.num_features), int(setup.model.num_classes)
+    T = setup.rounds
+    w = setup.weights.double().abs()
+    by_round = {k.round: k for k in terms}
+    clean, attack, lip = [], [], []
+    for t in range(1, T + 1):
+        k = by_round.get(t)
+        if k is None:
+            clean.append(float(w.sum()))
+            attack.append(0.0)
+            lip.append(1.0)
+        else:
+            clean.append(max(float(k.p_total) - sum(k.p), 0.0))
+            attack.append(sum(p * abs(g) for p, g in zip(k.p, k.gamma)))
+            lip.append(closeness.round_lipschitz(k))
+    B_hat = B0 * (1.0 + closeness.gamma_n(d + 4, u))
+    box = math.sqrt(d)
+    return closeness.RoundingSpec(
+        unit_roundoff=u, num_features=d, num_classes=C, num_params=int(setup.w0.numel()),
+        num_clients=int(setup.data.num_clients), batch_size=int(setup.cfg.clients.batch_size),
+        lr=max([setup.cfg.clients.lr] + [e for k in terms for e in k.eta]),
+        tau=int(max([int(np.max(setup.tau))] + [t for k in terms for t in k.tau])),
+        w0_norm=float(torch.linalg.vector_norm(setup.w0.double())),
+        rho=tuple(float(setup.rho(t)) for t in range(1, T + 1)), noise_norm=server_noise_norms(setup),
+        clean_weight=tuple(clean), attack_weight=tuple(attack), lip=tuple(lip), input_bound=B_hat,
+        attack_input_bound=B_hat if enforced else max(B_hat, box * (1.0 + u)), box_norm=box,
+        map_radius=B0 if enforced else None,
+    )
+
+
+def noise_seed_unknown(run_dir: Path | None) -> bool:
+    """Whether config.yaml's provenance says the server noise came from a seed other than the config's."""
+    if run_dir is None:
+        return False
+    try:
+        prov = rundir.RunDir(run_dir).read_config().get("provenance") or {}
+    except (rundir.RunDirError, OSError):  # no readable config.yaml (a Certifier built in memory): the config's seed
+        return False
+    return "separate" in str((prov.get("flower") or {}).get("noise_seed", ""))
+
+
+def rounding_bound(
+    setup: Setup, terms: tuple[AttackTerm, ...], B0: float, enforced: bool, reading: str, run_dir: Path | None = None,
+    model_norm: float = 0.0,
+) -> tuple[closeness.RoundingBound | None, str | None]:
+    """(the rounding bound, None) or (None, why it cannot be bounded). The mixture reading compares the attack
+    round's pre-noise aggregates from equal starts: only that round's rounding (run and twin) enters. Both add the
+    certification's own rounding of the smoothed model (norm ``model_norm``) as a parameter perturbation."""
+    if not terms:
+        return None, None
+    if noise_seed_unknown(run_dir):
+        return None, ("the server noise was drawn from a separate seed that is not recorded (Flower's noise-seed), so "
+                      "its norm, which the rounding bound needs, is unknown")
+    try:
+        spec = rounding_spec(setup, terms, B0, enforced)
+        rb = closeness.rounding_error(spec)
+    except ConfigError as e:
+        return None, str(e)
+    if reading == "mixture":
+        t_adv = terms[0].round
+        rb = replace(rb, per_round=(rb.per_round[t_adv - 1],), total=2.0 * rb.per_round[t_adv - 1])
+        # the continuations are Clip_{rho_T} outputs: their norms are bounded by rho_T, not by this run's model
+        model_norm = setup.rho(setup.rounds) * (1.0 + 3.0 * closeness.unit_roundoff(setup.dtype))
+        if not math.isfinite(model_norm):
+            return None, "rho_T is infinite: the mixture's continuations have no norm bound for the certification's rounding"
+    cert = closeness.certification_rounding(model_norm, int(setup.model.num_features))
+    return replace(rb, total=rb.total + cert, certification=cert), None
+
+
+def proven_deviation(terms: tuple[AttackTerm, ...], rb: closeness.RoundingBound, ing: SoundIngredients, delta: float) -> float:
+    """r^ c'(B^ + r^) + E (+ the support leak): what the certificate assumes of the realised run and twin at ||delta||."""
+    r_hat = (1.0 + rb.trigger_scale) * delta + rb.trigger_offset
+    inflated = closeness.inflate_opnorms(terms, rb)
+    B = rb.input_bound + (0.0 if ing.input_norm_enforced else r_hat)
+    return float(r_hat * closeness.deviation_coefficient(inflated, B) + rb.total
+                 + closeness.support_leak(inflated, rb, ing.input_norm_enforced))
+
+
+def arithmetic_check(setup: Setup, ing: SoundIngredients, why: str | None) -> dict[str, Any]:
+    """The rounding term is proven for this run (the assumptions of docs/theory.md (g), step 7), or the reason it is not."""
+    dtype = str(setup.dtype).replace("torch.", "")
+    rb = ing.rounding
+    if rb is None:
+        return {"holds": False, "detail": f"{dtype} training: the rounding of the realised trajectories cannot be bounded"
+                + (f": {why}" if why else "") + "; no radius is certified"}
+    beta = lipschitz.smoothness_bound(rb.input_bound)
+    eta = max([e for k in ing.terms for e in k.eta] + [setup.cfg.clients.lr])
+    holds = eta <= 2.0 / beta
+    return {
+        "holds": holds,
+        "detail": (f"{dtype} training: the realised run and twin differ from the exact-arithmetic maps by at most "
+                   f"E = {rb.total:.3g} in parameter norm (unit roundoff {closeness.unit_roundoff(setup.dtype):.3g}, "
+                   f"largest per-step bound {rb.step_error:.3g}); every radius solves RAD^ c(B_0 + RAD^) + E <= budget "
+                   f"with the realised trigger RAD^ = (1 + {rb.trigger_scale:.2g}) RAD + {rb.trigger_offset:.3g}, so a point "
+                   f"whose budget is <= E + {rb.trigger_offset:.3g} c gets radius 0 (the arithmetic cannot resolve it"
+                   + ("; train with run.dtype: float64)" if dtype == "float32" else ")")
+                   + (f"; realised inputs ||x^|| <= {rb.input_bound:.6g}, eta <= 2/beta there" if holds else
+                      f"; fails: eta = {eta:.4g} > 2/beta = {2 / beta:.4g} at the realised input bound {rb.input_bound:.6g}")),
+    }
 
 
 def margin_result(setup: Setup, params: torch.Tensor, X: torch.Tensor) -> tuple[BoundResult, np.ndarray]:
@@ -358,7 +492,11 @@ def _box_check(setup: Setup, attack_log: list[dict[str, Any]], ing: SoundIngredi
     bound = getattr(setup.model, "input_bound", None) if ing.input_norm_enforced else None
     model_clamps = bound is not None and (bound.low, bound.high) == (setup.plan.trigger.low, setup.plan.trigger.high)
     actual = [v for rec in attack_log for v in (rec.get("measured") or {}).get("actual_delta_norm_max", [])]
-    within = all(v <= ing.delta_norm * (1 + 1e-4) for v in actual)  # float32 rounding of x + delta - x
+    # float32 rounding of x + delta - x: |fl(x + delta) - x| <= |delta| + u |x + delta| (docs/theory.md (g) step 7a)
+    slack = ing.delta_norm * 1e-4
+    if ing.rounding is not None:
+        slack = max(slack, ing.rounding.trigger_scale * ing.delta_norm + ing.rounding.trigger_offset)
+    within = all(v <= ing.delta_norm + slack for v in actual)
     return {
         "holds": (inside or model_clamps) and within,
         "detail": f"clean training inputs in [{lo:.4g}, {hi:.4g}] (the trigger is clamped to [0, 1]"
@@ -467,9 +605,15 @@ class CoupledReading(Reading):
         self.anywhere_terms = attack_terms(attack_log) if not blockers else ()
         terms = support_terms(setup, self.anywhere_terms, attack_log, self.support, enforced)
         cz = setup.cfg.certify
+        rounding, why = (rounding_bound(setup, terms, B0, enforced, self.name, run_dir,
+                                       float(torch.linalg.vector_norm(self.params.double())) if self.params is not None else math.inf)
+                         if not blockers else (None, None))
         self.ing = SoundIngredients(self.name, terms, B0, source, enforced, self.noise(terms), cz.bound_form,
-                                    float(setup.plan.trigger.norm))
+                                    float(setup.plan.trigger.norm), rounding)
         self.report = self._report(fixed_weight_rounds(self.run_dir))
+        if not blockers:
+            self.report["checks"]["arithmetic"] = arithmetic_check(setup, self.ing, why)
+            self.report["radius_certified"] = bool(self.report["radius_certified"] and self.report["checks"]["arithmetic"]["holds"])
         self.delta_norm = self.ing.delta_norm
         self.radius_ok = not blockers
         if blockers:
@@ -525,7 +669,7 @@ class CoupledReading(Reading):
         return sound_radii(self.ing, sm)
 
     def _solve(self, budget: np.ndarray) -> np.ndarray:
-        return closeness.solve_radius(budget, self.ing.terms, self.ing.input_norm_bound, enforced=self.ing.input_norm_enforced)
+        return solve(self.ing, budget)
 
     def ingredients_block(self) -> dict[str, Any]:
         out = self.ing.to_dict()
@@ -580,7 +724,12 @@ class CoupledReading(Reading):
             if terms is not None:
                 bound = self.deviation_bound(terms)
                 by[name] = {"deviation_bound": bound, "tightness": dist / bound if bound > 0 else None}
+                rb = self.ing.rounding
+                if rb is not None:  # the bound of the realised (rounded) runs, docs/theory.md (g) step 7
+                    by[name]["deviation_bound_with_rounding"] = proven_deviation(terms, rb, self.ing, self.delta_norm)
         out["deviation_bound"] = by[self.support.kind]["deviation_bound"]
+        if "deviation_bound_with_rounding" in by[self.support.kind]:
+            out["deviation_bound_with_rounding"] = by[self.support.kind]["deviation_bound_with_rounding"]
         out["tightness"] = by[self.support.kind]["tightness"]
         out["tightness_by_support"] = by
         return out
