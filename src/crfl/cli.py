@@ -323,38 +323,52 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
     reading = cert.get("reading")
     extra = f", K = {cert['training_samples']}" if cert.get("training_samples") else ""
     sigma = f", sigma_T = {sm.get('sigma_T')}" if sm.get("sigma_T") is not None else ""
-    print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {cert.get('radius_certified')}")
+    from crfl.metrics import certification_status
+
+    certified, why = certification_status(summary)
+    print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {certified}")
+    from crfl.certify import reading_dir
+
+    where = reading_dir(run_dir, reading) if reading else run_dir
+    if where != run_dir:  # readings side by side: the run's own reading stays in the run directory
+        print(f"  result set: {where}")
     if cert.get("guarantee"):
         print(f"  guarantee: {cert['guarantee']}")
     if sm.get("seed") is not None:
         print(f"  certification seed {sm['seed']} ({sm.get('seed_source')}); replay: crfl certify {run_dir} "
               f"--replay-seed {sm['seed']} with the same certify flags")
-    if not cert.get("radius_certified"):
-        _print_failed_checks(summary)
+    if not certified:
+        print(f"  not certified: {why} (see summary.json 'assumptions'); the radii below are the reading's formula "
+              "evaluated anyway, a vote-margin statistic, not a certificate")
     delta = cert.get("delta_norm")
     for k in ("clean", "backdoor"):
         r = res.get(k)
         if not r:
             continue
+        mr = _fmt_radius(r["max_radius"]) if certified or r["max_radius"] is None else f"{_fmt_radius(r['max_radius'])} (not certified)"
         print(f"  {k:8s} base acc {r['base_accuracy']:.4f}  smoothed acc {r['smoothed_accuracy']:.4f}  "
-              f"abstain {r['abstain_rate']:.4f}  max radius {_fmt_radius(r['max_radius'])}")
-        if r.get("certified_at_attack") is not None and delta is not None:
+              f"abstain {r['abstain_rate']:.4f}  max radius {mr}")
+        if certified and r.get("certified_at_attack") is not None and delta is not None:
             print(f"    certified at the attack's ||delta|| = {delta:.4g}: {r['certified_at_attack']:.4f} of the points "
                   f"({r['certified_correct_at_attack']:.4f} certified and correct)")
             by = r.get("certified_at_attack_by_support") or {}
             if len(by) > 1:
                 print("      by trigger support: " + ", ".join(f"{name} {v:.4f}" for name, v in by.items()))
+        elif r.get("uncertified_at_attack") is not None and delta is not None:
+            print(f"    not certified at the attack's ||delta|| = {delta:.4g}: {r['uncertified_at_attack']:.4f} of the points "
+                  "have a vote margin whose formula radius exceeds it (not a certificate)")
         curve = r.get("curve") or []
         if curve:
             step = max(1, len(curve) // radii_to_show)
             shown = curve[::step][:radii_to_show]
+            acc, rate = ("cert acc", "cert rate") if certified else ("unc. acc", "unc. rate")
             print("    radius   " + "  ".join(f"{c['radius']:9.4g}" for c in shown))
-            print("    cert acc " + "  ".join(f"{c['certified_accuracy']:9.4f}" for c in shown))
-            print("    cert rate" + "  ".join(f"{c['certified_rate']:9.4f}" for c in shown))
+            print(f"    {acc:9s}" + "  ".join(f"{c['certified_accuracy']:9.4f}" for c in shown))
+            print(f"    {rate:9s}" + "  ".join(f"{c['certified_rate']:9.4f}" for c in shown))
     tw = summary.get("twin")
     if tw:
         for k in ("clean", "backdoor"):
-            print(f"  twin check ({k}): {tw[k]['covered_points']} points certified at RAD > ||delta|| = "
+            print(f"  twin check ({k}): {tw[k]['covered_points']} points {'certified' if certified else 'covered (not certified)'} at RAD > ||delta|| = "
                   f"{tw['delta_norm']:.3g}; the twin ({tw.get('compared_with')}) agrees on {tw[k]['agreement']}, "
                   + (f"violations {tw[k].get('violations')}" if "violations" in tw[k]
                      else f"disagreements {tw[k].get('disagreements')} (statistical bounds)"))
