@@ -234,7 +234,7 @@ def plot_client_level(run: Path) -> list[Path]:
         path = run / f"client_level_{kind}.csv"
         if not path.is_file():
             continue
-        rows = read_csv(path)
+        rows = RunDir(run).read_rows(path.name, ["m_star", "correct"])  # checked against the integrity record
         try:
             m = np.array([int(r["m_star"]) for r in rows])
             ok = np.array([r["correct"] == "1" for r in rows])
@@ -289,6 +289,7 @@ def plot_run(run_dir: str | Path, rounds_dir: str | Path | None = None) -> list[
 
     run = Path(run_dir)
     rdir = Path(rounds_dir) if rounds_dir is not None else run
+    RunDir(run).verify_files(contents=False)  # every file the integrity record lists is there (each read checks its bytes)
     out: list[Path] = []
     for cdir in reading_dirs(run):
         out += plot_result_set(cdir, run)
@@ -317,7 +318,7 @@ def _sweep_client_level(items: list[tuple[str, dict, Path]], base: Path, title: 
         for which in ("clean", "backdoor"):
             g = cdir / f"client_level_{which}.csv"
             if g.is_file():
-                rows = read_csv(g)
+                rows = RunDir(cdir).read_rows(g.name, ["m_star", "correct"])
                 data[which] = (np.array([int(r["m_star"]) for r in rows]), np.array([r["correct"] == "1" for r in rows]))
         lines.append((label, data))
     if not lines:

@@ -261,12 +261,14 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
             else:
                 train(from_dict(job.config), run)
             atomic_write_text(run / DONE, "trained\n")
+        rundir.RunDir(run).verify_files()  # a reused run: every recorded file as written (crfl.rundir integrity record)
         train_seconds = rundir.RunDir(run).read_summary(required=True)["training"]["seconds"]
         for ch, co, cp in job.certs:
             cdir = run / f"cert-{ch}"
             if not (cdir / DONE).is_file():
                 certify_run(run, overrides=co, out_dir=cdir)
                 atomic_write_text(cdir / DONE, "certified\n")
+            rundir.RunDir(cdir).verify_files()
             summary = rundir.RunDir(cdir).read_summary(required=True)
             rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
                          "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
@@ -334,9 +336,7 @@ def _client_level_row(spec: Spec, row: dict[str, Any], out: dict[str, Any], s: d
         out[f"{k}_median_m_star"] = r.get("median_m_star")
         f = cdir / f"client_level_{k}.csv"
         if row["status"] == "ok" and f.is_file():
-            from crfl.io import read_csv
-
-            rows = read_csv(f)
+            rows = rundir.RunDir(cdir).read_rows(f.name, ["m_star", "correct"])  # checked against the integrity record
             m_star = [int(x["m_star"]) for x in rows]
             ok = [x["correct"] == "1" for x in rows]
             for m in spec.malicious:
