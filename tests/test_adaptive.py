@@ -416,7 +416,7 @@ def test_replay_seed_is_checked_and_reaches_certification_from_the_cli(run, monk
         raise ConfigError("stop")
 
     monkeypatch.setattr(certify, "certify_run", fake)
-    assert main(["certify", str(run), "--replay-seed", "42", "--M", "10"]) == 2
+    assert main(["certify", str(run), "--replay-seed", "42", "--method", "monte-carlo", "--M", "10"]) == 2  # --M is used by it
     assert seen["replay_seed"] == 42 and "replay_seed" not in str(seen["overrides"])
 
 

@@ -24,6 +24,7 @@ from crfl.setup import prepare
 from crfl.train import SimulatorRound, run_round, simulator_round, train
 from crfl.validation import ConfigError
 from tests.conftest import synthetic_images
+from tests.support.integrity import reseal
 
 
 def ens_config(**over):
@@ -196,6 +197,7 @@ def test_ensemble_run_resumes_and_certifies(tmp_path):
     final = torch.load(tmp_path / "r" / rundir.MODEL, weights_only=True)
     final["ensemble"]["members"][0], final["ensemble"]["members"][1] = final["ensemble"]["members"][1], final["ensemble"]["members"][0]
     torch.save(final, tmp_path / "r" / rundir.MODEL)
+    reseal(tmp_path / "r", rundir.MODEL)  # past the integrity record (tests/test_integrity.py), to the groups' check
     with pytest.raises(ConfigError, match="records groups that the configuration's rule does not give"):
         certify_run(tmp_path / "r", dataset=ds)
 

@@ -118,6 +118,7 @@ def test_builtin_specs_expand_and_numeric_study():
         spec = load_spec(n)
         if spec.kind == "numeric":
             rows = numeric_study(spec)
+            assert all(r["radius_certified"] is False for r in rows)  # Corollary 1 as printed: never certified
             # below the threshold larger T certifies larger radii; far above it T does not matter
             small = [r["radius"] for r in rows if r["rho_over_sigma"] == 0.5]
             large = [r["radius"] for r in rows if r["rho_over_sigma"] == 8]
@@ -125,3 +126,23 @@ def test_builtin_specs_expand_and_numeric_study():
             assert max(large) == pytest.approx(min(large), rel=1e-6)
         else:
             assert spec.finding and expand(spec, {"data.name": "mnist-5k"} if "mnist" in n else None)
+
+
+def test_sweep_without_its_data_fails_up_front(tmp_path, capsys):
+    """A spec whose dataset cannot be loaded fails with one line before any run starts (no error.txt per run)."""
+    from crfl.cli import main
+    from crfl.data import DataError
+
+    spec = write_spec(tmp_path / "s.yaml", {**SPEC, "base": {**SPEC["base"], "set": {**SPEC["base"]["set"], "data.name": "mnist"}}})
+    with pytest.raises(DataError, match=r"The sweep 'tiny' cannot start: 3 of its 3 run\(s\) use the dataset 'mnist'"):
+        sweep(spec, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    missing = tmp_path / "nowhere"
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--data-dir", str(missing), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crfl: error: The sweep 'tiny' cannot start") and err.count("\n") == 1
+    assert str(missing) in err and "--dataset NAME" in err and "No run was started" in err
+    assert not (tmp_path / "out").exists()
+    # the same spec on data that loads runs
+    rows = sweep(spec, tmp_path / "ok", extra={"data.name": "mnist-5k"}, progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3

@@ -67,6 +67,29 @@ def _rows(sm: BoundResult, budget: np.ndarray | None, rad: np.ndarray, labels: n
     return rows
 
 
+#: Where a reading other than the run's own (config.yaml's ``certify.reading``) writes its result set inside the run
+#: directory: ``readings/<reading>/`` (certificates, summary.json, figures), so that readings live side by side.
+READINGS_DIR = "readings"
+
+
+def reading_dir(run_dir: str | Path, reading: str) -> Path:
+    """The default place of a reading's result set: the run directory itself for the run's own reading
+    (``certify.reading`` of its config.yaml; old runs certified there under any reading keep their files), else
+    ``RUN/readings/<reading>/``, whose summary.json starts from the run's ``training`` block."""
+    run = Path(run_dir)
+    own = (rundir.open_run(run).read_config().get("certify") or {}).get("reading", "coupled")
+    return run if reading == own else run / READINGS_DIR / reading
+
+
+def reading_dirs(run_dir: str | Path) -> list[Path]:
+    """The result sets of a run directory: the run's own reading (the directory itself) first, then each
+    ``readings/<reading>/`` that holds a summary.json, in name order."""
+    run = Path(run_dir)
+    sub = run / READINGS_DIR
+    others = sorted(p for p in sub.iterdir() if (p / rundir.SUMMARY).is_file()) if sub.is_dir() else []
+    return [run, *others]
+
+
 def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any], list[dict[str, Any]]]:
     """(config with overrides, model_final.pt, attack records) of a finished run: :func:`crfl.rundir.load_run`."""
     return rundir.load_run(run_dir, overrides)
@@ -171,8 +194,10 @@ def certify_run(
 ) -> dict[str, Any]:
     """Certify the final model of a finished run under ``certify.reading``; write certificates and summary blocks.
 
-    Results go into the run directory, or into ``out_dir`` (a sweep keeps one directory per
-    certification setting of the same training run); ``summary.json`` there starts from the run's.
+    Results go into ``out_dir`` (a sweep keeps one directory per certification setting of the same
+    training run), or by default into :func:`reading_dir`: the run directory for the run's own reading,
+    ``RUN/readings/<reading>/`` for another one, so certifying under a second reading never overwrites
+    the first; ``summary.json`` there starts from the run's.
 
     Statistical bounds (Monte Carlo, mixture continuations) draw from a certification seed taken
     from the OS's entropy once the test inputs are fixed, recorded in the ``smoothing`` block
@@ -216,26 +241,35 @@ def certify_run(
     budget = {"clean": None if budget_all is None else budget_all[:m], "backdoor": None if budget_all is None else budget_all[m:]}
     base_pred = setup.model.predict(final["params"].to(setup.dtype), XX.to(setup.dtype)).numpy()
     grid = radius_grid([rad["clean"], rad["backdoor"]], fixed=cz.radii)
+    # certified means certified: the certified_* fields hold numbers only where the reading's assumptions hold for
+    # this run (radius_certified); a radius computed without that is reported as uncertified_* (a vote-margin statistic)
+    cert_block = cert.block()
+    certified = bool(cert_block.get("radius_certified")) and radius_ok
     results: dict[str, Any] = {}
     for i, (k, s) in enumerate(sets.items()):
         pred = s.prediction()
         r = rad[k]
         hit = covered(r, delta_norm) & ~s.abstain
+        at_attack = float(hit.mean()) if radius_ok and m else None
+        correct_at_attack = float((hit & (pred == y)).mean()) if radius_ok and m else None
         results[k] = {
             "points": m,
             "base_accuracy": float((base_pred[i * m : (i + 1) * m] == y).mean()) if m else None,
             "smoothed_accuracy": float((pred == y).mean()) if m else None,
             "abstain_rate": float(s.abstain.mean()) if m else None,
+            "radius_certified": certified,
             "max_radius": finite_max(r) if radius_ok else None,
-            "median_radius_certified": (float(np.median(r[~s.abstain])) if (~s.abstain).any() else 0.0) if radius_ok else None,
-            "certified_at_attack": float(hit.mean()) if radius_ok and m else None,
-            "certified_correct_at_attack": float((hit & (pred == y)).mean()) if radius_ok and m else None,
+            "median_radius_certified": (float(np.median(r[~s.abstain])) if (~s.abstain).any() else 0.0) if certified else None,
+            "certified_at_attack": at_attack if certified else None,
+            "certified_correct_at_attack": correct_at_attack if certified else None,
+            "uncertified_at_attack": None if certified else at_attack,
+            "uncertified_correct_at_attack": None if certified else correct_at_attack,
             "curve": curve_table(r, pred, y, grid) if radius_ok else [],
         }
-        if rad_by and m:
-            results[k]["certified_at_attack_by_support"] = {
+        if rad_by and m:  # certified means certified: the fractions by support are named as the one above
+            results[k][f"{'' if certified else 'un'}certified_at_attack_by_support"] = {
                 name: float((covered(rs_[i * m : (i + 1) * m], delta_norm) & ~s.abstain).mean()) for name, rs_ in rad_by.items()}
-    blocks: dict[str, Any] = {"certificate": cert.block()}
+    blocks: dict[str, Any] = {"certificate": cert_block}
     blocks["certificate"]["guarantee"] += cert.impl.randomness_note(seed)
     blocks["smoothing"] = cert.impl.smoothing_block(smooth_seconds, seed)
     blocks["results"] = results
@@ -243,7 +277,7 @@ def certify_run(
     if twin_block is not None:
         blocks["twin"] = twin_block
     # the whole result set or nothing: staged, then switched in at once (crfl.rundir.results_for)
-    with rundir.results_for(out_dir if out_dir is not None else src, base=src) as rs:
+    with rundir.results_for(out_dir if out_dir is not None else reading_dir(src, cert.reading), base=src) as rs:
         for k, s in sets.items():
             rs.write_csv(f"certificates_{k}.csv", CERT_COLUMNS, _rows(s, budget[k], rad[k], y, radius_ok))
             for stem, columns, rows in cert.impl.tables(s):  # the paper reading's inverse_*.csv

@@ -98,6 +98,74 @@ CERTIFY_NOT_FLAGS = {
 }
 
 
+#: Which certify flags a reading and a (resolved) method use: flag -> (test(reading, method), where it applies).
+#: A flag given on the command line that the chosen reading and method do not use is an error (never ignored).
+CERTIFY_FLAG_USE: dict[str, tuple[Any, str]] = {
+    "M": (lambda r, m: m == "monte-carlo" and r != "mixture", "Monte Carlo smoothing (--method monte-carlo)"),
+    "selection": (lambda r, m: m == "monte-carlo" and r != "mixture", "Monte Carlo smoothing (--method monte-carlo)"),
+    "bound": (lambda r, m: m == "monte-carlo" and r != "mixture", "Monte Carlo smoothing (--method monte-carlo)"),
+    "coverage": (lambda r, m: m == "monte-carlo" and r != "mixture", "Monte Carlo smoothing (--method monte-carlo)"),
+    "alpha": (lambda r, m: m == "monte-carlo" or r == "mixture", "Monte Carlo smoothing or the mixture reading"),
+    "training_samples": (lambda r, m: r == "mixture", "the mixture reading (--reading mixture)"),
+    "bound_form": (lambda r, m: r != "paper" and m != "margin", "the coupled and mixture readings with smoothing"),
+    "lipschitz": (lambda r, m: r == "paper", "the paper reading (--reading paper)"),
+    "sigma_T": (lambda r, m: m != "margin", "smoothed certificates (every method but margin)"),
+    "trigger_support": (lambda r, m: r != "paper", "the coupled and mixture readings"),
+}
+
+
+def _resolved_method(method: str, reading: str, linear: bool | None) -> str | None:
+    """``certify.method`` as the reading resolves it (``auto``: exact for a linear model); None if unknown."""
+    if method != "auto":
+        return method
+    return None if linear is None else ("exact" if linear else "monte-carlo")
+
+
+def _refuse_unused_flags(args: argparse.Namespace, reading: str, method: str | None) -> None:
+    """ConfigError for the first certify flag given that ``reading`` with ``method`` does not use."""
+    for name, (used, where) in CERTIFY_FLAG_USE.items():
+        v = getattr(args, name, None)
+        if v is None or (method is None and name not in ("training_samples", "lipschitz")):
+            continue
+        if not used(reading, method):
+            flag = "--" + name.replace("_", "-")
+            shown = f"the {reading} reading" + (f" with the {method} method" if method else "")
+            raise ConfigError(f"The '{flag}' parameter is not used by {shown}: it applies to {where}. "
+                              f"Got {flag} {v} instead; drop it, or choose a reading and method that use it.")
+
+
+def _check_certify_flags(args: argparse.Namespace, cfg: Any, linear: bool | None) -> None:
+    """Before any work: flags the reading or method would ignore, and methods that do not apply to the model."""
+    from crfl import ensemble
+
+    if ensemble.is_ensemble(cfg):  # the client-level certificate (crfl.ensemble) uses only --num-test
+        for name in CERTIFY_FLAGS:
+            v = getattr(args, name, None)
+            if v is not None and name != "num_test":
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"The '{flag}' parameter is not used by the client-level certificate of an ensemble run "
+                                  f"(ensemble.kind = {cfg.ensemble.kind!r}), which takes only --num-test. Got {flag} {v} "
+                                  "instead; drop it.")
+        return
+    cz = cfg.certify
+    if linear is False and (cz.method in ("exact", "margin") or cz.reading == "mixture"):
+        what = f"the {cz.reading} reading" if cz.reading == "mixture" else f"--method {cz.method}"
+        raise ConfigError(f"The 'certify.method' parameter cannot certify the non-linear model {cfg.model.name!r}: {what} "
+                          f"needs exact probabilities of a linear model. Got method {cz.method!r}, reading {cz.reading!r} "
+                          "instead; use --method monte-carlo with the coupled or paper reading.")
+    _refuse_unused_flags(args, cz.reading, _resolved_method(cz.method, cz.reading, linear))
+
+
+def _model_is_linear(cfg: Any) -> bool | None:
+    """Whether the configured model is linear (None if it cannot be built without the data)."""
+    from crfl.model import build_model
+
+    try:
+        return bool(build_model(cfg.model.name, 784, 10).is_linear)
+    except Exception:  # noqa: BLE001 - an option that needs the data: decided by the reading later
+        return None
+
+
 def _flag_type(name: str) -> type:
     """The argparse type of ``certify.<name>``: the non-None member of the field's annotation."""
     hint = typing.get_type_hints(CertifyConfig)[name]
@@ -198,8 +266,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from crfl.certify import certify_run
+    from crfl.rundir import load_run
 
-    summary = certify_run(args.run_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
+    overrides = _certify_overrides(args)
+    cfg, final, _ = load_run(args.run_dir, overrides)  # validated before any work; certify_run reads it again
+    _check_certify_flags(args, cfg, final.get("linear"))
+    summary = certify_run(args.run_dir, overrides=overrides, replay_seed=args.replay_seed)
     _report_certification(summary, Path(args.run_dir))
     return 0
 
@@ -251,38 +323,52 @@ def _report_certification(summary: dict[str, Any], run_dir: Path, radii_to_show:
     reading = cert.get("reading")
     extra = f", K = {cert['training_samples']}" if cert.get("training_samples") else ""
     sigma = f", sigma_T = {sm.get('sigma_T')}" if sm.get("sigma_T") is not None else ""
-    print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {cert.get('radius_certified')}")
+    from crfl.metrics import certification_status
+
+    certified, why = certification_status(summary)
+    print(f"certification: reading {reading} ({sm.get('method')}{sigma}{extra}), radius certified: {certified}")
+    from crfl.certify import reading_dir
+
+    where = reading_dir(run_dir, reading) if reading else run_dir
+    if where != run_dir:  # readings side by side: the run's own reading stays in the run directory
+        print(f"  result set: {where}")
     if cert.get("guarantee"):
         print(f"  guarantee: {cert['guarantee']}")
     if sm.get("seed") is not None:
         print(f"  certification seed {sm['seed']} ({sm.get('seed_source')}); replay: crfl certify {run_dir} "
               f"--replay-seed {sm['seed']} with the same certify flags")
-    if not cert.get("radius_certified"):
-        _print_failed_checks(summary)
+    if not certified:
+        print(f"  not certified: {why} (see summary.json 'assumptions'); the radii below are the reading's formula "
+              "evaluated anyway, a vote-margin statistic, not a certificate")
     delta = cert.get("delta_norm")
     for k in ("clean", "backdoor"):
         r = res.get(k)
         if not r:
             continue
+        mr = _fmt_radius(r["max_radius"]) if certified or r["max_radius"] is None else f"{_fmt_radius(r['max_radius'])} (not certified)"
         print(f"  {k:8s} base acc {r['base_accuracy']:.4f}  smoothed acc {r['smoothed_accuracy']:.4f}  "
-              f"abstain {r['abstain_rate']:.4f}  max radius {_fmt_radius(r['max_radius'])}")
-        if r.get("certified_at_attack") is not None and delta is not None:
+              f"abstain {r['abstain_rate']:.4f}  max radius {mr}")
+        if certified and r.get("certified_at_attack") is not None and delta is not None:
             print(f"    certified at the attack's ||delta|| = {delta:.4g}: {r['certified_at_attack']:.4f} of the points "
                   f"({r['certified_correct_at_attack']:.4f} certified and correct)")
             by = r.get("certified_at_attack_by_support") or {}
             if len(by) > 1:
                 print("      by trigger support: " + ", ".join(f"{name} {v:.4f}" for name, v in by.items()))
+        elif r.get("uncertified_at_attack") is not None and delta is not None:
+            print(f"    not certified at the attack's ||delta|| = {delta:.4g}: {r['uncertified_at_attack']:.4f} of the points "
+                  "have a vote margin whose formula radius exceeds it (not a certificate)")
         curve = r.get("curve") or []
         if curve:
             step = max(1, len(curve) // radii_to_show)
             shown = curve[::step][:radii_to_show]
+            acc, rate = ("cert acc", "cert rate") if certified else ("unc. acc", "unc. rate")
             print("    radius   " + "  ".join(f"{c['radius']:9.4g}" for c in shown))
-            print("    cert acc " + "  ".join(f"{c['certified_accuracy']:9.4f}" for c in shown))
-            print("    cert rate" + "  ".join(f"{c['certified_rate']:9.4f}" for c in shown))
+            print(f"    {acc:9s}" + "  ".join(f"{c['certified_accuracy']:9.4f}" for c in shown))
+            print(f"    {rate:9s}" + "  ".join(f"{c['certified_rate']:9.4f}" for c in shown))
     tw = summary.get("twin")
     if tw:
         for k in ("clean", "backdoor"):
-            print(f"  twin check ({k}): {tw[k]['covered_points']} points certified at RAD > ||delta|| = "
+            print(f"  twin check ({k}): {tw[k]['covered_points']} points {'certified' if certified else 'covered (not certified)'} at RAD > ||delta|| = "
                   f"{tw['delta_norm']:.3g}; the twin ({tw.get('compared_with')}) agrees on {tw[k]['agreement']}, "
                   + (f"violations {tw[k].get('violations')}" if "violations" in tw[k]
                      else f"disagreements {tw[k].get('disagreements')} (statistical bounds)"))
@@ -310,9 +396,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_resume_alone(args)
     if args.resume:
+        from crfl.rundir import resume_run
+
+        with resume_run(args.resume) as held:  # the saved config, read under the claim; flags checked before training
+            cfg = held.load_config(_certify_overrides(args))
+        _check_certify_flags(args, cfg, _model_is_linear(cfg))
         res = train(None, args.resume, resume=True)  # type: ignore[arg-type]
     else:
         cfg = _config_from_args(args, default_preset="demo")
+        _check_certify_flags(args, cfg, _model_is_linear(cfg))  # before training
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, twin=cfg.certify.twin)
     _print_training(res)
@@ -635,6 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - an unexpected failure: one line, the traceback behind --debug
         if debug:
             raise
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+            print(f"crfl: error: Out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): the configuration "
+                  "asks for more than this machine has; reduce its sizes (model.hidden, clients.batch_size, "
+                  "data.num_clients, certify.num_test, certify.training_samples).", file=sys.stderr)
+            return 2
         print(f"crfl: internal error: {type(e).__name__}: {e}. Rerun with --debug for the traceback and report it.",
               file=sys.stderr)
         return 1

@@ -69,3 +69,28 @@ def finite_max(radius: np.ndarray) -> float:
     if len(r) == 0:
         return 0.0
     return float(r.max()) if np.all(np.isfinite(r)) else math.inf
+
+
+def certification_status(summary: dict) -> tuple[bool, str]:
+    """(whether the radii of a summary.json are certified, why not) -- one place for every table, figure and printout.
+
+    Certified means the reading's ``certificate.radius_certified``: its assumption checks hold for this run
+    (summary.json's ``assumptions``). Otherwise the radii are the reading's formula evaluated anyway (a
+    vote-margin statistic), and the reason names what fails: the failed checks, the reason no radius could
+    be computed (``assumptions.note``), or the paper reading, which is never a certificate.
+    """
+    cert = summary.get("certificate") or {}
+    if cert.get("radius_certified"):
+        return True, ""
+    a = summary.get("assumptions") or {}
+    reasons = []
+    if cert.get("reading") == "paper":
+        reasons.append("the paper reading (Corollary 1 as printed) is not a certificate")
+    failed = [k for k, c in (a.get("checks") or {}).items() if isinstance(c, dict) and not c.get("holds")]
+    if failed:
+        reasons.append("assumption(s) " + ", ".join(failed) + " fail")
+    if a.get("note"):
+        reasons.append(str(a["note"]).split(":")[0])
+    if not reasons:
+        reasons.append("no certificate for this run" if not cert else "the reading's assumptions are not shown to hold")
+    return False, "; ".join(reasons)

@@ -13,6 +13,7 @@ Files (written by whom)::
     summary.json     blocks: ``training`` (:class:`TrainingBlock`), then certification's
                      ``certificate``, ``smoothing``, ``results`` (:class:`ResultBlock`), ...
     certificates_{clean,backdoor}.csv, inverse_*.csv                    certify (its result set)
+    integrity.json   sha256 of every file of every result set (:data:`RECORD`)  each result set's commit
     *.png, *.pdf     figures (derived from the files above; :mod:`crfl.plots`)
 
 Rules:
@@ -33,7 +34,16 @@ Rules:
   stage) rolls a committed stage forward and drops an uncommitted one, so every reader sees the
   old set or the new one, never a mix. Stale temporary files of killed writes are swept.
 - **Validated reads.** A corrupt, truncated, foreign or non-UTF-8 file gives :class:`RunDirError`
-  naming the file, the problem and what to do; never a traceback.
+  naming the file, the problem and what to do; never a traceback. Torch files are read only by
+  :func:`load_torch` (``weights_only=True``): a pickle payload is refused, never run.
+- **One integrity record.** :meth:`ResultSet.commit` writes ``integrity.json`` into the set it
+  switches in: the sha256 and size of each of its files (entries of earlier sets kept), the config
+  hash and, for results written outside their run, the digest of the certified model. Every typed
+  reader checks the bytes it parsed against it (:meth:`RunDir.verify`): an edited, truncated,
+  deleted, unlisted or other run's file is refused naming it. ``checkpoint.pt`` carries its own
+  :func:`state_digest`, and its round must match its rows. Directories written before records are
+  read with a note (summary.json's ``integrity`` key tells a deleted record from an old directory).
+  Not a signature: a consistent rewrite of a whole directory is not detected.
 
 Use::
 
@@ -64,7 +74,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +91,13 @@ SUMMARY = "summary.json"
 LOCK = ".crfl.lock"
 STAGE = ".crfl-stage"
 COMMIT = "COMMIT"
+#: The integrity record: sha256 of every file a result set switched in (:class:`ResultSet`), bound to
+#: the run's configuration hash and (for a certification written elsewhere) to the model it certifies.
+RECORD = "integrity.json"
+RECORD_FORMAT = "crfl-integrity/1"
+#: Files a reader takes without the record: config.yaml (bound by its hash to the model and the
+#: checkpoint), the checkpoints (each carries its own state digest) and the record itself.
+UNRECORDED = ("config.yaml", "checkpoint.pt", "flower_checkpoint.pt", RECORD)
 CERT_KINDS = ("clean", "backdoor")
 #: The engines that write run directories (config.yaml's ``provenance.engine``; :mod:`crfl.driver`).
 SIMULATOR = "simulator"
@@ -93,6 +110,10 @@ RESUME_HOW = {
     SIMULATOR: "resume it with the simulator: `crfl train --resume DIR`",
     FLOWER: "resume it over Flower instead: `flwr run . --run-config \"out-dir='DIR' resume=true\"` (docs/flower.md)",
 }
+
+
+#: Directories the note on a missing integrity record was printed for (once per process).
+_NOTED: set[str] = set()
 
 
 class RunDirError(ValueError):
@@ -282,6 +303,50 @@ def _hash(part: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# digests: the integrity record and the checkpoint's state
+
+
+def sha256(data: bytes) -> str:
+    """The sha256 of a file's bytes (hex), as the integrity record lists it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint's state as loaded (tensors by dtype, shape and bytes; containers in order).
+
+    Written into checkpoint.pt beside the state (key ``state_digest``) and recomputed by
+    :meth:`RunDir.read_checkpoint`: an edited round, parameter or record is refused.
+    """
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{o.dtype}{tuple(o.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, Mapping):
+            h.update(f"D{len(o)}|".encode())
+            for k in sorted(o, key=lambda k: (type(k).__name__, str(k))):
+                feed(k)
+                feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)}|".encode())
+            for v in o:
+                feed(v)
+        elif isinstance(o, float):
+            h.update(f"F{o.hex()}|".encode())
+        elif o is None or isinstance(o, (bool, int, str)):
+            h.update(f"{type(o).__name__}:{len(str(o))}:{o}|".encode())
+        else:
+            h.update(f"?{type(o).__name__}:{o!r}|".encode())
+
+    feed({k: v for k, v in state.items() if k != "state_digest"})
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
 # the claim
 
 
@@ -389,6 +454,8 @@ class RunDir:
         self.path = Path(path)
         self.claim = claim
         self.created = created  # the claim created the directory
+        self._record: dict[str, Any] | None = None  # integrity.json, read once (:meth:`record`)
+        self._source_ok = False  # the certified model's digest was checked (:meth:`_verify_source`)
 
     # -- lifetime
     def release(self) -> None:
@@ -425,7 +492,8 @@ class RunDir:
     def write_checkpoint(self, state: dict[str, Any], config_hash: str) -> None:
         """checkpoint.pt, atomically; a legacy ``flower_checkpoint.pt`` it supersedes is removed after."""
         self._need_claim()
-        io.torch_save(self.path / CHECKPOINT, {**state, "config_hash": config_hash})
+        full = {**state, "config_hash": config_hash}
+        io.torch_save(self.path / CHECKPOINT, {**full, "state_digest": state_digest(full)})
         (self.path / LEGACY_FLOWER_CHECKPOINT).unlink(missing_ok=True)
 
     def results(self, base: str | Path | None = None) -> "ResultSet":
@@ -438,7 +506,119 @@ class RunDir:
         return (self.path / name).is_file()
 
     def read_text(self, name: str, todo: str = "restore it or rerun the command that wrote it") -> str:
-        return read_text(self.path / name, todo)
+        """A UTF-8 file of the run, checked against the integrity record (see :meth:`verify`)."""
+        text, data = self._text(name, todo)
+        self.verify(name, data)
+        return text
+
+    def _text(self, name: str, todo: str) -> tuple[str, bytes]:
+        data = self._bytes(name, todo)
+        return _decode(self.path / name, data, todo), data
+
+    def _bytes(self, name: str, todo: str) -> bytes:
+        path = self.path / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if name in self.record()["files"]:
+                raise RunDirError(f"{path} is missing, but the run's integrity record {self.path / RECORD} lists it: "
+                                  "it was deleted; restore it or rerun the command that wrote it.") from None
+            raise RunDirError(f"The run directory {str(self.path)!r} has no {name}: {todo}.") from None
+        except IsADirectoryError:
+            raise RunDirError(f"{path} is a directory, not a file; {todo}.") from None
+
+    # -- the integrity record
+    def record(self) -> dict[str, Any]:
+        """integrity.json, validated ({"files": {}} for a directory without one; see :data:`RECORD`).
+
+        A directory whose summary.json says it was written with a record, but that has none, is refused;
+        one written before records (no marker) is accepted with a note, once.
+        """
+        if self._record is not None:
+            return self._record
+        path = self.path / RECORD
+        if not path.is_file():
+            rec: dict[str, Any] = {"files": {}, "absent": True}
+            marked = False
+            try:
+                marked = RECORD in json.loads((self.path / SUMMARY).read_bytes()).get("integrity", {}).get("record", "")
+            except (OSError, ValueError, AttributeError, TypeError):
+                pass
+            if marked:
+                raise RunDirError(
+                    f"The run directory {str(self.path)!r} has no {RECORD}, but its summary.json was written with one: "
+                    "the integrity record was deleted; restore it, or rerun the command that wrote the results."
+                )
+            if ((self.path / MODEL).is_file() or (self.path / SUMMARY).is_file()) and str(self.path) not in _NOTED:
+                _NOTED.add(str(self.path))
+                logging.getLogger("crfl.rundir").warning(
+                    "note: %s has no integrity record (%s; written by crfl before it); its files are read without "
+                    "digests.", self.path, RECORD)
+            self._record = rec
+            return rec
+        data = _json(path, _decode(path, self._bytes(RECORD, "rerun the command that wrote the results"),
+                                   "rerun the command that wrote the results"))
+        files = data.get("files") if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(files, dict)
+                or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+                           for v in files.values())):
+            raise RunDirError(f"{path} is not a crfl integrity record ({RECORD_FORMAT}); restore it, or rerun the "
+                              "command that wrote the results.")
+        self._record = data
+        return data
+
+    def verify(self, name: str, data: bytes) -> None:
+        """Refuse ``data`` (the bytes just read of ``name``) unless the integrity record lists exactly them.
+
+        Files of :data:`UNRECORDED` are bound otherwise; a directory without a record (before crfl
+        wrote records) is read as it is. A file the record does not list is refused too: it was not
+        switched in with this run's results (copied in, or left by something else).
+        """
+        if name in UNRECORDED:
+            return
+        rec = self.record()
+        if rec.get("absent"):
+            return
+        path = self.path / name
+        entry = rec["files"].get(name)
+        if entry is None:
+            raise RunDirError(f"{path} is not in the run's integrity record {self.path / RECORD}: it was not written "
+                              "with this run's results (copied in from elsewhere?); remove it or rerun the command that writes it.")
+        got = sha256(data)
+        if entry["sha256"] != got or entry["bytes"] != len(data):
+            if (self.path / STAGE / COMMIT).is_file():  # a live writer is switching its set in (open_run leaves it alone)
+                raise RunDirError(f"{path} is being replaced: a crfl process is switching in a new result set in "
+                                  f"{str(self.path)!r} right now; rerun when it has finished.")
+            raise RunDirError(
+                f"{path} does not match the run's integrity record (sha256 {got[:16]}, {len(data)} bytes; recorded "
+                f"{entry['sha256'][:16]}, {entry['bytes']} bytes): it was edited, truncated or copied from another run. "
+                "Restore the original file or rerun the command that wrote it."
+            )
+        self._verify_source(rec)
+
+    def _verify_source(self, rec: Mapping[str, Any]) -> None:
+        """A result set written outside its run (a sweep's cert-* folder) is bound to the model it certified."""
+        src = rec.get("source")
+        if not isinstance(src, dict) or self._source_ok:
+            return
+        base = (self.path / str(src.get("dir", ""))).resolve()
+        model = base / MODEL
+        if model.is_file() and src.get("model_sha256") and sha256(model.read_bytes()) != src["model_sha256"]:
+            raise RunDirError(
+                f"The results in {str(self.path)!r} were computed from another model than {model} (its sha256 differs from "
+                f"the one {self.path / RECORD} records): the run was retrained or replaced; rerun the certification."
+            )
+        self._source_ok = True
+
+    def verify_files(self, role: str | None = None, contents: bool = True) -> None:
+        """Check every file the integrity record lists (``role``: only those of that result set kind;
+        ``contents=False``: only that each is there, for readers whose typed reads check the bytes)."""
+        rec = self.record()
+        for name, entry in rec["files"].items():
+            if role is None or entry.get("role") == role:
+                data = self._bytes(name, "restore it or rerun the command that wrote it")
+                if contents:
+                    self.verify(name, data)
 
     def read_config(self) -> dict[str, Any]:
         """config.yaml as a mapping (provenance included)."""
@@ -470,31 +650,32 @@ class RunDir:
                 raise
             raise RunDirError(f"{self.path / CONFIG}: {e} Restore the file or retrain.") from None
 
-    def read_torch(self, name: str, required: Sequence[str], todo: str) -> dict[str, Any]:
+    def read_torch(self, name: str, required: Sequence[str], todo: str,
+                   check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """A torch file of the run, loaded with ``weights_only=True`` from the bytes checked against the
+        integrity record (``check``: validation that speaks first, e.g. the configuration hash)."""
         path = self.path / name
-        if not path.is_file():
+        if not path.is_file() and name not in self.record()["files"]:
             raise RunDirError(f"The run directory {str(self.path)!r} has no {name}: {todo}.")
-        import torch
-
-        try:
-            obj = torch.load(path, weights_only=True)
-        except PermissionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
-            raise RunDirError(f"{path} is not a crfl file (corrupt or truncated: {_first_line(e)}); {todo}.") from None
+        data = self._bytes(name, todo)
+        obj = load_torch(path, data, todo)
         if not isinstance(obj, dict) or any(k not in obj for k in required):
             raise RunDirError(f"{path} is not a crfl {name} (it lacks {list(required)}); {todo}.")
+        import torch
+
         p = obj.get("params")
         if not isinstance(p, torch.Tensor) or p.ndim not in (1, 2) or not bool(torch.isfinite(p).all()):
             raise RunDirError(f"{path} holds no finite parameter vector; {todo}.")
+        if check is not None:
+            check(obj)
+        self.verify(name, data)
         return obj
 
     def read_model(self, cfg_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """model_final.pt, checked against config.yaml's hash (``cfg_dict``: config.yaml, read if None)."""
         todo = "train it to the end first (crfl train --resume DIR)"
-        final = self.read_torch(MODEL, ("params", "config_hash"), todo)
-        self._check_hash(MODEL, final["config_hash"], cfg_dict, final["params"])
-        return final
+        return self.read_torch(MODEL, ("params", "config_hash"), todo,
+                               check=lambda o: self._check_hash(MODEL, o["config_hash"], cfg_dict, o["params"]))
 
     def read_checkpoint(self, cfg_dict: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """checkpoint.pt (None if the run stopped before its first checkpoint), hash-checked.
@@ -505,17 +686,42 @@ class RunDir:
         """
         todo = "delete it to restart the run from round 1, or train into a new directory"
         required = ("round", "params", "records", "attack_log", "config_hash")
+        for name in (CHECKPOINT, LEGACY_FLOWER_CHECKPOINT):
+            if (self.path / name).exists() and not (self.path / name).is_file():
+                raise RunDirError(f"{self.path / name} is a directory, not a file; move it away to restart the run from "
+                                  "round 1, or train into a new directory.")
         if self.exists(CHECKPOINT):
             ck = self.read_torch(CHECKPOINT, required, todo)
             self._check_hash(CHECKPOINT, ck["config_hash"], cfg_dict, ck["params"])
+            self._check_state(CHECKPOINT, ck, todo)
             return ck
         if not self.exists(LEGACY_FLOWER_CHECKPOINT):
             return None
         old = self.read_torch(LEGACY_FLOWER_CHECKPOINT, required + ("flower_rounds", "state_tag"), todo)
         self._check_hash(LEGACY_FLOWER_CHECKPOINT, old["config_hash"], cfg_dict, old["params"])
+        self._check_state(LEGACY_FLOWER_CHECKPOINT, old, todo)
         ck = {k: v for k, v in old.items() if k not in ("flower_rounds", "state_tag")}
         ck.update(engine=FLOWER, engine_log=old["flower_rounds"], identity=old["state_tag"], file=LEGACY_FLOWER_CHECKPOINT)
         return ck
+
+    def _check_state(self, name: str, ck: Mapping[str, Any], todo: str) -> None:
+        """A checkpoint's own binding: its state digest (written since crfl wrote integrity records) and
+        its round, which must be the number of round rows it holds (rows 1..round in order)."""
+        path = self.path / name
+        stored = ck.get("state_digest")
+        if stored is not None and stored != state_digest(ck):
+            raise RunDirError(f"{path} does not match its own state digest: it was edited or damaged after it was "
+                              f"written; {todo}.")
+        rnd, recs = ck.get("round"), ck.get("records")
+        rounds = [r.get("round") if isinstance(r, Mapping) else None for r in recs] if isinstance(recs, list) else None
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or rounds != list(range(1, rnd + 1)):
+            raise RunDirError(f"{path} says round {rnd!r} but holds the rows of rounds "
+                              f"{rounds if rounds is None or len(rounds) < 8 else rounds[:3] + ['...'] + rounds[-2:]}: "
+                              f"its round was edited or the file is damaged; {todo}.")
+        if stored is None and name == CHECKPOINT:
+            logging.getLogger("crfl.rundir").warning(
+                "note: %s carries no state digest (written by crfl before integrity records); its round and rows "
+                "are consistent, so it is used.", path)
 
     def engine(self, cfg_dict: Mapping[str, Any] | None = None) -> str:
         """The engine that wrote the run: config.yaml's ``provenance.engine`` (runs written before the
@@ -558,19 +764,32 @@ class RunDir:
         )
 
     def read_json(self, name: str, todo: str = "rerun the command that wrote it") -> Any:
-        return _json(self.path / name, self.read_text(name, todo))
+        text, data = self._text(name, todo)
+        obj = _json(self.path / name, text)
+        self.verify(name, data)
+        return obj
+
+    def read_rows(self, name: str, columns: Sequence[str], todo: str = "rerun crfl certify") -> list[dict[str, str]]:
+        """A CSV result file of the run whose header includes ``columns``, checked against the integrity record."""
+        text, data = self._text(name, todo)
+        rows = _csv_rows(self.path / name, text, columns, exact=False)
+        self.verify(name, data)
+        return rows
 
     def read_attacks(self) -> AttackLog:
         path = self.path / ATTACKS
-        d = _json(path, self.read_text(ATTACKS, "train the run to the end first (crfl train --resume DIR)"))
+        text, data = self._text(ATTACKS, "train the run to the end first (crfl train --resume DIR)")
+        d = _json(path, text)
         if not isinstance(d, dict) or not isinstance(d.get("rounds"), list) or not _is_number(d.get("trigger_norm")):
             raise RunDirError(f"{path} is not a crfl attack log (needs 'trigger_norm' and a list 'rounds'); retrain.")
         recs = [AttackRecord.from_dict(r, f"{path} entry {i}") for i, r in enumerate(d["rounds"])]
+        self.verify(ATTACKS, data)
         return AttackLog(float(d["trigger_norm"]), recs)
 
     def read_rounds(self) -> list[RoundRow]:
         path = self.path / ROUNDS
-        rows = _csv_rows(path, self.read_text(ROUNDS, "train the run first"), ROUND_COLUMNS)
+        text, data = self._text(ROUNDS, "train the run first")
+        rows = _csv_rows(path, text, ROUND_COLUMNS)
         out = []
         for i, r in enumerate(rows, start=2):
             try:
@@ -583,14 +802,16 @@ class RunDir:
                 ))
             except (TypeError, ValueError) as e:
                 raise RunDirError(f"{path} line {i} is corrupt ({e}); retrain or restore the file.") from None
+        self.verify(ROUNDS, data)
         return out
 
     def read_summary(self, required: bool = False) -> dict[str, Any]:
         """summary.json ({} if absent and not ``required``); its ``training`` block is checked."""
         path = self.path / SUMMARY
-        if not path.is_file() and not required:
+        if not path.is_file() and not required and SUMMARY not in self.record()["files"]:
             return {}
-        d = _json(path, self.read_text(SUMMARY, "rerun the command that wrote it"))
+        text, data = self._text(SUMMARY, "rerun the command that wrote it")
+        d = _json(path, text)
         if not isinstance(d, dict):
             raise RunDirError(f"{path} is not a crfl summary (not a mapping); rerun the command that wrote it.")
         if "training" in d:
@@ -599,6 +820,7 @@ class RunDir:
             r = (d.get("results") or {}).get(k) if isinstance(d.get("results"), dict) else None
             if r is not None and (not isinstance(r, dict) or any(x not in r for x in RESULT_KEYS)):
                 raise RunDirError(f"{path} block 'results.{k}' must hold {list(RESULT_KEYS)}; rerun crfl certify.")
+        self.verify(SUMMARY, data)
         return d
 
     def read_certificates(self, kind: str) -> CertificateTable:
@@ -607,7 +829,8 @@ class RunDir:
 
         name = f"certificates_{kind}.csv"
         path = self.path / name
-        rows = _csv_rows(path, self.read_text(name, "rerun crfl certify"), CERT_COLUMNS, exact=False)
+        text, data = self._text(name, "rerun crfl certify")
+        rows = _csv_rows(path, text, CERT_COLUMNS, exact=False)
         try:
             cols = {
                 "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
@@ -627,6 +850,7 @@ class RunDir:
                 f"{path} holds {len(rows)} rows but {self.path / SUMMARY} counts {res['points']} points: "
                 "the result set is incomplete; rerun crfl certify."
             )
+        self.verify(name, data)
         return CertificateTable(**cols)
 
 
@@ -643,6 +867,21 @@ def read_text(path: Path, todo: str) -> str:
         raise RunDirError(f"The run directory {str(path.parent)!r} has no {path.name}: {todo}.") from None
     except IsADirectoryError:
         raise RunDirError(f"{path} is a directory, not a file; {todo}.") from None
+    return _decode(path, data, todo)
+
+
+def load_torch(path: Path, data: bytes, todo: str) -> Any:
+    """The one way crfl reads a torch file: ``weights_only=True`` (tensors, numbers, strings and containers
+    only, so a pickle payload is refused, never run), from bytes already read; any failure names the file."""
+    import torch
+
+    try:
+        return torch.load(_io.BytesIO(data), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt, foreign or unsafe file
+        raise RunDirError(f"{path} is not a crfl file (corrupt or truncated: {_first_line(e)}); {todo}.") from None
+
+
+def _decode(path: Path, data: bytes, todo: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -738,7 +977,8 @@ def open_run(path: str | Path, param: str = "RUN_DIR") -> RunDir:
     settled first when no other process holds the directory; a live writer's files are left alone."""
     p = Path(path)
     if not p.is_dir():
-        raise ConfigError(f"The '{param}' parameter must be a training run directory. Got {str(p)!r} instead (no such directory).")
+        what = "a file" if p.exists() else "no such directory"
+        raise ConfigError(f"The '{param}' parameter must be a training run directory. Got {str(p)!r} instead ({what}).")
     if any(n == STAGE or io.TEMP_PATTERN.match(n) for n in os.listdir(p)):
         try:
             claim = Claim.acquire(p)
@@ -765,6 +1005,12 @@ def load_run(run_dir: str | Path, overrides: Mapping[str, Any] | None = None):
     cfg = run.load_config(overrides)
     attack_log = [r.to_dict() for r in run.read_attacks().rounds]
     run.read_summary()  # validated now: certification must not fail on it after computing
+    run.verify_files(role="training")  # every file of the training result set, as recorded (rounds.csv, flower.json, ...)
+    rec = run.record()
+    if rec.get("config_hash") not in (None, config_hash(saved)):
+        raise RunDirError(f"{run.path / RECORD} was written for the configuration with hash {rec['config_hash']}, but "
+                          f"{run.path / CONFIG} hashes to {config_hash(saved)}: the files belong to different runs; "
+                          "restore them or retrain.")
     return cfg, final, attack_log
 
 
@@ -844,12 +1090,59 @@ class ResultSet:
             src = self.directory if (self.directory / SUMMARY).is_file() else self.base
             self._summary = RunDir(src).read_summary() if src is not None else {}
         self._summary.update(blocks)
+        self._summary["integrity"] = {"record": RECORD, "format": RECORD_FORMAT}  # a deleted record is noticed
         self.write_json(SUMMARY, self._summary)
         return self._summary
 
     def commit(self) -> None:
+        try:  # before the COMMIT list: a failure drops the stage and leaves the previous set in place
+            for n in self.names:
+                if (self.directory / n).exists() and not (self.directory / n).is_file():
+                    raise RunDirError(f"{self.directory / n} is a directory, not a file, so crfl cannot put its {n} there; "
+                                      "move it away and rerun. Nothing was changed.")
+            if self.names:
+                self.write_json(RECORD, self._record())
+        except BaseException:
+            self.abort()
+            raise
         io.atomic_write_text(self.stage / COMMIT, "\n".join(self.names) + "\n")
         _recover(self.directory)
+
+    def _record(self) -> dict[str, Any]:
+        """The directory's integrity record with this set's files: the previous entries of files this set
+        does not rewrite are kept (a certification joins its run's training files), bound to the
+        configuration hash and, for results written outside their run, to the certified model's digest."""
+        old: dict[str, Any] = {}
+        try:
+            if (self.directory / RECORD).is_file():
+                old = dict(RunDir(self.directory).record()["files"])
+            else:  # a directory written before records: its result files are adopted as they are now
+                for p in sorted(self.directory.iterdir()):
+                    if (p.is_file() and p.name not in UNRECORDED and not _is_ours(p.name) and not p.name.startswith(".")
+                            and p.suffix not in (".png", ".pdf")):
+                        data = p.read_bytes()
+                        old[p.name] = {"sha256": sha256(data), "bytes": len(data), "role": "adopted"}
+        except RunDirError:
+            old = {}  # a damaged record: the new one lists only this set's files (the others are refused until rewritten)
+        role = "training" if MODEL in self.names else "results"
+        files = {**old}
+        for n in self.names:
+            if n == RECORD:
+                continue
+            data = (self.stage / n).read_bytes()
+            files[n] = {"sha256": sha256(data), "bytes": len(data), "role": role}
+        rec: dict[str, Any] = {"format": RECORD_FORMAT, "config_hash": None, "files": dict(sorted(files.items()))}
+        for d in (self.directory, self.base):
+            if d is not None and (d / CONFIG).is_file():
+                try:
+                    rec["config_hash"] = config_hash(RunDir(d).read_config())
+                except RunDirError:
+                    pass
+                break
+        if self.base is not None and self.base.resolve() != self.directory.resolve() and (self.base / MODEL).is_file():
+            rec["source"] = {"dir": os.path.relpath(self.base.resolve(), self.directory.resolve()),
+                             "model_sha256": sha256((self.base / MODEL).read_bytes())}
+        return rec
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)

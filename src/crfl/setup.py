@@ -29,7 +29,7 @@ from crfl.data.partition import partition
 from crfl.model import InputBound, Model, build_model, wrap_module
 from crfl.rng import torch_generator
 from crfl.schedule import RhoSchedule, SigmaSchedule
-from crfl.validation import ConfigError, check_choice, fail
+from crfl.validation import ConfigError, check_choice, check_memory, fail
 
 
 @dataclass
@@ -123,6 +123,9 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
     if module is not None:
         model = wrap_module(module, ds.num_features, ds.num_classes, input_bound=bound)
     else:
+        if cfg.model.name == "mlp":  # an absurd width is refused before torch tries to allocate it
+            D = (ds.num_features + 1) * int(cfg.model.hidden) + (int(cfg.model.hidden) + 1) * ds.num_classes
+            check_memory("model.hidden", cfg.model.hidden, 4.0 * D * (K + 4), f"an MLP of {D} parameters for {K} clients")
         opts: dict[str, Any] = {"hidden": cfg.model.hidden} if cfg.model.name in ("mlp", "cnn") else {}
         model = build_model(cfg.model.name, ds.num_features, ds.num_classes, input_bound=bound, **opts)
     data = ClientData(
@@ -133,6 +136,8 @@ def prepare(cfg: Config, dataset: Dataset | None = None, module: torch.nn.Module
     )
     sizes = data.sizes
     tau = local_iterations(sizes, cfg.clients.batch_size, cfg.clients.local_iters, cfg.clients.local_epochs)
+    check_memory("clients.batch_size", cfg.clients.batch_size, 9.0 * K * int(tau.max(initial=1)) * cfg.clients.batch_size,
+                 "one round's batch indices (clients x local steps x batch size)")
     if cfg.clients.weighting == "uniform":
         w = torch.full((K,), 1.0 / K, dtype=torch.float64)
     else:

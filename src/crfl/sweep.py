@@ -207,6 +207,42 @@ def expand(spec: Spec, extra: dict[str, Any] | None = None) -> list[Job]:
     return list(jobs.values())
 
 
+def _pending(job: Job, run_root: Path) -> bool:
+    """Whether a job still has work: its training run or one of its certifications is not done."""
+    run = run_root / job.train_hash
+    return not (run / DONE).is_file() or any(not (run / f"cert-{ch}" / DONE).is_file() for ch, _, _ in job.certs)
+
+
+def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
+    """Load every dataset the sweep's unfinished grid points need, once each, before any run starts.
+
+    A dataset that cannot be loaded (missing files, no ``--data-dir``, a corrupt file) raises one
+    :class:`~crfl.data.DataError` naming the spec, the dataset, how many grid points use it, the
+    loader's reason and what to pass instead; finished runs need no data.
+    """
+    from crfl.data import DataError
+    from crfl.setup import load_data
+
+    needed: dict[str, list[Job]] = {}
+    for j in job_list:
+        if _pending(j, run_root):
+            d = j.config["data"]
+            key = json.dumps([d.get("name"), d.get("data_dir"), d.get("options") or {}], sort_keys=True, default=str)
+            needed.setdefault(key, []).append(j)
+    for key, jobs in needed.items():
+        name, data_dir, _ = json.loads(key)
+        try:
+            load_data(from_dict(jobs[0].config))
+        except (DataError, OSError) as e:
+            where = f" in --data-dir {data_dir!r}" if data_dir else " (no --data-dir given)"
+            raise DataError(
+                f"The sweep {spec.name!r} cannot start: {len(jobs)} of its {len(job_list)} run(s) use the dataset "
+                f"{name!r}, which cannot be loaded{where}: {rundir._first_line(e)}. Pass --data-dir DIR with its files, "
+                "or run the grid on another dataset with --dataset NAME (e.g. fashion-mnist, or the built-in mnist-5k). "
+                "No run was started."
+            ) from None
+
+
 def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
     """Train (or resume, or reuse) one run and certify it under each setting. Never raises."""
     import torch
@@ -225,12 +261,14 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
             else:
                 train(from_dict(job.config), run)
             atomic_write_text(run / DONE, "trained\n")
+        rundir.RunDir(run).verify_files()  # a reused run: every recorded file as written (crfl.rundir integrity record)
         train_seconds = rundir.RunDir(run).read_summary(required=True)["training"]["seconds"]
         for ch, co, cp in job.certs:
             cdir = run / f"cert-{ch}"
             if not (cdir / DONE).is_file():
                 certify_run(run, overrides=co, out_dir=cdir)
                 atomic_write_text(cdir / DONE, "certified\n")
+            rundir.RunDir(cdir).verify_files()
             summary = rundir.RunDir(cdir).read_summary(required=True)
             rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
                          "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
@@ -247,7 +285,7 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
 
 
 def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any]:
-    from crfl.metrics import certified_accuracy, certified_rate
+    from crfl.metrics import certification_status, certified_accuracy, certified_rate
 
     out: dict[str, Any] = {**row["cert_point"], "status": row["status"],
                            "run": f"runs/{row['train_hash']}/cert-{row['cert_hash']}"}
@@ -259,6 +297,12 @@ def result_row(spec: Spec, row: dict[str, Any], run_root: Path) -> dict[str, Any
     cdir = run_root / row["train_hash"] / f"cert-{row['cert_hash']}"
     if (s.get("certificate") or {}).get("reading") == "client-level":
         return _client_level_row(spec, row, out, s, cdir)
+    # certified means certified: every radius and cert_* number of this row is a certificate only where
+    # radius_certified is true (crfl.metrics.certification_status); otherwise the reason says what fails
+    out["reading"] = (s.get("certificate") or {}).get("reading")
+    certified, why = certification_status(s) if s else (None, "")
+    out["radius_certified"] = certified
+    out["not_certified_because"] = why or None
     for k in ("clean", "backdoor"):
         r = res.get(k, {})
         out[f"{k}_base_acc"] = r.get("base_accuracy")
@@ -292,9 +336,7 @@ def _client_level_row(spec: Spec, row: dict[str, Any], out: dict[str, Any], s: d
         out[f"{k}_median_m_star"] = r.get("median_m_star")
         f = cdir / f"client_level_{k}.csv"
         if row["status"] == "ok" and f.is_file():
-            from crfl.io import read_csv
-
-            rows = read_csv(f)
+            rows = rundir.RunDir(cdir).read_rows(f.name, ["m_star", "correct"])  # checked against the integrity record
             m_star = [int(x["m_star"]) for x in rows]
             ok = [x["correct"] == "1" for x in rows]
             for m in spec.malicious:
@@ -414,6 +456,7 @@ def sweep(
         raise ConfigError(f"The 'jobs' parameter must be an integer in [1, inf). Got {jobs!r} instead.")
     job_list = expand(spec, extra) if spec.kind == "train" else []
     out = Path(out_dir)
+    check_data(spec, job_list, out / "runs")  # one clear error before any run starts, not one error.txt per run
     claim = _claim_sweep(out)
     try:
         if runs_dir is not None and spec.kind == "train":
@@ -508,7 +551,7 @@ def _report(progress: bool, n: int, total: int, job: Job, rows: list[dict[str, A
 
 
 def numeric_study(spec: Spec) -> list[dict[str, Any]]:
-    """Corollary 1 on a grid of rho/sigma and T with fixed p_A, p_B (Fig. 9b)."""
+    """Corollary 1 on a grid of rho/sigma and T with fixed p_A, p_B (Fig. 9b); rows say ``radius_certified: False``."""
     from crfl import lipschitz, radius
 
     n = spec.numeric
@@ -528,5 +571,7 @@ def numeric_study(spec: Spec) -> list[dict[str, Any]]:
                 [p_a], [p_b], sigma_t_adv=sigma, L_Z=L_Z, p=[p], gamma=[gamma], tau=[tau], eta=[eta],
                 poison_ratio=[q], log_contraction=lc,
             )[0]
-            rows.append({"rho_over_sigma": ratio, "T": int(T), "log_contraction": lc, "radius": float(rad)})
+            # Corollary 1 as printed (the paper reading): a number for reproduction, never a certified radius
+            rows.append({"rho_over_sigma": ratio, "T": int(T), "log_contraction": lc, "radius": float(rad),
+                         "radius_certified": False})
     return rows

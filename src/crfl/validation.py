@@ -84,3 +84,22 @@ def _fmt(x: float) -> str:
     if x == -math.inf:
         return "-inf"
     return repr(x) if not float(x).is_integer() else str(int(x)) if abs(x) < 1e15 else repr(x)
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(name: str, value: Any, need: float, what: str) -> None:
+    """Refuse ``value`` of parameter ``name`` when ``what`` needs more than 80% of this machine's memory
+    (``need`` bytes; a lower bound of what the work will allocate), before anything is allocated."""
+    total = machine_memory()
+    if total is not None and need > 0.8 * total:
+        raise ConfigError(f"The '{name}' parameter must fit in memory: {what} need(s) about {need / 2**30:.1f} GiB, and "
+                          f"this machine has {total / 2**30:.1f} GiB (80% usable). Got {value!r} instead.")

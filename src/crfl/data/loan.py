@@ -53,6 +53,9 @@ with the same preprocessing and its own column names (see ``OPENINTRO_SCHEMA``).
 
 from __future__ import annotations
 
+import lzma
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -406,8 +409,12 @@ def load_loan(data_dir: Path | None, categorical: str, max_categories: int) -> t
         header = pd.read_csv(path, nrows=0).columns
         usecols = [c for c in header if c not in KAGGLE_SCHEMA.drop]
         df = pd.read_csv(path, usecols=usecols, low_memory=False)
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise DataError(f"cannot read {path} as a CSV table: {e}") from e
+    except (OSError, ValueError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, pd.errors.ParserError) as e:
+        # a truncated or corrupt compressed file (EOFError from gzip/bz2/lzma, BadZipFile, zlib.error) included
+        why = str(e) or type(e).__name__
+        if isinstance(e, (EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile)):
+            why = f"truncated or corrupt ({type(e).__name__}: {why})"
+        raise DataError(f"cannot read {path} as a CSV table: {why}") from e
     table = preprocess_loans(
         df, KAGGLE_SCHEMA, categorical=categorical, max_categories=max_categories, source=str(path)
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,5 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _main_line(argv: list[str] | None = None) -> int:
+    """``main`` with crfl's error contract: an expected failure is one line ``crfl: error: ...``, exit status 2."""
+    from crfl.cli import EXPECTED
+
+    try:
+        return main(argv)
+    except EXPECTED as e:
+        print(f"crfl: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(_main_line())

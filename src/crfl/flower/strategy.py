@@ -646,6 +646,11 @@ class CRFL(Strategy):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             pid = asked.get(node)
+            if pid is None and msg.has_error() and msg.error.code in DROPPED_CODES:
+                # a deployment's SuperLink answers for a node that is gone with its own node id (SUPERLINK_NODE_ID),
+                # not the node's: the node's partition is counted once, as missing (not also as a rejected reply)
+                log.warning("Round %d: the SuperLink reports a node unavailable: %s", t, msg.error.reason)
+                continue
             if pid is None:
                 self._reject(t, rec, node, None, "the server did not ask this node to train in this round")
                 continue

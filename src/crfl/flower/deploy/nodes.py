@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import crfl.flower  # noqa: F401  (telemetry and update check off before flwr is imported)
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import Context, Error, Message, RecordDict
@@ -279,12 +280,43 @@ def load_key(path: Path) -> KeyPair:
     """An ECDSA private key in OpenSSH format (``ssh-keygen -t ecdsa``) and its public key, as ``flower-supernode`` reads it."""
     try:
         key = load_ssh_private_key(path.expanduser().read_bytes(), None)
-    except (OSError, ValueError) as ex:
-        raise ValueError(f"The 'auth-supernode-private-key' file {str(path)!r} cannot be read as an OpenSSH private key: {ex}") from ex
+    except TypeError as ex:  # cryptography: "Key is password-protected, but password was not given"
+        raise ValueError(f"The 'auth-supernode-private-key' file {str(path)!r} is protected by a passphrase, which the node "
+                         "host cannot ask for; give it a copy without one (ssh-keygen -p -N '' -f COPY), readable by this "
+                         "user only.") from ex
+    except (OSError, ValueError, UnsupportedAlgorithm) as ex:
+        why = ex.strerror if isinstance(ex, OSError) and ex.strerror else ex
+        raise ValueError(f"The 'auth-supernode-private-key' file {str(path)!r} cannot be read as an OpenSSH private key: {why}") from ex
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"The 'auth-supernode-private-key' file {str(path)!r} holds a {type(key).__name__}; "
                          "SuperNode authentication needs an ECDSA key (ssh-keygen -t ecdsa -b 384).")
     return key, key.public_key()
+
+
+def read_root_certificates(path: Path | None) -> bytes | None:
+    """The PEM CA certificate(s) of ``--root-certificates`` (None: --insecure); ValueError naming the file otherwise."""
+    if path is None:
+        return None
+    from cryptography import x509
+
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as ex:
+        raise ValueError(f"The 'root-certificates' file {str(path)!r} cannot be read: {ex.strerror or ex}; "
+                         "give the CA certificate (PEM) of the SuperLink's TLS certificate.") from ex
+    try:
+        if not x509.load_pem_x509_certificates(data):
+            raise ValueError("no certificate")
+    except ValueError as ex:
+        raise ValueError(f"The 'root-certificates' file {str(path)!r} holds no PEM certificate; give the CA "
+                         "certificate of the SuperLink's TLS certificate (-----BEGIN CERTIFICATE-----).") from ex
+    return data
+
+
+def fail(prog: str, message: str) -> None:
+    """One line ``PROG: error: MESSAGE`` on stderr and exit status 2 (a bad argument or file, as argparse does)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _node_config(text: str | None) -> dict[str, Any]:
@@ -345,9 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         start_parent_process_monitor(a.parent_pid)
     try:
         keys: list[KeyPair | None] = [load_key(p) for p in a.auth_supernode_private_key] if a.auth_supernode_private_key else [None] * a.count
+        certs = read_root_certificates(a.root_certificates)
     except ValueError as ex:
-        sys.exit(f"crfl.flower.deploy.nodes: {ex}")
-    certs = a.root_certificates.read_bytes() if a.root_certificates else None
+        fail("python -m crfl.flower.deploy.nodes", str(ex))
     import crfl.flower.client_app  # noqa: F401  (torch and crfl imported before the first message, not during round 1)
 
     host = NodeHost(a.superlink, keys, insecure=a.insecure, root_certificates=certs, node_config=_node_config(a.node_config),

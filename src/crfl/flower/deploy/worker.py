@@ -46,7 +46,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 import flwr.supernode.runtime.run_clientapp as run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from crfl.flower.deploy.nodes import ClientApps, call_client_app
+from crfl.flower.deploy.nodes import ClientApps, call_client_app, fail, read_root_certificates
 from crfl.flower.deploy.waits import shorten_object_backoff
 
 log = logging.getLogger("crfl.flower")
@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if a.parent_pid is not None:
         start_parent_process_monitor(a.parent_pid)
-    certs = a.root_certificates.read_bytes() if a.root_certificates else None
+    try:
+        certs = read_root_certificates(a.root_certificates)
+    except ValueError as ex:
+        fail("python -m crfl.flower.deploy.worker", str(ex))
     import crfl.flower.client_app  # noqa: F401  (torch and crfl imported before the first task, not during round 1)
 
     worker = Worker(list(a.runtime_api_address), insecure=a.insecure, root_certificates=certs, poll_interval=a.poll_interval)
