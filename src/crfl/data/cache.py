@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -115,11 +116,16 @@ def _describe(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def read_entry(path: Path, kind: str, signature: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """The arrays of a valid entry; None when it is missing, stale or corrupt."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z[META].tobytes().decode())
+        with zipfile.ZipFile(path) as z:  # an .npz; its members read as plain arrays, never pickles
+
+            def member(name: str) -> np.ndarray:
+                with z.open(f"{name}.npy") as f:
+                    return np.lib.format.read_array(f, allow_pickle=False)
+
+            meta = json.loads(member(META).tobytes().decode())
             if meta.get("format") != FORMAT or meta.get("kind") != kind or meta.get("source") != signature:
                 return None
-            arrays = {k: z[k] for k in meta["arrays"]}
+            arrays = {k: member(k) for k in meta["arrays"]}
         if set(arrays) != set(meta["arrays"]) or _describe(arrays) != meta["arrays"]:
             return None
         return arrays
