@@ -408,7 +408,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _fresh_dir(Path("runs") / (cfg.preset or "run"))
         res = train(cfg, out, twin=cfg.certify.twin)
     _print_training(res)
-    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed)
+    # certify with the dataset training just loaded (one load per run; the model and config come from the files)
+    summary = certify_run(res.out_dir, overrides=_certify_overrides(args), replay_seed=args.replay_seed,
+                          dataset=res.setup.dataset)
     _report_certification(summary, Path(res.out_dir))
     return 0
 
@@ -423,7 +425,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra["data.name"] = args.dataset
     if args.data_dir:
         extra["data.data_dir"] = args.data_dir
-    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False))
+    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
+                 runs_dir=args.runs)
     failed = sum(r.get("status", "ok") != "ok" for r in rows)
     print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
     return 1 if failed else 0
@@ -683,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p_sweep.add_argument("--dataset", help="run every point on this dataset (e.g. fashion-mnist, loan-openintro)")
     p_sweep.add_argument("--data-dir", help="directory with the dataset's files")
+    p_sweep.add_argument("--runs", default=None,
+                         help="a store of training runs shared with other sweeps: a configuration they share is trained once")
     p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override one parameter of every run, e.g. --set server.rounds=20 (repeatable)")
     p_sweep.set_defaults(func=cmd_sweep)

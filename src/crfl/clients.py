@@ -207,8 +207,27 @@ def local_updates(
     """Run every client's local SGD at once; return the updates w_i - w (K, D) and poison stats.
 
     ``params``: the global model (D,) every client starts from, or one start per client (K, D)
-    (an ensemble's clients start from their group's model).
+    (an ensemble's clients start from their group's model). The logistic model takes the fused
+    path (:func:`crfl.local.linear_local_updates`, the same step in fewer operations), any other
+    model the generic step :func:`local_updates_generic`.
     """
+    from crfl import local  # the fused step lives with the round (crfl.local imports this module)
+
+    if local.fused_linear_applies(model):
+        return local.linear_local_updates(model, params, data, idx, lr, dtype, poison)  # type: ignore[arg-type]
+    return local_updates_generic(model, params, data, idx, lr, poison, dtype)
+
+
+def local_updates_generic(
+    model: Model,
+    params: torch.Tensor,
+    data: ClientData,
+    idx: np.ndarray,
+    lr: float,
+    poison: Poison | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, PoisonStats]:
+    """:func:`local_updates` for any model: one batched gradient (``model.loss_grad``) per local step."""
     K, tau_max, _ = idx.shape
     idx_t = torch.from_numpy(idx)
     start = params.to(dtype)

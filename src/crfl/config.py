@@ -115,6 +115,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     eval_every: int = 1
+    eval_points: int | None = None  # None: rounds.csv's accuracies on the whole test set; k: on k of its points (the last round: all)
     checkpoint_every: int = 1
     threads: int | None = None
 
@@ -215,7 +216,8 @@ def training_part(d: Mapping[str, Any]) -> dict[str, Any]:
       reduction order, not the algorithm or its randomness (every random draw comes from
       :mod:`crfl.rng` streams of ``seed``).
     - ``run.eval_every``: which rounds evaluate the model for rounds.csv; evaluation draws no
-      randomness and does not touch the parameters.
+      randomness and does not touch the parameters. ``run.eval_points``: on how many test points
+      (a fixed, evenly spaced subset; the last round always on all of them).
     - ``run.checkpoint_every``: how often the state is saved; a resumed run repeats the
       uninterrupted one exactly.
     """
@@ -344,6 +346,8 @@ def validate(cfg: Config) -> None:
     r = cfg.run
     check_choice("run.dtype", r.dtype, CHOICES["run.dtype"])
     check_int("run.eval_every", r.eval_every, low=1)
+    if r.eval_points is not None:
+        check_int("run.eval_points", r.eval_points, low=1)
     check_int("run.checkpoint_every", r.checkpoint_every, low=1)
     if r.threads is not None:
         check_int("run.threads", r.threads, low=1)

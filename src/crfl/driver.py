@@ -114,8 +114,8 @@ class BaseRound:
     def finish(self, state: "RunState") -> "Finish":
         return Finish()
 
-    def evaluate(self, params: torch.Tensor) -> tuple[float, float]:
-        return evaluate(self.setup, params)
+    def evaluate(self, params: torch.Tensor, points: int | None = None) -> tuple[float, float]:
+        return evaluate(self.setup, params, points)
 
     def init_params(self) -> torch.Tensor:
         return self.setup.w0.clone()
@@ -419,7 +419,7 @@ def _loop(
                 state.attack_state["twin_pre_noise"] = tw.pre_noise
             more["twin_distance"] = float(torch.linalg.vector_norm((state.params - state.twin_params).double()))
         if t % setup.cfg.run.eval_every == 0 or t == T:
-            more["clean_acc"], more["backdoor_acc"] = step.evaluate(state.params)
+            more["clean_acc"], more["backdoor_acc"] = _evaluate(setup, step, state.params, t)
         row = _row(t, out.row, **more)
         state.rows.append(row)
         if out.log is not None:
@@ -439,6 +439,16 @@ def _loop(
     fin = step.finish(state)
     write_final(run, setup, state, fin, chash)
     return _result(run.path, setup, state, finished=True, finish=fin)
+
+
+def _evaluate(setup: Setup, step: Round, params: torch.Tensor, t: int) -> tuple[float, float]:
+    """rounds.csv's accuracies after round t: on ``run.eval_points`` test points (a fixed subset,
+    :func:`crfl.setup.eval_subset`) when set, on all of them after round T (the summary's final
+    accuracies) and for an engine with an evaluation of its own."""
+    points = setup.cfg.run.eval_points
+    if points is None or t == setup.rounds or type(step).evaluate is not BaseRound.evaluate:
+        return step.evaluate(params)
+    return step.evaluate(params, points)
 
 
 def _result(out: Path, setup: Setup, state: RunState, finished: bool, finish: Finish | None = None) -> TrainResult:

@@ -209,39 +209,55 @@ def predict(setup: Setup, params: torch.Tensor, x: np.ndarray | torch.Tensor, tr
 EVAL_CACHE_BYTES = 512 * 1024**2
 
 
-def evaluation_inputs(setup: Setup) -> dict[str, Any]:
-    """Test inputs for the per-round evaluation, as model-ready floats when they fit in 512 MiB."""
-    c = setup.eval_inputs
-    if not c:
-        ds = setup.dataset
-        y = torch.from_numpy(ds.y_test).long()
+def eval_subset(n: int, points: int | None) -> np.ndarray | None:
+    """The test points a subsampled evaluation uses: ``points`` evenly spaced indices of the n
+    (a fixed choice, no randomness: every round and every run sees the same points); None for all."""
+    if points is None or points >= n:
+        return None
+    return np.unique(np.linspace(0, n - 1, points).round().astype(np.int64))
+
+
+def evaluation_inputs(setup: Setup, points: int | None = None) -> dict[str, Any]:
+    """Test inputs for the per-round evaluation (all, or the :func:`eval_subset` of ``points``),
+    as one model-ready float matrix [clean rows; triggered non-target rows] when it fits in 512 MiB."""
+    ds = setup.dataset
+    sub = eval_subset(len(ds.y_test), points)
+    # the whole test set's entries at the top level (keys y, mask, rows, XX, X, Xb), a subset's under its own key
+    c = setup.eval_inputs if sub is None else setup.eval_inputs.setdefault(f"subset-{len(sub)}", {})
+    if "y" not in c:
+        rows = np.arange(len(ds.y_test)) if sub is None else sub
+        y = torch.from_numpy(ds.y_test[rows]).long()
         mask = backdoor_test_mask(y, setup.plan.target).numpy()
-        c.update(y=y, mask=mask)
-        nbytes = ds.x_test.shape[0] * ds.x_test.shape[1] * torch.finfo(setup.dtype).bits // 8
+        nbytes = len(rows) * ds.x_test.shape[1] * torch.finfo(setup.dtype).bits // 8
         if 2 * nbytes <= EVAL_CACHE_BYTES:
-            X = model_inputs(ds, ds.x_test, setup.dtype)
-            c.update(X=X, Xb=setup.plan.trigger.apply(X[torch.from_numpy(mask)]))
+            X = model_inputs(ds, ds.x_test[rows], setup.dtype)
+            XX = torch.cat([X, setup.plan.trigger.apply(X[torch.from_numpy(mask)])])
+            c.update(XX=XX, X=XX[: len(rows)], Xb=XX[len(rows) :])
+        c.update(y=y, mask=mask, rows=rows)
     return c
 
 
-def evaluate(setup: Setup, params: torch.Tensor) -> tuple[float, float]:
-    """(clean test accuracy, backdoor accuracy = attack success on triggered non-target test points)."""
+def evaluate(setup: Setup, params: torch.Tensor, points: int | None = None) -> tuple[float, float]:
+    """(clean test accuracy, backdoor accuracy = attack success on triggered non-target test points),
+    on the whole test set or on the fixed subset of ``points`` of it (:func:`eval_subset`).
+
+    With the inputs cached, both accuracies come from one product over the stacked clean and triggered
+    inputs (the per-round evaluation is one GEMM)."""
     ds = setup.dataset
-    c = evaluation_inputs(setup)
+    c = evaluation_inputs(setup, points)
     y, mask = c["y"], c["mask"]
-    p = params.to(setup.dtype)
-    if "X" in c:
-        clean_pred = setup.model.predict(p, c["X"])
+    m = len(y)
+    if "XX" in c:
+        pred = setup.model.predict(params.to(setup.dtype), c["XX"])
+        clean_pred, bd_pred = pred[:m], pred[m:]
     else:
-        clean_pred = predict(setup, params, ds.x_test)
+        x = ds.x_test[c["rows"]]
+        clean_pred = predict(setup, params, x)
+        bd_pred = predict(setup, params, x[mask], trigger=setup.plan.trigger) if mask.sum() else None
     clean = float((clean_pred == y).double().mean())
     if mask.sum() == 0:
         return clean, math.nan
-    if "Xb" in c:
-        pred = setup.model.predict(p, c["Xb"])
-    else:
-        pred = predict(setup, params, ds.x_test[mask], trigger=setup.plan.trigger)
-    return clean, float((pred == setup.plan.target).double().mean())
+    return clean, float((bd_pred == setup.plan.target).double().mean())
 
 
 def resolved_config(setup: Setup) -> dict[str, Any]:

@@ -126,10 +126,19 @@ def _noise(m: int, D: int, generator: torch.Generator, dtype: torch.dtype, devic
 
 
 def _count(pred: torch.Tensor, counts: torch.Tensor, start: int, C: int) -> None:
-    """counts[start + i, c] += #{models with prediction c on point i}; pred is (n_chunk, m)."""
-    n_c = pred.shape[0]
-    flat = pred + C * torch.arange(n_c, device=pred.device).unsqueeze(1)
-    counts[start : start + n_c] += torch.bincount(flat.reshape(-1), minlength=n_c * C).view(n_c, C).to(counts.device)
+    """counts[start + i, c] += #{models with prediction c on point i}; pred is (n_chunk, m).
+
+    One scatter-add of ones into the chunk's rows of the counts (no flattened copy of the predictions)."""
+    n_c, m = pred.shape
+    ones = torch.ones((1, 1), dtype=counts.dtype, device=counts.device).expand(n_c, m)
+    counts[start : start + n_c].scatter_add_(1, pred.to(counts.device), ones)
+
+
+#: at most this many points per product in the linear path. Smaller blocks keep a block's logits
+#: (block x m C floats: 2.5 MB at 256 points, m = 250, C = 10) in cache for the argmax, which then costs
+#: less (single-threaded, measured); with 2 threads on a busy machine the many small parallel regions
+#: cost more than that saves, so the default stays at the points_per_chunk default (docs/benchmarks.md).
+LINEAR_POINT_BLOCK = 2048
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +278,8 @@ def monte_carlo_counts_linear(
         bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
         return lambda Xc: torch.addmm(bn.reshape(1, m * C), Xc, Wn.T).view(Xc.shape[0], m, C)
 
-    counts = _votes(noisy_model, Xd, C * d + C, M, generator, models_per_chunk, points_per_chunk)
+    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
+    counts = _votes(noisy_model, Xd, C * d + C, M, generator, models_per_chunk, block)
     return counts if counts is not None else torch.zeros((0, C), dtype=torch.int64, device=device)
 
 

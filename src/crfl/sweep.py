@@ -16,7 +16,7 @@ the grid point's config: its training part, :func:`crfl.config.training_part`) a
 certification of it in ``cert-<hash of the certify settings>/`` inside: a
 finished run is never recomputed, an interrupted one resumes from its
 checkpoint, and certification settings that differ only in M or alpha share one
-training run. Runs go in parallel over processes; a failing run writes
+training run (and several sweeps can share one store of runs, ``runs_dir``). Runs go in parallel over processes; a failing run writes
 ``error.txt`` and a ``failed`` row, and the others go on. ``results.csv`` has one
 row per (training run, certification setting).
 
@@ -367,6 +367,20 @@ def _claim_sweep(out: Path) -> rundir.Claim:
     return claim
 
 
+def _link_runs(out: Path, store: Path) -> None:
+    """``OUT/runs`` as a (relative) link to the shared run store; refused when OUT/runs is other runs."""
+    store.mkdir(parents=True, exist_ok=True)
+    link = out / "runs"
+    if link.is_symlink() and link.resolve() == store.resolve():
+        return
+    if link.exists() or link.is_symlink():
+        raise ConfigError(
+            f"The '--runs' parameter must be the run store this sweep already uses. Got {str(store)!r} instead "
+            f"({str(link)!r} holds {'a link to ' + str(link.resolve()) if link.is_symlink() else 'its own runs'})."
+        )
+    os.symlink(os.path.relpath(store.resolve(), out.resolve()), link, target_is_directory=True)
+
+
 def _write_results(out: Path, spec: Spec, job_list: list[Job], results: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     root = out / "runs"
     rows = [result_row(spec, r, root) for i in range(len(job_list)) if i in results for r in results[i]]
@@ -422,8 +436,15 @@ def sweep(
     jobs: int = 1,
     extra: dict[str, Any] | None = None,
     progress: bool = True,
+    runs_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run a sweep into ``out_dir``; return the results rows (also written to results.csv).
+
+    ``runs_dir``: a store of training runs shared by several sweeps (``crfl sweep --runs DIR``):
+    ``OUT/runs`` becomes a link to it, so a training configuration that two sweeps share (e.g.
+    the paper's MNIST default point of Fig. 2, 5, 6 and 11) is trained once, and a certification
+    setting they share is computed once. Sweeps sharing a store run one after another (a run
+    being trained is claimed; a second sweep training it at the same time fails that job).
 
     The sweep directory is claimed for the whole sweep (a second sweep on it is refused); every
     training run is claimed by the job that trains it. Workers die with the parent; Ctrl-C stops
@@ -438,6 +459,8 @@ def sweep(
     check_data(spec, job_list, out / "runs")  # one clear error before any run starts, not one error.txt per run
     claim = _claim_sweep(out)
     try:
+        if runs_dir is not None and spec.kind == "train":
+            _link_runs(out, Path(runs_dir))
         if spec.kind == "numeric":
             rows = numeric_study(spec)
             write_csv(out / "results.csv", list(rows[0]), [list(r.values()) for r in rows])

