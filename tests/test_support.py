@@ -317,6 +317,22 @@ def test_twin_tightness_and_the_certified_fraction_by_support(tmp_path, small_im
     by = s["results"]["clean"]["certified_at_attack_by_support"]
     assert set(by) == {"anywhere", "attack"} and by["attack"] == s["results"]["clean"]["certified_at_attack"]
     assert by["attack"] >= by["anywhere"]
+    # each support's fraction is the one a certification under that support gives: the same solve, rounding term
+    # E, the support's leak and the realised trigger included (not the exact-arithmetic radius)
+    s_any = certify_run(run, overrides={"certify.trigger_support": "anywhere"}, dataset=small_images)
+    for k in ("clean", "backdoor"):
+        assert s_any["results"][k]["certified_at_attack_by_support"] == s["results"][k]["certified_at_attack_by_support"]
+        assert s_any["results"][k]["certified_at_attack"] == s["results"][k]["certified_at_attack_by_support"]["anywhere"]
+    assert s_any["certificate"]["rounding_error"] > 0
+    budgets = np.logspace(-9, 1, 41)
+    cfg, final, log = load_run(run, {"certify.trigger_support": "attack"})
+    own = Certifier(prepare(cfg, small_images), final, log, run).impl
+    cfg, final, log = load_run(run, {"certify.trigger_support": "anywhere"})
+    anywhere = Certifier(prepare(cfg, small_images), final, log, run).impl
+    radii = own.radii_by_support(budgets)
+    np.testing.assert_array_equal(radii["attack"], own._solve(budgets))
+    np.testing.assert_array_equal(radii["anywhere"], anywhere._solve(budgets))
+    assert (radii["anywhere"][:3] == 0).all()  # budgets below E certify nothing under either support
     # crfl run / certify print both fractions and the tightness
     from crfl import cli, plots
 

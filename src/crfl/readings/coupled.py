@@ -703,7 +703,8 @@ class CoupledReading(Reading):
         for name in dict.fromkeys(("anywhere", "attack", self.support.kind)):
             terms = self._terms_for(name)
             if terms is not None:
-                out[name] = closeness.solve_radius(budget, terms, self.ing.input_norm_bound, enforced=self.ing.input_norm_enforced)
+                # the same solve as this certificate's own radius: rounding term E, the support's leak and the realised trigger
+                out[name] = solve(replace(self.ing, terms=terms), budget)
         return out
 
     def deviation_bound(self, terms: tuple[AttackTerm, ...] | None = None) -> float:
