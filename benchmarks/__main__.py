@@ -56,9 +56,10 @@ def peak_rss_gib() -> float:
 # ceilings
 
 
-def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeat: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n x n torch.mm in ``dtype``: the ceiling for work done in that dtype."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     t = best(lambda: torch.mm(a, b), repeat)
     return 2 * n**3 / t / 1e9
 
