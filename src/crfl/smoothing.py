@@ -42,6 +42,7 @@ absolute error bound on each probability used for the certificate.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Callable
@@ -51,13 +52,14 @@ import numpy as np
 import torch
 from scipy import special
 
-from crfl import progress
+from crfl import kernels, progress
 from crfl.validation import ConfigError, check_int, check_real
 
 __all__ = [
     "QUADRATURE_TOL",
     "QUAD_ERROR",
     "monte_carlo_counts_linear",
+    "mixed_vote_factor",
     "MC_FLIP_LIMIT",
     "vote_flip_probability",
     "monte_carlo_dtype",
@@ -90,6 +92,14 @@ _TINY = float(np.finfo(np.float64).tiny)
 # validation
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinite entry: one pass of aminmax (which propagates NaN), without a boolean copy of t."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def _check_linear(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor) -> None:
     for name, t, nd in (("weight", weight, 2), ("bias", bias, 1), ("X", X, 2)):
         if not isinstance(t, torch.Tensor) or t.ndim != nd or not t.is_floating_point():
@@ -103,7 +113,7 @@ def _check_linear(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor) -> 
     if X.shape[1] != d:
         raise ConfigError(f"The 'X' parameter must have d = {d} columns. Got {X.shape[1]} instead.")
     for name, t in (("weight", weight), ("bias", bias), ("X", X)):
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise ConfigError(f"The '{name}' parameter must hold finite values. Got a non-finite entry instead.")
 
 
@@ -132,6 +142,54 @@ def _count(pred: torch.Tensor, counts: torch.Tensor, start: int, C: int) -> None
     n_c, m = pred.shape
     ones = torch.ones((1, 1), dtype=counts.dtype, device=counts.device).expand(n_c, m)
     counts[start : start + n_c].scatter_add_(1, pred.to(counts.device), ones)
+
+
+def _addr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
+    """The address ``offset`` elements past ``t``'s first element (any strides), for a kernel argument."""
+    return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
+
+
+_I64 = ctypes.c_int64
+
+
+@functools.cache
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The votes kernel (crfl/kernels/votes.cpp) with its argument types declared (once per library)."""
+    P = ctypes.c_void_p
+    for f in (lib.votes_f32, lib.votes_f64):
+        f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, _I64, P]
+    lib.votes_mixed_f32.restype = _I64
+    return lib
+
+
+def _votes_kernel() -> ctypes.CDLL | None:
+    lib = kernels.load("votes")
+    return None if lib is None else _typed(lib)
+
+
+def _count_votes(logits: torch.Tensor, counts: torch.Tensor, start: int) -> None:
+    """counts[start + i, argmax_c logits[i, j, c]] += 1 for every point i and model j: the votes of a block
+    of logits (n_c, m, C) (any strides), the lowest class index on ties (torch.argmax's rule, NaN counting
+    as the largest).
+
+    One pass of the compiled kernel (crfl/kernels/votes.cpp) over the logits, split over threads by
+    points, where it applies (CPU, float32/float64); fastest when the models' logits of a class are
+    contiguous (stride 1 along the models: the class-major layout of the linear path). Else torch's
+    argmax and a scatter-add (:func:`_count`). Both give the same counts."""
+    n_c, m, C = logits.shape
+    lib = _votes_kernel()
+    if (lib is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64)
+            or not counts.is_contiguous() or n_c * m == 0):
+        _count(logits.argmax(dim=-1), counts, start, C)
+        return
+    fn = lib.votes_f32 if logits.dtype == torch.float32 else lib.votes_f64
+    sp, sj, sc = logits.stride()
+
+    def run(lo: int, hi: int) -> None:
+        fn(_addr(logits, lo * sp), hi - lo, m, C, sp, sj, sc, _addr(counts, (start + lo) * C))
+
+    kernels.parallel_for(n_c, run)
 
 
 #: at most this many points per product in the linear path. Smaller blocks keep a block's logits
@@ -212,29 +270,115 @@ def monte_carlo_dtype(weight_norm: float, sigma: float, M: int, num_features: in
 
 
 def _votes(
-    noisy_model: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
-    Xd: torch.Tensor, D: int, M: int, generator: torch.Generator, models_per_chunk: int, points_per_chunk: int,
-) -> torch.Tensor | None:
+    noisy_model: Callable[[torch.Tensor], Callable[[int, int, torch.Tensor], None]],
+    n: int, C: int, D: int, M: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
+    models_per_chunk: int, points_per_chunk: int,
+) -> torch.Tensor:
     """The chunk loops of ``GetCounts``, shared by the linear and the module versions.
 
     The M noisy models come in chunks of ``models_per_chunk``: for each chunk one (m, D) block
-    of N(0, 1) noise E is drawn from ``generator`` (in Xd's dtype, moved to Xd's device) and
-    ``noisy_model(E)`` gives the chunk's classifier, which maps a block of at most
-    ``points_per_chunk`` rows of Xd to logits (n_c, m, C). Returns (n, C) int64 counts of the
-    argmax predictions, or None when Xd has no rows (C is then unknown here).
+    of N(0, 1) noise E is drawn from ``generator`` (in ``dtype``, moved to ``device``) and
+    ``noisy_model(E)`` gives the chunk's vote counter, which adds the chunk's votes on points
+    [n0, n1) (at most ``points_per_chunk`` of them) into the (n, C) counts. Returns the (n, C)
+    int64 counts of the argmax predictions.
     """
-    n = Xd.shape[0]
-    counts: torch.Tensor | None = None
+    counts = torch.zeros((n, C), dtype=torch.int64, device=device)
     with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
         for m0 in range(0, M, models_per_chunk):
-            logits_of = noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, Xd.dtype, Xd.device))
+            add_votes = noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, dtype, device))
             for n0 in range(0, n, points_per_chunk):
-                logits = logits_of(Xd[n0 : n0 + points_per_chunk])
-                if counts is None:
-                    counts = torch.zeros((n, logits.shape[-1]), dtype=torch.int64, device=Xd.device)
-                _count(logits.argmax(dim=-1), counts, n0, logits.shape[-1])
+                add_votes(n0, min(n, n0 + points_per_chunk), counts)
             bar.update(min(M, m0 + models_per_chunk), f"{n} points")
     return counts
+
+
+def _float32_products_are_ieee() -> bool:
+    """True when float32 products run in IEEE float32 (no TF32/bf16 shortcuts a setting could turn on)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(mk, "fp32_precision", "none") in ("none", "ieee")
+
+
+def mixed_vote_factor(num_features: int) -> float:
+    """2 gamma_{d+3} (1 + 1e-6), gamma_k = k u / (1 - k u), u = 2^-24 (inf where (d + 3) u >= 1/2).
+
+    Times ||x~|| max_c ||(w~_c, b~_c)|| (x~ = [x; 1], (w~, b~) a float64 noisy model), a bound on twice the
+    difference between any float32 logit of that model on x and its exact logit (docs/theory.md (c), "float32
+    logits, float64 votes"); the factor 1 + 1e-6 covers the float64 rounding of the norms and of the products
+    that form the bound (relative < 1e-12)."""
+    k = (num_features + 3) * 2.0 ** -24
+    return 2.0 * (k / (1.0 - k)) * (1.0 + 1e-6) if k < 0.5 else math.inf
+
+
+def _linear_votes(
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
+) -> tuple[torch.Tensor, int]:
+    """:func:`monte_carlo_counts_linear`, and the number of (point, model) votes recomputed in float64 by the
+    mixed path (0 where it does not run). ``mixed`` None: the mixed path runs where it applies (float64
+    counts, the compiled votes kernel, a CPU tensor and IEEE float32 products); False: never."""
+    _check_linear(weight, bias, X)
+    sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
+    (C, d), n = weight.shape, X.shape[0]
+    device = weight.device
+    if dtype is None:
+        w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
+        dtype = monte_carlo_dtype(w_norm, sigma, M, d, C)
+    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
+    lib = _votes_kernel()
+    if mixed is None:
+        mixed = (dtype == torch.float64 and lib is not None and device.type == "cpu" and _float32_products_are_ieee()
+                 and math.isfinite(mixed_vote_factor(d)))
+    if mixed and lib is None:
+        raise ConfigError("The 'mixed' parameter needs the compiled votes kernel (crfl/kernels/votes.cpp), which is "
+                          "not available here (CRFL_KERNELS=0, or no C++ compiler).")
+    recomputed: list[int] = []  # per kernel call (list.append is atomic across threads)
+    if mixed:
+        X32 = Xd.float()
+        x_norm = torch.hypot(torch.linalg.vector_norm(Xd.double(), dim=1), torch.ones((), dtype=torch.float64))  # ||x~||
+        thr_x = (mixed_vote_factor(d) * x_norm).contiguous()
+        x_max = float(x_norm.max()) if n else 0.0
+
+    def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+        m = E.shape[0]
+        Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
+        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
+        # mixed: float32 products where no float32 logit can overflow, |logit| <= ||(w~_c, b~_c)|| ||x~|| (1 + gamma)
+        w_max = torch.hypot(torch.linalg.vector_norm(Wn, dim=2), bn).amax(dim=1).contiguous() if mixed else None
+        here = mixed and float(w_max.max()) * x_max <= 1e37
+        # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
+        # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
+        pdt = torch.float32 if here else dtype
+        Wcm = torch.empty((C, m, d), dtype=pdt, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
+        bcm = bn.T.to(pdt).reshape(1, C * m)
+
+        def logits(n0: int, n1: int) -> torch.Tensor:  # (n1 - n0, C m), row p: [class 0 of models 0..m-1, ...]
+            return torch.addmm(bcm, (X32 if here else Xd)[n0:n1], Wcm.T)
+
+        if not here:
+            def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
+                _count_votes(logits(n0, n1).view(n1 - n0, C, m).transpose(1, 2), counts, n0)
+
+            return add_votes
+        # float32 logits of the float64 noisy models; votes from the certified top-two gap, else float64 logits
+
+        def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
+            L = logits(n0, n1)
+
+            def run(lo: int, hi: int) -> None:
+                p = n0 + lo
+                recomputed.append(lib.votes_mixed_f32(
+                    _addr(L, lo * m * C), hi - lo, m, C, m * C, m, _addr(thr_x, p), _addr(w_max),
+                    _addr(Xd, p * d), _addr(Wn), _addr(bn), d, _addr(counts, p * C)))
+
+            kernels.parallel_for(n1 - n0, run)
+
+        return add_votes
+
+    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
+    counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk, block)
+    return counts, sum(recomputed)
 
 
 def monte_carlo_counts_linear(
@@ -255,32 +399,24 @@ def monte_carlo_counts_linear(
         generator: the only source of randomness.
         models_per_chunk, points_per_chunk: work sizes; memory is
             O(models_per_chunk * (C d + points_per_chunk * C)).
-        dtype: precision of noise and logits; None (default): :func:`monte_carlo_dtype`, the cheapest
+        dtype: precision of noise and votes; None (default): :func:`monte_carlo_dtype`, the cheapest
             dtype whose rounding changes no vote except with probability <= MC_FLIP_LIMIT per point (a
             ConfigError when float64 cannot resolve sigma either). A given dtype is used as it is.
+
+    Float64 votes are computed from float32 logits where the compiled votes kernel is available
+    (docs/theory.md (c), "float32 logits, float64 votes"): a vote is taken from the float32 logits
+    only when their top-two gap exceeds the proven bound on twice their rounding error (it is then
+    the exact vote of the float64 noisy model), else from the model's float64 logits; the counts
+    are those of the float64 products except where float64 rounding itself could flip a vote
+    (the event :func:`vote_flip_probability` bounds). ``CRFL_KERNELS=0`` computes every logit in
+    float64 with torch.
 
     Returns:
         (n, C) int64 counts; each row sums to M. The prediction of a noisy model is the
         argmax of its logits (the lowest class index on exact ties).
     """
-    _check_linear(weight, bias, X)
-    sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
-    C, d = weight.shape
-    device = weight.device
-    if dtype is None:
-        w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
-        dtype = monte_carlo_dtype(w_norm, sigma, M, d, C)
-    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype)
-
-    def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        m = E.shape[0]
-        Wn = (W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)).reshape(m * C, d)
-        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
-        return lambda Xc: torch.addmm(bn.reshape(1, m * C), Xc, Wn.T).view(Xc.shape[0], m, C)
-
-    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
-    counts = _votes(noisy_model, Xd, C * d + C, M, generator, models_per_chunk, block)
-    return counts if counts is not None else torch.zeros((0, C), dtype=torch.int64, device=device)
+    counts, _ = _linear_votes(weight, bias, X, sigma, M, generator, models_per_chunk, points_per_chunk, dtype)
+    return counts
 
 
 def monte_carlo_counts_module(
@@ -336,15 +472,17 @@ def monte_carlo_counts_module(
 
     batched = torch.vmap(one_model, in_dims=(0, None))
 
-    def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
         params = split(flat_params.unsqueeze(0) + sigma * E)
-        return lambda Xc: batched(params, Xc).transpose(0, 1)  # (m, n_c, C) -> (n_c, m, C)
 
-    counts = _votes(noisy_model, Xd, D, M, generator, models_per_chunk, points_per_chunk)
-    if counts is None:  # n == 0: the number of classes comes from one evaluation
-        C = one_model(split(flat_params), Xd[:0]).shape[-1]
-        counts = torch.zeros((0, C), dtype=torch.int64, device=flat_params.device)
-    return counts
+        def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
+            _count_votes(batched(params, Xd[n0:n1]).transpose(0, 1), counts, n0)  # (m, n_c, C) -> (n_c, m, C)
+
+        return add_votes
+
+    with torch.no_grad():
+        C = one_model(split(flat_params), Xd[:0]).shape[-1]  # the number of classes (no points evaluated)
+    return _votes(noisy_model, Xd.shape[0], C, D, M, generator, Xd.dtype, Xd.device, models_per_chunk, points_per_chunk)
 
 
 # ---------------------------------------------------------------------------------------------
