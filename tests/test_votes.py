@@ -15,8 +15,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from crfl import kernels, smoothing
-from crfl.smoothing import _count, _count_votes, _linear_votes, mixed_vote_factor, monte_carlo_counts_module
+from crfl import exact_votes, kernels, smoothing
+from crfl.smoothing import _count, _count_votes, _linear_votes, monte_carlo_counts_module
 
 pytestmark = pytest.mark.skipif(kernels.load("votes") is None, reason="no C++ compiler: the votes kernel is not built")
 
@@ -96,8 +96,8 @@ def test_linear_counts_identical_to_the_torch_path(monkeypatch, C, dtype):
     recomputed = 0
     for sigma in (0.3, 1e-4):
         args = (W, b, X, sigma, M, None, per, 128, dtype)
-        got, r = _linear_votes(*args[:5], gen(4), *args[6:])
-        ref, none = torch_counts(monkeypatch, lambda: _linear_votes(*args[:5], gen(4), *args[6:]))
+        got, r, _ = _linear_votes(*args[:5], gen(4), *args[6:])
+        ref, none, _ = torch_counts(monkeypatch, lambda: _linear_votes(*args[:5], gen(4), *args[6:]))
         assert none == 0
         assert torch.equal(got, ref), (sigma, (got != ref).sum())
         assert (got.sum(dim=1) == M).all()
@@ -114,23 +114,39 @@ def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch
     C, d, n, M = 10, 60, 200, 120
     W, b = _model(C, d, 3)
     X = _points(W, b, n, 2, on_boundary=n)
-    got, recomputed = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
-    ref, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64))
+    got, recomputed, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64))
     assert torch.equal(got, ref)
     assert recomputed > 0.2 * n * M
     # without the margin (every float32 argmax taken as the vote) the counts are wrong: the test can fail
-    monkeypatch.setattr(smoothing, "mixed_vote_factor", lambda num_features: 0.0)
-    bare, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    real = exact_votes.margin_threshold
+    monkeypatch.setattr(exact_votes, "margin_threshold",
+                        lambda px, d, dtype: real(px, d, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+    bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
     assert not torch.equal(bare, ref)
+
+
+def test_exact_ties_go_to_exact_arithmetic(monkeypatch):
+    """sigma = 0 on points where two classes tie exactly: neither float32 nor float64 can prove a vote, the
+    exact integer argmax gives the lowest class index (torch's rule), as the float64 path does."""
+    C, d, n, M = 3, 5, 12, 40
+    W = torch.tensor([[1.0, 2, 0, 0, 1], [1.0, 2, 0, 0, 1], [0.0, 0, 1, 1, 0]], dtype=torch.float64)  # rows 0, 1 equal
+    b = torch.tensor([0.25, 0.25, 0.0], dtype=torch.float64)
+    X = torch.rand(n, d, generator=gen(3), dtype=torch.float64)
+    got, recomputed, exact = _linear_votes(W, b, X, 0.0, M, gen(1), 16, 8, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 0.0, M, gen(1), 16, 8, torch.float64))
+    assert torch.equal(got, ref) and got[:, 1].sum() == 0
+    top = (X @ W.T + b).argmax(dim=1)
+    assert exact == (top == 0).sum() * M and recomputed >= exact
 
 
 def test_mixed_path_falls_back_where_float32_could_overflow(monkeypatch):
     C, d, n, M = 3, 8, 20, 30
     W, b = _model(C, d, 7, scale=1e37)  # float32 logits would overflow: the chunk runs in float64
     X = torch.rand(n, d, generator=gen(3), dtype=torch.float64)
-    got, recomputed = _linear_votes(W, b, X, 1e35, M, gen(6), 16, 8, torch.float64)
-    ref, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e35, M, gen(6), 16, 8, torch.float64))
-    assert recomputed == 0 and torch.equal(got, ref)
+    got, recomputed, exact = _linear_votes(W, b, X, 1e35, M, gen(6), 16, 8, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e35, M, gen(6), 16, 8, torch.float64))
+    assert recomputed == exact == 0 and torch.equal(got, ref)
 
 
 def test_public_counts_use_the_kernel_and_match_the_reference(monkeypatch):
@@ -148,42 +164,46 @@ def test_public_counts_use_the_kernel_and_match_the_reference(monkeypatch):
 # the bound itself: float32 logits against exact rational arithmetic
 
 
-def _exact_logit(w: torch.Tensor, bias: float, x: torch.Tensor) -> Fraction:
-    return sum((Fraction(float(a)) * Fraction(float(c)) for a, c in zip(w.tolist(), x.tolist())), Fraction(bias))
+def _exact_logit(w: list[float], e: list[float], sigma: float, x: list[float]) -> Fraction:
+    """(w + sigma e) . x~ in rationals (x~ = [x; 1]: w and e carry the bias last)."""
+    s = Fraction(sigma)
+    return sum((Fraction(a) + s * Fraction(c)) * Fraction(v) for a, c, v in zip(w, e, [*x, 1.0]))
 
 
 @pytest.mark.parametrize("case", ["images", "cancellation", "dynamic-range"])
-def test_float32_logit_error_stays_under_half_the_vote_margin(case):
-    """|fl32 logit - exact logit of the float64 model| <= mixed_vote_factor(d) / 2 * ||x~|| ||(w~_c, b~_c)||,
-    for logits computed exactly as the mixed path does (float32 addmm of the rounded model, class-major)."""
+def test_float32_logit_error_stays_under_half_the_margin(case):
+    """|float32 logit - exact logit of w + sigma e| <= margin_threshold(px, d, float32) pm / 2 for logits computed
+    as the mixed path does (float64 fl(w + fl(sigma e)), rounded to float32, class-major float32 addmm)."""
     g = gen({"images": 1, "cancellation": 2, "dynamic-range": 3}[case])
-    C, m, n, d = 4, 3, 6, 784
+    C, m, n, d, sigma = 4, 3, 6, 784, 0.37
     if case == "images":
         X = torch.rand(n, d, generator=g, dtype=torch.float64) * (torch.rand(n, d, generator=g) < 0.3)
-        Wn = torch.randn(m, C, d, generator=g, dtype=torch.float64) * 0.05
+        W = torch.randn(C, d, generator=g, dtype=torch.float64) * 0.05
     elif case == "cancellation":  # large terms of alternating sign that cancel almost exactly
         X = torch.full((n, d), 1.0, dtype=torch.float64) + torch.rand(n, d, generator=g, dtype=torch.float64) * 1e-3
-        sign = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double()
-        Wn = (sign * 1e3 + torch.randn(m, C, d, generator=g, dtype=torch.float64) * 1e-4)
+        W = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double().repeat(C, 1) * 1e3
     else:  # entries spread over many binades
         X = torch.exp(torch.randn(n, d, generator=g, dtype=torch.float64) * 6)
-        Wn = torch.exp(torch.randn(m, C, d, generator=g, dtype=torch.float64) * 6) * torch.sign(
-            torch.randn(m, C, d, generator=g, dtype=torch.float64))
-    bn = torch.randn(m, C, generator=g, dtype=torch.float64)
+        W = torch.exp(torch.randn(C, d, generator=g, dtype=torch.float64) * 6) * torch.randn(C, d, generator=g).sign()
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    E = torch.randn(m, C * d + C, generator=g, dtype=torch.float64)
+    Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)
+    bn = b.unsqueeze(0) + sigma * E[:, C * d :]
     Wcm = Wn.transpose(0, 1).float().contiguous().view(C * m, d)
     L = torch.addmm(bn.T.float().reshape(1, C * m), X.float(), Wcm.T).double().view(n, C, m)
-    xn = torch.hypot(torch.linalg.vector_norm(X, dim=1), torch.tensor(1.0, dtype=torch.float64))
-    wn = torch.hypot(torch.linalg.vector_norm(Wn, dim=2), bn)  # (m, C)
+    px, pm = exact_votes.logit_error_scales(W, b, sigma, E, X)
+    half = exact_votes.margin_threshold(px, d, torch.float32) / 2
     worst = 0.0
     for p in range(n):
         for j in range(m):
             for c in range(C):
-                exact = _exact_logit(Wn[j, c], float(bn[j, c]), X[p])
-                err = abs(Fraction(float(L[p, c, j])) - exact)
-                bound = Fraction(mixed_vote_factor(d) / 2) * Fraction(float(xn[p])) * Fraction(float(wn[j, c]))
+                w = [*W[c].tolist(), float(b[c])]
+                e = [*E[j, c * d : (c + 1) * d].tolist(), float(E[j, C * d + c])]
+                err = abs(Fraction(float(L[p, c, j])) - _exact_logit(w, e, sigma, X[p].tolist()))
+                bound = Fraction(float(half[p])) * Fraction(float(pm[j]))
                 assert err <= bound, (p, j, c, float(err), float(bound))
                 worst = max(worst, float(err / bound))
-    assert worst > 0  # rounding happened; the bound is a worst case (gamma_{d+3}), far above the realised error
+    assert worst > 0  # rounding happened; the bound is a worst case (gamma_{d+5}), far above the realised error
 
 
 # ---------------------------------------------------------------------------------------------

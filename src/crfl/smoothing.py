@@ -52,14 +52,13 @@ import numpy as np
 import torch
 from scipy import special
 
-from crfl import kernels, progress
+from crfl import exact_votes, kernels, progress
 from crfl.validation import ConfigError, check_int, check_real
 
 __all__ = [
     "QUADRATURE_TOL",
     "QUAD_ERROR",
     "monte_carlo_counts_linear",
-    "mixed_vote_factor",
     "MC_FLIP_LIMIT",
     "vote_flip_probability",
     "monte_carlo_dtype",
@@ -158,7 +157,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     P = ctypes.c_void_p
     for f in (lib.votes_f32, lib.votes_f64):
         f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
-    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, _I64, P]
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, P, _I64, P, P, P]
     lib.votes_mixed_f32.restype = _I64
     return lib
 
@@ -300,24 +299,13 @@ def _float32_products_are_ieee() -> bool:
     return getattr(mk, "fp32_precision", "none") in ("none", "ieee")
 
 
-def mixed_vote_factor(num_features: int) -> float:
-    """2 gamma_{d+3} (1 + 1e-6), gamma_k = k u / (1 - k u), u = 2^-24 (inf where (d + 3) u >= 1/2).
-
-    Times ||x~|| max_c ||(w~_c, b~_c)|| (x~ = [x; 1], (w~, b~) a float64 noisy model), a bound on twice the
-    difference between any float32 logit of that model on x and its exact logit (docs/theory.md (c), "float32
-    logits, float64 votes"); the factor 1 + 1e-6 covers the float64 rounding of the norms and of the products
-    that form the bound (relative < 1e-12)."""
-    k = (num_features + 3) * 2.0 ** -24
-    return 2.0 * (k / (1.0 - k)) * (1.0 + 1e-6) if k < 0.5 else math.inf
-
-
 def _linear_votes(
     weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
     models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
-) -> tuple[torch.Tensor, int]:
-    """:func:`monte_carlo_counts_linear`, and the number of (point, model) votes recomputed in float64 by the
-    mixed path (0 where it does not run). ``mixed`` None: the mixed path runs where it applies (float64
-    counts, the compiled votes kernel, a CPU tensor and IEEE float32 products); False: never."""
+) -> tuple[torch.Tensor, int, int]:
+    """:func:`monte_carlo_counts_linear`, and how many (point, model) votes the mixed path took from float64
+    logits and from exact arithmetic (0, 0 where it does not run). ``mixed`` None: the mixed path runs where it
+    applies (float64 counts, the compiled votes kernel, a CPU tensor and IEEE float32 products); False: never."""
     _check_linear(weight, bias, X)
     sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
     (C, d), n = weight.shape, X.shape[0]
@@ -328,25 +316,26 @@ def _linear_votes(
     W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
     lib = _votes_kernel()
     if mixed is None:
-        mixed = (dtype == torch.float64 and lib is not None and device.type == "cpu" and _float32_products_are_ieee()
-                 and math.isfinite(mixed_vote_factor(d)))
+        mixed = dtype == torch.float64 and lib is not None and device.type == "cpu" and _float32_products_are_ieee()
     if mixed and lib is None:
         raise ConfigError("The 'mixed' parameter needs the compiled votes kernel (crfl/kernels/votes.cpp), which is "
                           "not available here (CRFL_KERNELS=0, or no C++ compiler).")
-    recomputed: list[int] = []  # per kernel call (list.append is atomic across threads)
+    stats: list[tuple[int, int]] = []  # (float64, exact) per kernel call (list.append is atomic across threads)
     if mixed:
         X32 = Xd.float()
-        x_norm = torch.hypot(torch.linalg.vector_norm(Xd.double(), dim=1), torch.ones((), dtype=torch.float64))  # ||x~||
-        thr_x = (mixed_vote_factor(d) * x_norm).contiguous()
-        x_max = float(x_norm.max()) if n else 0.0
+        px, _ = exact_votes.logit_error_scales(W, b, sigma, torch.zeros((0, C * d + C), dtype=dtype), Xd)
+        thr32 = exact_votes.margin_threshold(px, d, torch.float32).contiguous()
+        thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
+        x_max = float(px.max()) if n else 0.0
+        mixed = bool(torch.isfinite(thr32).all())  # gamma_{d+5} exists in float32
 
     def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
         Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
         bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
-        # mixed: float32 products where no float32 logit can overflow, |logit| <= ||(w~_c, b~_c)|| ||x~|| (1 + gamma)
-        w_max = torch.hypot(torch.linalg.vector_norm(Wn, dim=2), bn).amax(dim=1).contiguous() if mixed else None
-        here = mixed and float(w_max.max()) * x_max <= 1e37
+        # mixed: float32 products where no float32 logit can overflow (|logit| <= pm ||x~|| (1 + gamma))
+        pm = exact_votes.logit_error_scales(W, b, sigma, E, Xd[:0])[1].contiguous() if mixed else None
+        here = mixed and float(pm.max()) * x_max <= 1e37
         # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
         # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
         pdt = torch.float32 if here else dtype
@@ -361,24 +350,34 @@ def _linear_votes(
                 _count_votes(logits(n0, n1).view(n1 - n0, C, m).transpose(1, 2), counts, n0)
 
             return add_votes
-        # float32 logits of the float64 noisy models; votes from the certified top-two gap, else float64 logits
 
+        # float32 logits of the noisy models; each vote from the float32 or float64 logits whose top-two gap
+        # proves it exact, the rest (near ties even in float64) from exact arithmetic (crfl.exact_votes)
         def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
             L = logits(n0, n1)
+            flagged = torch.empty((n1 - n0) * m, dtype=torch.int64)
+            left: list[torch.Tensor] = []
 
             def run(lo: int, hi: int) -> None:
-                p = n0 + lo
-                recomputed.append(lib.votes_mixed_f32(
-                    _addr(L, lo * m * C), hi - lo, m, C, m * C, m, _addr(thr_x, p), _addr(w_max),
-                    _addr(Xd, p * d), _addr(Wn), _addr(bn), d, _addr(counts, p * C)))
+                p, rec = n0 + lo, torch.zeros(1, dtype=torch.int64)
+                k = lib.votes_mixed_f32(
+                    _addr(L, lo * m * C), hi - lo, m, C, m * C, m, _addr(thr32, p), _addr(thr64, p), _addr(pm),
+                    _addr(Xd, p * d), _addr(Wn), _addr(bn), d, _addr(counts, p * C), _addr(flagged, lo * m), _addr(rec))
+                stats.append((int(rec), k))
+                left.append(flagged[lo * m : lo * m + k] + p * m)
 
             kernels.parallel_for(n1 - n0, run)
+            pairs = torch.cat(left)
+            if pairs.numel():
+                pts, mods = pairs // m, pairs % m
+                votes = exact_votes.exact_noisy_argmax(W, b, sigma, E[mods], Xd[pts])
+                counts.index_put_((pts, votes), torch.ones_like(votes), accumulate=True)
 
         return add_votes
 
     block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
     counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk, block)
-    return counts, sum(recomputed)
+    return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
 
 
 def monte_carlo_counts_linear(
@@ -403,20 +402,21 @@ def monte_carlo_counts_linear(
             dtype whose rounding changes no vote except with probability <= MC_FLIP_LIMIT per point (a
             ConfigError when float64 cannot resolve sigma either). A given dtype is used as it is.
 
-    Float64 votes are computed from float32 logits where the compiled votes kernel is available
-    (docs/theory.md (c), "float32 logits, float64 votes"): a vote is taken from the float32 logits
-    only when their top-two gap exceeds the proven bound on twice their rounding error (it is then
-    the exact vote of the float64 noisy model), else from the model's float64 logits; the counts
-    are those of the float64 products except where float64 rounding itself could flip a vote
-    (the event :func:`vote_flip_probability` bounds). ``CRFL_KERNELS=0`` computes every logit in
-    float64 with torch.
+    Float64 counts come from float32 products where the compiled votes kernel is available
+    (docs/theory.md (c), "Float32 logits, exact votes"): a vote is taken from the float32 logits
+    only when their top-two gap exceeds the proven bound on twice their rounding error
+    (:func:`crfl.exact_votes.margin_threshold`), else from the float64 logits of the classes that
+    can still win under the same test in float64, else (near ties even in float64) from exact
+    integer arithmetic (:func:`crfl.exact_votes.exact_noisy_argmax`). Every vote is then the exact
+    vote of its noisy model; they equal the float64 products' votes except where float64 rounding
+    could flip one (the event :func:`vote_flip_probability` bounds). ``CRFL_KERNELS=0`` computes
+    every logit in float64 with torch.
 
     Returns:
         (n, C) int64 counts; each row sums to M. The prediction of a noisy model is the
         argmax of its logits (the lowest class index on exact ties).
     """
-    counts, _ = _linear_votes(weight, bias, X, sigma, M, generator, models_per_chunk, points_per_chunk, dtype)
-    return counts
+    return _linear_votes(weight, bias, X, sigma, M, generator, models_per_chunk, points_per_chunk, dtype)[0]
 
 
 def monte_carlo_counts_module(

@@ -9,13 +9,13 @@
 // (n, m, C) logits) takes one model at a time. Single-threaded; crfl.kernels.parallel_for splits
 // the points over threads (each thread owns its points' rows of the counts).
 //
-// votes_mixed_f32 (docs/theory.md (c), "float32 logits, float64 votes"): the logits are float32
+// votes_mixed_f32 (docs/theory.md (c), "Float32 logits, exact votes"): the logits are float32
 // products of the float32-rounded float64 noisy models; a vote is taken from them only when the
 // computed top-two gap exceeds the proven bound on twice a logit's rounding error (then it is the
-// exact-arithmetic vote of the float64 noisy model). Otherwise the logits of the classes that can
-// still be the exact argmax (float32 logit within the bound of the top) are recomputed in float64
-// from the float64 model and input, and the vote is their argmax. No -ffast-math: comparisons are
-// IEEE. The caller makes sure no float32 logit can overflow (so none is NaN or infinite).
+// exact-arithmetic vote of the noisy model w + sigma e). Otherwise the logits of the classes that can
+// still be the exact argmax are recomputed in float64 and the same test is made with float64's bound;
+// the pairs that fail both are handed back for exact (integer) arithmetic. No -ffast-math: comparisons
+// are IEEE. The caller makes sure no float32 logit can overflow (so none is NaN or infinite).
 
 #include <cfloat>
 #include <cmath>
@@ -120,54 +120,67 @@ void votes_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int6
     votes(L, n, m, C, sp, sj, sc, counts);
 }
 
-// The votes of m float64 noisy models (weights Wn: (m, C, d), bias bn: (m, C), row-major) on n
-// float64 points X: (n, d), from their float32 logits in the class-major layout (L[p * sp + c * sc + j]).
-// thr_x[p] * w_max[j] bounds twice the rounding error of any float32 logit of model j on point p
-// (docs/theory.md (c)); the caller guarantees that no float32 logit can overflow (all are finite).
-// Returns the number of (point, model) votes taken from float64 logits.
+// The votes of m noisy models w + sigma e (float64 weights Wn = fl(w + fl(sigma e)): (m, C, d), bias bn: (m, C),
+// row-major) on n float64 points X: (n, d), from their float32 logits in the class-major layout
+// (L[p * sp + c * sc + j]). A logit computed in float32 (float64) is within thr32_x[p] * pm[j] / 2
+// (thr64_x[p] * pm[j] / 2) of the exact one (crfl.exact_votes.margin_threshold; the caller guarantees that
+// no float32 logit can overflow). A vote is taken where a computed top-two gap exceeds its threshold:
+// first from the float32 logits, else from the float64 logits of the classes that can still win. Pairs
+// that neither settles are not counted: their (point - 0) * m + model indices go to flagged[] (the
+// caller counts their exact votes). Returns the number flagged; *recomputed gets the number of pairs
+// whose float64 logits were computed.
 int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sc,
-                        const double* thr_x, const double* w_max,
-                        const double* X, const double* Wn, const double* bn, int64_t d, int64_t* counts) {
+                        const double* thr32_x, const double* thr64_x, const double* pm,
+                        const double* X, const double* Wn, const double* bn, int64_t d, int64_t* counts,
+                        int64_t* flagged, int64_t* recomputed) {
     float top[LANES], second[LANES];
     int32_t idx[LANES], sure[LANES];
-    int64_t recomputed = 0;
+    int64_t nflag = 0, nrec = 0;
     for (int64_t p = 0; p < n; ++p) {
         const float* v = L + p * sp;
         const double* x = X + p * d;
         int64_t* cnt = counts + p * C;
-        const double tx = thr_x[p];
+        const double t32 = thr32_x[p], t64 = thr64_x[p];
         for (int64_t j0 = 0; j0 < m; j0 += LANES) {
             const int64_t k = m - j0 < LANES ? m - j0 : LANES;
             top_two<false>(v + j0, k, C, sc, top, idx, second, nullptr);
-            // the computed gap (within one double rounding, which thr_x's factor 1 + 1e-6 covers) against the
-            // bound; + 1e-30 covers the absolute error of float32 underflow
+            // the computed gap (within one double rounding, covered by the threshold's safety factor)
+            // against the bound; + 1e-30 covers the absolute error of float32 underflow
 #pragma omp simd
             for (int64_t j = 0; j < k; ++j)
-                sure[j] = (double)top[j] - (double)second[j] > tx * w_max[j0 + j] + 1e-30;
+                sure[j] = (double)top[j] - (double)second[j] > t32 * pm[j0 + j] + 1e-30;
             histogram(idx, sure, k, C, cnt);
             for (int64_t jj = 0; jj < k; ++jj) {
                 if (sure[jj]) continue;
-                // ambiguous: float64 logits of the classes that can be the exact argmax (float32 logit within the
-                // bound of the top), their argmax with the lowest index on ties
+                // not settled: the float64 logits of the classes that can be the exact argmax (float32 logit
+                // within the bound of the top; the others are certainly below the top class)
                 const int64_t j = j0 + jj;
                 const double* w = Wn + j * C * d;
-                const double floor = (double)top[jj] - (tx * w_max[j] + 1e-30);
+                const double floor = (double)top[jj] - (t32 * pm[j] + 1e-30);
                 int64_t best = -1;
-                double bz = 0.0;
+                double bz = -INFINITY, sz = -INFINITY;
                 for (int64_t c = 0; c < C; ++c) {
-                    if (!((double)v[c * sc + j] >= floor)) continue;  // certainly below the top class
+                    if (!((double)v[c * sc + j] >= floor)) continue;
                     const double zc = dot64(w + c * d, x, d, bn[j * C + c]);
-                    if (best < 0 || (bz == bz && (zc > bz || zc != zc))) {
-                        best = c;
+                    if (best < 0 || zc > bz) {
+                        sz = bz;
                         bz = zc;
+                        best = c;
+                    } else if (zc > sz) {
+                        sz = zc;
                     }
                 }
-                cnt[best] += 1;
-                ++recomputed;
+                ++nrec;
+                if (bz - sz > t64 * pm[j] + 1e-300) {
+                    cnt[best] += 1;
+                } else {
+                    flagged[nflag++] = p * m + j;  // a near tie even in float64: exact arithmetic decides
+                }
             }
         }
     }
-    return recomputed;
+    *recomputed = nrec;
+    return nflag;
 }
 
 }  // extern "C"
