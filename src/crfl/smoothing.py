@@ -191,11 +191,12 @@ def _count_votes(logits: torch.Tensor, counts: torch.Tensor, start: int) -> None
     kernels.parallel_for(n_c, run)
 
 
-#: at most this many points per product in the linear path. Smaller blocks keep a block's logits
-#: (block x m C floats: 2.5 MB at 256 points, m = 250, C = 10) in cache for the argmax, which then costs
-#: less (single-threaded, measured); with 2 threads on a busy machine the many small parallel regions
-#: cost more than that saves, so the default stays at the points_per_chunk default (docs/benchmarks.md).
-LINEAR_POINT_BLOCK = 2048
+#: points per product in the linear path with the votes kernel: each thread multiplies its own blocks of this
+#: many points single-threaded and counts their votes at once, while the block's logits (256 x 2500 float32:
+#: 2.5 MB) are still in its cache; no barrier between the product and the votes. Without the kernel (torch
+#: path) the products are blocks of points_per_chunk points, multi-threaded by torch. The votes do not depend
+#: on either size (docs/benchmarks.md, certification).
+LINEAR_POINT_BLOCK = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +292,20 @@ def _votes(
     return counts
 
 
+def _single_threaded_products(work: Callable[[int], None]) -> None:
+    """work(threads) with torch's intra-op threads set to 1 for its duration: ``work`` splits its points over
+    ``threads`` Python threads (crfl.kernels.parallel_for), each running its own single-threaded products."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        work(1)
+        return
+    torch.set_num_threads(1)
+    try:
+        work(threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _float32_products_are_ieee() -> bool:
     """True when float32 products run in IEEE float32 (no TF32/bf16 shortcuts a setting could turn on)."""
     if torch.get_float32_matmul_precision() != "highest":
@@ -345,29 +360,34 @@ def _linear_votes(
         def logits(n0: int, n1: int) -> torch.Tensor:  # (n1 - n0, C m), row p: [class 0 of models 0..m-1, ...]
             return torch.addmm(bcm, (X32 if here else Xd)[n0:n1], Wcm.T)
 
-        if not here:
-            def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
+        if lib is None:  # the torch path: one multi-threaded product per block, torch.argmax, a scatter-add
+            def add_torch(n0: int, n1: int, counts: torch.Tensor) -> None:
                 _count_votes(logits(n0, n1).view(n1 - n0, C, m).transpose(1, 2), counts, n0)
 
-            return add_votes
+            return add_torch
+        votes_fn = lib.votes_f32 if pdt == torch.float32 else lib.votes_f64
 
-        # float32 logits of the noisy models; each vote from the float32 or float64 logits whose top-two gap
-        # proves it exact, the rest (near ties even in float64) from exact arithmetic (crfl.exact_votes)
         def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
-            L = logits(n0, n1)
-            flagged = torch.empty((n1 - n0) * m, dtype=torch.int64)
             left: list[torch.Tensor] = []
 
-            def run(lo: int, hi: int) -> None:
-                p, rec = n0 + lo, torch.zeros(1, dtype=torch.int64)
-                k = lib.votes_mixed_f32(
-                    _addr(L, lo * m * C), hi - lo, m, C, m * C, m, _addr(thr32, p), _addr(thr64, p), _addr(pm),
-                    _addr(Xd, p * d), _addr(Wn), _addr(bn), d, _addr(counts, p * C), _addr(flagged, lo * m), _addr(rec))
-                stats.append((int(rec), k))
-                left.append(flagged[lo * m : lo * m + k] + p * m)
+            def run(lo: int, hi: int) -> None:  # this thread's points, block by block (product, then votes)
+                for a in range(n0 + lo, n0 + hi, LINEAR_POINT_BLOCK):
+                    z = min(n0 + hi, a + LINEAR_POINT_BLOCK)
+                    L = logits(a, z)
+                    if not here:
+                        votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
+                        continue
+                    # float32 logits: each vote from the float32 or float64 logits whose top-two gap proves it
+                    # exact; the rest (near ties even in float64) from exact arithmetic (crfl.exact_votes)
+                    flagged, rec = torch.empty((z - a) * m, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+                    k = lib.votes_mixed_f32(
+                        _addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(thr64, a), _addr(pm),
+                        _addr(Xd, a * d), _addr(Wn), _addr(bn), d, _addr(counts, a * C), _addr(flagged), _addr(rec))
+                    stats.append((int(rec), k))
+                    left.append(flagged[:k] + a * m)
 
-            kernels.parallel_for(n1 - n0, run)
-            pairs = torch.cat(left)
+            _single_threaded_products(lambda threads: kernels.parallel_for(n1 - n0, run, threads=threads))
+            pairs = torch.cat(left) if left else torch.zeros(0, dtype=torch.int64)
             if pairs.numel():
                 pts, mods = pairs // m, pairs % m
                 votes = exact_votes.exact_noisy_argmax(W, b, sigma, E[mods], Xd[pts])
@@ -375,8 +395,8 @@ def _linear_votes(
 
         return add_votes
 
-    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
-    counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk, block)
+    counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
+                    points_per_chunk)
     return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
 
 
