@@ -490,7 +490,7 @@ logits, exact votes"). What remains beyond the products (measured single-threade
 noise draw (about 10%: torch's float64 normal is serial; a cheaper draw would change the replayed votes), the
 noisy weights' copy and norms (about 4%). Tried and not kept: one multi-threaded product per block of
 256-2048 points followed by a threaded votes pass (a barrier per block; at 2048 points the logits leave the
-cache: 25% slower than the per-thread blocks in alternating runs); the kernel with 16-128 lanes. The block
+cache: 20-40% slower than the per-thread blocks in alternating runs); the kernel with 16-128 lanes. The block
 size does not change the votes.
 """
 
