@@ -33,6 +33,19 @@ template <> struct Vec<float> { typedef float type __attribute__((vector_size(64
 constexpr int RB = 2;     // rows per block of the logits
 constexpr int CBMAX = 10; // classes per block (RB x CBMAX and CBMAX x IV accumulators fit the 32 registers)
 constexpr int IV = 2;     // vectors of pixels per block of the update
+constexpr int64_t IC_BYTES = 2048;  // pixels per chunk of the logits (in bytes of one row): CBMAX rows of Ws in L1
+
+template <class S>
+inline void prefetch_row(const S* xs, int64_t row, int64_t d) {  // a storage row into L2 (a hint only)
+    if (row < 0) return;
+    const char* p = reinterpret_cast<const char*>(xs + row * d);
+    for (int64_t o = 0; o < d * (int64_t)sizeof(S); o += 64) __builtin_prefetch(p + o, 0, 2);
+}
+
+template <class T>
+inline typename Vec<T>::type bcast(T s) {  // s in every lane (s - 0 is s exactly: one broadcast)
+    return s - typename Vec<T>::type{};
+}
 
 template <class T>
 inline T hsum(typename Vec<T>::type v) {  // the lanes' partial sums, added pairwise
@@ -44,17 +57,20 @@ inline T hsum(typename Vec<T>::type v) {  // the lanes' partial sums, added pair
     return s[0];
 }
 
-// Z[j, c0..c0+CB) = b + X[j] . Ws[c] for rows j0..j0+R
+// Lane-wise partial sums P[j, c] (one vector each) of X[j] . Ws[c] over the pixels [i0, i1), rows
+// j0..j0+R, classes c0..c0+CB: started from zero at the first chunk, kept in P between chunks (so that
+// a chunk of Ws stays in L1 across all rows), and at the last chunk added up into Z = b + sum.
 template <class T, int R, int CB>
-void logits_block(const T* X, const T* Ws, const T* b, T* Z, int64_t dp, int64_t C, int64_t j0, int64_t c0) {
+void logits_block(const T* X, const T* Ws, const T* b, T* Z, typename Vec<T>::type* P, int64_t dp, int64_t C,
+                  int64_t j0, int64_t c0, int64_t i0, int64_t i1) {
     using V = typename Vec<T>::type;
     constexpr int L = Vec<T>::L;
     V acc[R][CB];
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 32
-        for (int c = 0; c < CB; ++c) acc[r][c] = V{} ;
-    for (int64_t i = 0; i < dp; i += L) {
+        for (int c = 0; c < CB; ++c) acc[r][c] = i0 == 0 ? V{} : P[(j0 + r) * C + c0 + c];
+    for (int64_t i = i0; i < i1; i += L) {
         V x[R];
 #pragma GCC unroll 32
         for (int r = 0; r < R; ++r) x[r] = *reinterpret_cast<const V*>(X + (j0 + r) * dp + i);
@@ -65,8 +81,13 @@ void logits_block(const T* X, const T* Ws, const T* b, T* Z, int64_t dp, int64_t
             for (int r = 0; r < R; ++r) acc[r][c] += x[r] * w;
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < CB; ++c) Z[(j0 + r) * C + c0 + c] = b[c0 + c] + hsum<T>(acc[r][c]);
+    if (i1 < dp) {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < CB; ++c) P[(j0 + r) * C + c0 + c] = acc[r][c];
+    } else {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < CB; ++c) Z[(j0 + r) * C + c0 + c] = b[c0 + c] + hsum<T>(acc[r][c]);
+    }
 }
 
 // W[c0..c0+CB), pixel vectors v0..v0+NV) += alpha * sum_j G[j, c] X[j]
@@ -85,12 +106,12 @@ void update_block(const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, 
         for (int v = 0; v < NV; ++v) x[v] = *reinterpret_cast<const V*>(X + j * dp + i0 + v * L);
 #pragma GCC unroll 32
         for (int c = 0; c < CB; ++c) {
-            const V g = V{} + G[j * C + c0 + c];  // broadcast
+            const V g = bcast<T>(G[j * C + c0 + c]);
 #pragma GCC unroll 32
             for (int v = 0; v < NV; ++v) acc[c][v] += g * x[v];
         }
     }
-    const V a = V{} + alpha;
+    const V a = bcast<T>(alpha);
     for (int c = 0; c < CB; ++c)
         for (int v = 0; v < NV; ++v) {
             V* w = reinterpret_cast<V*>(W + (c0 + c) * dp + i0 + v * L);
@@ -100,10 +121,11 @@ void update_block(const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, 
 
 // dispatch a runtime class count cb in 1..CBMAX to the template instance
 template <class T, int R, int CB = CBMAX>
-void logits_cb(int cb, const T* X, const T* Ws, const T* b, T* Z, int64_t dp, int64_t C, int64_t j0, int64_t c0) {
+void logits_cb(int cb, const T* X, const T* Ws, const T* b, T* Z, typename Vec<T>::type* P, int64_t dp, int64_t C,
+               int64_t j0, int64_t c0, int64_t i0, int64_t i1) {
     if constexpr (CB >= 1) {
-        if (cb == CB) return logits_block<T, R, CB>(X, Ws, b, Z, dp, C, j0, c0);
-        logits_cb<T, R, CB - 1>(cb, X, Ws, b, Z, dp, C, j0, c0);
+        if (cb == CB) return logits_block<T, R, CB>(X, Ws, b, Z, P, dp, C, j0, c0, i0, i1);
+        logits_cb<T, R, CB - 1>(cb, X, Ws, b, Z, P, dp, C, j0, c0, i0, i1);
     }
 }
 template <class T, int NV, int CB = CBMAX>
@@ -134,8 +156,11 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
     T* Ws = aligned<T>(C * dp);
     T* b = aligned<T>(C);
     T* Z = aligned<T>(n_B * C);
+    using V = typename Vec<T>::type;
+    V* P = aligned<V>(n_B * C);
+    constexpr int64_t IC = IC_BYTES / sizeof(T);
     int64_t* lab = aligned<int64_t>(n_B);
-    int status = (X && W && Ws && b && Z && lab) ? 0 : 1;
+    int status = (X && W && Ws && b && Z && P && lab) ? 0 : 1;
     const T invT = (T)inv, alpha = (T)(-lr * inv), eta = (T)lr;
     for (int64_t k = k_lo; k < k_hi && status == 0; ++k) {
         const T* w0 = starts + k * start_stride;
@@ -160,12 +185,21 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
             } else {
                 std::memcpy(Ws, W, C * dp * sizeof(T));
             }
+            const int64_t* next = s + 1 < tau ? rows + n_B : nullptr;
+            int64_t fetched = 0;  // the next step's rows, prefetched into L2 while this step computes
             for (int64_t c0 = 0; c0 < C; c0 += CBMAX) {
                 const int cb = (int)std::min<int64_t>(CBMAX, C - c0);
-                int64_t j = 0;
-                for (; j + RB <= n; j += RB) logits_cb<T, RB>(cb, X, Ws, b, Z, dp, C, j, c0);
-                for (; j < n; ++j) logits_cb<T, 1>(cb, X, Ws, b, Z, dp, C, j, c0);
+                for (int64_t i0 = 0; i0 < dp; i0 += IC) {
+                    const int64_t i1 = std::min(dp, i0 + IC);
+                    int64_t j = 0;
+                    for (; j + RB <= n; j += RB) {
+                        logits_cb<T, RB>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
+                        if (next && fetched < n_B) prefetch_row(xs, next[fetched++], d);
+                    }
+                    for (; j < n; ++j) logits_cb<T, 1>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
+                }
             }
+            while (next && fetched < n_B) prefetch_row(xs, next[fetched++], d);
             // G = a softmax(z) - a e_y, in place of Z
             for (int64_t j = 0; j < n; ++j) {
                 T* z = Z + j * C;
@@ -198,7 +232,7 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
             for (int64_t i = 0; i < d; ++i) o[c * d + i] = W[c * dp + i] - w0[c * d + i];
         for (int64_t c = 0; c < C; ++c) o[C * d + c] = b[c] - w0[C * d + c];
     }
-    std::free(X); std::free(W); std::free(Ws); std::free(b); std::free(Z); std::free(lab);
+    std::free(X); std::free(W); std::free(Ws); std::free(b); std::free(Z); std::free(P); std::free(lab);
     return status;
 }
 
