@@ -186,20 +186,16 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
                 std::memcpy(Ws, W, C * dp * sizeof(T));
             }
             const int64_t* next = s + 1 < tau ? rows + n_B : nullptr;
-            int64_t fetched = 0;  // the next step's rows, prefetched into L2 while this step computes
+            for (int64_t q = 0; next && q < n_B; ++q) prefetch_row(xs, next[q], d);  // into L2 while this step computes
             for (int64_t c0 = 0; c0 < C; c0 += CBMAX) {
                 const int cb = (int)std::min<int64_t>(CBMAX, C - c0);
                 for (int64_t i0 = 0; i0 < dp; i0 += IC) {
                     const int64_t i1 = std::min(dp, i0 + IC);
                     int64_t j = 0;
-                    for (; j + RB <= n; j += RB) {
-                        logits_cb<T, RB>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
-                        if (next && fetched < n_B) prefetch_row(xs, next[fetched++], d);
-                    }
+                    for (; j + RB <= n; j += RB) logits_cb<T, RB>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
                     for (; j < n; ++j) logits_cb<T, 1>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
                 }
             }
-            while (next && fetched < n_B) prefetch_row(xs, next[fetched++], d);
             // G = a softmax(z) - a e_y, in place of Z
             for (int64_t j = 0; j < n; ++j) {
                 T* z = Z + j * C;
