@@ -809,24 +809,30 @@ sessions measured, the same work is ~45 s at the matmul rate.
 ## The training round against its compute bound
 
 The paper's MNIST round is compute-bound on paper (1.9 GFLOP against 85 MB of unavoidable traffic),
-but its arithmetic comes as 600 small products, two per local step of 20 clients:
-(20 x 100 x 784) x (784 x 10) for the logits and its transpose for the gradient. A 784 x 10 weight
-gives each product an output only 10 columns wide, so the kernels stream the 6.3 MB float batch
-(in cache or not) twice per step and run well below the square-matmul rate; converting the uint8
-rows to floats is one more pass. These three passes are the floor of this design: each is about
-0.15-0.25 ms per step measured alone (gather and convert, logits, update), 30 steps per round.
+but its arithmetic comes as 600 small products, two per local step of 20 clients: (100 x 784) x
+(784 x 10) for the logits and its transpose for the gradient, in float64 (preset `mnist`), so the
+bound is the round's FLOP at the float64 matmul rate measured in the same run. A 784 x 10 weight
+gives each product an output only 10 columns wide: BLAS runs such products well below the
+square-matmul rate, and the torch path (`crfl.local.linear_local_updates_torch`: each step's rows
+converted into one float buffer, the logits `baddbmm`, the update fused into a second `baddbmm`)
+streams the 12.5 MB float64 batch of all 20 clients three times per step, out of cache.
 
-What the fused step (`crfl.local.linear_local_updates`, issue 20) removes: the per-step
-bookkeeping of the generic step (25 operations per step: validity masks, label gathers, weights,
-a separate gradient tensor concatenated and subtracted, a pass scaling the batch) becomes about 12,
-the labels and averaging weights of the whole round are gathered once (as weighted one-hot targets),
-each step's rows are converted into one reused float buffer, the 1/255 pixel scale enters both
-products as their `alpha`, and the gradient product is fused into the update
-(`W.baddbmm_(G^T, X, alpha=-eta/255)`). What was tried and not kept: gathering the whole round's
-rows at once (47 MB: slower, it leaves the cache), a class-major logits layout, `torch.compile`
-(inductor needs a C++ toolchain and tens of seconds of warm-up per process, more than the whole
-training of a `crfl run`). Closing the rest of the gap needs a kernel that converts, multiplies and
-back-propagates each batch in one pass (a compiled extension), which we have not written.
+The compiled local SGD (`crfl/kernels/linear_sgd.cpp`, issue 20) trains one client's tau steps in
+one call, the 20 clients split over the torch threads (`crfl.kernels.parallel_for`). Per step it
+gathers the batch's 100 rows and converts them once into a 627 KB buffer that stays in the core's
+L2, computes the logits with 2 rows x 10 classes of vector partial sums in registers (class-major
+W, vectors along the pixels, the pixels in chunks so that a chunk of the weights stays in L1),
+the softmax with the C library's `exp`, and the update W[c, i-block] += alpha sum_j G[j, c] X[j,
+i-block] with 10 classes x 16 pixels of accumulators per block; the next step's rows (scattered over
+the 47 MB data set) are prefetched into L2 while a step computes. The operations are the torch
+path's (docs/theory.md (g) step 7 covers both). Measured single-threaded on 10 clients (a C++
+harness, best of 9, quiet): the update runs at the float64 matmul rate (77 GFLOP/s), the logits at
+about 60 GFLOP/s, and the rest of a step is the gather and conversion (about a quarter of it,
+partly waiting on memory), the softmax's 1000 scalar `exp` (a tenth) and the prefetching. What was
+tried and not kept: prefetching spread over the step, or two steps ahead (no faster); converting
+each row chunk just before its logits (no faster); vector conversions by `__builtin_convertvector`
+(GCC 12 emits scalar code for uint8 to float64). The torch path remains the reference
+(`CRFL_KERNELS=0`, or no C++ compiler): it and the generic local step are in the table for comparison.
 
 ## Monte Carlo certification against the matmul rate
 
