@@ -2,7 +2,7 @@
 //
 // Step s of client k:  W <- W - eta * sum_j a_j (softmax(W x_j + b) - e_{y_j}) x_j^T,  b likewise,
 // with a_j = 1 / (valid samples in the batch), inputs x_j = xs_j * inv in storage units xs_j (0..255
-// pixels). The operations are those of the torch path (crfl.local.linear_local_updates), so that
+// pixels). The operations are those of the torch path (crfl.local.linear_local_updates_torch), so that
 // docs/theory.md (g) step 7's rounding bound covers both:
 //   logits    z_j = fl(b + sum_i (W*inv)[c, i] xs_j[i])   (weights scaled first; the sum in any order, A2)
 //   softmax   e = exp(z - max z) (libm exp), S = sum_c e_c, G[j, c] = e_c * (a_j / S) - a_j [c == y_j]
@@ -13,7 +13,8 @@
 //
 // Layout: W is class-major (C x d, as the flat parameters store it), copied once per client into a
 // buffer padded to dp (a multiple of the vector length) with zero columns, which no step changes. Each
-// batch is gathered and converted once into an L2-resident buffer X (n_B x dp, zero-padded). The
+// batch is gathered and converted once into an L2-resident buffer X (n_B x dp, zero-padded; AVX-512
+// conversions of uint8 pixels where the CPU has them, a plain loop otherwise). The
 // logits take a block of RB rows x CB classes of vector partial sums (registers); the update a block
 // of CB classes x IV vectors of pixels, looping over the batch. Single-threaded: the caller splits
 // the clients over threads (crfl.kernels.parallel_for); a client's result does not depend on the split.
@@ -23,6 +24,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -136,6 +141,23 @@ void update_cb(int cb, const T* X, const T* G, T* W, T alpha, int64_t n, int64_t
     }
 }
 
+// dst[0..d) = src[0..d) as T: exact from uint8 (and from float32 to float64), rounded to nearest otherwise
+template <class T, class S>
+inline void convert(T* dst, const S* src, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<S, uint8_t> && std::is_same_v<T, double>) {  // 8 pixels: zero-extend, convert
+        for (; i + 8 <= d; i += 8)
+            _mm512_store_pd(dst + i, _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(src + i)))));
+    } else if constexpr (std::is_same_v<S, uint8_t> && std::is_same_v<T, float>) {  // 16 pixels
+        for (; i + 16 <= d; i += 16)
+            _mm512_store_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + i)))));
+    }
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < d; ++j) dst[j] = (T)src[j];
+}
+
 template <class T>
 T* aligned(int64_t count) {  // zero-filled, 64-byte aligned
     size_t bytes = ((size_t)count * sizeof(T) + 63) / 64 * 64;
@@ -172,9 +194,7 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
             for (int64_t j = 0; j < n_B; ++j) {
                 if (rows[j] < 0) continue;
                 const S* src = xs + rows[j] * d;
-                T* dst = X + n * dp;
-#pragma omp simd
-                for (int64_t i = 0; i < d; ++i) dst[i] = (T)src[i];
+                convert(X + n * dp, src, d);
                 lab[n++] = y[rows[j]];
             }
             if (n == 0) continue;  // an empty step changes nothing
