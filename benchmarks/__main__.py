@@ -833,6 +833,9 @@ tried and not kept: prefetching spread over the step, or two steps ahead (no fas
 each row chunk just before its logits (no faster); vector conversions by `__builtin_convertvector`
 (GCC 12 emits scalar code for uint8 to float64). The torch path remains the reference
 (`CRFL_KERNELS=0`, or no C++ compiler): it and the generic local step are in the table for comparison.
+On the shared machine the torch path's ~12 parallel regions per step make it erratic when another
+process holds a core (0.05 to 1.5 s per round in alternating runs of one session), the kernel's one
+parallel region per round much less so (0.03 to 0.10 s); compare the two only in quiet runs.
 
 ## Monte Carlo certification against the matmul rate
 
