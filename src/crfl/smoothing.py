@@ -329,12 +329,12 @@ def _linear_votes(
         w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
         dtype = monte_carlo_dtype(w_norm, sigma, M, d, C)
     W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
-    lib = _votes_kernel()
+    lib = _votes_kernel() if device.type == "cpu" else None
     if mixed is None:
-        mixed = dtype == torch.float64 and lib is not None and device.type == "cpu" and _float32_products_are_ieee()
+        mixed = dtype == torch.float64 and lib is not None and _float32_products_are_ieee()
     if mixed and lib is None:
-        raise ConfigError("The 'mixed' parameter needs the compiled votes kernel (crfl/kernels/votes.cpp), which is "
-                          "not available here (CRFL_KERNELS=0, or no C++ compiler).")
+        raise ConfigError("The 'mixed' parameter needs the compiled votes kernel (crfl/kernels/votes.cpp) and CPU "
+                          "tensors; the kernel is not available here (CRFL_KERNELS=0, no C++ compiler, or another device).")
     stats: list[tuple[int, int]] = []  # (float64, exact) per kernel call (list.append is atomic across threads)
     if mixed:
         X32 = Xd.float()
@@ -501,7 +501,7 @@ def monte_carlo_counts_module(
         return add_votes
 
     with torch.no_grad():
-        C = one_model(split(flat_params), Xd[:0]).shape[-1]  # the number of classes (no points evaluated)
+        C = one_model(split(flat_params), Xd[:1]).shape[-1]  # the number of classes (one point evaluated)
     return _votes(noisy_model, Xd.shape[0], C, D, M, generator, Xd.dtype, Xd.device, models_per_chunk, points_per_chunk)
 
 
