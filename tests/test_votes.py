@@ -2,9 +2,10 @@
 
 The torch path (``CRFL_KERNELS=0``: torch.argmax and a scatter-add, float64 logits in float64) is the
 reference: the counts must be identical, not close. The mixed path (float32 logits, a vote taken only
-when the top-two gap beats the proven rounding bound, float64 logits otherwise) is checked three ways:
-counts equal to the float64 ones, the bound against exact rational arithmetic on adversarial inputs,
-and a run without the margin that does change the votes (so the equality tests can fail).
+when the top-two gap beats the proven rounding bound, else from float64 logits under the same test, else
+from exact integer arithmetic) is checked four ways: counts equal to the float64 ones, exact ties decided
+exactly, the bound against exact rational arithmetic on adversarial inputs, and a run without the margin
+that does change the votes (so the equality tests can fail).
 """
 
 from __future__ import annotations
