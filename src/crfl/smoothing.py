@@ -46,6 +46,7 @@ import ctypes
 import functools
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -283,9 +284,18 @@ def _votes(
     int64 counts of the argmax predictions.
     """
     counts = torch.zeros((n, C), dtype=torch.int64, device=device)
-    with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
-        for m0 in range(0, M, models_per_chunk):
-            add_votes = noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, dtype, device))
+    starts = list(range(0, M, models_per_chunk))
+    draw = lambda m0: _noise(min(models_per_chunk, M - m0), D, generator, dtype, device)  # noqa: E731
+    # the next chunk's noise is drawn on a helper thread while this chunk's votes are counted (torch's normal
+    # sampler is serial); the draws stay in chunk order from the one generator, so the noise is the same
+    with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="crfl-noise") as helper:
+        pending = helper.submit(draw, starts[0])
+        for i, m0 in enumerate(starts):
+            E = pending.result()
+            if i + 1 < len(starts):
+                pending = helper.submit(draw, starts[i + 1])
+            add_votes = noisy_model(E)
             for n0 in range(0, n, points_per_chunk):
                 add_votes(n0, min(n, n0 + points_per_chunk), counts)
             bar.update(min(M, m0 + models_per_chunk), f"{n} points")
