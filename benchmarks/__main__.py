@@ -572,24 +572,25 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
 
 CERT_NOTES = """
 How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). Each chunk of 250
-noisy models is one float64 noise draw (the stream `--replay-seed` replays) and one copy of the noisy weights
-with their columns class-major (the logits of the 250 models for one class contiguous). Then the points are
-split over the threads (`crfl.kernels.parallel_for`, torch's own threads set to 1 meanwhile): each thread
-multiplies its blocks of 256 points with the (784 x 2500) weights single-threaded and, while the block's
-2.5 MB of logits are still in its cache, runs the votes kernel (`crfl/kernels/votes.cpp`) over them: each
-model's argmax in SIMD lanes, the votes added into the counts. No barrier between product and votes, and
-none between blocks. Counts in float64 (the mnist, emnist, loan and demo presets) run their products in
-float32: the kernel takes a vote from the float32 logits only when their top-two gap exceeds the proven bound
-on twice a logit's rounding error, recomputes the logits of the classes that can still win in float64 for
-the rest (about 0.5% here) and hands near ties even in float64 to exact integer arithmetic
+noisy models is one float64 noise draw (the stream `--replay-seed` replays) and one copy of the noisy
+weights with their columns class-major (the logits of the 250 models for one class contiguous). Then the
+points are split over the threads (`crfl.kernels.parallel_for`, torch's own threads set to 1 meanwhile):
+each thread multiplies its blocks of 256 points with the (784 x 2500) weights single-threaded and, while the
+block's 2.5 MB of logits are still in its cache, runs the votes kernel (`crfl/kernels/votes.cpp`) over them:
+each model's argmax in SIMD lanes, the votes added into the counts. No barrier between product and votes,
+and none between blocks. Counts in float64 (the mnist, emnist, loan and demo presets) run their products in
+float32: the kernel takes a vote from the float32 logits only when their top-two gap exceeds the proven
+bound on twice a logit's rounding error, recomputes the logits of the classes that can still win in float64
+for the rest (about 0.5% here) and hands near ties even in float64 to exact integer arithmetic
 (`crfl.exact_votes`), so every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32
-logits, exact votes"). What remains beyond the products (measured single-threaded, 256-point block: product
-6.6 ms, votes 0.47 ms of which 0.2 ms are the float64 recomputations): the votes pass (about 7%), the float64
-noise draw (about 10%: torch's float64 normal is serial; a cheaper draw would change the replayed votes), the
-noisy weights' copy and norms (about 4%). Tried and not kept: one multi-threaded product per block of
-256-2048 points followed by a threaded votes pass (a barrier per block; at 2048 points the logits leave the
-cache: 20-40% slower than the per-thread blocks in alternating runs); the kernel with 16-128 lanes. The block
-size does not change the votes.
+logits, exact votes"). What remains beyond the products (measured single-threaded): the votes pass, 0.47 ms
+per 256-point block against the product's 6.6 ms (7%; 0.2 ms of it the float64 recomputations); the float64
+noise draw, 33 ms per chunk and serial (torch's normal sampler), about 12% of a chunk's products over 2 x
+10,000 points on two threads, so the next chunk's noise is drawn on a helper thread while this chunk's votes
+are counted (a cheaper draw would change the replayed votes); the noisy weights' copy and norms (about 4%).
+Tried and not kept: one multi-threaded product per block of 256-2048 points followed by a threaded votes
+pass (a barrier per block; at 2048 points the logits leave the cache: 20-40% slower than the per-thread
+blocks in alternating runs); the kernel with 16-128 lanes. The block size does not change the votes.
 """
 
 
