@@ -586,8 +586,8 @@ for the rest (about 0.5% here) and hands near ties even in float64 to exact inte
 logits, exact votes"). What remains beyond the products (measured single-threaded): the votes pass, 0.47 ms
 per 256-point block against the product's 6.6 ms (7%; 0.2 ms of it the float64 recomputations); the float64
 noise draw, 33 ms per chunk and serial (torch's normal sampler), about 12% of a chunk's products over 2 x
-10,000 points on two threads, so the next chunk's noise is drawn on a helper thread while this chunk's votes
-are counted (a cheaper draw would change the replayed votes); the noisy weights' copy and norms (about 4%).
+10,000 points on two threads, so the next chunk's noise and noisy weights are made on a helper thread while this
+chunk's votes are counted (a cheaper draw would change the replayed votes); the noisy weights' copy and norms (about 4%).
 Tried and not kept: one multi-threaded product per block of 256-2048 points followed by a threaded votes
 pass (a barrier per block; at 2048 points the logits leave the cache: 20-40% slower than the per-thread
 blocks in alternating runs); the kernel with 16-128 lanes. The block size does not change the votes.

@@ -285,17 +285,19 @@ def _votes(
     """
     counts = torch.zeros((n, C), dtype=torch.int64, device=device)
     starts = list(range(0, M, models_per_chunk))
-    draw = lambda m0: _noise(min(models_per_chunk, M - m0), D, generator, dtype, device)  # noqa: E731
-    # the next chunk's noise is drawn on a helper thread while this chunk's votes are counted (torch's normal
-    # sampler is serial); the draws stay in chunk order from the one generator, so the noise is the same
+    def prepare(m0: int) -> Callable[[int, int, torch.Tensor], None]:
+        with torch.no_grad():
+            return noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, dtype, device))
+
+    # the next chunk's noise and noisy model are made on a helper thread while this chunk's votes are counted
+    # (torch's normal sampler is serial); the draws stay in chunk order from the one generator: the same noise
     with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="crfl-noise") as helper:
-        pending = helper.submit(draw, starts[0])
+        pending = helper.submit(prepare, starts[0])
         for i, m0 in enumerate(starts):
-            E = pending.result()
+            add_votes = pending.result()
             if i + 1 < len(starts):
-                pending = helper.submit(draw, starts[i + 1])
-            add_votes = noisy_model(E)
+                pending = helper.submit(prepare, starts[i + 1])
             for n0 in range(0, n, points_per_chunk):
                 add_votes(n0, min(n, n0 + points_per_chunk), counts)
             bar.update(min(M, m0 + models_per_chunk), f"{n} points")
