@@ -281,7 +281,8 @@ def _votes(
     of N(0, 1) noise E is drawn from ``generator`` (in ``dtype``, moved to ``device``) and
     ``noisy_model(E)`` gives the chunk's vote counter, which adds the chunk's votes on points
     [n0, n1) (at most ``points_per_chunk`` of them) into the (n, C) counts. Returns the (n, C)
-    int64 counts of the argmax predictions.
+    int64 counts of the argmax predictions. The draw and ``noisy_model(E)`` of chunk k + 1 run on
+    a helper thread while chunk k's votes are counted, so ``noisy_model`` must not touch the counts.
     """
     counts = torch.zeros((n, C), dtype=torch.int64, device=device)
     starts = list(range(0, M, models_per_chunk))
