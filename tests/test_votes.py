@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from crfl import exact_votes, kernels, smoothing
+from crfl.validation import ConfigError
 from crfl.smoothing import _count, _count_votes, _linear_votes, monte_carlo_counts_module
 
 pytestmark = pytest.mark.skipif(kernels.load("votes") is None, reason="no C++ compiler: the votes kernel is not built")
@@ -139,6 +140,31 @@ def test_exact_ties_go_to_exact_arithmetic(monkeypatch):
     assert torch.equal(got, ref) and got[:, 1].sum() == 0
     top = (X @ W.T + b).argmax(dim=1)
     assert exact == (top == 0).sum() * M and recomputed >= exact
+
+
+def test_default_counts_are_exact_and_refuse_only_for_time(monkeypatch):
+    """dtype None: exact votes where the kernel runs, so sigma_T = 0 with exact ties (which the float64 criterion
+    refuses: sigma_T = 0 resolves nothing) is counted; more near ties than EXACT_PAIR_LIMIT is refused, naming
+    certify.sigma_T. On the torch path the summary's arithmetic is 'float64'."""
+    if smoothing.votes_arithmetic() != "exact":
+        pytest.skip("no compiled votes kernel here")
+    W = torch.tensor([[1.0, 2, 0, 0, 1], [1.0, 2, 0, 0, 1], [0.0, 0, 1, 1, 0]], dtype=torch.float64)
+    b = torch.tensor([0.25, 0.25, 0.0], dtype=torch.float64)
+    X = torch.rand(12, 5, generator=gen(3), dtype=torch.float64)
+    got = smoothing.monte_carlo_counts_linear(W, b, X, 1e-30, 40, gen(1))
+    E = torch.randn((40, 3 * 5 + 3), generator=gen(1), dtype=torch.float64)  # the one chunk's noise, as drawn
+    pts, mods = torch.arange(12).repeat_interleave(40), torch.arange(40).repeat(12)
+    votes = exact_votes.exact_noisy_argmax(W, b, 1e-30, E[mods], X[pts])
+    want = torch.zeros((12, 3), dtype=torch.int64).index_put_((pts, votes), torch.ones_like(votes), accumulate=True)
+    top = (X @ W.T + b).argmax(dim=1)
+    assert torch.equal(got, want) and got[top == 0, 1].sum() > 0  # the 1e-30 noise splits the tied classes' votes
+    monkeypatch.setattr(smoothing, "EXACT_PAIR_LIMIT", int((top == 0).sum()) * 40 - 1)
+    with pytest.raises(ConfigError, match="certify.sigma_T"):
+        smoothing.monte_carlo_counts_linear(W, b, X, 1e-30, 40, gen(1))
+    monkeypatch.setenv("CRFL_KERNELS", "0")
+    assert smoothing.votes_arithmetic() == "float64"
+    with pytest.raises(ConfigError, match="certify.sigma_T"):  # float64 votes cannot resolve sigma_T = 1e-30
+        smoothing.monte_carlo_counts_linear(W, b, X, 1e-30, 40, gen(1))
 
 
 def test_mixed_path_falls_back_where_float32_could_overflow(monkeypatch):

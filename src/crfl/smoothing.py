@@ -61,6 +61,7 @@ __all__ = [
     "QUAD_ERROR",
     "monte_carlo_counts_linear",
     "MC_FLIP_LIMIT",
+    "votes_arithmetic",
     "vote_flip_probability",
     "monte_carlo_dtype",
     "monte_carlo_counts_module",
@@ -327,6 +328,19 @@ def _float32_products_are_ieee() -> bool:
     return getattr(mk, "fp32_precision", "none") in ("none", "ieee")
 
 
+#: at most this many votes (over all chunks of one count) go to exact integer arithmetic (about 5 ms each); more
+#: means sigma_T is so small that near ties are common even in float64, and the count is refused (ConfigError)
+EXACT_PAIR_LIMIT = 20_000
+
+
+def votes_arithmetic(device: torch.device | str = "cpu") -> str:
+    """How a linear model's Monte Carlo votes are computed here: 'exact' (the compiled votes kernel's proven
+    margins, float64 and integer arithmetic for near ties: docs/theory.md (c)) or 'float64' (torch; a vote may
+    differ from the exact one with probability <= MC_FLIP_LIMIT / M, else sigma_T is refused)."""
+    exact = torch.device(device).type == "cpu" and _votes_kernel() is not None and _float32_products_are_ieee()
+    return "exact" if exact else "float64"
+
+
 def _linear_votes(
     weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
     models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
@@ -338,11 +352,16 @@ def _linear_votes(
     sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
     (C, d), n = weight.shape, X.shape[0]
     device = weight.device
-    if dtype is None:
-        w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
-        dtype = monte_carlo_dtype(w_norm, sigma, M, d, C)
-    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
     lib = _votes_kernel() if device.type == "cpu" else None
+    w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
+    default = dtype is None
+    if default:
+        # float64 noise; exact votes where the mixed path runs, else float64 votes if their rounding cannot
+        # change a vote except with probability <= MC_FLIP_LIMIT (a ConfigError naming certify.sigma_T otherwise)
+        dtype = torch.float64
+        if not (mixed is not False and lib is not None and _float32_products_are_ieee()):
+            monte_carlo_dtype(w_norm, sigma, M, d, C)
+    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
     if mixed is None:
         mixed = dtype == torch.float64 and lib is not None and _float32_products_are_ieee()
     if mixed and lib is None:
@@ -356,6 +375,9 @@ def _linear_votes(
         thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
         x_max = float(px.max()) if n else 0.0
         mixed = bool(torch.isfinite(thr32).all())  # gamma_{d+5} exists in float32
+        if default and not mixed:
+            monte_carlo_dtype(w_norm, sigma, M, d, C)  # float64 votes after all: their rounding must be resolved
+    exact_pairs = [0]  # votes the margins left to exact arithmetic, over all chunks so far
 
     def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
@@ -364,6 +386,8 @@ def _linear_votes(
         # mixed: float32 products where no float32 logit can overflow (|logit| <= pm ||x~|| (1 + gamma))
         pm = exact_votes.logit_error_scales(W, b, sigma, E, Xd[:0])[1].contiguous() if mixed else None
         here = mixed and float(pm.max()) * x_max <= 1e37
+        if default and mixed and not here:  # this chunk's votes come from float64 logits, not proven exact
+            monte_carlo_dtype(w_norm, sigma, M, d, C)
         # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
         # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
         pdt = torch.float32 if here else dtype
@@ -401,6 +425,12 @@ def _linear_votes(
 
             _single_threaded_products(lambda threads: kernels.parallel_for(n1 - n0, run, threads=threads))
             pairs = torch.cat(left) if left else torch.zeros(0, dtype=torch.int64)
+            exact_pairs[0] += int(pairs.numel())
+            if exact_pairs[0] > EXACT_PAIR_LIMIT:
+                raise ConfigError(
+                    f"The 'certify.sigma_T' parameter is too small for Monte Carlo counts in reasonable time: with "
+                    f"sigma_T = {sigma:.3g} more than {EXACT_PAIR_LIMIT} votes are near ties even in float64 and would "
+                    "each need exact integer arithmetic. Use a larger certify.sigma_T, or method exact for a linear model.")
             if pairs.numel():
                 pts, mods = pairs // m, pairs % m
                 votes = exact_votes.exact_noisy_argmax(W, b, sigma, E[mods], Xd[pts])
@@ -431,9 +461,10 @@ def monte_carlo_counts_linear(
         generator: the only source of randomness.
         models_per_chunk, points_per_chunk: work sizes; memory is
             O(models_per_chunk * (C d + points_per_chunk * C)).
-        dtype: precision of noise and votes; None (default): :func:`monte_carlo_dtype`, the cheapest
-            dtype whose rounding changes no vote except with probability <= MC_FLIP_LIMIT per point (a
-            ConfigError when float64 cannot resolve sigma either). A given dtype is used as it is.
+        dtype: precision of the noise and votes; None (default): float64 noise and exact votes where the
+            compiled votes kernel runs (:func:`votes_arithmetic`, below), else float64 votes when their rounding
+            changes no vote except with probability <= MC_FLIP_LIMIT per point (:func:`monte_carlo_dtype`; a
+            ConfigError naming certify.sigma_T when it cannot). A given dtype is used as it is.
 
     Float64 counts come from float32 products where the compiled votes kernel is available
     (docs/theory.md (c), "Float32 logits, exact votes"): a vote is taken from the float32 logits

@@ -102,7 +102,7 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
 def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> torch.Tensor:
     sigma = setup.cfg.certify.sigma_T
     if setup.model.is_linear:
-        W, b = setup.model.split(params)  # the counts pick the dtype that resolves sigma_T (smoothing.monte_carlo_dtype)
+        W, b = setup.model.split(params)  # exact votes where the votes kernel runs (smoothing.votes_arithmetic)
         return smoothing.monte_carlo_counts_linear(W, b, X, sigma, M, gen)
     return smoothing.monte_carlo_counts_module(setup.model.module, params.float(), X.float(), sigma, M, gen)
 
@@ -246,6 +246,9 @@ class Reading:
             "selection": cz.selection if mc else None,
             "sigma_T": cz.sigma_T if self.method != "margin" else None, "seconds": seconds,
             "seed": drawn.get("seed"), "seed_source": drawn.get("seed_source"), "seed_drawn_at": drawn.get("seed_drawn_at"),
+            # how the votes were computed: exact (proven margins, docs/theory.md (c)) or float64 (a vote may differ
+            # from the exact one with probability <= MC_FLIP_LIMIT / M: the statement then holds at 1 - alpha - 1e-5)
+            "votes": (smoothing.votes_arithmetic() if self.setup.model.is_linear else "module dtype") if mc else None,
         }
 
     def randomness_note(self, seed: CertificationSeed | None) -> str:
