@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -221,7 +222,6 @@ def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
     loader's reason and what to pass instead; finished runs need no data.
     """
     from crfl.data import DataError
-    from crfl.setup import load_data
 
     needed: dict[str, list[Job]] = {}
     for j in job_list:
@@ -232,7 +232,7 @@ def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
     for key, jobs in needed.items():
         name, data_dir, _ = json.loads(key)
         try:
-            load_data(from_dict(jobs[0].config))
+            _worker_dataset(_data_key(jobs[0].config))  # with --jobs 1 the runs reuse it
         except (DataError, OSError) as e:
             where = f" in --data-dir {data_dir!r}" if data_dir else " (no --data-dir given)"
             raise DataError(
@@ -241,6 +241,20 @@ def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
                 "or run the grid on another dataset with --dataset NAME (e.g. fashion-mnist, or the built-in mnist-5k). "
                 "No run was started."
             ) from None
+
+
+def _data_key(config: dict[str, Any]) -> str:
+    """What :func:`crfl.setup.load_data` reads from a config: the data section and the seed (mnist-5k's split)."""
+    return json.dumps({"data": config.get("data"), "seed": config.get("seed")}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_dataset(key: str) -> Any:
+    """The dataset of a :func:`_data_key`, loaded once per worker process: the jobs of a sweep (and the
+    training and certifications of one job) share it instead of loading and decoding it again each."""
+    from crfl.setup import load_data
+
+    return load_data(from_dict(json.loads(key)))
 
 
 def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
@@ -254,19 +268,20 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
     run = Path(run_dir)
     rows = []
     t0 = time.perf_counter()
+    dataset = lambda: _worker_dataset(_data_key(job.config))  # noqa: E731  (loaded when first needed)
     try:
         if not (run / DONE).is_file():
             if (run / "checkpoint.pt").is_file() or (run / "config.yaml").is_file():
-                train(None, run, resume=True)  # type: ignore[arg-type]
+                train(None, run, resume=True, dataset=dataset())  # type: ignore[arg-type]
             else:
-                train(from_dict(job.config), run)
+                train(from_dict(job.config), run, dataset=dataset())
             atomic_write_text(run / DONE, "trained\n")
         rundir.RunDir(run).verify_files()  # a reused run: every recorded file as written (crfl.rundir integrity record)
         train_seconds = rundir.RunDir(run).read_summary(required=True)["training"]["seconds"]
         for ch, co, cp in job.certs:
             cdir = run / f"cert-{ch}"
             if not (cdir / DONE).is_file():
-                certify_run(run, overrides=co, out_dir=cdir)
+                certify_run(run, overrides=co, out_dir=cdir, dataset=dataset())
                 atomic_write_text(cdir / DONE, "certified\n")
             rundir.RunDir(cdir).verify_files()
             summary = rundir.RunDir(cdir).read_summary(required=True)
@@ -451,6 +466,7 @@ def sweep(
     them at once and writes results.csv for the jobs that finished, then re-raises.
     """
     spec = load_spec(spec_path)
+    _worker_dataset.cache_clear()  # datasets are shared within one sweep only (its files may change between sweeps)
     jobs = int(jobs)
     if jobs < 1:
         raise ConfigError(f"The 'jobs' parameter must be an integer in [1, inf). Got {jobs!r} instead.")
