@@ -100,3 +100,19 @@ def test_sweep_jobs_share_one_dataset_load(tmp_path, monkeypatch):
     rows = sweep.sweep(spec, tmp_path / "out", jobs=1, progress=False)
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert calls == ["mnist-5k"]  # 2 trainings + 4 certifications, one load (by the data check before them)
+
+
+@pytest.mark.parametrize("seconds, want", [(0.0, [2, 4, 6]), (3600.0, [6])])
+def test_checkpoints_wait_for_run_checkpoint_seconds(tmp_path, monkeypatch, seconds, want):
+    """run.checkpoint_seconds: a checkpoint every checkpoint_every rounds, but only once that much training time
+    has passed since the last one (the last round always); 0 writes every checkpoint_every-th round."""
+    from crfl import rundir
+    from crfl.train import train
+
+    written = []
+    real = rundir.RunDir.write_checkpoint
+    monkeypatch.setattr(rundir.RunDir, "write_checkpoint", lambda self, st, h: written.append(st["round"]) or real(self, st, h))
+    cfg = resolve("demo", overrides={"server.rounds": 6, "attack.rounds": [2], "data.num_clients": 4, "run.dtype": "float32",
+                                     "run.checkpoint_every": 2, "run.checkpoint_seconds": seconds})
+    res = train(cfg, tmp_path / "run")
+    assert written == want and len(res.records) == 6
