@@ -116,3 +116,38 @@ def test_checkpoints_wait_for_run_checkpoint_seconds(tmp_path, monkeypatch, seco
                                      "run.checkpoint_every": 2, "run.checkpoint_seconds": seconds})
     res = train(cfg, tmp_path / "run")
     assert written == want and len(res.records) == 6
+
+
+def _tiny_spec(path: Path, name: str, grid: str, cert: str = "") -> Path:
+    path.write_text(
+        f"name: {name}\ntitle: t\nfinding: f\nbase:\n  preset: demo\n  set: {{server.rounds: 3, attack.rounds: [2], "
+        f"data.num_clients: 4, run.dtype: float32, certify.num_test: 50}}\ngrid:\n  {grid}\n{cert}radii: [0.0, 0.1]\n")
+    return path
+
+
+def test_several_specs_run_as_one_and_compute_what_they_share_once(tmp_path, monkeypatch):
+    """`crfl sweep A B`: one store, one pool; a training configuration or (run, certification setting) that both
+    specs ask for is computed once, and each spec's results.csv is the one its own sweep writes."""
+    from crfl import certify, sweep, train
+    from crfl.io import read_csv
+
+    a = _tiny_spec(tmp_path / "a.yaml", "a", "attack.gamma: [1, 2]")
+    b = _tiny_spec(tmp_path / "b.yaml", "b", "attack.gamma: [2, 3]", "certify:\n  grid:\n    certify.sigma_T: [0.01, 0.02]\n")
+    # alone, each in its own store: the reference
+    for spec in (a, b):
+        sweep.sweep(spec, tmp_path / "alone" / spec.stem, jobs=1, progress=False)
+    trained, certified = [], []
+    real_train, real_cert = train.train, certify.certify_run
+    monkeypatch.setattr(train, "train", lambda cfg, out, **k: trained.append(Path(out).name) or real_train(cfg, out, **k))
+    monkeypatch.setattr(certify, "certify_run", lambda run, **k: certified.append((Path(run).name, Path(k["out_dir"]).name))
+                        or real_cert(run, **k))
+    rows = sweep.sweep_many([a, b], tmp_path / "both", jobs=1, progress=False)
+    assert sorted(rows) == ["a", "b"] and all(r["status"] == "ok" for rs in rows.values() for r in rs)
+    assert len(trained) == len(set(trained)) == 3  # gamma 1, 2, 3: gamma = 2 once
+    assert len(certified) == len(set(certified)) == 5  # (1, 0.01), (2, 0.01), (2, 0.02), (3, 0.01), (3, 0.02)
+    timing = {"train_seconds", "wall_seconds"}
+    for spec in ("a", "b"):
+        want, got = read_csv(tmp_path / "alone" / spec / "results.csv"), read_csv(tmp_path / "both" / spec / "results.csv")
+        assert [{k: v for k, v in r.items() if k not in timing} for r in got] == \
+               [{k: v for k, v in r.items() if k not in timing} for r in want]
+        assert (tmp_path / "both" / spec / "runs").resolve() == (tmp_path / "both" / "runs").resolve()

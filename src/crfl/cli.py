@@ -425,7 +425,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra["data.name"] = args.dataset
     if args.data_dir:
         extra["data.data_dir"] = args.data_dir
-    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
+    if len(args.spec) > 1:  # several specs as one (crfl.sweep.sweep_many)
+        from crfl.sweep import sweep_many
+
+        by_spec = sweep_many(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
+                             runs_dir=args.runs)
+        failed = 0
+        for name, rows in by_spec.items():
+            failed += (bad := sum(r.get("status", "ok") != "ok" for r in rows))
+            print(f"{name}: {len(rows)} result row(s), {bad} failed: {Path(args.out) / name / 'results.csv'}")
+        return 1 if failed else 0
+    rows = sweep(args.spec[0], args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
                  runs_dir=args.runs)
     failed = sum(r.get("status", "ok") != "ok" for r in rows)
     print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
@@ -498,8 +508,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run a sweep spec (a grid of runs): content-addressed, resumable, parallel",
         "Run every grid point of a sweep spec (a YAML file, format in docs/sweeps.md, or a built-in "
         "spec: crfl list specs) into OUT/runs/<config hash>/ and write OUT/results.csv. Rerunning "
-        "an interrupted sweep finishes it without recomputing what is done.",
+        "an interrupted sweep finishes it without recomputing what is done. Several specs run as one "
+        "(OUT/<spec name>/ each, one store of runs, one pool of jobs: what they share is computed once).",
         "  crfl sweep fig5-attackers-mnist --dataset fashion-mnist --out runs/fig5\n"
+        "  crfl sweep fig5-attackers-mnist fig11-M-mnist --dataset fashion-mnist --out runs/figs --jobs 2\n"
         "  crfl sweep my-spec.yaml --out runs/mine --jobs 2 --set server.rounds=20\n"
         "  crfl plot runs/fig5",
     ),
@@ -681,8 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay_arg(p_run)
     p_run.set_defaults(func=cmd_run)
     p_sweep = add("sweep")
-    p_sweep.add_argument("spec", help="a sweep YAML file (docs/sweeps.md) or a built-in spec name (crfl list specs)")
-    p_sweep.add_argument("--out", required=True, help="the sweep directory")
+    p_sweep.add_argument("spec", nargs="+", help="a sweep YAML file (docs/sweeps.md) or a built-in spec name "
+                         "(crfl list specs); several run as one, into OUT/<spec name>/")
+    p_sweep.add_argument("--out", required=True, help="the sweep directory (with several specs: their parent)")
     p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p_sweep.add_argument("--dataset", help="run every point on this dataset (e.g. fashion-mnist, loan-openintro)")
     p_sweep.add_argument("--data-dir", help="directory with the dataset's files")

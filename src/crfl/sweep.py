@@ -487,14 +487,109 @@ def sweep(
         claim.release()
 
 
-def _run_jobs(
-    spec: Spec, job_list: list[Job], out: Path, jobs: int, extra: dict[str, Any] | None, progress: bool
-) -> list[dict[str, Any]]:
-    root = out / "runs"
+def sweep_many(
+    spec_paths: list[str | Path],
+    out_dir: str | Path,
+    *,
+    jobs: int = 1,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+    runs_dir: str | Path | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Several sweeps as one: ``OUT/<spec name>/`` each, their runs in one store (``runs_dir``, default
+    ``OUT/runs``), and their jobs in one pool, so that a training configuration or a (run, certification
+    setting) pair that several specs share is computed once, and no core waits at the end of one sweep while
+    the next could start. Jobs go longest first (rounds, twice with a twin). Each sweep directory is
+    what :func:`sweep` writes (``sweep.json``, ``results.csv``); the rows by spec name are returned.
+    Numeric specs (no training) run on their own.
+    """
+    jobs = int(jobs)
+    if jobs < 1:
+        raise ConfigError(f"The 'jobs' parameter must be an integer in [1, inf). Got {jobs!r} instead.")
+    out = Path(out_dir)
+    store = Path(runs_dir) if runs_dir is not None else out / "runs"
+    specs = [load_spec(p) for p in spec_paths]
+    names = [sp.name for sp in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"The 'spec' parameter must name each sweep once. Got {names} instead.")
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path, sp in zip(spec_paths, specs):
+        if sp.kind != "train":
+            rows[sp.name] = sweep(path, out / sp.name, jobs=jobs, extra=extra, progress=progress)
+    trains = [sp for sp in specs if sp.kind == "train"]
+    _worker_dataset.cache_clear()
+    lists = {sp.name: expand(sp, extra) for sp in trains}
+    merged: dict[str, Job] = {}  # one job per training configuration, with every certification any spec asks of it
+    for sp in trains:
+        check_data(sp, lists[sp.name], store)
+        for j in lists[sp.name]:
+            m = merged.setdefault(j.train_hash, Job(j.train_hash, j.config, j.point, []))
+            m.certs += [c for c in j.certs if all(c[0] != have[0] for have in m.certs)]
+    order = sorted(merged.values(), key=lambda j: -int(j.config["server"]["rounds"]) * (2 if j.config["certify"].get("twin") else 1))
+    claims = [_claim_sweep(out / sp.name) for sp in trains]
+    try:
+        for sp in trains:
+            _link_runs(out / sp.name, store)
+            _write_sweep_json(out / sp.name, sp, lists[sp.name], extra)
+        interrupted = None
+        try:
+            done = _execute(order, store, jobs, progress)
+        except _Interrupted as e:
+            done, interrupted = e.results, e
+        by_cert = {(r["train_hash"], r["cert_hash"]): r for res in done.values() for r in res}
+        with _sigint_deferred():
+            for sp in trains:
+                own = {}
+                for i, j in enumerate(lists[sp.name]):
+                    got = [by_cert.get((j.train_hash, ch)) for ch, _, _ in j.certs]
+                    if all(g is not None for g in got):
+                        own[i] = [{**g, "point": j.point, "cert_point": cp} for g, (_, _, cp) in zip(got, j.certs)]
+                rows[sp.name] = _write_results(out / sp.name, sp, lists[sp.name], own)
+        if interrupted is not None:
+            raise KeyboardInterrupt
+    finally:
+        for c in claims:
+            c.release()
+    return rows
+
+
+def _write_sweep_json(out: Path, spec: Spec, job_list: list[Job], extra: dict[str, Any] | None) -> None:
     write_json(out / "sweep.json", {
         "spec": spec.raw, "extra": extra or {}, "kind": "train",
         "jobs": [{"train_hash": j.train_hash, "point": j.point, "certs": [[h, cp] for h, _, cp in j.certs]} for j in job_list],
     })
+
+
+def _run_jobs(
+    spec: Spec, job_list: list[Job], out: Path, jobs: int, extra: dict[str, Any] | None, progress: bool
+) -> list[dict[str, Any]]:
+    root = out / "runs"
+    _write_sweep_json(out, spec, job_list, extra)
+    try:
+        results = _execute(job_list, root, jobs, progress)
+    except _Interrupted as e:
+        with _sigint_deferred():
+            _write_results(out, spec, job_list, e.results)
+        raise KeyboardInterrupt from None
+    with _sigint_deferred():  # a Ctrl-C arriving while the last results are written waits for the write
+        rows = _write_results(out, spec, job_list, results)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed and progress:
+        print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))
+    return rows
+
+
+class _Interrupted(Exception):
+    """Ctrl-C during :func:`_execute`, carrying the results of the jobs that finished."""
+
+    def __init__(self, results: dict[int, list[dict[str, Any]]]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+def _execute(job_list: list[Job], root: Path, jobs: int, progress: bool) -> dict[int, list[dict[str, Any]]]:
+    """Run the jobs (in ``jobs`` worker processes when > 1) into the run store ``root``; their rows by job index.
+    A Ctrl-C stops the workers and raises :class:`_Interrupted` with the rows of the jobs that finished."""
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs, len(job_list)))
     threads = max(1, cores // jobs)
@@ -524,17 +619,10 @@ def _run_jobs(
             ex.shutdown()
     except KeyboardInterrupt:
         watch.__exit__()
-        with _sigint_deferred():
-            _write_results(out, spec, job_list, results)
-        raise
+        raise _Interrupted(results) from None
     finally:
         watch.__exit__()
-    with _sigint_deferred():  # a Ctrl-C arriving while the last results are written waits for the write
-        rows = _write_results(out, spec, job_list, results)
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed and progress:
-        print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))
-    return rows
+    return results
 
 
 @contextlib.contextmanager
