@@ -445,17 +445,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from crfl.plots import plot_run, plot_sweep
 
-    d = Path(args.dir)
-    if not d.is_dir():
-        raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no such directory).")
-    if (d / "sweep.json").is_file():
-        paths = plot_sweep(d)
-    elif (d / "rounds.csv").is_file():
-        paths = plot_run(d)
-    else:
-        raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no rounds.csv or sweep.json).")
-    for p in paths:
-        print(p)
+    dirs = [Path(x) for x in args.dir]
+    for d in dirs:  # every directory is checked before any figure is drawn
+        if not d.is_dir():
+            raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no such directory).")
+        if not (d / "sweep.json").is_file() and not (d / "rounds.csv").is_file():
+            raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no rounds.csv or sweep.json).")
+    for d in dirs:
+        for p in plot_sweep(d) if (d / "sweep.json").is_file() else plot_run(d):
+            print(p)
     return 0
 
 
@@ -705,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one parameter of every run, e.g. --set server.rounds=20 (repeatable)")
     p_sweep.set_defaults(func=cmd_sweep)
     p_plot = add("plot", plugins=False)
-    p_plot.add_argument("dir", help="a run or a sweep directory")
+    p_plot.add_argument("dir", nargs="+", help="a run or a sweep directory (several: each in turn, one process)")
     p_plot.set_defaults(func=cmd_plot)
     p_list = add("list")
     p_list.add_argument("what", nargs="?", choices=LIST_KINDS, help="one kind (default: all)")
