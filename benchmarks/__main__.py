@@ -284,6 +284,7 @@ def main() -> None:
     R: dict = {"date": date, "machine": _machine()}
     print("ceilings ...", flush=True)
     R["matmul_gflops"] = matmul_rate(repeat=rep)
+    R["matmul64_gflops"] = matmul_rate(repeat=rep, dtype=torch.float64)  # the ceiling of work done in float64
     R["bandwidth_gbs"] = memory_bandwidth(repeat=rep)
 
     print("training (paper MNIST setting) ...", flush=True)
@@ -751,6 +752,8 @@ def render(R: dict) -> str:
         "| ceiling | value |",
         "|---|---|",
         f"| float32 matrix multiply (2048 x 2048, torch.mm) | {mm:.0f} GFLOP/s |",
+        f"| float64 matrix multiply (2048 x 2048, torch.mm): the ceiling of work in float64 (the presets' training and "
+        f"Monte Carlo counts) | {R['matmul64_gflops']:.0f} GFLOP/s |",
         f"| memory bandwidth (512 MiB copy, read + write) | {bw:.1f} GB/s |",
         "",
         f"## Training: the paper's MNIST setting ({R['train_data']})",
