@@ -289,10 +289,13 @@ def test_no_certified_input_where_the_twin_disagrees_at_tiny_delta(searched, dty
         assert differ > 0  # the twin disagrees with the run at searched points: they are just not certified
 
 
-def test_the_exact_arithmetic_bound_is_broken_in_float32(runs, small_images):
+def test_the_exact_arithmetic_bound_is_broken_in_float32(runs, small_images, monkeypatch):
     """The term is needed: at ||delta|| = 5e-8 in float32 the trigger survives the rounding of x + delta and
     rounding alone moves the twin further than ||delta|| c(B_0 + ||delta||), the bound of exact arithmetic
-    (2-4x here, 20x on MNIST); the bound with E holds."""
+    (2-4x here, 20x on MNIST); the bound with E holds. Trained on the torch path (``CRFL_KERNELS=0``):
+    the compiled local SGD (crfl/kernels/linear_sgd.cpp) rounds less on this small setting (0.4-0.9x the
+    exact bound at 5e-8 to 2e-7), which shows nothing about E; the bound with E covers both."""
+    monkeypatch.setenv("CRFL_KERNELS", "0")
     cert, _, final = _certifier(runs("float32", 5e-8), small_images)
     dist = float(torch.linalg.vector_norm(final["params"].double() - final["twin_params"].double()))
     plain = 5e-8 * closeness.deviation_coefficient(cert.ing.terms, cert.ing.input_norm_bound + 5e-8)

@@ -13,12 +13,14 @@ its row of the updates after it (update level).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from crfl import kernels
 from crfl.attacks import BACKDOOR, GroupInfo, attack_update, lookup_attack, relabel_shards
 from crfl.clients import (
     ClientData, Poison, PoisonStats, client_round_batches, local_updates, poison_ratio_per_step, poison_slots, round_batches,
@@ -121,12 +123,93 @@ def fused_linear_applies(model: Model) -> bool:
     return isinstance(model, LinearModel)
 
 
+_KERNEL_TYPES = {torch.float64: "float64", torch.float32: "float32", torch.uint8: "uint8"}
+
+
+def _linear_kernel(model: LinearModel, data: ClientData, dtype: torch.dtype):  # noqa: ANN202 (a ctypes function)
+    """The compiled local SGD (``crfl/kernels/linear_sgd.cpp``) for this compute dtype and storage
+    type, or None: kernels off or not built, a model with an input bound (the map P stays on the torch
+    path), a compute dtype other than float32/float64 or a storage type other than uint8/float32/float64."""
+    if model.input_bound is not None or dtype not in (torch.float32, torch.float64) or data.x.dtype not in _KERNEL_TYPES:
+        return None
+    lib = kernels.load("linear_sgd")
+    if lib is None:
+        return None
+    fn = getattr(lib, f"linear_sgd_{_KERNEL_TYPES[dtype]}_{_KERNEL_TYPES[data.x.dtype]}")
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_double] * 2
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def linear_engine(model: Model, data: ClientData, dtype: torch.dtype) -> str:
+    """Which engine runs :func:`linear_local_updates` here (provenance): 'compiled' (the C++ kernel,
+    for rounds without poisoned slots and the clean clients of an attack round) or 'torch'."""
+    ok = fused_linear_applies(model) and _linear_kernel(model, data, dtype) is not None  # type: ignore[arg-type]
+    return "compiled" if ok else "torch"
+
+
 def linear_local_updates(
     model: LinearModel, params: torch.Tensor, data: ClientData, idx: np.ndarray, lr: float, dtype: torch.dtype,
     poison: Poison | None = None,
 ) -> tuple[torch.Tensor, PoisonStats]:
     """Every client's local SGD of the logistic model at once, as :func:`crfl.clients.local_updates_generic`
     computes it, in fewer and larger operations; returns the updates (K, D) and the poison statistics.
+
+    Engines: the compiled kernel (``crfl/kernels/linear_sgd.cpp``, the same operations per step, one
+    client's tau steps per call, the clients split over threads) trains every client without a
+    poisoned slot in this round; a client with poisoned slots (an attacker in an attack round), a model
+    with an input bound, or kernels off or unavailable (``CRFL_KERNELS=0``, no compiler) take the torch
+    path :func:`linear_local_updates_torch`, the reference. Both agree up to float rounding.
+    """
+    fn = _linear_kernel(model, data, dtype)
+    K = idx.shape[0]
+    if fn is None or K == 0:
+        return linear_local_updates_torch(model, params, data, idx, lr, dtype, poison)
+    bad = poison.mask.reshape(K, -1).any(dim=1) if poison is not None else torch.zeros(K, dtype=torch.bool)
+    clean = torch.nonzero(~bad).flatten()
+    dirty = torch.nonzero(bad).flatten()
+    start = params.to(dtype)
+    if start.ndim == 2 and start.shape[0] != K:
+        raise ValueError(f"linear_local_updates: {start.shape[0]} start models for {K} clients")
+    out = torch.empty(K, model.num_params, dtype=dtype)
+    stats = PoisonStats.empty(K)
+    if len(clean):
+        sub = clean.numpy()
+        idx_c = np.ascontiguousarray(idx[sub], dtype=np.int64) if len(dirty) else np.ascontiguousarray(idx, dtype=np.int64)
+        starts = (start.index_select(0, clean) if len(dirty) else start).contiguous() if start.ndim == 2 else start.contiguous()
+        upd = out if not len(dirty) else torch.empty(len(clean), model.num_params, dtype=dtype)
+        x, y = data.x.contiguous(), data.y.to(torch.int64).contiguous()
+        idx_t = torch.from_numpy(idx_c)
+        stride = model.num_params if starts.ndim == 2 else 0
+        kk, tau_max, n_B = idx_c.shape
+        failed = []
+
+        def work(lo: int, hi: int) -> None:
+            rc = fn(kernels.ptr(x), kernels.ptr(y), kernels.ptr(idx_t), kernels.ptr(starts), stride, kernels.ptr(upd),
+                    lo, hi, tau_max, n_B, model.num_features, model.num_classes, float(lr), 1.0 / data.input_scale)
+            if rc != 0:
+                failed.append(rc)
+
+        kernels.parallel_for(kk, work)
+        if failed:
+            raise MemoryError("linear_sgd: the kernel could not allocate its buffers")
+        if len(dirty):
+            out[clean] = upd
+    if len(dirty):
+        sub = dirty.numpy()
+        p = Poison(mask=poison.mask[dirty], deltas=poison.deltas[dirty], target=poison.target, low=poison.low, high=poison.high)
+        upd_d, st = linear_local_updates_torch(model, start[dirty] if start.ndim == 2 else start, data, idx[sub], lr, dtype, p)
+        out[dirty] = upd_d
+        stats.count[sub], stats.max_norm[sub], stats.sum_norm[sub] = st.count, st.max_norm, st.sum_norm
+    return out, stats
+
+
+def linear_local_updates_torch(
+    model: LinearModel, params: torch.Tensor, data: ClientData, idx: np.ndarray, lr: float, dtype: torch.dtype,
+    poison: Poison | None = None,
+) -> tuple[torch.Tensor, PoisonStats]:
+    """:func:`linear_local_updates` in torch (the reference the compiled kernel is tested against).
 
     Poisoned slots (``poison``) are treated as the generic path treats them: the trigger is added in
     model units and clamped to the data's box, the label becomes the target (in the round's targets).

@@ -285,8 +285,11 @@ def resolved_config(setup: Setup) -> dict[str, Any]:
         },
         "attack": {"rounds": list(setup.plan.rounds), "trigger_norm": setup.plan.trigger.norm},
     }
+    from crfl import local
     from crfl.plugins import loaded
 
+    if local.fused_linear_applies(setup.model):  # which engine trains the logistic model's local SGD here
+        d["provenance"]["kernels"] = {"linear_sgd": local.linear_engine(setup.model, setup.data, setup.dtype)}
     if loaded():  # the user's modules that registered parts (crfl.plugins): certify and resume import them again
         d["provenance"]["plugins"] = loaded()
     return d

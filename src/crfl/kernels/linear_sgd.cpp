@@ -1,0 +1,269 @@
+// Local SGD of the logistic model (Eq. 24): one client's tau local steps in one call.
+//
+// Step s of client k:  W <- W - eta * sum_j a_j (softmax(W x_j + b) - e_{y_j}) x_j^T,  b likewise,
+// with a_j = 1 / (valid samples in the batch), inputs x_j = xs_j * inv in storage units xs_j (0..255
+// pixels). The operations are those of the torch path (crfl.local.linear_local_updates_torch), so that
+// docs/theory.md (g) step 7's rounding bound covers both:
+//   logits    z_j = fl(b + sum_i (W*inv)[c, i] xs_j[i])   (weights scaled first; the sum in any order, A2)
+//   softmax   e = exp(z - max z) (libm exp), S = sum_c e_c, G[j, c] = e_c * (a_j / S) - a_j [c == y_j]
+//   update    W[c, i] <- W[c, i] + alpha * sum_j G[j, c] xs_j[i],  alpha = -eta * inv;  b[c] -= eta sum_j G[j, c]
+// The sums over i (logits) and over j (update) run as 8 or 16 lane-wise partial sums added at the end:
+// a reordering of the sum, which assumption (A2) allows. Multiply-adds may be contracted (one rounding).
+// Padded slots (index -1) have a_j = 0 and are skipped (the torch path multiplies them by 0).
+//
+// Layout: W is class-major (C x d, as the flat parameters store it), copied once per client into a
+// buffer padded to dp (a multiple of the vector length) with zero columns, which no step changes. Each
+// batch is gathered and converted once into an L2-resident buffer X (n_B x dp, zero-padded; AVX-512
+// conversions of uint8 pixels where the CPU has them, a plain loop otherwise). The
+// logits take a block of RB rows x CB classes of vector partial sums (registers); the update a block
+// of CB classes x IV vectors of pixels, looping over the batch. Single-threaded: the caller splits
+// the clients over threads (crfl.kernels.parallel_for); a client's result does not depend on the split.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+template <class T> struct Vec;
+template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); static constexpr int L = 8; };
+template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); static constexpr int L = 16; };
+
+constexpr int RB = 2;     // rows per block of the logits
+constexpr int CBMAX = 10; // classes per block (RB x CBMAX and CBMAX x IV accumulators fit the 32 registers)
+constexpr int IV = 2;     // vectors of pixels per block of the update
+constexpr int64_t IC_BYTES = 2048;  // pixels per chunk of the logits (in bytes of one row): CBMAX rows of Ws in L1
+
+template <class S>
+inline void prefetch_row(const S* xs, int64_t row, int64_t d) {  // a storage row into L2 (a hint only)
+    if (row < 0) return;
+    const char* p = reinterpret_cast<const char*>(xs + row * d);
+    for (int64_t o = 0; o < d * (int64_t)sizeof(S); o += 64) __builtin_prefetch(p + o, 0, 2);
+}
+
+template <class T>
+inline typename Vec<T>::type bcast(T s) {  // s in every lane (s - 0 is s exactly: one broadcast)
+    return s - typename Vec<T>::type{};
+}
+
+template <class T>
+inline T hsum(typename Vec<T>::type v) {  // the lanes' partial sums, added pairwise
+    constexpr int L = Vec<T>::L;
+    T s[L];
+    std::memcpy(s, &v, sizeof s);
+    for (int w = L / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) s[l] += s[l + w];
+    return s[0];
+}
+
+// Lane-wise partial sums P[j, c] (one vector each) of X[j] . Ws[c] over the pixels [i0, i1), rows
+// j0..j0+R, classes c0..c0+CB: started from zero at the first chunk, kept in P between chunks (so that
+// a chunk of Ws stays in L1 across all rows), and at the last chunk added up into Z = b + sum.
+template <class T, int R, int CB>
+void logits_block(const T* X, const T* Ws, const T* b, T* Z, typename Vec<T>::type* P, int64_t dp, int64_t C,
+                  int64_t j0, int64_t c0, int64_t i0, int64_t i1) {
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::L;
+    V acc[R][CB];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+        for (int c = 0; c < CB; ++c) acc[r][c] = i0 == 0 ? V{} : P[(j0 + r) * C + c0 + c];
+    for (int64_t i = i0; i < i1; i += L) {
+        V x[R];
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) x[r] = *reinterpret_cast<const V*>(X + (j0 + r) * dp + i);
+#pragma GCC unroll 32
+        for (int c = 0; c < CB; ++c) {
+            const V w = *reinterpret_cast<const V*>(Ws + (c0 + c) * dp + i);
+#pragma GCC unroll 32
+            for (int r = 0; r < R; ++r) acc[r][c] += x[r] * w;
+        }
+    }
+    if (i1 < dp) {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < CB; ++c) P[(j0 + r) * C + c0 + c] = acc[r][c];
+    } else {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < CB; ++c) Z[(j0 + r) * C + c0 + c] = b[c0 + c] + hsum<T>(acc[r][c]);
+    }
+}
+
+// W[c0..c0+CB), pixel vectors v0..v0+NV) += alpha * sum_j G[j, c] X[j]
+template <class T, int CB, int NV>
+void update_block(const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, int64_t C, int64_t i0, int64_t c0) {
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::L;
+    V acc[CB][NV];
+#pragma GCC unroll 32
+    for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 32
+        for (int v = 0; v < NV; ++v) acc[c][v] = V{};
+    for (int64_t j = 0; j < n; ++j) {
+        V x[NV];
+#pragma GCC unroll 32
+        for (int v = 0; v < NV; ++v) x[v] = *reinterpret_cast<const V*>(X + j * dp + i0 + v * L);
+#pragma GCC unroll 32
+        for (int c = 0; c < CB; ++c) {
+            const V g = bcast<T>(G[j * C + c0 + c]);
+#pragma GCC unroll 32
+            for (int v = 0; v < NV; ++v) acc[c][v] += g * x[v];
+        }
+    }
+    const V a = bcast<T>(alpha);
+    for (int c = 0; c < CB; ++c)
+        for (int v = 0; v < NV; ++v) {
+            V* w = reinterpret_cast<V*>(W + (c0 + c) * dp + i0 + v * L);
+            *w = *w + a * acc[c][v];
+        }
+}
+
+// dispatch a runtime class count cb in 1..CBMAX to the template instance
+template <class T, int R, int CB = CBMAX>
+void logits_cb(int cb, const T* X, const T* Ws, const T* b, T* Z, typename Vec<T>::type* P, int64_t dp, int64_t C,
+               int64_t j0, int64_t c0, int64_t i0, int64_t i1) {
+    if constexpr (CB >= 1) {
+        if (cb == CB) return logits_block<T, R, CB>(X, Ws, b, Z, P, dp, C, j0, c0, i0, i1);
+        logits_cb<T, R, CB - 1>(cb, X, Ws, b, Z, P, dp, C, j0, c0, i0, i1);
+    }
+}
+template <class T, int NV, int CB = CBMAX>
+void update_cb(int cb, const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, int64_t C, int64_t i0, int64_t c0) {
+    if constexpr (CB >= 1) {
+        if (cb == CB) return update_block<T, CB, NV>(X, G, W, alpha, n, dp, C, i0, c0);
+        update_cb<T, NV, CB - 1>(cb, X, G, W, alpha, n, dp, C, i0, c0);
+    }
+}
+
+// dst[0..d) = src[0..d) as T: exact from uint8 (and from float32 to float64), rounded to nearest otherwise
+template <class T, class S>
+inline void convert(T* dst, const S* src, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<S, uint8_t> && std::is_same_v<T, double>) {  // 8 pixels: zero-extend, convert
+        for (; i + 8 <= d; i += 8)
+            _mm512_store_pd(dst + i, _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(src + i)))));
+    } else if constexpr (std::is_same_v<S, uint8_t> && std::is_same_v<T, float>) {  // 16 pixels
+        for (; i + 16 <= d; i += 16)
+            _mm512_store_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + i)))));
+    }
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < d; ++j) dst[j] = (T)src[j];
+}
+
+template <class T>
+T* aligned(int64_t count) {  // zero-filled, 64-byte aligned
+    size_t bytes = ((size_t)count * sizeof(T) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+    if (p) std::memset(p, 0, bytes ? bytes : 64);
+    return static_cast<T*>(p);
+}
+
+// Clients k_lo..k_hi: idx (K, tau, n_B) storage rows (-1 padded), start of client k at
+// starts + k * start_stride (flat W (C x d) then b (C)), updates w_tau - w_0 written to out (K, D).
+template <class T, class S>
+int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* starts, int64_t start_stride, T* out,
+               int64_t k_lo, int64_t k_hi, int64_t tau, int64_t n_B, int64_t d, int64_t C, double lr, double inv) {
+    constexpr int L = Vec<T>::L;
+    const int64_t dp = (d + L - 1) / L * L, D = C * d + C;
+    T* X = aligned<T>(n_B * dp);
+    T* W = aligned<T>(C * dp);
+    T* Ws = aligned<T>(C * dp);
+    T* b = aligned<T>(C);
+    T* Z = aligned<T>(n_B * C);
+    using V = typename Vec<T>::type;
+    V* P = aligned<V>(n_B * C);
+    constexpr int64_t IC = IC_BYTES / sizeof(T);
+    int64_t* lab = aligned<int64_t>(n_B);
+    int status = (X && W && Ws && b && Z && P && lab) ? 0 : 1;
+    const T invT = (T)inv, alpha = (T)(-lr * inv), eta = (T)lr;
+    for (int64_t k = k_lo; k < k_hi && status == 0; ++k) {
+        const T* w0 = starts + k * start_stride;
+        for (int64_t c = 0; c < C; ++c) std::memcpy(W + c * dp, w0 + c * d, d * sizeof(T));
+        std::memcpy(b, w0 + C * d, C * sizeof(T));
+        for (int64_t s = 0; s < tau; ++s) {
+            const int64_t* rows = idx + (k * tau + s) * n_B;
+            int64_t n = 0;  // the batch's valid samples, gathered and converted once
+            for (int64_t j = 0; j < n_B; ++j) {
+                if (rows[j] < 0) continue;
+                const S* src = xs + rows[j] * d;
+                convert(X + n * dp, src, d);
+                lab[n++] = y[rows[j]];
+            }
+            if (n == 0) continue;  // an empty step changes nothing
+            const T a = T(1) / T(n);
+            // logits with the weights scaled first (as the torch path and theory (g) step 7 do)
+            if (inv != 1.0) {
+                for (int64_t q = 0; q < C * dp; ++q) Ws[q] = W[q] * invT;
+            } else {
+                std::memcpy(Ws, W, C * dp * sizeof(T));
+            }
+            const int64_t* next = s + 1 < tau ? rows + n_B : nullptr;
+            for (int64_t q = 0; next && q < n_B; ++q) prefetch_row(xs, next[q], d);  // into L2 while this step computes
+            for (int64_t c0 = 0; c0 < C; c0 += CBMAX) {
+                const int cb = (int)std::min<int64_t>(CBMAX, C - c0);
+                for (int64_t i0 = 0; i0 < dp; i0 += IC) {
+                    const int64_t i1 = std::min(dp, i0 + IC);
+                    int64_t j = 0;
+                    for (; j + RB <= n; j += RB) logits_cb<T, RB>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
+                    for (; j < n; ++j) logits_cb<T, 1>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
+                }
+            }
+            // G = a softmax(z) - a e_y, in place of Z
+            for (int64_t j = 0; j < n; ++j) {
+                T* z = Z + j * C;
+                T m = z[0];
+                for (int64_t c = 1; c < C; ++c) m = std::max(m, z[c]);
+                T sum = 0;
+                for (int64_t c = 0; c < C; ++c) {
+                    z[c] = std::exp(z[c] - m);
+                    sum += z[c];
+                }
+                const T f = a / sum;
+                for (int64_t c = 0; c < C; ++c) z[c] = z[c] * f;
+                z[lab[j]] -= a;
+            }
+            // the update, the gradient product fused into it; the bias
+            for (int64_t c0 = 0; c0 < C; c0 += CBMAX) {
+                const int cb = (int)std::min<int64_t>(CBMAX, C - c0);
+                int64_t i = 0;
+                for (; i + IV * L <= dp; i += IV * L) update_cb<T, IV>(cb, X, Z, W, alpha, n, dp, C, i, c0);
+                for (; i < dp; i += L) update_cb<T, 1>(cb, X, Z, W, alpha, n, dp, C, i, c0);
+            }
+            for (int64_t c = 0; c < C; ++c) {
+                T g = 0;
+                for (int64_t j = 0; j < n; ++j) g += Z[j * C + c];
+                b[c] = b[c] - eta * g;
+            }
+        }
+        T* o = out + k * D;
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < d; ++i) o[c * d + i] = W[c * dp + i] - w0[c * d + i];
+        for (int64_t c = 0; c < C; ++c) o[C * d + c] = b[c] - w0[C * d + c];
+    }
+    std::free(X); std::free(W); std::free(Ws); std::free(b); std::free(Z); std::free(P); std::free(lab);
+    return status;
+}
+
+}  // namespace
+
+#define CRFL_LINEAR_SGD(NAME, T, S)                                                                              \
+    extern "C" int NAME(const S* xs, const int64_t* y, const int64_t* idx, const T* starts, int64_t start_stride, \
+                        T* out, int64_t k_lo, int64_t k_hi, int64_t tau, int64_t n_B, int64_t d, int64_t C,      \
+                        double lr, double inv) {                                                                  \
+        return linear_sgd<T, S>(xs, y, idx, starts, start_stride, out, k_lo, k_hi, tau, n_B, d, C, lr, inv);    \
+    }
+
+CRFL_LINEAR_SGD(linear_sgd_float64_uint8, double, uint8_t)
+CRFL_LINEAR_SGD(linear_sgd_float64_float32, double, float)
+CRFL_LINEAR_SGD(linear_sgd_float64_float64, double, double)
+CRFL_LINEAR_SGD(linear_sgd_float32_uint8, float, uint8_t)
+CRFL_LINEAR_SGD(linear_sgd_float32_float32, float, float)
+CRFL_LINEAR_SGD(linear_sgd_float32_float64, float, double)
