@@ -151,3 +151,13 @@ def test_several_specs_run_as_one_and_compute_what_they_share_once(tmp_path, mon
         assert [{k: v for k, v in r.items() if k not in timing} for r in got] == \
                [{k: v for k, v in r.items() if k not in timing} for r in want]
         assert (tmp_path / "both" / spec / "runs").resolve() == (tmp_path / "both" / "runs").resolve()
+
+
+def test_several_specs_name_each_once(tmp_path):
+    from crfl import sweep
+    from crfl.validation import ConfigError
+
+    a = _tiny_spec(tmp_path / "a.yaml", "a", "attack.gamma: [1]")
+    with pytest.raises(ConfigError, match="name each sweep once"):
+        sweep.sweep_many([a, a], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
