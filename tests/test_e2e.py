@@ -161,3 +161,15 @@ def test_several_specs_name_each_once(tmp_path):
     with pytest.raises(ConfigError, match="name each sweep once"):
         sweep.sweep_many([a, a], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_a_failing_certification_setting_fails_its_own_row_only(tmp_path):
+    """One certification setting that is refused (sigma_T too small for Monte Carlo counts) does not take the
+    run's other settings with it, whichever order they come in (several specs merge their settings on one run)."""
+    from crfl import sweep
+
+    spec = _tiny_spec(tmp_path / "s.yaml", "s", "attack.gamma: [1]",
+                      "certify:\n  set: {certify.method: monte-carlo, certify.M: 100}\n  grid:\n    certify.sigma_T: [1.0e-12, 0.01]\n")
+    rows = sweep.sweep(spec, tmp_path / "o", jobs=1, progress=False)
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "sigma_T" in rows[0]["error"] and (tmp_path / "o" / rows[0]["run"].split("/cert-")[0] / "error.txt").is_file()

@@ -269,6 +269,13 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
     rows = []
     t0 = time.perf_counter()
     dataset = lambda: _worker_dataset(_data_key(job.config))  # noqa: E731  (loaded when first needed)
+
+    def failed(e: Exception, ch: str, cp: dict[str, Any]) -> dict[str, Any]:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "error.txt", "".join(traceback.format_exception(e)))
+        return {"status": "failed", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
+                "cert_point": cp, "error": f"{type(e).__name__}: {e}", "summary": {}}
+
     try:
         if not (run / DONE).is_file():
             if (run / "checkpoint.pt").is_file() or (run / "config.yaml").is_file():
@@ -278,22 +285,21 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
             atomic_write_text(run / DONE, "trained\n")
         rundir.RunDir(run).verify_files()  # a reused run: every recorded file as written (crfl.rundir integrity record)
         train_seconds = rundir.RunDir(run).read_summary(required=True)["training"]["seconds"]
-        for ch, co, cp in job.certs:
-            cdir = run / f"cert-{ch}"
-            if not (cdir / DONE).is_file():
-                certify_run(run, overrides=co, out_dir=cdir, dataset=dataset())
-                atomic_write_text(cdir / DONE, "certified\n")
-            rundir.RunDir(cdir).verify_files()
-            summary = rundir.RunDir(cdir).read_summary(required=True)
-            rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
-                         "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
     except Exception as e:  # noqa: BLE001 - a failing run must not stop the sweep
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / "error.txt", "".join(traceback.format_exception(e)))
-        for ch, co, cp in job.certs:
-            if not any(r["cert_hash"] == ch for r in rows):
-                rows.append({"status": "failed", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
-                             "cert_point": cp, "error": f"{type(e).__name__}: {e}", "summary": {}})
+        rows = [failed(e, ch, cp) for ch, _, cp in job.certs]
+    else:
+        for ch, co, cp in job.certs:  # a failing certification setting fails its own row only
+            cdir = run / f"cert-{ch}"
+            try:
+                if not (cdir / DONE).is_file():
+                    certify_run(run, overrides=co, out_dir=cdir, dataset=dataset())
+                    atomic_write_text(cdir / DONE, "certified\n")
+                rundir.RunDir(cdir).verify_files()
+                summary = rundir.RunDir(cdir).read_summary(required=True)
+                rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
+                             "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
+            except Exception as e:  # noqa: BLE001
+                rows.append(failed(e, ch, cp))
     for r in rows:
         r["wall_seconds"] = time.perf_counter() - t0
     return rows
