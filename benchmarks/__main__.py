@@ -23,11 +23,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 import crfl
+import crfl.io
 from crfl.config import resolve
 from crfl.data import Dataset, load_dataset
 from crfl.setup import prepare
@@ -300,6 +302,7 @@ def main() -> None:
     R: dict = {"date": date, "machine": _machine()}
     print("ceilings ...", flush=True)
     R["matmul_gflops"] = matmul_rate(repeat=rep)
+    R["matmul64_gflops"] = matmul_rate(repeat=rep, dtype=torch.float64)  # the ceiling of work done in float64
     R["bandwidth_gbs"] = memory_bandwidth(repeat=rep)
 
     print("training (paper MNIST setting) ...", flush=True)
@@ -653,21 +656,64 @@ E2E_BEGIN, E2E_END = "<!-- e2e: begin -->", "<!-- e2e: end -->"
 E2E_ARGS = ["run", "--preset", "mnist", "--dataset", "fashion-mnist", "--method", "monte-carlo", "--M", "1000", "--quiet"]
 
 
-def _subprocess_seconds(code: str, repeat: int) -> float:
+def _subprocess_seconds(code: str, repeat: int, env: dict[str, str] | None = None) -> float:
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
         ts.append(time.perf_counter() - t0)
     return min(ts)
+
+
+def _e2e_once(env: dict[str, str]) -> dict:
+    """One ``crfl run`` in a fresh process, split by what it leaves on disk: config.yaml is written when
+    training starts (after start-up: interpreter, imports, config, dataset load, partition, setup), the
+    summary's ``training.seconds`` is the round loop (rounds, per-round evaluation, rows, checkpoints),
+    ``certify_seconds`` the certification (``smoothing.seconds`` of it the vote counting) and summary.json's
+    mtime the end; the rest is the final training result set and the certification's reading of the run."""
+    d = Path(tempfile.mkdtemp(prefix="crfl-bench-e2e-"))
+    try:
+        t_start = time.time()
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "crfl.cli", *E2E_ARGS, "--out", str(d / "run")],
+                           capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        run = d / "run"
+        s = json.loads((run / "summary.json").read_text())
+        cfg = crfl.io.load_yaml((run / "config.yaml").read_text())
+        to_summary = (run / "summary.json").stat().st_mtime - t_start
+        startup = (run / "config.yaml").stat().st_mtime - t_start
+        train_s, certify_s = s["training"]["seconds"], s["certify_seconds"]
+        from crfl import smoothing
+
+        final = torch.load(run / "model_final.pt", weights_only=True)
+        params = final["params"]
+        C, d_ = final["num_classes"], final["num_features"]
+        cz = cfg["certify"]
+        mc_dtype = smoothing.monte_carlo_dtype(float(torch.linalg.vector_norm(params[: C * d_].double())),
+                                               float(cz["sigma_T"]), int(cz["M"]), d_, C)
+        return {"wall_s": wall, "to_summary_s": to_summary, "startup_s": startup, "train_s": train_s,
+                "certify_s": certify_s, "counts_s": s["smoothing"]["seconds"],
+                "between_s": to_summary - startup - train_s - certify_s, "train_dtype": cfg["run"]["dtype"],
+                "counts_dtype": str(mc_dtype).replace("torch.", ""), "rounds": s["training"]["rounds"],
+                "final_clean_acc": s["training"]["final_clean_acc"],
+                "smoothed_acc": s["results"]["clean"]["smoothed_accuracy"],
+                "certified_at_attack": s["results"]["clean"]["certified_at_attack"]}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def cli_end_to_end(repeat: int = 3) -> dict:
     """``crfl run --preset mnist --dataset fashion-mnist --method monte-carlo --M 1000`` as a user runs it:
     a fresh process, timed from its start to summary.json written (the certification's last write; the
     CLI then prints and plots), best of ``repeat`` (the decoded-data cache is warm after the first).
-    Each part beside its floor, measured in the same session: the interpreter with crfl's imports, the
-    dataset load (cached), T rounds at the compute bound, the Monte Carlo FLOP at the matmul rate."""
+    Each part beside its floor, measured in the same session and in the dtype the run computes in
+    (the presets train and count in float64, so their floors are at the float64 matmul rate): start-up
+    against a bare ``import torch``, the dataset load (cached), the round loop against T rounds' FLOP at
+    the ceiling and against the same rounds timed alone (the loop's own evaluation, rows and checkpoints
+    are the difference), the vote counting against its FLOP at the ceiling."""
     try:
         load_dataset("fashion-mnist")
     except Exception as e:  # noqa: BLE001
@@ -675,39 +721,32 @@ def cli_end_to_end(repeat: int = 3) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs = []
     for _ in range(repeat):
-        d = Path(tempfile.mkdtemp(prefix="crfl-bench-e2e-"))
-        try:
-            t_start = time.time()
-            t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "crfl.cli", *E2E_ARGS, "--out", str(d / "run")],
-                               capture_output=True, text=True, env=env)
-            wall = time.perf_counter() - t0
-            if p.returncode != 0:
-                return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-            s = json.loads((d / "run" / "summary.json").read_text())
-            to_summary = (d / "run" / "summary.json").stat().st_mtime - t_start
-            runs.append({"wall_s": wall, "to_summary_s": to_summary, "train_s": s["training"]["seconds"],
-                         "certify_s": s["certify_seconds"], "final_clean_acc": s["training"]["final_clean_acc"],
-                         "smoothed_acc": s["results"]["clean"]["smoothed_accuracy"],
-                         "certified_at_attack": s["results"]["clean"]["certified_at_attack"]})
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
+        r = _e2e_once(env)
+        if "error" in r:
+            return r
+        runs.append(r)
     best_run = min(runs, key=lambda r: r["to_summary_s"])
     # floors, measured now
-    imports = _subprocess_seconds("import crfl.cli, crfl.train, crfl.certify, crfl.readings", 3)
-    bare = _subprocess_seconds("pass", 3)
-    load = best(lambda: load_dataset("fashion-mnist"), repeat=3)
-    mm = matmul_rate(repeat=3)
+    dt = {"float64": torch.float64, "float32": torch.float32}
+    mm = {name: matmul_rate(repeat=3, dtype=dt[name]) for name in sorted({best_run["train_dtype"], best_run["counts_dtype"]})}
     ds = load_dataset("fashion-mnist")
     setup = prepare(resolve("mnist", None, {"data.name": "fashion-mnist"}), ds)
     flop, _ = client_cost(setup)
     n = 2 * len(ds.y_test)
     mc_flop = 2 * n * ds.num_features * ds.num_classes * 1000
+    T = best_run["rounds"]
+    rounds_alone = round_time(setup, rounds=10) * T
     return {
         "command": "crfl " + " ".join(E2E_ARGS), "runs": runs, "best": best_run, "matmul_gflops": mm,
-        "floors": {"interpreter_s": bare, "imports_s": imports, "load_cached_s": load,
-                   "train_compute_bound_s": setup.rounds * flop / (mm * 1e9), "certify_compute_bound_s": mc_flop / (mm * 1e9)},
-        "rest_s": best_run["to_summary_s"] - best_run["train_s"] - best_run["certify_s"],
+        "floors": {
+            "interpreter_s": _subprocess_seconds("pass", 3, env),
+            "import_torch_s": _subprocess_seconds("import torch", 3, env),
+            "import_crfl_cli_s": _subprocess_seconds("import crfl.cli", 3, env),
+            "load_cached_s": best(lambda: load_dataset("fashion-mnist"), repeat=3),
+            "rounds_alone_s": rounds_alone,
+            "train_compute_bound_s": T * flop / (mm[best_run["train_dtype"]] * 1e9),
+            "counts_compute_bound_s": mc_flop / (mm[best_run["counts_dtype"]] * 1e9),
+        },
     }
 
 
@@ -715,24 +754,36 @@ def render_e2e(E: dict, date: str, machine: dict) -> str:
     lines = [E2E_BEGIN, "", "## End to end: the paper's MNIST experiment through the CLI", ""]
     if "error" in E:
         return "\n".join(lines + [f"Not measured: {E['error']}", "", E2E_END, ""])
-    b, f = E["best"], E["floors"]
+    b, f, mm = E["best"], E["floors"], E["matmul_gflops"]
+    tdt, cdt = b["train_dtype"], b["counts_dtype"]
+    floor_total = f["import_torch_s"] + f["load_cached_s"] + f["train_compute_bound_s"] + f["counts_compute_bound_s"]
     lines += [
         f"Measured {date} on {machine['cpu']}, {machine['cores']} cores (load average {machine.get('load_average')}); "
         "`python -m benchmarks --only e2e` re-measures this section alone.", "",
-        f"`{E['command']}`: T = 100 rounds, attack at t_adv = 10, Monte Carlo certification (M = 1000) of the clean "
-        "and the backdoored test set (2 x 10,000 points). A fresh process each time, timed from its start to "
-        f"summary.json written (best of {len(E['runs'])}; the CLI then prints and draws the plot: "
-        f"{b['wall_s'] - b['to_summary_s']:.1f} s more).", "",
-        "| part | measured | floor (measured in the same session) |", "|---|---|---|",
-        f"| interpreter start, imports, dataset load (cached), setup, file writes | {E['rest_s']:.2f} s | "
-        f"{f['imports_s']:.2f} s to import crfl (a bare interpreter: {f['interpreter_s']:.2f} s), "
-        f"{f['load_cached_s']:.3f} s to load the cached dataset |",
-        f"| training, 100 rounds | {b['train_s']:.2f} s | {f['train_compute_bound_s']:.2f} s: the rounds' FLOP at "
-        f"{E['matmul_gflops']:.0f} GFLOP/s |",
-        f"| certification | {b['certify_s']:.2f} s | {f['certify_compute_bound_s']:.2f} s: the noisy logits' FLOP at the matmul rate |",
+        f"`{E['command']}`: T = {b['rounds']} rounds, attack at t_adv = 10, Monte Carlo certification (M = 1000) of the "
+        "clean and the backdoored test set (2 x 10,000 points); training in "
+        f"{tdt}, votes counted in {cdt} (`crfl.smoothing.monte_carlo_dtype`). A fresh process each time, timed from "
+        f"its start to summary.json written (best of {len(E['runs'])}; the CLI then prints and draws the figures: "
+        f"{b['wall_s'] - b['to_summary_s']:.1f} s more). Each part is split off by what the run leaves on disk "
+        "(config.yaml is written when training starts, summary.json's `training.seconds`, `certify_seconds` and "
+        "`smoothing.seconds`); each floor is measured in the same session, compute at the matrix-multiply rate of "
+        f"the dtype the part runs in ({', '.join(f'{k}: {v:.0f} GFLOP/s' for k, v in mm.items())}).", "",
+        "| part | measured | floor (same session) | measured / floor |", "|---|---|---|---|",
+        f"| start-up: interpreter, imports, config, dataset load (cached), partition, setup | {b['startup_s']:.2f} s | "
+        f"{f['import_torch_s'] + f['load_cached_s']:.2f} s: a bare `import torch` {f['import_torch_s']:.2f} s ("
+        f"a bare interpreter: {f['interpreter_s']:.2f} s; `import crfl.cli`: {f['import_crfl_cli_s']:.2f} s) + loading the cached "
+        f"dataset {f['load_cached_s']:.3f} s | {b['startup_s'] / (f['import_torch_s'] + f['load_cached_s']):.1f}x |",
+        f"| training: the round loop ({tdt}) | {b['train_s']:.2f} s | {f['train_compute_bound_s']:.2f} s: the rounds' FLOP "
+        f"at {mm[tdt]:.0f} GFLOP/s (the same rounds timed alone, without evaluation, rows and checkpoints: "
+        f"{f['rounds_alone_s']:.2f} s) | {b['train_s'] / f['train_compute_bound_s']:.1f}x |",
+        f"| certification: counting the votes ({cdt}) | {b['counts_s']:.2f} s | {f['counts_compute_bound_s']:.2f} s: the "
+        f"noisy logits' FLOP at {mm[cdt]:.0f} GFLOP/s | {b['counts_s'] / f['counts_compute_bound_s']:.1f}x |",
+        f"| certification: the rest (reading the run, B_0, bounds, radii, result files) | {b['certify_s'] - b['counts_s']:.2f} s "
+        "| no compute floor | |",
+        f"| between: the final training result set, certification start-up | {b['between_s']:.2f} s | no compute floor | |",
         f"| **process start to summary written** | **{b['to_summary_s']:.2f} s** (target <= 5 s: "
-        f"{'met' if b['to_summary_s'] <= 5 else '**missed**'}) | "
-        f"{f['imports_s'] + f['load_cached_s'] + f['train_compute_bound_s'] + f['certify_compute_bound_s']:.2f} s |",
+        f"{'met' if b['to_summary_s'] <= 5 else '**missed**'}) | {floor_total:.2f} s | "
+        f"{b['to_summary_s'] / floor_total:.1f}x |",
         "",
         f"All runs (s to summary): {', '.join('%.2f' % r['to_summary_s'] for r in E['runs'])}; final clean accuracy "
         f"{b['final_clean_acc']:.4f}, smoothed accuracy {b['smoothed_acc']:.4f}, certified at the attack "
@@ -746,7 +797,11 @@ REPRO_BEGIN, REPRO_END = "<!-- reproduce: begin -->", "<!-- reproduce: end -->"
 
 
 def reproduce_figures(specs: list[str] | None, jobs: int) -> dict:
-    """Run ``scripts/reproduce-figures`` (coupled reading) into a fresh folder; its timing.csv per sweep."""
+    """Run ``scripts/reproduce-figures`` (coupled reading) into a fresh folder: its timing.csv (wall time per
+    ``crfl sweep`` call, the plots, the total) and, per sweep, what it asked for and what was computed for it.
+    A sweep's training or certification is counted as done by the first sweep (in the script's order) that
+    asks for it; the later ones reuse it from the shared store. Its work is the recorded ``training.seconds``
+    and ``certify_seconds`` of what it computed (inside the worker processes, one thread each when JOBS = 2)."""
     d = Path(tempfile.mkdtemp(prefix="crfl-bench-figures-"))
     try:
         crfl_bin = Path(sys.executable).parent / "crfl"
@@ -760,25 +815,74 @@ def reproduce_figures(specs: list[str] | None, jobs: int) -> dict:
         total = time.perf_counter() - t0
         from crfl.io import read_csv
 
-        rows = read_csv(d / "figures" / "timing.csv") if (d / "figures" / "timing.csv").is_file() else []
-        runs = [p_ for p_ in (d / "figures" / "runs").iterdir()] if (d / "figures" / "runs").is_dir() else []
+        out = d / "figures"
+        calls = read_csv(out / "timing.csv") if (out / "timing.csv").is_file() else []
+        order = [s for c in calls if c["spec"] not in ("plots", "total") for s in c["spec"].split("+")]
+        seen_runs: set[str] = set()
+        seen_certs: set[tuple[str, str]] = set()
+        sweeps = []
+        for name in order:
+            info = json.loads((out / name / "sweep.json").read_text()) if (out / name / "sweep.json").is_file() else {}
+            rows = read_csv(out / name / "results.csv") if (out / name / "results.csv").is_file() else []
+            row = {"spec": name, "rows": len(rows), "failed": sum(r.get("status", "ok") not in ("ok", "") for r in rows),
+                   "trainings_requested": 0, "trainings_done": 0, "certifications_requested": 0, "certifications_done": 0,
+                   "train_seconds": 0.0, "certify_seconds": 0.0}
+            for job in info.get("jobs", []):
+                h = job["train_hash"]
+                row["trainings_requested"] += 1
+                if h not in seen_runs:
+                    seen_runs.add(h)
+                    row["trainings_done"] += 1
+                    row["train_seconds"] += _json_get(out / "runs" / h / "summary.json", "training", "seconds")
+                for ch, _ in job["certs"]:
+                    row["certifications_requested"] += 1
+                    if (h, ch) not in seen_certs:
+                        seen_certs.add((h, ch))
+                        row["certifications_done"] += 1
+                        row["certify_seconds"] += _json_get(out / "runs" / h / f"cert-{ch}" / "summary.json", "certify_seconds")
+            sweeps.append(row)
         return {"total_s": total, "returncode": p.returncode, "jobs": jobs, "specs": specs or "all",
-                "sweeps": [{"spec": r["spec"], "seconds": float(r["seconds"]), "status": r["status"]} for r in rows],
-                "training_runs": len(runs), "tail": p.stdout.strip().splitlines()[-1:] + p.stderr.strip().splitlines()[-3:]}
+                "calls": [{"spec": r["spec"], "seconds": float(r["seconds"]), "status": r["status"]} for r in calls],
+                "sweeps": sweeps, "training_runs": len(seen_runs), "certifications": len(seen_certs),
+                "tail": p.stdout.strip().splitlines()[-1:] + p.stderr.strip().splitlines()[-3:]}
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _json_get(path: Path, *keys: str) -> float:
+    """A number inside a JSON file (0.0 when the file or the key is missing: a failed run)."""
+    try:
+        v: Any = json.loads(path.read_text())
+        for k in keys:
+            v = v[k]
+        return float(v)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def render_reproduce(P: dict, date: str, machine: dict) -> str:
+    sw = P["sweeps"]
+    req_t, req_c = sum(r["trainings_requested"] for r in sw), sum(r["certifications_requested"] for r in sw)
     lines = [REPRO_BEGIN, "", "## Every figure: `scripts/reproduce-figures` (coupled reading)", "",
              f"Measured {date} on {machine['cpu']}, {machine['cores']} cores (load average {machine.get('load_average')}), "
-             f"{P['jobs']} runs in parallel per sweep; `python -m benchmarks --only reproduce` re-measures this section "
-             f"({'specs: ' + ', '.join(P['specs']) if isinstance(P['specs'], list) else 'all sweeps'}). All sweeps share one "
-             f"store of training runs ({P['training_runs']} trained): a configuration several figures use is trained once.", "",
+             f"JOBS = {P['jobs']} worker processes; `python -m benchmarks --only reproduce` re-measures this section "
+             f"({'specs: ' + ', '.join(P['specs']) if isinstance(P['specs'], list) else 'all sweeps'}). The sweeps on one "
+             "dataset run as one `crfl sweep A B ...` (one store of runs, one pool of jobs, longest first), the figures "
+             "are drawn by one `crfl plot` at the end.", "",
              f"**Total: {P['total_s'] / 60:.1f} min** (target <= 15 min: {'met' if P['total_s'] <= 900 else '**missed**'}; "
-             f"exit status {P['returncode']}).", "", "| sweep | seconds | status |", "|---|---|---|"]
-    for r in P["sweeps"]:
-        lines.append(f"| {r['spec']} | {r['seconds']:.1f} | {r['status']} |")
+             f"exit status {P['returncode']}): {P['training_runs']} trainings for {req_t} requested, "
+             f"{P['certifications']} certifications for {req_c} requested.", "",
+             "| call | wall seconds | status |", "|---|---|---|"]
+    for r in P["calls"]:
+        lines.append(f"| {r['spec'].replace('+', ', ')} | {r['seconds']:.1f} | {r['status']} |")
+    lines += ["", "Per sweep: what it asked for, what was computed for it (the rest came from the store), and the "
+              "recorded seconds of that work inside the workers (training loop; certification).", "",
+              "| sweep | result rows (failed) | trainings done / requested | certifications done / requested | "
+              "training s | certification s |", "|---|---|---|---|---|---|"]
+    for r in sw:
+        lines.append(f"| {r['spec']} | {r['rows']} ({r['failed']}) | {r['trainings_done']} / {r['trainings_requested']} | "
+                     f"{r['certifications_done']} / {r['certifications_requested']} | {r['train_seconds']:.1f} | "
+                     f"{r['certify_seconds']:.1f} |")
     lines += ["", REPRO_END, ""]
     return "\n".join(lines)
 
@@ -867,6 +971,8 @@ def render(R: dict) -> str:
         "| ceiling | value |",
         "|---|---|",
         f"| float32 matrix multiply (2048 x 2048, torch.mm) | {mm:.0f} GFLOP/s |",
+        f"| float64 matrix multiply (2048 x 2048, torch.mm): the ceiling of work in float64 (the presets' training and "
+        f"Monte Carlo counts) | {R['matmul64_gflops']:.0f} GFLOP/s |",
         f"| memory bandwidth (512 MiB copy, read + write) | {bw:.1f} GB/s |",
         "",
         *render_training(tr, R["train_data"]),
