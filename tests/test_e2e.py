@@ -46,6 +46,24 @@ def test_clopper_pearson_is_scipy_stats_beta_bit_for_bit():
             assert np.array_equal(lo, want_lo) and np.array_equal(up, want_up), (M, alpha)
 
 
+def test_clopper_pearson_at_tiny_alpha_keeps_its_definition_and_nan_abstains():
+    """Below alpha = 1e-12 the bounds are checked against their definition (the binomial tail equals alpha:
+    scipy.stats.beta is itself off there), and a bound that is NaN makes the point abstain."""
+    from scipy import special
+
+    for M in (10, 100, 1000):
+        for alpha in (1e-20, 1e-50, 1e-100):
+            k = np.arange(1, M + 1)
+            lo = bounds.clopper_pearson_lower(k, M, alpha)
+            ok = np.isfinite(lo) & (lo > 0)
+            tail = special.bdtrc(k[ok] - 1, M, lo[ok])  # P(Bin(M, lo) >= k)
+            assert ok.sum() > M // 2 and np.allclose(tail / alpha, 1.0, rtol=1e-6), (M, alpha)
+    res = bounds.select_and_bound(np.array([[9, 1], [1, 9], [5, 5]]), 1e-300, "clopper-pearson", "simultaneous")
+    assert res.abstain[2]
+    nan = ~np.isfinite(res.p_a_lower) | ~np.isfinite(res.p_b_upper)
+    assert (res.abstain[nan]).all()
+
+
 def _slow_stats(setup) -> tuple[float, float, float]:
     """The conversion of every training row, as before the integer shortcut."""
     best, lo, hi = 0.0, math.inf, -math.inf
@@ -161,6 +179,31 @@ def test_several_specs_name_each_once(tmp_path):
     with pytest.raises(ConfigError, match="name each sweep once"):
         sweep.sweep_many([a, a], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_a_shared_run_trains_the_twin_any_spec_asks_for(tmp_path):
+    """certify.twin is outside the training hash: when specs share a run, whichever comes first, the run trains
+    the clean twin if any of them asks for it, and the spec that asked gets its twin block and twin distances."""
+    import json
+
+    from crfl import sweep
+    from crfl.io import read_csv
+
+    def spec(name: str, twin: str) -> Path:
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(f"name: {name}\ntitle: t\nfinding: f\nbase:\n  preset: demo\n  set: {{server.rounds: 3, attack.rounds: [2], "
+                     f"data.num_clients: 4, run.dtype: float32, certify.num_test: 50, certify.twin: {twin}}}\n"
+                     "grid:\n  attack.gamma: [1]\nradii: [0.0, 0.1]\n")
+        return p
+
+    a, b = spec("a", "false"), spec("b", "true")
+    sweep.sweep_many([a, b], tmp_path / "o", jobs=1, progress=False)
+    row = read_csv(tmp_path / "o" / "b" / "results.csv")[0]
+    cert_dir = tmp_path / "o" / "b" / row["run"]
+    summary = json.loads((cert_dir / "summary.json").read_text())
+    assert summary.get("twin") is not None
+    rounds = read_csv(cert_dir.parent / "rounds.csv")
+    assert rounds and all(r.get("twin_distance") not in (None, "") for r in rounds)
 
 
 def test_a_failing_certification_setting_fails_its_own_row_only(tmp_path, monkeypatch):

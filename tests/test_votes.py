@@ -246,3 +246,46 @@ def test_module_counts_identical_with_and_without_the_kernel(monkeypatch):
     ref = torch_counts(monkeypatch, lambda: monte_carlo_counts_module(net, flat, X, 0.2, 130, gen(3),
                                                                       models_per_chunk=50, points_per_chunk=30))
     assert torch.equal(got, ref) and (got.sum(dim=1) == 130).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the range side conditions of exact votes (review of issue 20): inputs where float32 (or float64) rounding is not
+# relative must not be called exact
+
+
+def _exact_counts(W, b, X, sigma, M, seed, chunk=250):
+    C, d = W.shape
+    g, ref = gen(seed), torch.zeros((X.shape[0], C), dtype=torch.int64)
+    for m0 in range(0, M, chunk):
+        m = min(chunk, M - m0)
+        E = torch.randn((m, C * d + C), generator=g, dtype=torch.float64)
+        for p in range(X.shape[0]):
+            ref[p] += torch.bincount(exact_votes.exact_noisy_argmax(W, b, sigma, E, X[p].expand(m, d)), minlength=C)
+    return ref
+
+
+@pytest.mark.parametrize("case", ["float32 underflow", "float32 overflow of x", "float64 underflow of sigma e"])
+def test_votes_outside_the_proven_range_are_not_called_exact(case):
+    if smoothing.votes_arithmetic() != "exact":
+        pytest.skip("no compiled votes kernel here")
+    z = torch.zeros(2, dtype=torch.float64)
+    if case == "float32 underflow":  # weights below FLT_MIN lose more than a relative u in float32
+        W, X, sigma, M = torch.tensor([[2.0 ** -134, 0.0], [0.0, 6e-46]], dtype=torch.float64), torch.tensor([[1e11, 1e16]], dtype=torch.float64), 1e-300, 100
+    elif case == "float32 overflow of x":  # features beyond float32's range
+        W, X, sigma, M = torch.tensor([[1e-10, 1e-40], [-1e-10, 3e-10]], dtype=torch.float64), torch.tensor([[4e38, 4e38]], dtype=torch.float64), 1e-300, 50
+    else:  # a subnormal sigma: fl64(sigma e) loses up to 2^-1075 |x| absolutely
+        W, X, sigma, M = torch.zeros(2, 2, dtype=torch.float64), torch.tensor([[1e38, 0.77e38]], dtype=torch.float64), 2e-322, 2000
+    got, how = smoothing.monte_carlo_votes_linear(W, z, X, sigma, M, gen(0), dtype=torch.float64)
+    assert how == "float64" or torch.equal(got, _exact_counts(W, z, X, sigma, M, 0)), (case, how)
+    assert how == "float64"  # these inputs are outside the side conditions: the votes are float64 argmaxes
+    with pytest.raises(ConfigError, match="certify.sigma_T"):  # and the default refuses what float64 cannot resolve
+        smoothing.monte_carlo_votes_linear(W, z, X, sigma, M, gen(0))
+
+
+def test_votes_label_is_exact_for_ordinary_inputs():
+    if smoothing.votes_arithmetic() != "exact":
+        pytest.skip("no compiled votes kernel here")
+    W, b = _model(10, 30, 3, scale=0.5)
+    X = torch.rand(40, 30, generator=gen(8), dtype=torch.float64)
+    got, how = smoothing.monte_carlo_votes_linear(W, b, X, 0.01, 300, gen(2))
+    assert how == "exact" and torch.equal(got, _exact_counts(W, b, X, 0.01, 300, 2))

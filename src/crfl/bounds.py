@@ -111,6 +111,7 @@ class BoundResult:
     log1m_p_a_lower: np.ndarray | None = None  # log(1 - p_a_lower), exact where p_a_lower rounds to 1
     log_p_b_upper: np.ndarray | None = None  # log(p_b_upper), exact where p_b_upper underflows
     seed: Any = None  # the CertificationSeed of statistical bounds (None: nothing drawn)
+    votes: str | None = None  # how Monte Carlo votes were computed: 'exact', 'float64' or 'module dtype' (None: no votes)
 
     def log1m_a(self) -> np.ndarray:
         """log(1 - p_A_lower): the stored exact value, else from p_a_lower."""
@@ -133,7 +134,7 @@ class BoundResult:
     def slice(self, start: int, stop: int) -> "BoundResult":
         """The points start..stop-1 (e.g. the clean half of a clean + backdoored batch)."""
         cut = lambda v: None if v is None else v[start:stop]  # noqa: E731
-        return BoundResult(*(getattr(self, f.name) if f.name == "seed" else cut(getattr(self, f.name))
+        return BoundResult(*(getattr(self, f.name) if f.name in ("seed", "votes") else cut(getattr(self, f.name))
                              for f in dataclasses.fields(self)))
 
 
@@ -190,7 +191,7 @@ def clopper_pearson_lower(k: np.ndarray | int, M: int, alpha: float) -> np.ndarr
     arr, M = _check_counts(k, M)
     alpha = _check_alpha(alpha)
     safe = np.maximum(arr, 1)
-    lo = special.betaincinv(safe, M - safe + 1, alpha)  # = scipy.stats.beta.ppf, bit for bit (Boost's ibeta_inv)
+    lo = special.betaincinv(safe, M - safe + 1, alpha)  # = scipy.stats.beta.ppf bit for bit for alpha >= 1e-12 (tested); more accurate at tiny alpha
     return _out(np.where(arr == 0, 0.0, lo).astype(np.float64), k)
 
 
@@ -202,7 +203,7 @@ def clopper_pearson_upper(k: np.ndarray | int, M: int, alpha: float) -> np.ndarr
     arr, M = _check_counts(k, M)
     alpha = _check_alpha(alpha)
     safe = np.minimum(arr, M - 1)
-    up = special.betainccinv(safe + 1, M - safe, alpha)  # = scipy.stats.beta.isf, bit for bit (Boost's ibetac_inv)
+    up = special.betainccinv(safe + 1, M - safe, alpha)  # = scipy.stats.beta.isf bit for bit for alpha >= 1e-12 (tested)
     return _out(np.where(arr == M, 1.0, up).astype(np.float64), k)
 
 
@@ -318,7 +319,7 @@ def select_and_bound(
         n_b=np.asarray(n_b, dtype=np.int64),
         p_a_lower=p_a_lower,
         p_b_upper=p_b_upper,
-        abstain=p_a_lower <= p_b_upper,
+        abstain=~(p_a_lower > p_b_upper),  # p_A_lower <= p_B_upper, and abstain where a bound is NaN
     )
 
 

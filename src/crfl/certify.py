@@ -271,7 +271,7 @@ def certify_run(
                 name: float((covered(rs_[i * m : (i + 1) * m], delta_norm) & ~s.abstain).mean()) for name, rs_ in rad_by.items()}
     blocks: dict[str, Any] = {"certificate": cert_block}
     blocks["certificate"]["guarantee"] += cert.impl.randomness_note(seed)
-    blocks["smoothing"] = cert.impl.smoothing_block(smooth_seconds, seed)
+    blocks["smoothing"] = cert.impl.smoothing_block(smooth_seconds, seed, votes=both.votes)
     blocks["results"] = results
     blocks["assumptions"] = cert.report
     if twin_block is not None:

@@ -47,7 +47,7 @@ import functools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ __all__ = [
     "monte_carlo_counts_linear",
     "MC_FLIP_LIMIT",
     "votes_arithmetic",
+    "monte_carlo_votes_linear",
     "vote_flip_probability",
     "monte_carlo_dtype",
     "monte_carlo_counts_module",
@@ -255,6 +256,9 @@ def monte_carlo_dtype(weight_norm: float, sigma: float, M: int, num_features: in
     value and the smallest allowed. sigma = 0 (no noise: the base model's votes) counts in float64."""
     if sigma == 0:
         return torch.float64
+    if sigma < 2.0 ** -900:  # fl(sigma e) could underflow: rounding is then absolute, outside kappa's proof
+        raise ConfigError(f"The 'certify.sigma_T' parameter is too small for Monte Carlo counts: sigma_T = {sigma:.3g} "
+                          f"is near float64's underflow. Use certify.sigma_T >= {2.0 ** -900:.3g} (or 0), or method exact.")
     for dt in (torch.float32, torch.float64):
         if M * vote_flip_probability(weight_norm, sigma, num_features, num_classes, dt) <= MC_FLIP_LIMIT:
             return dt
@@ -344,6 +348,7 @@ def votes_arithmetic(device: torch.device | str = "cpu") -> str:
 def _linear_votes(
     weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
     models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
+    info: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """:func:`monte_carlo_counts_linear`, and how many (point, model) votes the mixed path took from float64
     logits and from exact arithmetic (0, 0 where it does not run). ``mixed`` None: the mixed path runs where it
@@ -374,10 +379,13 @@ def _linear_votes(
         thr32 = exact_votes.margin_threshold(px, d, torch.float32).contiguous()
         thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
         x_max = float(px.max()) if n else 0.0
-        mixed = bool(torch.isfinite(thr32).all())  # gamma_{d+5} exists in float32
+        # gamma_{d+5} exists in float32, and every nonzero |x| converts to float32 with a relative error: in
+        # [FLT_MIN, 1e37] (no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
+        mixed = bool(torch.isfinite(thr32).all()) and _in_float32_range(Xd)
         if default and not mixed:
             monte_carlo_dtype(w_norm, sigma, M, d, C)  # float64 votes after all: their rounding must be resolved
     exact_pairs = [0]  # votes the margins left to exact arithmetic, over all chunks so far
+    rounded = [not mixed]  # some votes came from float64 (or float32) argmaxes, not proven exact
 
     def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
@@ -385,9 +393,14 @@ def _linear_votes(
         bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
         # mixed: float32 products where no float32 logit can overflow (|logit| <= pm ||x~|| (1 + gamma))
         pm = exact_votes.logit_error_scales(W, b, sigma, E, Xd[:0])[1].contiguous() if mixed else None
-        here = mixed and float(pm.max()) * x_max <= 1e37
-        if default and mixed and not here:  # this chunk's votes come from float64 logits, not proven exact
-            monte_carlo_dtype(w_norm, sigma, M, d, C)
+        # ... and where fl64(sigma e) does not underflow and every nonzero noisy weight converts to float32 with a
+        # relative error (a subnormal float64 sum w + sigma e is exact; zeros are exact)
+        here = (mixed and float(pm.max()) * x_max <= 1e37 and _in_float32_range(Wn, bn)
+                and (sigma == 0.0 or sigma * _min_nonzero_abs(E) >= 2.0 * _DBL_MIN))
+        if mixed and not here:  # this chunk's votes come from float64 logits, not proven exact
+            rounded[0] = True
+            if default:
+                monte_carlo_dtype(w_norm, sigma, M, d, C)
         # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
         # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
         pdt = torch.float32 if here else dtype
@@ -440,7 +453,42 @@ def _linear_votes(
 
     counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
                     points_per_chunk)
+    if info is not None:
+        info["votes"] = "exact" if not rounded[0] else str(dtype).replace("torch.", "")
     return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
+
+
+_FLT_MIN, _DBL_MIN = 2.0 ** -126, 2.0 ** -1022
+
+
+def _min_nonzero_abs(*ts: torch.Tensor) -> float:
+    """The smallest nonzero |entry| of the tensors (inf when all are zero or empty)."""
+    out = math.inf
+    for t in ts:
+        a = t.abs()
+        nz = a[a > 0]
+        if nz.numel():
+            out = min(out, float(nz.min()))
+    return out
+
+
+def _in_float32_range(*ts: torch.Tensor) -> bool:
+    """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u."""
+    big = max((float(t.abs().max()) for t in ts if t.numel()), default=0.0)
+    return (not math.isnan(big)) and big <= 1e37 and _min_nonzero_abs(*ts) >= _FLT_MIN
+
+
+def monte_carlo_votes_linear(
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    **kw: Any,
+) -> tuple[torch.Tensor, str]:
+    """:func:`monte_carlo_counts_linear` and how its votes were computed: 'exact' (every vote proven the exact vote
+    of its noisy model, docs/theory.md (c)) or the dtype of the argmaxes ('float64': a vote may differ from the
+    exact one with probability <= MC_FLIP_LIMIT / M). What summary.json's ``smoothing.votes`` records."""
+    info: dict[str, Any] = {}
+    counts, _, _ = _linear_votes(weight, bias, X, sigma, M, generator, kw.pop("models_per_chunk", 250),
+                                 kw.pop("points_per_chunk", 2048), kw.pop("dtype", None), info=info, **kw)
+    return counts, info["votes"]
 
 
 def monte_carlo_counts_linear(

@@ -531,6 +531,10 @@ def sweep_many(
         for j in lists[sp.name]:
             m = merged.setdefault(j.train_hash, Job(j.train_hash, j.config, j.point, []))
             m.certs += [c for c in j.certs if all(c[0] != have[0] for have in m.certs)]
+            if j.config["certify"].get("twin") and not m.config["certify"].get("twin"):
+                # certify.twin is not in the training hash but decides whether the clean twin is trained: a run
+                # that any sharing spec wants a twin of trains one (the others' certificates ignore it)
+                m.config = {**m.config, "certify": {**m.config["certify"], "twin": True}}
     order = sorted(merged.values(), key=lambda j: -int(j.config["server"]["rounds"]) * (2 if j.config["certify"].get("twin") else 1))
     claims = [_claim_sweep(out / sp.name) for sp in trains]
     try:

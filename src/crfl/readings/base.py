@@ -111,20 +111,23 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
         return BoundResult(np.asarray(tt.c_a), np.asarray(tt.c_b), None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up,
                            np.asarray(tt.log1m_p_a_lower, dtype=float), np.asarray(tt.log_p_b_upper, dtype=float))
     seed = draw_certification_seed() if seed is None else seed
-    counts = _counts(setup, params, X, cz.M, seed.torch_generator("smoothing", 0))
+    counts, votes = _counts(setup, params, X, cz.M, seed.torch_generator("smoothing", 0))
     sel = None
     if cz.selection > 0:
-        sel = _counts(setup, params, X, cz.selection, seed.torch_generator("selection", 0)).numpy()
+        sel_counts, sel_votes = _counts(setup, params, X, cz.selection, seed.torch_generator("selection", 0))
+        sel = sel_counts.numpy()
+        votes = votes if sel_votes == votes else "float64"  # exact only if both samples' votes were
     res = bounds.select_and_bound(counts.numpy(), cz.alpha, cz.bound, cz.coverage, selection_counts=sel)
-    return dataclasses.replace(res, seed=seed)
+    return dataclasses.replace(res, seed=seed, votes=votes)
 
 
-def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> torch.Tensor:
+def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> tuple[torch.Tensor, str]:
+    """The M votes on X and how they were computed ('exact', 'float64'; 'module dtype' for a module model)."""
     sigma = setup.cfg.certify.sigma_T
     if setup.model.is_linear:
-        W, b = setup.model.split(params)  # exact votes where the votes kernel runs (smoothing.votes_arithmetic)
-        return smoothing.monte_carlo_counts_linear(W, b, X, sigma, M, gen)
-    return smoothing.monte_carlo_counts_module(setup.model.module, params.float(), X.float(), sigma, M, gen)
+        W, b = setup.model.split(params)  # exact votes where the votes kernel runs and the inputs allow it
+        return smoothing.monte_carlo_votes_linear(W, b, X, sigma, M, gen)
+    return smoothing.monte_carlo_counts_module(setup.model.module, params.float(), X.float(), sigma, M, gen), "module dtype"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ class Reading:
             return cz.alpha, cz.bound, cz.coverage
         return None, None, None
 
-    def smoothing_block(self, seconds: float, seed: CertificationSeed | None = None) -> dict[str, Any]:
+    def smoothing_block(self, seconds: float, seed: CertificationSeed | None = None, votes: str | None = None) -> dict[str, Any]:
         """summary.json's ``smoothing`` block (``seconds``: the time the bounds and radii took; ``seed``: the
         certification seed the statistical bounds drew from, recorded as ``seed``, ``seed_source``,
         ``seed_drawn_at``; all None where nothing was drawn)."""
@@ -268,7 +271,8 @@ class Reading:
             "seed": drawn.get("seed"), "seed_source": drawn.get("seed_source"), "seed_drawn_at": drawn.get("seed_drawn_at"),
             # how the votes were computed: exact (proven margins, docs/theory.md (c)) or float64 (a vote may differ
             # from the exact one with probability <= MC_FLIP_LIMIT / M: the statement then holds at 1 - alpha - 1e-5)
-            "votes": (smoothing.votes_arithmetic() if self.setup.model.is_linear else "module dtype") if mc else None,
+            "votes": votes if mc else None,
+            "noise_dtype": ("float64" if self.setup.model.is_linear else "float32") if mc else None,
         }
 
     def randomness_note(self, seed: CertificationSeed | None) -> str:
