@@ -372,6 +372,7 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
         "torch": _with_kernels(False, _round_stepper(setup)),
         "kernel32": _with_kernels(True, _round_stepper(setup32)),
     }
+    variants.update(_round_parts(setup))  # where a round's time goes (the kernel's setting, float64)
     a = torch.randn(2048, 2048, dtype=torch.float64)
     times: dict[str, list[float]] = {k: [] for k in variants}
     rates = []
@@ -407,8 +408,52 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
         "float32_seconds_per_round": min(times["kernel32"]),
         "float32_x_bound": min(times["kernel32"]) / (flop / (mm * 1e9)),
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+        # the parts of a round (best of ``rounds`` each, in the same interleaved loop)
+        "local_sgd_seconds": min(times["local_sgd"]), "local_sgd_x_bound": min(times["local_sgd"]) / bound64,
+        "batches_seconds": min(times["batches"]), "server_seconds": min(times["server"]),
+        "eval_seconds": min(times["eval"]), "eval_points": setup.cfg.run.eval_points,
     }
     return out
+
+
+def _round_parts(setup) -> dict:
+    """Timed functions (one call each) for the parts of a round of ``setup`` with the engine that runs
+    here: the clients' local SGD alone (``crfl.local.linear_local_updates`` on one round's batches), the
+    batches (``crfl.clients.round_batches``), the server (FedAvg of the 20 updates, clip, noise), and the
+    per-round evaluation the CLI runs after it (``crfl.setup.evaluate`` on ``run.eval_points`` test points)."""
+    from crfl import aggregation, local
+    from crfl.clients import round_batches
+    from crfl.server import server_step
+    from crfl.setup import evaluate
+
+    cfg = setup.cfg
+    params = setup.model.init(torch.Generator().manual_seed(0)).to(setup.dtype)
+    idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, 2)
+    upd, _ = local.linear_local_updates(setup.model, params, setup.data, idx, cfg.clients.lr, setup.dtype)
+    state = {"t": 1}
+
+    def timed(fn):  # noqa: ANN001, ANN202
+        def run() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return run
+
+    def batches() -> None:
+        state["t"] += 1
+        round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, state["t"])
+
+    def server() -> None:
+        agg = aggregation.aggregate(cfg.aggregation.name, upd.double(), setup.weights, **cfg.aggregation.options)
+        server_step(params, agg.update.to(params.dtype), t=2, rounds=setup.rounds, rho_t=setup.rho(2),
+                    sigma_t=setup.sigma(2), seed=cfg.seed)
+
+    return {
+        "local_sgd": timed(lambda: local.linear_local_updates(setup.model, params, setup.data, idx, cfg.clients.lr, setup.dtype)),
+        "batches": timed(batches),
+        "server": timed(server),
+        "eval": timed(lambda: evaluate(setup, params, cfg.run.eval_points)),
+    }
 
 
 def render_training(tr: dict, data: str) -> list[str]:
@@ -431,6 +476,12 @@ def render_training(tr: dict, data: str) -> list[str]:
         f"{tr['compute_bound_seconds'] * 1e3:.1f} ms; the memory bound {tr['memory_bound_seconds'] * 1e3:.1f} ms |",
         f"| **measured / compute bound** | **{tr['x_bound']:.2f}x** ({100 / tr['x_bound']:.0f}% of the float64 matmul "
         f"rate; target within 2x: {ok(tr['x_bound'] <= 2)}) |",
+        f"| where a round goes (best of {tr['rounds_timed']} each) | the clients' local SGD alone "
+        f"{tr['local_sgd_seconds'] * 1e3:.1f} ms = {tr['local_sgd_x_bound']:.2f}x the bound; the batches "
+        f"{tr['batches_seconds'] * 1e3:.2f} ms; FedAvg + clip + noise {tr['server_seconds'] * 1e3:.2f} ms |",
+        f"| the CLI's per-round evaluation (not in the round above) | {tr['eval_seconds'] * 1e3:.2f} ms on "
+        f"{tr['eval_points'] or 'all'} test points (`run.eval_points`) = "
+        f"{100 * tr['eval_seconds'] / tr['seconds_per_round']:.0f}% of a round |",
         f"| the torch path (`CRFL_KERNELS=0`), same process | {tr['torch_seconds_per_round']:.4f} s = "
         f"{tr['torch_x_bound']:.2f}x the bound (the kernel: {tr['kernel_speedup_over_torch']:.2f}x faster) |",
         f"| the generic local step (`crfl.clients.local_updates_generic`) | {tr['generic_seconds_per_round']:.4f} s = "
