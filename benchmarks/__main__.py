@@ -888,6 +888,32 @@ On the shared machine the torch path's ~12 parallel regions per step make it err
 process holds a core (0.05 to 1.5 s per round in alternating runs of one session), the kernel's one
 parallel region per round much less so (0.03 to 0.10 s); compare the two only in quiet runs.
 
+The rest of the round. Before the remaining steps of issue 20, a round of this setting spent, besides
+the kernel (single-threaded, best of 40, machine shared: kernel 51 ms of a 55.5 ms round): 1.7 ms on
+the batches (20 epoch permutations, each from its client's own generator: numpy's shuffle of 3000
+positions is 30 us, seeding the generator 9 us, the rest Python), 1.4 ms on the aggregation's input
+checks (an entry-by-entry `isfinite` over the 20 x 7850 updates) and 0.33 ms on the clip and the
+server noise (0.18 ms of it torch's `randn` of 7850 float64 numbers, which must stay the same draws).
+Now the batches are cut from each epoch's permutation in one reshape (1.4 ms; the same generator
+calls), the updates are checked finite by one sum per row (a NaN or an infinity makes the sum
+non-finite; only a non-finite sum is checked entry by entry), and the aggregator's options are
+inspected only when there are options. In the kernel, the logits take the pixels in equal chunks
+(784 float64 as 2 x 392 instead of 256 + 256 + 256 + 16, whose last chunk paid a block's set-up
+for two vectors of work) and the update writes the next step's scaled weights W * inv with the block
+it updates (no separate pass over W per step). Every result is bit-identical: the same batches, the
+same noise, the same floats (the kernel checked against its previous build on 768 shapes and dtypes;
+30 rounds of the `mnist` preset, the attack round included, give the same model bit for bit), and
+A/B in one process, alternating, the round is 2-6% faster (loaded machine). Where a step of the
+kernel goes (rdtsc, single-threaded, before these changes): gathering and converting the batch 21%,
+issuing the prefetches of the next step's rows 9% (1300 cache lines from memory, bounded by the
+core's fill buffers: without them a step takes 1.5x as long), logits 31%, softmax 10% (the 1000
+libm `exp`, kept: theory (g) step 7), update 27%, scaling the weights 2%. Tried and not kept:
+prefetching every second or fourth line of a row (3-5% slower), the data set in 2 MiB pages (7%
+slower here). The table's "where a round goes" row measures these parts in the same run. Outside the
+round, the CLI evaluates on `run.eval_points` test points after every round: one float64 product
+over 24 MB of inputs, about 3 ms single-threaded (a tenth of a round), and much more when another
+process holds a core; a different product (order) could move an accuracy, so it is left as it is.
+
 ## Monte Carlo certification against the matmul rate
 
 Each chunk of 250 noisy models is one product of a block of points with the (784 x 2500) noisy
