@@ -902,8 +902,10 @@ inspected only when there are options. In the kernel, the logits take the pixels
 for two vectors of work) and the update writes the next step's scaled weights W * inv with the block
 it updates (no separate pass over W per step). Every result is bit-identical: the same batches, the
 same noise, the same floats (the kernel checked against its previous build on 768 shapes and dtypes;
-30 rounds of the `mnist` preset, the attack round included, give the same model bit for bit), and
-A/B in one process, alternating, the round is 2-6% faster (loaded machine). Where a step of the
+40 rounds of the `mnist` preset, the attack round included, give the same model bit for bit). A/B
+in one process, alternating round by round, single-threaded (shared machine): 0.945x the time, best
+and median of 40 rounds alike (55.2 -> 52.2 ms, 2.27x -> 2.14x the one-core float64 bound; with two
+threads the machine's load hid the difference). Where a step of the
 kernel goes (rdtsc, single-threaded, before these changes): gathering and converting the batch 21%,
 issuing the prefetches of the next step's rows 9% (1300 cache lines from memory, bounded by the
 core's fill buffers: without them a step takes 1.5x as long), logits 31%, softmax 10% (the 1000
