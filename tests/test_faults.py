@@ -787,9 +787,10 @@ def test_sigkill_parallel_sweep_then_rerun(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_a_parallel_sweep_and_writes_results(tmp_path):
     spec = tmp_path / "s.yaml"
-    # long enough runs that the Ctrl-C lands inside the sweep (the 4 runs of SPEC finish ~1.4 s after runs/ appears,
+    # long enough runs that the Ctrl-C lands inside the sweep (200 rounds: without a checkpoint per round since issue 20,
+    # 40 rounds of SPEC finish within the 1 s wait after runs/ appears,
     # and a Ctrl-C during the interpreter's exit kills it with no message)
-    base = {**SPEC["base"], "set": {**SPEC["base"]["set"], "server.rounds": 40}}
+    base = {**SPEC["base"], "set": {**SPEC["base"]["set"], "server.rounds": 200}}
     spec.write_text(yaml.safe_dump({**SPEC, "base": base, "grid": {"attack.num_attackers": [1, 2, 3, 4]}}))
     d = tmp_path / "o"
     p = _spawn(["sweep", spec, "--out", d, "--jobs", "2"], tmp_path)

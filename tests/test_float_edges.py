@@ -332,8 +332,15 @@ def _mc_failures(W, b, X, sigma, M, alpha, dtype):
     return int(fail.sum()), int(ok.sum())
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
 @pytest.mark.parametrize("sigma", [1e-9, 1e-7, 1e-5])
-def test_monte_carlo_counts_are_refused_or_hold_against_exact_smoothing(sigma):
+def test_monte_carlo_counts_are_refused_or_hold_against_exact_smoothing(sigma, kernels_on, monkeypatch):
+    """With the votes kernel (exact votes) the counts hold at every sigma_T; on the torch path (float64 votes)
+    they hold where float64 resolves sigma_T and are refused, naming the smallest sigma_T, where it does not."""
+    monkeypatch.setenv("CRFL_KERNELS", "1" if kernels_on else "0")
+    exact = smoothing.votes_arithmetic() == "exact"
+    if kernels_on and not exact:
+        pytest.skip("no compiled votes kernel here")
     g = torch.Generator().manual_seed(3)
     W = torch.randn((3, 36), generator=g, dtype=torch.float64).float().double()  # a float32 model, as training gives
     b = torch.randn(3, generator=g, dtype=torch.float64).float().double()
@@ -343,6 +350,10 @@ def test_monte_carlo_counts_are_refused_or_hold_against_exact_smoothing(sigma):
     try:
         dtype = smoothing.monte_carlo_dtype(w_norm, sigma, M, 36, 3)
     except ConfigError as e:
+        if exact:  # refused by the float64 criterion, certified by exact votes: they must hold with no allowance
+            fails, n = _mc_failures(W, b, X, sigma, M, alpha, None)
+            assert n > 100 and fails <= stats.binom.ppf(1 - 1e-6, n, alpha), (fails, n)
+            return
         msg = str(e)
         assert "certify.sigma_T" in msg and f"{sigma:.3g}" in msg and ">=" in msg
         low = float(msg.split(">= ")[1].split(",")[0].split(" ")[0])

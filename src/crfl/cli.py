@@ -425,7 +425,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra["data.name"] = args.dataset
     if args.data_dir:
         extra["data.data_dir"] = args.data_dir
-    rows = sweep(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
+    if len(args.spec) > 1:  # several specs as one (crfl.sweep.sweep_many)
+        from crfl.sweep import sweep_many
+
+        by_spec = sweep_many(args.spec, args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
+                             runs_dir=args.runs)
+        failed = 0
+        for name, rows in by_spec.items():
+            failed += (bad := sum(r.get("status", "ok") != "ok" for r in rows))
+            print(f"{name}: {len(rows)} result row(s), {bad} failed: {Path(args.out) / name / 'results.csv'}")
+        return 1 if failed else 0
+    rows = sweep(args.spec[0], args.out, jobs=args.jobs, extra=extra, progress=not getattr(args, "quiet", False),
                  runs_dir=args.runs)
     failed = sum(r.get("status", "ok") != "ok" for r in rows)
     print(f"{len(rows)} result row(s), {failed} failed: {Path(args.out) / 'results.csv'}")
@@ -435,17 +445,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from crfl.plots import plot_run, plot_sweep
 
-    d = Path(args.dir)
-    if not d.is_dir():
-        raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no such directory).")
-    if (d / "sweep.json").is_file():
-        paths = plot_sweep(d)
-    elif (d / "rounds.csv").is_file():
-        paths = plot_run(d)
-    else:
-        raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no rounds.csv or sweep.json).")
-    for p in paths:
-        print(p)
+    dirs = [Path(x) for x in args.dir]
+    for d in dirs:  # every directory is checked before any figure is drawn
+        if not d.is_dir():
+            raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no such directory).")
+        if not (d / "sweep.json").is_file() and not (d / "rounds.csv").is_file():
+            raise ConfigError(f"The 'DIR' parameter must be a run or sweep directory. Got {str(d)!r} instead (no rounds.csv or sweep.json).")
+    for d in dirs:
+        for p in plot_sweep(d) if (d / "sweep.json").is_file() else plot_run(d):
+            print(p)
     return 0
 
 
@@ -498,8 +506,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run a sweep spec (a grid of runs): content-addressed, resumable, parallel",
         "Run every grid point of a sweep spec (a YAML file, format in docs/sweeps.md, or a built-in "
         "spec: crfl list specs) into OUT/runs/<config hash>/ and write OUT/results.csv. Rerunning "
-        "an interrupted sweep finishes it without recomputing what is done.",
+        "an interrupted sweep finishes it without recomputing what is done. Several specs run as one "
+        "(OUT/<spec name>/ each, one store of runs, one pool of jobs: what they share is computed once).",
         "  crfl sweep fig5-attackers-mnist --dataset fashion-mnist --out runs/fig5\n"
+        "  crfl sweep fig5-attackers-mnist fig11-M-mnist --dataset fashion-mnist --out runs/figs --jobs 2\n"
         "  crfl sweep my-spec.yaml --out runs/mine --jobs 2 --set server.rounds=20\n"
         "  crfl plot runs/fig5",
     ),
@@ -681,8 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay_arg(p_run)
     p_run.set_defaults(func=cmd_run)
     p_sweep = add("sweep")
-    p_sweep.add_argument("spec", help="a sweep YAML file (docs/sweeps.md) or a built-in spec name (crfl list specs)")
-    p_sweep.add_argument("--out", required=True, help="the sweep directory")
+    p_sweep.add_argument("spec", nargs="+", help="a sweep YAML file (docs/sweeps.md) or a built-in spec name "
+                         "(crfl list specs); several run as one, into OUT/<spec name>/")
+    p_sweep.add_argument("--out", required=True, help="the sweep directory (with several specs: their parent)")
     p_sweep.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p_sweep.add_argument("--dataset", help="run every point on this dataset (e.g. fashion-mnist, loan-openintro)")
     p_sweep.add_argument("--data-dir", help="directory with the dataset's files")
@@ -692,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one parameter of every run, e.g. --set server.rounds=20 (repeatable)")
     p_sweep.set_defaults(func=cmd_sweep)
     p_plot = add("plot", plugins=False)
-    p_plot.add_argument("dir", help="a run or a sweep directory")
+    p_plot.add_argument("dir", nargs="+", help="a run or a sweep directory (several: each in turn, one process)")
     p_plot.set_defaults(func=cmd_plot)
     p_list = add("list")
     p_list.add_argument("what", nargs="?", choices=LIST_KINDS, help="one kind (default: all)")

@@ -117,6 +117,7 @@ class RunConfig:
     eval_every: int = 1
     eval_points: int | None = None  # None: rounds.csv's accuracies on the whole test set; k: on k of its points (the last round: all)
     checkpoint_every: int = 1
+    checkpoint_seconds: float = 2.0  # and >= this many seconds of training since the last checkpoint (0: no wait)
     threads: int | None = None
 
 
@@ -219,7 +220,9 @@ def training_part(d: Mapping[str, Any]) -> dict[str, Any]:
       randomness and does not touch the parameters. ``run.eval_points``: on how many test points
       (a fixed, evenly spaced subset; the last round always on all of them).
     - ``run.checkpoint_every``: how often the state is saved; a resumed run repeats the
-      uninterrupted one exactly.
+      uninterrupted one exactly. ``run.checkpoint_seconds``: a checkpoint also waits until that
+      much training time has passed since the last one (a fast round is not slowed by a file
+      written and synced every round; an interruption repeats at most that much work).
     """
     out = {k: v for k, v in d.items() if k not in NOT_TRAINING and k != "run"}
     run = d.get("run")
@@ -349,6 +352,7 @@ def validate(cfg: Config) -> None:
     if r.eval_points is not None:
         check_int("run.eval_points", r.eval_points, low=1)
     check_int("run.checkpoint_every", r.checkpoint_every, low=1)
+    check_real("run.checkpoint_seconds", r.checkpoint_seconds, low=0.0)
     if r.threads is not None:
         check_int("run.threads", r.threads, low=1)
     e = cfg.ensemble

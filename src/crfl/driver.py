@@ -347,8 +347,9 @@ def drive(
 ) -> TrainResult:
     """Run (or resume) Algorithm 1 with ``step`` as its round, into the claimed run directory ``run``.
 
-    ``checkpoint_every``: rounds between checkpoints (default ``run.checkpoint_every``; the last
-    round and ``stop_after`` always write one). A fresh run that fails before its first
+    ``checkpoint_every``: rounds between checkpoints (default ``run.checkpoint_every``, and then
+    at least ``run.checkpoint_seconds`` of training between two; given here, every such round writes
+    one; the last round and ``stop_after`` always write one). A fresh run that fails before its first
     checkpoint leaves nothing behind. ``twin`` trains the coupled certificate's clean twin
     beside the run (engines with ``trains_twin``).
 
@@ -401,9 +402,11 @@ def _loop(
 ) -> TrainResult:
     T = setup.rounds
     every = checkpoint_every or setup.cfg.run.checkpoint_every
+    wait = 0.0 if checkpoint_every else setup.cfg.run.checkpoint_seconds  # seconds of training between checkpoints
     bar = _progress_bar(T, state.round, progress)
     rundir.append_rounds(run.path, [dataclasses.asdict(r) for r in state.rows], restart=True)
     t0, seconds0 = time.perf_counter(), state.seconds
+    last_checkpoint = t0
     for t in range(state.round + 1, T + 1):
         out = _step(setup, step, state.params, t)
         state.params, state.round = out.params, t
@@ -430,8 +433,9 @@ def _loop(
         if on_round is not None:
             on_round(state)
         stopping = stop_after is not None and t >= stop_after and t < T
-        if t == T or t % every == 0 or stopping:
+        if t == T or stopping or (t % every == 0 and time.perf_counter() - last_checkpoint >= wait):
             run.write_checkpoint(state.to_checkpoint(), chash)
+            last_checkpoint = time.perf_counter()
         if stopping:
             bar.close()
             return _result(run.path, setup, state, finished=False)

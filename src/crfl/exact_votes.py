@@ -51,9 +51,11 @@ def logit_error_scales(
     Wb = torch.cat([weight.double(), bias.double().unsqueeze(1)], dim=1)  # (C, d + 1)
     w_norm = torch.linalg.vector_norm(Wb, dim=1)  # (C,)
     Ed = E.double()
-    e_norm = torch.sqrt(Ed[:, : C * d].view(-1, C, d).square().sum(dim=2) + Ed[:, C * d :].square())  # (m, C)
+    one = torch.ones((), dtype=torch.float64)
+    # vector_norm and hypot: one pass each, no squared copies (the safety factor covers their rounding too)
+    e_norm = torch.hypot(torch.linalg.vector_norm(Ed[:, : C * d].view(-1, C, d), dim=2), Ed[:, C * d :])  # (m, C)
     pm = (w_norm.unsqueeze(0) + abs(sigma) * e_norm).amax(dim=1)
-    px = torch.sqrt(X.double().square().sum(dim=1) + 1.0)
+    px = torch.hypot(torch.linalg.vector_norm(X.double(), dim=1), one)
     return px, pm
 
 

@@ -42,16 +42,18 @@ absolute error bound on each probability used for the certificate.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy import special
 
-from crfl import progress
+from crfl import exact_votes, kernels, progress
 from crfl.validation import ConfigError, check_int, check_real
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "QUAD_ERROR",
     "monte_carlo_counts_linear",
     "MC_FLIP_LIMIT",
+    "votes_arithmetic",
     "vote_flip_probability",
     "monte_carlo_dtype",
     "monte_carlo_counts_module",
@@ -90,6 +93,14 @@ _TINY = float(np.finfo(np.float64).tiny)
 # validation
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinite entry: one pass of aminmax (which propagates NaN), without a boolean copy of t."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def _check_linear(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor) -> None:
     for name, t, nd in (("weight", weight, 2), ("bias", bias, 1), ("X", X, 2)):
         if not isinstance(t, torch.Tensor) or t.ndim != nd or not t.is_floating_point():
@@ -103,7 +114,7 @@ def _check_linear(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor) -> 
     if X.shape[1] != d:
         raise ConfigError(f"The 'X' parameter must have d = {d} columns. Got {X.shape[1]} instead.")
     for name, t in (("weight", weight), ("bias", bias), ("X", X)):
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise ConfigError(f"The '{name}' parameter must hold finite values. Got a non-finite entry instead.")
 
 
@@ -134,11 +145,60 @@ def _count(pred: torch.Tensor, counts: torch.Tensor, start: int, C: int) -> None
     counts[start : start + n_c].scatter_add_(1, pred.to(counts.device), ones)
 
 
-#: at most this many points per product in the linear path. Smaller blocks keep a block's logits
-#: (block x m C floats: 2.5 MB at 256 points, m = 250, C = 10) in cache for the argmax, which then costs
-#: less (single-threaded, measured); with 2 threads on a busy machine the many small parallel regions
-#: cost more than that saves, so the default stays at the points_per_chunk default (docs/benchmarks.md).
-LINEAR_POINT_BLOCK = 2048
+def _addr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
+    """The address ``offset`` elements past ``t``'s first element (any strides), for a kernel argument."""
+    return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
+
+
+_I64 = ctypes.c_int64
+
+
+@functools.cache
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The votes kernel (crfl/kernels/votes.cpp) with its argument types declared (once per library)."""
+    P = ctypes.c_void_p
+    for f in (lib.votes_f32, lib.votes_f64):
+        f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, P, _I64, P, P, P]
+    lib.votes_mixed_f32.restype = _I64
+    return lib
+
+
+def _votes_kernel() -> ctypes.CDLL | None:
+    lib = kernels.load("votes")
+    return None if lib is None else _typed(lib)
+
+
+def _count_votes(logits: torch.Tensor, counts: torch.Tensor, start: int) -> None:
+    """counts[start + i, argmax_c logits[i, j, c]] += 1 for every point i and model j: the votes of a block
+    of logits (n_c, m, C) (any strides), the lowest class index on ties (torch.argmax's rule, NaN counting
+    as the largest).
+
+    One pass of the compiled kernel (crfl/kernels/votes.cpp) over the logits, split over threads by
+    points, where it applies (CPU, float32/float64); fastest when the models' logits of a class are
+    contiguous (stride 1 along the models: the class-major layout of the linear path). Else torch's
+    argmax and a scatter-add (:func:`_count`). Both give the same counts."""
+    n_c, m, C = logits.shape
+    lib = _votes_kernel()
+    if (lib is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64)
+            or not counts.is_contiguous() or n_c * m == 0):
+        _count(logits.argmax(dim=-1), counts, start, C)
+        return
+    fn = lib.votes_f32 if logits.dtype == torch.float32 else lib.votes_f64
+    sp, sj, sc = logits.stride()
+
+    def run(lo: int, hi: int) -> None:
+        fn(_addr(logits, lo * sp), hi - lo, m, C, sp, sj, sc, _addr(counts, (start + lo) * C))
+
+    kernels.parallel_for(n_c, run)
+
+
+#: points per product in the linear path with the votes kernel: each thread multiplies its own blocks of this
+#: many points single-threaded and counts their votes at once, while the block's logits (256 x 2500 float32:
+#: 2.5 MB) are still in its cache; no barrier between the product and the votes. Without the kernel (torch
+#: path) the products are blocks of points_per_chunk points, multi-threaded by torch. The votes do not depend
+#: on either size (docs/benchmarks.md, certification).
+LINEAR_POINT_BLOCK = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,29 +272,175 @@ def monte_carlo_dtype(weight_norm: float, sigma: float, M: int, num_features: in
 
 
 def _votes(
-    noisy_model: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
-    Xd: torch.Tensor, D: int, M: int, generator: torch.Generator, models_per_chunk: int, points_per_chunk: int,
-) -> torch.Tensor | None:
+    noisy_model: Callable[[torch.Tensor], Callable[[int, int, torch.Tensor], None]],
+    n: int, C: int, D: int, M: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
+    models_per_chunk: int, points_per_chunk: int,
+) -> torch.Tensor:
     """The chunk loops of ``GetCounts``, shared by the linear and the module versions.
 
     The M noisy models come in chunks of ``models_per_chunk``: for each chunk one (m, D) block
-    of N(0, 1) noise E is drawn from ``generator`` (in Xd's dtype, moved to Xd's device) and
-    ``noisy_model(E)`` gives the chunk's classifier, which maps a block of at most
-    ``points_per_chunk`` rows of Xd to logits (n_c, m, C). Returns (n, C) int64 counts of the
-    argmax predictions, or None when Xd has no rows (C is then unknown here).
+    of N(0, 1) noise E is drawn from ``generator`` (in ``dtype``, moved to ``device``) and
+    ``noisy_model(E)`` gives the chunk's vote counter, which adds the chunk's votes on points
+    [n0, n1) (at most ``points_per_chunk`` of them) into the (n, C) counts. Returns the (n, C)
+    int64 counts of the argmax predictions. The draw and ``noisy_model(E)`` of chunk k + 1 run on
+    a helper thread while chunk k's votes are counted, so ``noisy_model`` must not touch the counts.
     """
-    n = Xd.shape[0]
-    counts: torch.Tensor | None = None
-    with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
-        for m0 in range(0, M, models_per_chunk):
-            logits_of = noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, Xd.dtype, Xd.device))
+    counts = torch.zeros((n, C), dtype=torch.int64, device=device)
+    starts = list(range(0, M, models_per_chunk))
+    def prepare(m0: int) -> Callable[[int, int, torch.Tensor], None]:
+        with torch.no_grad():
+            return noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, dtype, device))
+
+    # the next chunk's noise and noisy model are made on a helper thread while this chunk's votes are counted
+    # (torch's normal sampler is serial); the draws stay in chunk order from the one generator: the same noise
+    with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="crfl-noise") as helper:
+        pending = helper.submit(prepare, starts[0])
+        for i, m0 in enumerate(starts):
+            add_votes = pending.result()
+            if i + 1 < len(starts):
+                pending = helper.submit(prepare, starts[i + 1])
             for n0 in range(0, n, points_per_chunk):
-                logits = logits_of(Xd[n0 : n0 + points_per_chunk])
-                if counts is None:
-                    counts = torch.zeros((n, logits.shape[-1]), dtype=torch.int64, device=Xd.device)
-                _count(logits.argmax(dim=-1), counts, n0, logits.shape[-1])
+                add_votes(n0, min(n, n0 + points_per_chunk), counts)
             bar.update(min(M, m0 + models_per_chunk), f"{n} points")
     return counts
+
+
+def _single_threaded_products(work: Callable[[int], None]) -> None:
+    """work(threads) with torch's intra-op threads set to 1 for its duration: ``work`` splits its points over
+    ``threads`` Python threads (crfl.kernels.parallel_for), each running its own single-threaded products."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        work(1)
+        return
+    torch.set_num_threads(1)
+    try:
+        work(threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _float32_products_are_ieee() -> bool:
+    """True when float32 products run in IEEE float32 (no TF32/bf16 shortcuts a setting could turn on)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(mk, "fp32_precision", "none") in ("none", "ieee")
+
+
+#: at most this many votes (over all chunks of one count) go to exact integer arithmetic (about 5 ms each); more
+#: means sigma_T is so small that near ties are common even in float64, and the count is refused (ConfigError)
+EXACT_PAIR_LIMIT = 20_000
+
+
+def votes_arithmetic(device: torch.device | str = "cpu") -> str:
+    """How a linear model's Monte Carlo votes are computed here: 'exact' (the compiled votes kernel's proven
+    margins, float64 and integer arithmetic for near ties: docs/theory.md (c)) or 'float64' (torch; a vote may
+    differ from the exact one with probability <= MC_FLIP_LIMIT / M, else sigma_T is refused)."""
+    exact = torch.device(device).type == "cpu" and _votes_kernel() is not None and _float32_products_are_ieee()
+    return "exact" if exact else "float64"
+
+
+def _linear_votes(
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """:func:`monte_carlo_counts_linear`, and how many (point, model) votes the mixed path took from float64
+    logits and from exact arithmetic (0, 0 where it does not run). ``mixed`` None: the mixed path runs where it
+    applies (float64 counts, the compiled votes kernel, a CPU tensor and IEEE float32 products); False: never."""
+    _check_linear(weight, bias, X)
+    sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
+    (C, d), n = weight.shape, X.shape[0]
+    device = weight.device
+    lib = _votes_kernel() if device.type == "cpu" else None
+    w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
+    default = dtype is None
+    if default:
+        # float64 noise; exact votes where the mixed path runs, else float64 votes if their rounding cannot
+        # change a vote except with probability <= MC_FLIP_LIMIT (a ConfigError naming certify.sigma_T otherwise)
+        dtype = torch.float64
+        if not (mixed is not False and lib is not None and _float32_products_are_ieee()):
+            monte_carlo_dtype(w_norm, sigma, M, d, C)
+    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
+    if mixed is None:
+        mixed = dtype == torch.float64 and lib is not None and _float32_products_are_ieee()
+    if mixed and lib is None:
+        raise ConfigError("The 'mixed' parameter needs the compiled votes kernel (crfl/kernels/votes.cpp) and CPU "
+                          "tensors; the kernel is not available here (CRFL_KERNELS=0, no C++ compiler, or another device).")
+    stats: list[tuple[int, int]] = []  # (float64, exact) per kernel call (list.append is atomic across threads)
+    if mixed:
+        X32 = Xd.float()
+        px, _ = exact_votes.logit_error_scales(W, b, sigma, torch.zeros((0, C * d + C), dtype=dtype), Xd)
+        thr32 = exact_votes.margin_threshold(px, d, torch.float32).contiguous()
+        thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
+        x_max = float(px.max()) if n else 0.0
+        mixed = bool(torch.isfinite(thr32).all())  # gamma_{d+5} exists in float32
+        if default and not mixed:
+            monte_carlo_dtype(w_norm, sigma, M, d, C)  # float64 votes after all: their rounding must be resolved
+    exact_pairs = [0]  # votes the margins left to exact arithmetic, over all chunks so far
+
+    def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+        m = E.shape[0]
+        Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
+        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
+        # mixed: float32 products where no float32 logit can overflow (|logit| <= pm ||x~|| (1 + gamma))
+        pm = exact_votes.logit_error_scales(W, b, sigma, E, Xd[:0])[1].contiguous() if mixed else None
+        here = mixed and float(pm.max()) * x_max <= 1e37
+        if default and mixed and not here:  # this chunk's votes come from float64 logits, not proven exact
+            monte_carlo_dtype(w_norm, sigma, M, d, C)
+        # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
+        # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
+        pdt = torch.float32 if here else dtype
+        Wcm = torch.empty((C, m, d), dtype=pdt, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
+        bcm = bn.T.to(pdt).reshape(1, C * m)
+
+        def logits(n0: int, n1: int) -> torch.Tensor:  # (n1 - n0, C m), row p: [class 0 of models 0..m-1, ...]
+            return torch.addmm(bcm, (X32 if here else Xd)[n0:n1], Wcm.T)
+
+        if lib is None:  # the torch path: one multi-threaded product per block, torch.argmax, a scatter-add
+            def add_torch(n0: int, n1: int, counts: torch.Tensor) -> None:
+                _count_votes(logits(n0, n1).view(n1 - n0, C, m).transpose(1, 2), counts, n0)
+
+            return add_torch
+        votes_fn = lib.votes_f32 if pdt == torch.float32 else lib.votes_f64
+
+        def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
+            left: list[torch.Tensor] = []
+
+            def run(lo: int, hi: int) -> None:  # this thread's points, block by block (product, then votes)
+                for a in range(n0 + lo, n0 + hi, LINEAR_POINT_BLOCK):
+                    z = min(n0 + hi, a + LINEAR_POINT_BLOCK)
+                    L = logits(a, z)
+                    if not here:
+                        votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
+                        continue
+                    # float32 logits: each vote from the float32 or float64 logits whose top-two gap proves it
+                    # exact; the rest (near ties even in float64) from exact arithmetic (crfl.exact_votes)
+                    flagged, rec = torch.empty((z - a) * m, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+                    k = lib.votes_mixed_f32(
+                        _addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(thr64, a), _addr(pm),
+                        _addr(Xd, a * d), _addr(Wn), _addr(bn), d, _addr(counts, a * C), _addr(flagged), _addr(rec))
+                    stats.append((int(rec), k))
+                    left.append(flagged[:k] + a * m)
+
+            _single_threaded_products(lambda threads: kernels.parallel_for(n1 - n0, run, threads=threads))
+            pairs = torch.cat(left) if left else torch.zeros(0, dtype=torch.int64)
+            exact_pairs[0] += int(pairs.numel())
+            if exact_pairs[0] > EXACT_PAIR_LIMIT:
+                raise ConfigError(
+                    f"The 'certify.sigma_T' parameter is too small for Monte Carlo counts in reasonable time: with "
+                    f"sigma_T = {sigma:.3g} more than {EXACT_PAIR_LIMIT} votes are near ties even in float64 and would "
+                    "each need exact integer arithmetic. Use a larger certify.sigma_T, or method exact for a linear model.")
+            if pairs.numel():
+                pts, mods = pairs // m, pairs % m
+                votes = exact_votes.exact_noisy_argmax(W, b, sigma, E[mods], Xd[pts])
+                counts.index_put_((pts, votes), torch.ones_like(votes), accumulate=True)
+
+        return add_votes
+
+    counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
+                    points_per_chunk)
+    return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
 
 
 def monte_carlo_counts_linear(
@@ -255,32 +461,26 @@ def monte_carlo_counts_linear(
         generator: the only source of randomness.
         models_per_chunk, points_per_chunk: work sizes; memory is
             O(models_per_chunk * (C d + points_per_chunk * C)).
-        dtype: precision of noise and logits; None (default): :func:`monte_carlo_dtype`, the cheapest
-            dtype whose rounding changes no vote except with probability <= MC_FLIP_LIMIT per point (a
-            ConfigError when float64 cannot resolve sigma either). A given dtype is used as it is.
+        dtype: precision of the noise and votes; None (default): float64 noise and exact votes where the
+            compiled votes kernel runs (:func:`votes_arithmetic`, below), else float64 votes when their rounding
+            changes no vote except with probability <= MC_FLIP_LIMIT per point (:func:`monte_carlo_dtype`; a
+            ConfigError naming certify.sigma_T when it cannot). A given dtype is used as it is.
+
+    Float64 counts come from float32 products where the compiled votes kernel is available
+    (docs/theory.md (c), "Float32 logits, exact votes"): a vote is taken from the float32 logits
+    only when their top-two gap exceeds the proven bound on twice their rounding error
+    (:func:`crfl.exact_votes.margin_threshold`), else from the float64 logits of the classes that
+    can still win under the same test in float64, else (near ties even in float64) from exact
+    integer arithmetic (:func:`crfl.exact_votes.exact_noisy_argmax`). Every vote is then the exact
+    vote of its noisy model; they equal the float64 products' votes except where float64 rounding
+    could flip one (the event :func:`vote_flip_probability` bounds). ``CRFL_KERNELS=0`` computes
+    every logit in float64 with torch.
 
     Returns:
         (n, C) int64 counts; each row sums to M. The prediction of a noisy model is the
         argmax of its logits (the lowest class index on exact ties).
     """
-    _check_linear(weight, bias, X)
-    sigma, M = _check_mc(sigma, M, generator, models_per_chunk, points_per_chunk)
-    C, d = weight.shape
-    device = weight.device
-    if dtype is None:
-        w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
-        dtype = monte_carlo_dtype(w_norm, sigma, M, d, C)
-    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype)
-
-    def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        m = E.shape[0]
-        Wn = (W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)).reshape(m * C, d)
-        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
-        return lambda Xc: torch.addmm(bn.reshape(1, m * C), Xc, Wn.T).view(Xc.shape[0], m, C)
-
-    block = min(points_per_chunk, LINEAR_POINT_BLOCK)  # points per product: the votes do not depend on it
-    counts = _votes(noisy_model, Xd, C * d + C, M, generator, models_per_chunk, block)
-    return counts if counts is not None else torch.zeros((0, C), dtype=torch.int64, device=device)
+    return _linear_votes(weight, bias, X, sigma, M, generator, models_per_chunk, points_per_chunk, dtype)[0]
 
 
 def monte_carlo_counts_module(
@@ -336,15 +536,17 @@ def monte_carlo_counts_module(
 
     batched = torch.vmap(one_model, in_dims=(0, None))
 
-    def noisy_model(E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
         params = split(flat_params.unsqueeze(0) + sigma * E)
-        return lambda Xc: batched(params, Xc).transpose(0, 1)  # (m, n_c, C) -> (n_c, m, C)
 
-    counts = _votes(noisy_model, Xd, D, M, generator, models_per_chunk, points_per_chunk)
-    if counts is None:  # n == 0: the number of classes comes from one evaluation
-        C = one_model(split(flat_params), Xd[:0]).shape[-1]
-        counts = torch.zeros((0, C), dtype=torch.int64, device=flat_params.device)
-    return counts
+        def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
+            _count_votes(batched(params, Xd[n0:n1]).transpose(0, 1), counts, n0)  # (m, n_c, C) -> (n_c, m, C)
+
+        return add_votes
+
+    with torch.no_grad():
+        C = one_model(split(flat_params), Xd[:1]).shape[-1]  # the number of classes (one point evaluated)
+    return _votes(noisy_model, Xd.shape[0], C, D, M, generator, Xd.dtype, Xd.device, models_per_chunk, points_per_chunk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -221,7 +222,6 @@ def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
     loader's reason and what to pass instead; finished runs need no data.
     """
     from crfl.data import DataError
-    from crfl.setup import load_data
 
     needed: dict[str, list[Job]] = {}
     for j in job_list:
@@ -232,7 +232,7 @@ def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
     for key, jobs in needed.items():
         name, data_dir, _ = json.loads(key)
         try:
-            load_data(from_dict(jobs[0].config))
+            _worker_dataset(_data_key(jobs[0].config))  # with --jobs 1 the runs reuse it
         except (DataError, OSError) as e:
             where = f" in --data-dir {data_dir!r}" if data_dir else " (no --data-dir given)"
             raise DataError(
@@ -241,6 +241,20 @@ def check_data(spec: Spec, job_list: list[Job], run_root: Path) -> None:
                 "or run the grid on another dataset with --dataset NAME (e.g. fashion-mnist, or the built-in mnist-5k). "
                 "No run was started."
             ) from None
+
+
+def _data_key(config: dict[str, Any]) -> str:
+    """What :func:`crfl.setup.load_data` reads from a config: the data section and the seed (mnist-5k's split)."""
+    return json.dumps({"data": config.get("data"), "seed": config.get("seed")}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_dataset(key: str) -> Any:
+    """The dataset of a :func:`_data_key`, loaded once per worker process: the jobs of a sweep (and the
+    training and certifications of one job) share it instead of loading and decoding it again each."""
+    from crfl.setup import load_data
+
+    return load_data(from_dict(json.loads(key)))
 
 
 def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
@@ -254,31 +268,38 @@ def run_job(job: Job, run_dir: str, threads: int) -> list[dict[str, Any]]:
     run = Path(run_dir)
     rows = []
     t0 = time.perf_counter()
+    dataset = lambda: _worker_dataset(_data_key(job.config))  # noqa: E731  (loaded when first needed)
+
+    def failed(e: Exception, ch: str, cp: dict[str, Any]) -> dict[str, Any]:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "error.txt", "".join(traceback.format_exception(e)))
+        return {"status": "failed", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
+                "cert_point": cp, "error": f"{type(e).__name__}: {e}", "summary": {}}
+
     try:
         if not (run / DONE).is_file():
             if (run / "checkpoint.pt").is_file() or (run / "config.yaml").is_file():
-                train(None, run, resume=True)  # type: ignore[arg-type]
+                train(None, run, resume=True, dataset=dataset())  # type: ignore[arg-type]
             else:
-                train(from_dict(job.config), run)
+                train(from_dict(job.config), run, dataset=dataset())
             atomic_write_text(run / DONE, "trained\n")
         rundir.RunDir(run).verify_files()  # a reused run: every recorded file as written (crfl.rundir integrity record)
         train_seconds = rundir.RunDir(run).read_summary(required=True)["training"]["seconds"]
-        for ch, co, cp in job.certs:
-            cdir = run / f"cert-{ch}"
-            if not (cdir / DONE).is_file():
-                certify_run(run, overrides=co, out_dir=cdir)
-                atomic_write_text(cdir / DONE, "certified\n")
-            rundir.RunDir(cdir).verify_files()
-            summary = rundir.RunDir(cdir).read_summary(required=True)
-            rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
-                         "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
     except Exception as e:  # noqa: BLE001 - a failing run must not stop the sweep
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / "error.txt", "".join(traceback.format_exception(e)))
-        for ch, co, cp in job.certs:
-            if not any(r["cert_hash"] == ch for r in rows):
-                rows.append({"status": "failed", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
-                             "cert_point": cp, "error": f"{type(e).__name__}: {e}", "summary": {}})
+        rows = [failed(e, ch, cp) for ch, _, cp in job.certs]
+    else:
+        for ch, co, cp in job.certs:  # a failing certification setting fails its own row only
+            cdir = run / f"cert-{ch}"
+            try:
+                if not (cdir / DONE).is_file():
+                    certify_run(run, overrides=co, out_dir=cdir, dataset=dataset())
+                    atomic_write_text(cdir / DONE, "certified\n")
+                rundir.RunDir(cdir).verify_files()
+                summary = rundir.RunDir(cdir).read_summary(required=True)
+                rows.append({"status": "ok", "train_hash": job.train_hash, "cert_hash": ch, "point": job.point,
+                             "cert_point": cp, "summary": summary, "train_seconds": train_seconds})
+            except Exception as e:  # noqa: BLE001
+                rows.append(failed(e, ch, cp))
     for r in rows:
         r["wall_seconds"] = time.perf_counter() - t0
     return rows
@@ -451,6 +472,7 @@ def sweep(
     them at once and writes results.csv for the jobs that finished, then re-raises.
     """
     spec = load_spec(spec_path)
+    _worker_dataset.cache_clear()  # datasets are shared within one sweep only (its files may change between sweeps)
     jobs = int(jobs)
     if jobs < 1:
         raise ConfigError(f"The 'jobs' parameter must be an integer in [1, inf). Got {jobs!r} instead.")
@@ -471,14 +493,109 @@ def sweep(
         claim.release()
 
 
-def _run_jobs(
-    spec: Spec, job_list: list[Job], out: Path, jobs: int, extra: dict[str, Any] | None, progress: bool
-) -> list[dict[str, Any]]:
-    root = out / "runs"
+def sweep_many(
+    spec_paths: list[str | Path],
+    out_dir: str | Path,
+    *,
+    jobs: int = 1,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+    runs_dir: str | Path | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Several sweeps as one: ``OUT/<spec name>/`` each, their runs in one store (``runs_dir``, default
+    ``OUT/runs``), and their jobs in one pool, so that a training configuration or a (run, certification
+    setting) pair that several specs share is computed once, and no core waits at the end of one sweep while
+    the next could start. Jobs go longest first (rounds, twice with a twin). Each sweep directory is
+    what :func:`sweep` writes (``sweep.json``, ``results.csv``); the rows by spec name are returned.
+    Numeric specs (no training) run on their own.
+    """
+    jobs = int(jobs)
+    if jobs < 1:
+        raise ConfigError(f"The 'jobs' parameter must be an integer in [1, inf). Got {jobs!r} instead.")
+    out = Path(out_dir)
+    store = Path(runs_dir) if runs_dir is not None else out / "runs"
+    specs = [load_spec(p) for p in spec_paths]
+    names = [sp.name for sp in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"The 'spec' parameter must name each sweep once. Got {names} instead.")
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path, sp in zip(spec_paths, specs):
+        if sp.kind != "train":
+            rows[sp.name] = sweep(path, out / sp.name, jobs=jobs, extra=extra, progress=progress)
+    trains = [sp for sp in specs if sp.kind == "train"]
+    _worker_dataset.cache_clear()
+    lists = {sp.name: expand(sp, extra) for sp in trains}
+    merged: dict[str, Job] = {}  # one job per training configuration, with every certification any spec asks of it
+    for sp in trains:
+        check_data(sp, lists[sp.name], store)
+        for j in lists[sp.name]:
+            m = merged.setdefault(j.train_hash, Job(j.train_hash, j.config, j.point, []))
+            m.certs += [c for c in j.certs if all(c[0] != have[0] for have in m.certs)]
+    order = sorted(merged.values(), key=lambda j: -int(j.config["server"]["rounds"]) * (2 if j.config["certify"].get("twin") else 1))
+    claims = [_claim_sweep(out / sp.name) for sp in trains]
+    try:
+        for sp in trains:
+            _link_runs(out / sp.name, store)
+            _write_sweep_json(out / sp.name, sp, lists[sp.name], extra)
+        interrupted = None
+        try:
+            done = _execute(order, store, jobs, progress)
+        except _Interrupted as e:
+            done, interrupted = e.results, e
+        by_cert = {(r["train_hash"], r["cert_hash"]): r for res in done.values() for r in res}
+        with _sigint_deferred():
+            for sp in trains:
+                own = {}
+                for i, j in enumerate(lists[sp.name]):
+                    got = [by_cert.get((j.train_hash, ch)) for ch, _, _ in j.certs]
+                    if all(g is not None for g in got):
+                        own[i] = [{**g, "point": j.point, "cert_point": cp} for g, (_, _, cp) in zip(got, j.certs)]
+                rows[sp.name] = _write_results(out / sp.name, sp, lists[sp.name], own)
+        if interrupted is not None:
+            raise KeyboardInterrupt
+    finally:
+        for c in claims:
+            c.release()
+    return rows
+
+
+def _write_sweep_json(out: Path, spec: Spec, job_list: list[Job], extra: dict[str, Any] | None) -> None:
     write_json(out / "sweep.json", {
         "spec": spec.raw, "extra": extra or {}, "kind": "train",
         "jobs": [{"train_hash": j.train_hash, "point": j.point, "certs": [[h, cp] for h, _, cp in j.certs]} for j in job_list],
     })
+
+
+def _run_jobs(
+    spec: Spec, job_list: list[Job], out: Path, jobs: int, extra: dict[str, Any] | None, progress: bool
+) -> list[dict[str, Any]]:
+    root = out / "runs"
+    _write_sweep_json(out, spec, job_list, extra)
+    try:
+        results = _execute(job_list, root, jobs, progress)
+    except _Interrupted as e:
+        with _sigint_deferred():
+            _write_results(out, spec, job_list, e.results)
+        raise KeyboardInterrupt from None
+    with _sigint_deferred():  # a Ctrl-C arriving while the last results are written waits for the write
+        rows = _write_results(out, spec, job_list, results)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed and progress:
+        print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))
+    return rows
+
+
+class _Interrupted(Exception):
+    """Ctrl-C during :func:`_execute`, carrying the results of the jobs that finished."""
+
+    def __init__(self, results: dict[int, list[dict[str, Any]]]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+def _execute(job_list: list[Job], root: Path, jobs: int, progress: bool) -> dict[int, list[dict[str, Any]]]:
+    """Run the jobs (in ``jobs`` worker processes when > 1) into the run store ``root``; their rows by job index.
+    A Ctrl-C stops the workers and raises :class:`_Interrupted` with the rows of the jobs that finished."""
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs, len(job_list)))
     threads = max(1, cores // jobs)
@@ -508,17 +625,10 @@ def _run_jobs(
             ex.shutdown()
     except KeyboardInterrupt:
         watch.__exit__()
-        with _sigint_deferred():
-            _write_results(out, spec, job_list, results)
-        raise
+        raise _Interrupted(results) from None
     finally:
         watch.__exit__()
-    with _sigint_deferred():  # a Ctrl-C arriving while the last results are written waits for the write
-        rows = _write_results(out, spec, job_list, results)
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed and progress:
-        print(f"{len(failed)} run(s) failed; see error.txt in: " + ", ".join(sorted({r['run'].split('/cert-')[0] for r in failed})))
-    return rows
+    return results
 
 
 @contextlib.contextmanager

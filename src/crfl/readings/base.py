@@ -43,13 +43,33 @@ def training_inputs(setup: Setup, chunk: int = 16384) -> Iterator[torch.Tensor]:
 def training_input_stats(setup: Setup) -> tuple[float, float, float]:
     """(max ||x||, min x_j, max x_j) over the clean training inputs in model units (cached on the setup)."""
     if setup.train_input_stats is None:
-        best, lo, hi = 0.0, math.inf, -math.inf
-        for X in training_inputs(setup):
-            best = max(best, lipschitz.input_norm_bound(X))
-            if X.numel():
-                lo, hi = min(lo, float(X.min())), max(hi, float(X.max()))
-        setup.train_input_stats = (best, lo, hi)
+        x = setup.dataset.x_train
+        if x.dtype == np.uint8 and x.size:
+            setup.train_input_stats = _uint8_input_stats(setup, x)
+        else:
+            best, lo, hi = 0.0, math.inf, -math.inf
+            for X in training_inputs(setup):
+                best = max(best, lipschitz.input_norm_bound(X))
+                if X.numel():
+                    lo, hi = min(lo, float(X.min())), max(hi, float(X.max()))
+            setup.train_input_stats = (best, lo, hi)
     return setup.train_input_stats
+
+
+def _uint8_input_stats(setup: Setup, x: np.ndarray) -> tuple[float, float, float]:
+    """:func:`training_input_stats` of uint8 rows, the same floats without converting all of them.
+
+    The squared norms sum(x_j^2) of the stored integers are exact (int64), and x / s scales every row
+    alike, so the longest rows in model units are those with the largest integer sum: only the rows
+    within a relative 1e-9 of it (far above float64's rounding of a norm, about d * 2^-53) are
+    converted and measured as before, and min / max x_j are the stored extremes divided by s (division
+    is monotone). tests/test_e2e.py compares both paths bit for bit.
+    """
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.int64)
+    top = np.flatnonzero(sq >= sq.max() * (1 - 1e-9))
+    best = lipschitz.input_norm_bound(model_inputs(setup.dataset, x[top], torch.float64))
+    ends = model_inputs(setup.dataset, np.array([[x.min(), x.max()]], dtype=np.uint8), torch.float64)
+    return best, float(ends[0, 0]), float(ends[0, 1])
 
 
 def radius_blockers(setup: Setup, attack_log: list[dict[str, Any]]) -> list[str]:
@@ -102,7 +122,7 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
 def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> torch.Tensor:
     sigma = setup.cfg.certify.sigma_T
     if setup.model.is_linear:
-        W, b = setup.model.split(params)  # the counts pick the dtype that resolves sigma_T (smoothing.monte_carlo_dtype)
+        W, b = setup.model.split(params)  # exact votes where the votes kernel runs (smoothing.votes_arithmetic)
         return smoothing.monte_carlo_counts_linear(W, b, X, sigma, M, gen)
     return smoothing.monte_carlo_counts_module(setup.model.module, params.float(), X.float(), sigma, M, gen)
 
@@ -246,6 +266,9 @@ class Reading:
             "selection": cz.selection if mc else None,
             "sigma_T": cz.sigma_T if self.method != "margin" else None, "seconds": seconds,
             "seed": drawn.get("seed"), "seed_source": drawn.get("seed_source"), "seed_drawn_at": drawn.get("seed_drawn_at"),
+            # how the votes were computed: exact (proven margins, docs/theory.md (c)) or float64 (a vote may differ
+            # from the exact one with probability <= MC_FLIP_LIMIT / M: the statement then holds at 1 - alpha - 1e-5)
+            "votes": (smoothing.votes_arithmetic() if self.setup.model.is_linear else "module dtype") if mc else None,
         }
 
     def randomness_note(self, seed: CertificationSeed | None) -> str:

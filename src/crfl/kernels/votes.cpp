@@ -1,0 +1,186 @@
+// Monte Carlo votes (crfl.smoothing, Algorithm 2's GetCounts): the argmax of every noisy model's
+// logits on every point, added into the counts in one pass over a block of logits.
+//
+// Layout: logit of point p < n, model j < m, class c < C at L[p * sp + j * sj + c * sc]; counts
+// (n, C) int64, row-major. The argmax is torch's: the lowest index among equal maxima, and a NaN
+// counts as the maximum (the first NaN wins). With sj == 1 (class-major: for each point and class
+// the m models' logits are contiguous, as crfl.smoothing's linear path lays out its product) the
+// loops run over models in SIMD lanes with contiguous loads; any other layout (the module path's
+// (n, m, C) logits) takes one model at a time. Single-threaded; crfl.kernels.parallel_for splits
+// the points over threads (each thread owns its points' rows of the counts).
+//
+// votes_mixed_f32 (docs/theory.md (c), "Float32 logits, exact votes"): the logits are float32
+// products of the float32-rounded float64 noisy models; a vote is taken from them only when the
+// computed top-two gap exceeds the proven bound on twice a logit's rounding error (then it is the
+// exact-arithmetic vote of the noisy model w + sigma e). Otherwise the logits of the classes that can
+// still be the exact argmax are recomputed in float64 and the same test is made with float64's bound;
+// the pairs that fail both are handed back for exact (integer) arithmetic. No -ffast-math: comparisons
+// are IEEE. The caller makes sure no float32 logit can overflow (so none is NaN or infinite).
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace {
+
+constexpr int64_t LANES = 256;  // models per SIMD pass (class-major layout; measured best of 16-256)
+
+// torch.argmax over C values at stride sc: lowest index on ties, first NaN wins.
+template <typename T>
+inline int64_t argmax(const T* v, int64_t C, int64_t sc) {
+    T best = v[0];
+    int64_t bi = 0;
+    for (int64_t c = 1; c < C; ++c) {
+        const T x = v[c * sc];
+        if (best == best && (x > best || x != x)) {  // best not NaN, and x larger or NaN
+            best = x;
+            bi = c;
+        }
+    }
+    return bi;
+}
+
+// Per model j < k of a class-major block v (class c of model j at v[j + c * sc]): the top value
+// (strict > over classes in order: the lowest index among equals), its index, the runner-up value
+// (equal to the top when the top is tied) and, with CHECK, whether all C values are finite.
+template <bool CHECK, typename T>
+inline void top_two(const T* v, int64_t k, int64_t C, int64_t sc, T* top, int32_t* idx, T* second, int32_t* ok) {
+    constexpr T big = std::numeric_limits<T>::max();
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) {
+        top[j] = v[j];
+        idx[j] = 0;
+        second[j] = -INFINITY;
+        if (CHECK) ok[j] = std::fabs(v[j]) <= big;  // false for a NaN or an infinity
+    }
+    for (int64_t c = 1; c < C; ++c) {
+        const T* row = v + c * sc;
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) {
+            const T x = row[j];
+            const bool gt = x > top[j];
+            if (CHECK) ok[j] &= std::fabs(x) <= big;
+            second[j] = gt ? top[j] : (x > second[j] ? x : second[j]);
+            idx[j] = gt ? (int32_t)c : idx[j];
+            top[j] = gt ? x : top[j];
+        }
+    }
+}
+
+// cnt[c] += #{j < k : take[j] and idx[j] == c}, one vectorised count per class.
+inline void histogram(const int32_t* idx, const int32_t* take, int64_t k, int64_t C, int64_t* cnt) {
+    for (int64_t c = 0; c < C; ++c) {
+        int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < k; ++j) s += take[j] & (idx[j] == c);
+        cnt[c] += s;
+    }
+}
+
+template <typename T>
+void votes(const T* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sj, int64_t sc, int64_t* counts) {
+    T top[LANES], second[LANES];
+    int32_t idx[LANES], ok[LANES];
+    for (int64_t p = 0; p < n; ++p) {
+        const T* v = L + p * sp;
+        int64_t* cnt = counts + p * C;
+        if (sj != 1) {  // one model at a time
+            for (int64_t j = 0; j < m; ++j) cnt[argmax(v + j * sj, C, sc)] += 1;
+            continue;
+        }
+        for (int64_t j0 = 0; j0 < m; j0 += LANES) {
+            const int64_t k = m - j0 < LANES ? m - j0 : LANES;
+            top_two<true>(v + j0, k, C, sc, top, idx, second, ok);
+            histogram(idx, ok, k, C, cnt);
+            for (int64_t j = 0; j < k; ++j)  // a NaN or infinity among the logits: torch's rule, model by model
+                if (!ok[j]) cnt[argmax(v + j0 + j, C, sc)] += 1;
+        }
+    }
+}
+
+// One float64 logit: bias + <w, x> over d features (any summation order: the float64 bound covers it).
+inline double dot64(const double* w, const double* x, int64_t d, double bias) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d; ++i) s += w[i] * x[i];
+    return s + bias;
+}
+
+}  // namespace
+
+extern "C" {
+
+// counts[p, argmax_c L[p, j, c]] += 1 for every point p < n and model j < m.
+void votes_f64(const double* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sj, int64_t sc, int64_t* counts) {
+    votes(L, n, m, C, sp, sj, sc, counts);
+}
+
+void votes_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sj, int64_t sc, int64_t* counts) {
+    votes(L, n, m, C, sp, sj, sc, counts);
+}
+
+// The votes of m noisy models w + sigma e (float64 weights Wn = fl(w + fl(sigma e)): (m, C, d), bias bn: (m, C),
+// row-major) on n float64 points X: (n, d), from their float32 logits in the class-major layout
+// (L[p * sp + c * sc + j]). A logit computed in float32 (float64) is within thr32_x[p] * pm[j] / 2
+// (thr64_x[p] * pm[j] / 2) of the exact one (crfl.exact_votes.margin_threshold; the caller guarantees that
+// no float32 logit can overflow). A vote is taken where a computed top-two gap exceeds its threshold:
+// first from the float32 logits, else from the float64 logits of the classes that can still win. Pairs
+// that neither settles are not counted: their (point - 0) * m + model indices go to flagged[] (the
+// caller counts their exact votes). Returns the number flagged; *recomputed gets the number of pairs
+// whose float64 logits were computed.
+int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sc,
+                        const double* thr32_x, const double* thr64_x, const double* pm,
+                        const double* X, const double* Wn, const double* bn, int64_t d, int64_t* counts,
+                        int64_t* flagged, int64_t* recomputed) {
+    float top[LANES], second[LANES];
+    int32_t idx[LANES], sure[LANES];
+    int64_t nflag = 0, nrec = 0;
+    for (int64_t p = 0; p < n; ++p) {
+        const float* v = L + p * sp;
+        const double* x = X + p * d;
+        int64_t* cnt = counts + p * C;
+        const double t32 = thr32_x[p], t64 = thr64_x[p];
+        for (int64_t j0 = 0; j0 < m; j0 += LANES) {
+            const int64_t k = m - j0 < LANES ? m - j0 : LANES;
+            top_two<false>(v + j0, k, C, sc, top, idx, second, nullptr);
+            // the computed gap (within one double rounding, covered by the threshold's safety factor)
+            // against the bound; + 1e-30 covers the absolute error of float32 underflow
+#pragma omp simd
+            for (int64_t j = 0; j < k; ++j)
+                sure[j] = (double)top[j] - (double)second[j] > t32 * pm[j0 + j] + 1e-30;
+            histogram(idx, sure, k, C, cnt);
+            for (int64_t jj = 0; jj < k; ++jj) {
+                if (sure[jj]) continue;
+                // not settled: the float64 logits of the classes that can be the exact argmax (float32 logit
+                // within the bound of the top; the others are certainly below the top class)
+                const int64_t j = j0 + jj;
+                const double* w = Wn + j * C * d;
+                const double floor = (double)top[jj] - (t32 * pm[j] + 1e-30);
+                int64_t best = -1;
+                double bz = -INFINITY, sz = -INFINITY;
+                for (int64_t c = 0; c < C; ++c) {
+                    if (!((double)v[c * sc + j] >= floor)) continue;
+                    const double zc = dot64(w + c * d, x, d, bn[j * C + c]);
+                    if (best < 0 || zc > bz) {
+                        sz = bz;
+                        bz = zc;
+                        best = c;
+                    } else if (zc > sz) {
+                        sz = zc;
+                    }
+                }
+                ++nrec;
+                if (bz - sz > t64 * pm[j] + 1e-300) {
+                    cnt[best] += 1;
+                } else {
+                    flagged[nflag++] = p * m + j;  // a near tie even in float64: exact arithmetic decides
+                }
+            }
+        }
+    }
+    *recomputed = nrec;
+    return nflag;
+}
+
+}  // extern "C"

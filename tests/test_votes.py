@@ -1,0 +1,248 @@
+"""Monte Carlo votes through the compiled kernel (crfl/kernels/votes.cpp) against the torch path.
+
+The torch path (``CRFL_KERNELS=0``: torch.argmax and a scatter-add, float64 logits in float64) is the
+reference: the counts must be identical, not close. The mixed path (float32 logits, a vote taken only
+when the top-two gap beats the proven rounding bound, else from float64 logits under the same test, else
+from exact integer arithmetic) is checked four ways: counts equal to the float64 ones, exact ties decided
+exactly, the bound against exact rational arithmetic on adversarial inputs, and a run without the margin
+that does change the votes (so the equality tests can fail).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from crfl import exact_votes, kernels, smoothing
+from crfl.validation import ConfigError
+from crfl.smoothing import _count, _count_votes, _linear_votes, monte_carlo_counts_module
+
+pytestmark = pytest.mark.skipif(kernels.load("votes") is None, reason="no C++ compiler: the votes kernel is not built")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def torch_counts(monkeypatch, fn):
+    """fn() with the compiled kernels off (the torch reference)."""
+    with monkeypatch.context() as mp:
+        mp.setenv("CRFL_KERNELS", "0")
+        assert smoothing._votes_kernel() is None
+        return fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# the argmax kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [2, 10, 47])
+@pytest.mark.parametrize("layout", ["points-models-classes", "class-major", "models-points-classes"])
+def test_vote_kernel_equals_torch_argmax_with_ties_nan_and_inf(dtype, C, layout):
+    g = gen(C)
+    n, m = 37, 130  # m: two full SIMD passes of 64 models and a short one
+    # small integers: many exact ties, which torch.argmax breaks towards the lowest index
+    base = torch.randint(-3, 4, (n, m, C), generator=g).to(dtype)
+    base[0, :5, 1] = math.nan  # the first NaN wins
+    base[1, :5, 0] = math.nan
+    base[2, 3, :] = math.nan
+    base[3, :7, C - 1] = math.inf
+    base[4, :7, :] = -math.inf
+    base[5, 8:20, 0] = -0.0  # -0.0 == 0.0: a tie
+    base[5, 8:20, C - 1] = 0.0
+    if layout == "points-models-classes":
+        logits = base.contiguous()
+    elif layout == "class-major":  # the linear path's layout: (n, C, m) memory, viewed as (n, m, C)
+        logits = base.transpose(1, 2).contiguous().transpose(1, 2)
+    else:  # the module path's: (m, n, C) memory
+        logits = base.transpose(0, 1).contiguous().transpose(0, 1)
+    ref = torch.zeros((n + 3, C), dtype=torch.int64)
+    _count(base.argmax(dim=-1), ref, 2, C)
+    got = torch.zeros((n + 3, C), dtype=torch.int64)
+    _count_votes(logits, got, 2)
+    assert torch.equal(got, ref)
+    assert got[2, 1] >= 5 and got[3, 0] >= 5  # points 0 and 1 (rows 2, 3) voted for their NaN class
+
+
+# ---------------------------------------------------------------------------------------------
+# the linear path: kernel (float32 votes, float64 votes from float32 logits) against torch
+
+
+def _model(C: int, d: int, seed: int, scale: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = gen(seed)
+    return torch.randn(C, d, generator=g, dtype=torch.float64) * scale, torch.randn(C, generator=g, dtype=torch.float64) * 0.1
+
+
+def _points(W: torch.Tensor, b: torch.Tensor, n: int, seed: int, on_boundary: int = 40) -> torch.Tensor:
+    """n points in [0, 1]^d, the first ``on_boundary`` moved onto the boundary of their top two classes (a
+    tie of the noise-free logits: there the noisy top-two gap is as small as the noise)."""
+    X = torch.rand(n, W.shape[1], generator=gen(seed), dtype=torch.float64)
+    for i in range(on_boundary):
+        z = W @ X[i] + b
+        a, c = z.topk(2).indices.tolist()
+        u = W[a] - W[c]
+        X[i] -= (z[a] - z[c]) / (u @ u) * u
+    return X
+
+
+@pytest.mark.parametrize("C", [2, 10, 47])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_counts_identical_to_the_torch_path(monkeypatch, C, dtype):
+    d, n, M, per = 40, 301, 157, 60  # n not a multiple of the 128-point blocks, M not of the 60-model chunks
+    W, b = _model(C, d, C)
+    X = _points(W, b, n, 1)
+    recomputed = 0
+    for sigma in (0.3, 1e-4):
+        args = (W, b, X, sigma, M, None, per, 128, dtype)
+        got, r, _ = _linear_votes(*args[:5], gen(4), *args[6:])
+        ref, none, _ = torch_counts(monkeypatch, lambda: _linear_votes(*args[:5], gen(4), *args[6:]))
+        assert none == 0
+        assert torch.equal(got, ref), (sigma, (got != ref).sum())
+        assert (got.sum(dim=1) == M).all()
+        assert sigma < 0.1 or (got > 0).sum(dim=1).float().mean() > 1.2  # noisy votes, not one class
+        recomputed += r
+    if dtype == torch.float64:  # the mixed path ran, and some votes needed their float64 logits
+        assert 0 < recomputed < 2 * n * M
+
+
+def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch):
+    """Points on decision boundaries at sigma = 1e-7: float32 rounding (~1e-6) is above the noise of the
+    top-two gap, so most float32 argmaxes are not certified and their votes come from the float64 logits;
+    the counts still equal float64's."""
+    C, d, n, M = 10, 60, 200, 120
+    W, b = _model(C, d, 3)
+    X = _points(W, b, n, 2, on_boundary=n)
+    got, recomputed, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64))
+    assert torch.equal(got, ref)
+    assert recomputed > 0.2 * n * M
+    # without the margin (every float32 argmax taken as the vote) the counts are wrong: the test can fail
+    real = exact_votes.margin_threshold
+    monkeypatch.setattr(exact_votes, "margin_threshold",
+                        lambda px, d, dtype: real(px, d, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+    bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    assert not torch.equal(bare, ref)
+
+
+def test_exact_ties_go_to_exact_arithmetic(monkeypatch):
+    """sigma = 0 on points where two classes tie exactly: neither float32 nor float64 can prove a vote, the
+    exact integer argmax gives the lowest class index (torch's rule), as the float64 path does."""
+    C, d, n, M = 3, 5, 12, 40
+    W = torch.tensor([[1.0, 2, 0, 0, 1], [1.0, 2, 0, 0, 1], [0.0, 0, 1, 1, 0]], dtype=torch.float64)  # rows 0, 1 equal
+    b = torch.tensor([0.25, 0.25, 0.0], dtype=torch.float64)
+    X = torch.rand(n, d, generator=gen(3), dtype=torch.float64)
+    got, recomputed, exact = _linear_votes(W, b, X, 0.0, M, gen(1), 16, 8, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 0.0, M, gen(1), 16, 8, torch.float64))
+    assert torch.equal(got, ref) and got[:, 1].sum() == 0
+    top = (X @ W.T + b).argmax(dim=1)
+    assert exact == (top == 0).sum() * M and recomputed >= exact
+
+
+def test_default_counts_are_exact_and_refuse_only_for_time(monkeypatch):
+    """dtype None: exact votes where the kernel runs, so sigma_T = 0 with exact ties (which the float64 criterion
+    refuses: sigma_T = 0 resolves nothing) is counted; more near ties than EXACT_PAIR_LIMIT is refused, naming
+    certify.sigma_T. On the torch path the summary's arithmetic is 'float64'."""
+    if smoothing.votes_arithmetic() != "exact":
+        pytest.skip("no compiled votes kernel here")
+    W = torch.tensor([[1.0, 2, 0, 0, 1], [1.0, 2, 0, 0, 1], [0.0, 0, 1, 1, 0]], dtype=torch.float64)
+    b = torch.tensor([0.25, 0.25, 0.0], dtype=torch.float64)
+    X = torch.rand(12, 5, generator=gen(3), dtype=torch.float64)
+    got = smoothing.monte_carlo_counts_linear(W, b, X, 1e-30, 40, gen(1))
+    E = torch.randn((40, 3 * 5 + 3), generator=gen(1), dtype=torch.float64)  # the one chunk's noise, as drawn
+    pts, mods = torch.arange(12).repeat_interleave(40), torch.arange(40).repeat(12)
+    votes = exact_votes.exact_noisy_argmax(W, b, 1e-30, E[mods], X[pts])
+    want = torch.zeros((12, 3), dtype=torch.int64).index_put_((pts, votes), torch.ones_like(votes), accumulate=True)
+    top = (X @ W.T + b).argmax(dim=1)
+    assert torch.equal(got, want) and got[top == 0, 1].sum() > 0  # the 1e-30 noise splits the tied classes' votes
+    monkeypatch.setattr(smoothing, "EXACT_PAIR_LIMIT", int((top == 0).sum()) * 40 - 1)
+    with pytest.raises(ConfigError, match="certify.sigma_T"):
+        smoothing.monte_carlo_counts_linear(W, b, X, 1e-30, 40, gen(1))
+    monkeypatch.setenv("CRFL_KERNELS", "0")
+    assert smoothing.votes_arithmetic() == "float64"
+    with pytest.raises(ConfigError, match="certify.sigma_T"):  # float64 votes cannot resolve sigma_T = 1e-30
+        smoothing.monte_carlo_counts_linear(W, b, X, 1e-30, 40, gen(1))
+
+
+def test_mixed_path_falls_back_where_float32_could_overflow(monkeypatch):
+    C, d, n, M = 3, 8, 20, 30
+    W, b = _model(C, d, 7, scale=1e37)  # float32 logits would overflow: the chunk runs in float64
+    X = torch.rand(n, d, generator=gen(3), dtype=torch.float64)
+    got, recomputed, exact = _linear_votes(W, b, X, 1e35, M, gen(6), 16, 8, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e35, M, gen(6), 16, 8, torch.float64))
+    assert recomputed == exact == 0 and torch.equal(got, ref)
+
+
+def test_public_counts_use_the_kernel_and_match_the_reference(monkeypatch):
+    """monte_carlo_counts_linear (the dtype chosen by monte_carlo_dtype) equals the torch path."""
+    C, d, n = 10, 30, 150
+    W, b = _model(C, d, 11, scale=0.5)
+    X = torch.rand(n, d, generator=gen(8), dtype=torch.float64)
+    for sigma in (0.5, 0.02):  # float32, then float64 (mixed) counts
+        got = smoothing.monte_carlo_counts_linear(W, b, X, sigma, 500, gen(9))
+        ref = torch_counts(monkeypatch, lambda: smoothing.monte_carlo_counts_linear(W, b, X, sigma, 500, gen(9)))
+        assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# the bound itself: float32 logits against exact rational arithmetic
+
+
+def _exact_logit(w: list[float], e: list[float], sigma: float, x: list[float]) -> Fraction:
+    """(w + sigma e) . x~ in rationals (x~ = [x; 1]: w and e carry the bias last)."""
+    s = Fraction(sigma)
+    return sum((Fraction(a) + s * Fraction(c)) * Fraction(v) for a, c, v in zip(w, e, [*x, 1.0]))
+
+
+@pytest.mark.parametrize("case", ["images", "cancellation", "dynamic-range"])
+def test_float32_logit_error_stays_under_half_the_margin(case):
+    """|float32 logit - exact logit of w + sigma e| <= margin_threshold(px, d, float32) pm / 2 for logits computed
+    as the mixed path does (float64 fl(w + fl(sigma e)), rounded to float32, class-major float32 addmm)."""
+    g = gen({"images": 1, "cancellation": 2, "dynamic-range": 3}[case])
+    C, m, n, d, sigma = 4, 3, 6, 784, 0.37
+    if case == "images":
+        X = torch.rand(n, d, generator=g, dtype=torch.float64) * (torch.rand(n, d, generator=g) < 0.3)
+        W = torch.randn(C, d, generator=g, dtype=torch.float64) * 0.05
+    elif case == "cancellation":  # large terms of alternating sign that cancel almost exactly
+        X = torch.full((n, d), 1.0, dtype=torch.float64) + torch.rand(n, d, generator=g, dtype=torch.float64) * 1e-3
+        W = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double().repeat(C, 1) * 1e3
+    else:  # entries spread over many binades
+        X = torch.exp(torch.randn(n, d, generator=g, dtype=torch.float64) * 6)
+        W = torch.exp(torch.randn(C, d, generator=g, dtype=torch.float64) * 6) * torch.randn(C, d, generator=g).sign()
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    E = torch.randn(m, C * d + C, generator=g, dtype=torch.float64)
+    Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)
+    bn = b.unsqueeze(0) + sigma * E[:, C * d :]
+    Wcm = Wn.transpose(0, 1).float().contiguous().view(C * m, d)
+    L = torch.addmm(bn.T.float().reshape(1, C * m), X.float(), Wcm.T).double().view(n, C, m)
+    px, pm = exact_votes.logit_error_scales(W, b, sigma, E, X)
+    half = exact_votes.margin_threshold(px, d, torch.float32) / 2
+    worst = 0.0
+    for p in range(n):
+        for j in range(m):
+            for c in range(C):
+                w = [*W[c].tolist(), float(b[c])]
+                e = [*E[j, c * d : (c + 1) * d].tolist(), float(E[j, C * d + c])]
+                err = abs(Fraction(float(L[p, c, j])) - _exact_logit(w, e, sigma, X[p].tolist()))
+                bound = Fraction(float(half[p])) * Fraction(float(pm[j]))
+                assert err <= bound, (p, j, c, float(err), float(bound))
+                worst = max(worst, float(err / bound))
+    assert worst > 0  # rounding happened; the bound is a worst case (gamma_{d+5}), far above the realised error
+
+
+# ---------------------------------------------------------------------------------------------
+# the module path uses the same kernel
+
+
+def test_module_counts_identical_with_and_without_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5)).double().eval()
+    flat = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    X = torch.rand(77, 12, generator=gen(4), dtype=torch.float64)
+    got = monte_carlo_counts_module(net, flat, X, 0.2, 130, gen(3), models_per_chunk=50, points_per_chunk=30)
+    ref = torch_counts(monkeypatch, lambda: monte_carlo_counts_module(net, flat, X, 0.2, 130, gen(3),
+                                                                      models_per_chunk=50, points_per_chunk=30))
+    assert torch.equal(got, ref) and (got.sum(dim=1) == 130).all()
