@@ -520,8 +520,8 @@ def certification(setup, ds, rep: int) -> dict:
     both = torch.cat([X, setup.plan.trigger.apply(X)])
     M, sigma = 1000, 0.01
     n, d, C = both.shape[0], both.shape[1], W.shape[0]
-    flop = 2 * n * d * C * M  # the noisy logits X E^T; the counts' dtype comes from smoothing.monte_carlo_dtype
-    counted = smoothing.monte_carlo_dtype(float(torch.linalg.vector_norm(params.double())), sigma, M, d, C)
+    flop = 2 * n * d * C * M  # the noisy logits X E^T
+    counted = torch.float64  # a linear model's default counts: float64 noise, exact votes where the kernel runs
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     stats = {}
 
@@ -569,7 +569,7 @@ def certification(setup, ds, rep: int) -> dict:
     rec, exact = stats["default"]
     t_exact = best(lambda: smoothing.exact_top_two(W, b, X, sigma), repeat=rep)
     ceiling = {torch.float32: c32, torch.float64: c64}
-    default_products = torch.float32 if (counted == torch.float64 and kernels.load("votes") is not None) else counted
+    default_products = torch.float32 if smoothing.votes_arithmetic() == "exact" else counted
     return {
         "mc_flop": flop, "mc_gflop": flop / 1e9, "counted_dtype": str(counted).replace("torch.", ""),
         "matmul_gflops_float32": c32, "matmul_gflops_float64": c64,
@@ -737,14 +737,8 @@ def _e2e_once(env: dict[str, str]) -> dict:
         to_summary = (run / "summary.json").stat().st_mtime - t_start
         startup = (run / "config.yaml").stat().st_mtime - t_start
         train_s, certify_s = s["training"]["seconds"], s["certify_seconds"]
-        from crfl import smoothing
-
-        final = torch.load(run / "model_final.pt", weights_only=True)
-        params = final["params"]
-        C, d_ = final["num_classes"], final["num_features"]
-        cz = cfg["certify"]
-        mc_dtype = smoothing.monte_carlo_dtype(float(torch.linalg.vector_norm(params[: C * d_].double())),
-                                               float(cz["sigma_T"]), int(cz["M"]), d_, C)
+        # the products' dtype: float32 with exact votes (proven margins, docs/theory.md (c)), else float64
+        mc_dtype = torch.float32 if s["smoothing"].get("votes") == "exact" else torch.float64
         return {"wall_s": wall, "to_summary_s": to_summary, "startup_s": startup, "train_s": train_s,
                 "certify_s": certify_s, "counts_s": s["smoothing"]["seconds"],
                 "between_s": to_summary - startup - train_s - certify_s, "train_dtype": cfg["run"]["dtype"],
@@ -813,7 +807,8 @@ def render_e2e(E: dict, date: str, machine: dict) -> str:
         "`python -m benchmarks --only e2e` re-measures this section alone.", "",
         f"`{E['command']}`: T = {b['rounds']} rounds, attack at t_adv = 10, Monte Carlo certification (M = 1000) of the "
         "clean and the backdoored test set (2 x 10,000 points); training in "
-        f"{tdt}, votes counted in {cdt} (`crfl.smoothing.monte_carlo_dtype`). A fresh process each time, timed from "
+        f"{tdt}, the votes' products in {cdt} (exact votes: a vote is taken from float32 logits only where their margin "
+        "proves it, docs/theory.md (c)). A fresh process each time, timed from "
         f"its start to summary.json written (best of {len(E['runs'])}; the CLI then prints and draws the figures: "
         f"{b['wall_s'] - b['to_summary_s']:.1f} s more). Each part is split off by what the run leaves on disk "
         "(config.yaml is written when training starts, summary.json's `training.seconds`, `certify_seconds` and "

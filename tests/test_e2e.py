@@ -163,10 +163,20 @@ def test_several_specs_name_each_once(tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
-def test_a_failing_certification_setting_fails_its_own_row_only(tmp_path):
+def test_a_failing_certification_setting_fails_its_own_row_only(tmp_path, monkeypatch):
     """One certification setting that is refused (sigma_T too small for Monte Carlo counts) does not take the
     run's other settings with it, whichever order they come in (several specs merge their settings on one run)."""
-    from crfl import sweep
+    from crfl import smoothing, sweep
+    from crfl.validation import ConfigError
+
+    counts = smoothing.monte_carlo_counts_linear
+
+    def refusing(W, b, X, sigma, *a, **k):  # exact votes count any sigma_T; refuse this one as the float64 path would
+        if sigma < 1e-6:
+            raise ConfigError(f"The 'certify.sigma_T' parameter is too small for Monte Carlo counts: {sigma}")
+        return counts(W, b, X, sigma, *a, **k)
+
+    monkeypatch.setattr(smoothing, "monte_carlo_counts_linear", refusing)
 
     spec = _tiny_spec(tmp_path / "s.yaml", "s", "attack.gamma: [1]",
                       "certify:\n  set: {certify.method: monte-carlo, certify.M: 100}\n  grid:\n    certify.sigma_T: [1.0e-12, 0.01]\n")
