@@ -385,6 +385,7 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
         "torch": _with_kernels(False, _round_stepper(setup)),
         "kernel32": _with_kernels(True, _round_stepper(setup32)),
     }
+    variants.update(_round_parts(setup))  # where a round's time goes (the kernel's setting, float64)
     a = torch.randn(2048, 2048, dtype=torch.float64)
     times: dict[str, list[float]] = {k: [] for k in variants}
     rates = []
@@ -420,8 +421,52 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
         "float32_seconds_per_round": min(times["kernel32"]),
         "float32_x_bound": min(times["kernel32"]) / (flop / (mm * 1e9)),
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+        # the parts of a round (best of ``rounds`` each, in the same interleaved loop)
+        "local_sgd_seconds": min(times["local_sgd"]), "local_sgd_x_bound": min(times["local_sgd"]) / bound64,
+        "batches_seconds": min(times["batches"]), "server_seconds": min(times["server"]),
+        "eval_seconds": min(times["eval"]), "eval_points": setup.cfg.run.eval_points,
     }
     return out
+
+
+def _round_parts(setup) -> dict:
+    """Timed functions (one call each) for the parts of a round of ``setup`` with the engine that runs
+    here: the clients' local SGD alone (``crfl.local.linear_local_updates`` on one round's batches), the
+    batches (``crfl.clients.round_batches``), the server (FedAvg of the 20 updates, clip, noise), and the
+    per-round evaluation the CLI runs after it (``crfl.setup.evaluate`` on ``run.eval_points`` test points)."""
+    from crfl import aggregation, local
+    from crfl.clients import round_batches
+    from crfl.server import server_step
+    from crfl.setup import evaluate
+
+    cfg = setup.cfg
+    params = setup.model.init(torch.Generator().manual_seed(0)).to(setup.dtype)
+    idx = round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, 2)
+    upd, _ = local.linear_local_updates(setup.model, params, setup.data, idx, cfg.clients.lr, setup.dtype)
+    state = {"t": 1}
+
+    def timed(fn):  # noqa: ANN001, ANN202
+        def run() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return run
+
+    def batches() -> None:
+        state["t"] += 1
+        round_batches(setup.data, cfg.clients.batch_size, setup.tau, cfg.seed, state["t"])
+
+    def server() -> None:
+        agg = aggregation.aggregate(cfg.aggregation.name, upd.double(), setup.weights, **cfg.aggregation.options)
+        server_step(params, agg.update.to(params.dtype), t=2, rounds=setup.rounds, rho_t=setup.rho(2),
+                    sigma_t=setup.sigma(2), seed=cfg.seed)
+
+    return {
+        "local_sgd": timed(lambda: local.linear_local_updates(setup.model, params, setup.data, idx, cfg.clients.lr, setup.dtype)),
+        "batches": timed(batches),
+        "server": timed(server),
+        "eval": timed(lambda: evaluate(setup, params, cfg.run.eval_points)),
+    }
 
 
 def render_training(tr: dict, data: str) -> list[str]:
@@ -444,6 +489,12 @@ def render_training(tr: dict, data: str) -> list[str]:
         f"{tr['compute_bound_seconds'] * 1e3:.1f} ms; the memory bound {tr['memory_bound_seconds'] * 1e3:.1f} ms |",
         f"| **measured / compute bound** | **{tr['x_bound']:.2f}x** ({100 / tr['x_bound']:.0f}% of the float64 matmul "
         f"rate; target within 2x: {ok(tr['x_bound'] <= 2)}) |",
+        f"| where a round goes (best of {tr['rounds_timed']} each) | the clients' local SGD alone "
+        f"{tr['local_sgd_seconds'] * 1e3:.1f} ms = {tr['local_sgd_x_bound']:.2f}x the bound; the batches "
+        f"{tr['batches_seconds'] * 1e3:.2f} ms; FedAvg + clip + noise {tr['server_seconds'] * 1e3:.2f} ms |",
+        f"| the CLI's per-round evaluation (not in the round above) | {tr['eval_seconds'] * 1e3:.2f} ms on "
+        f"{tr['eval_points'] or 'all'} test points (`run.eval_points`) = "
+        f"{100 * tr['eval_seconds'] / tr['seconds_per_round']:.0f}% of a round |",
         f"| the torch path (`CRFL_KERNELS=0`), same process | {tr['torch_seconds_per_round']:.4f} s = "
         f"{tr['torch_x_bound']:.2f}x the bound (the kernel: {tr['kernel_speedup_over_torch']:.2f}x faster) |",
         f"| the generic local step (`crfl.clients.local_updates_generic`) | {tr['generic_seconds_per_round']:.4f} s = "
@@ -1047,6 +1098,34 @@ each row chunk just before its logits (no faster); vector conversions by `__buil
 On the shared machine the torch path's ~12 parallel regions per step make it erratic when another
 process holds a core (0.05 to 1.5 s per round in alternating runs of one session), the kernel's one
 parallel region per round much less so (0.03 to 0.10 s); compare the two only in quiet runs.
+
+The rest of the round. Before the remaining steps of issue 20, a round of this setting spent, besides
+the kernel (single-threaded, best of 40, machine shared: kernel 51 ms of a 55.5 ms round): 1.7 ms on
+the batches (20 epoch permutations, each from its client's own generator: numpy's shuffle of 3000
+positions is 30 us, seeding the generator 9 us, the rest Python), 1.4 ms on the aggregation's input
+checks (an entry-by-entry `isfinite` over the 20 x 7850 updates) and 0.33 ms on the clip and the
+server noise (0.18 ms of it torch's `randn` of 7850 float64 numbers, which must stay the same draws).
+Now the batches are cut from each epoch's permutation in one reshape (1.4 ms; the same generator
+calls), the updates are checked finite by one sum per row (a NaN or an infinity makes the sum
+non-finite; only a non-finite sum is checked entry by entry), and the aggregator's options are
+inspected only when there are options. In the kernel, the logits take the pixels in equal chunks
+(784 float64 as 2 x 392 instead of 256 + 256 + 256 + 16, whose last chunk paid a block's set-up
+for two vectors of work) and the update writes the next step's scaled weights W * inv with the block
+it updates (no separate pass over W per step). Every result is bit-identical: the same batches, the
+same noise, the same floats (the kernel checked against its previous build on 768 shapes and dtypes;
+40 rounds of the `mnist` preset, the attack round included, give the same model bit for bit). A/B
+in one process, alternating round by round, single-threaded (shared machine): 0.945x the time, best
+and median of 40 rounds alike (55.2 -> 52.2 ms, 2.27x -> 2.14x the one-core float64 bound; with two
+threads the machine's load hid the difference). Where a step of the
+kernel goes (rdtsc, single-threaded, before these changes): gathering and converting the batch 21%,
+issuing the prefetches of the next step's rows 9% (1300 cache lines from memory, bounded by the
+core's fill buffers: without them a step takes 1.5x as long), logits 31%, softmax 10% (the 1000
+libm `exp`, kept: theory (g) step 7), update 27%, scaling the weights 2%. Tried and not kept:
+prefetching every second or fourth line of a row (3-5% slower), the data set in 2 MiB pages (7%
+slower here). The table's "where a round goes" row measures these parts in the same run. Outside the
+round, the CLI evaluates on `run.eval_points` test points after every round: one float64 product
+over 24 MB of inputs, about 3 ms single-threaded (a tenth of a round), and much more when another
+process holds a core; a different product (order) could move an accuracy, so it is left as it is.
 
 ## How the numbers are counted
 

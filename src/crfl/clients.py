@@ -70,19 +70,20 @@ def local_iterations(sizes: Sequence[int], batch_size: int, local_iters: int | N
 
 
 def client_batches(num_samples: int, batch_size: int, tau: int, rng: np.random.Generator) -> np.ndarray:
-    """(tau, n_B) positions into a client's shard, -1 where a short last batch has no sample."""
+    """(tau, n_B) positions into a client's shard, -1 where a short last batch has no sample.
+
+    Epoch e is ``rng.permutation(num_samples)`` cut into ceil(n / n_B) batches; the tau batches are
+    the first tau of the epochs in order (ceil(tau / batches per epoch) permutations drawn, one per
+    epoch, as a loop over the steps draws them). An empty shard has only empty batches.
+    """
     per_epoch = math.ceil(num_samples / batch_size)
-    out = np.full((tau, batch_size), -1, dtype=np.int64)
-    s = 0
-    while s < tau:
-        perm = rng.permutation(num_samples)
-        for j in range(per_epoch):
-            if s >= tau:
-                break
-            chunk = perm[j * batch_size : (j + 1) * batch_size]
-            out[s, : len(chunk)] = chunk
-            s += 1
-    return out
+    if tau <= 0 or per_epoch == 0:
+        return np.full((max(tau, 0), batch_size), -1, dtype=np.int64)
+    epochs = math.ceil(tau / per_epoch)
+    pos = np.full((epochs, per_epoch * batch_size), -1, dtype=np.int64)
+    for e in range(epochs):
+        pos[e, :num_samples] = rng.permutation(num_samples)
+    return pos.reshape(epochs * per_epoch, batch_size)[:tau]
 
 
 def client_round_batches(shard: np.ndarray, client: int, batch_size: int, tau: int, seed: int, t: int) -> np.ndarray:
@@ -92,15 +93,19 @@ def client_round_batches(shard: np.ndarray, client: int, batch_size: int, tau: i
     draws exactly the batches it draws in the batched simulator.
     """
     pos = client_batches(len(shard), batch_size, int(tau), numpy_generator(seed, "batches", t, client))
+    if len(shard) % batch_size == 0 and len(shard) > 0:  # every batch full: no padded slot
+        return shard.take(pos)
     return np.where(pos >= 0, shard[np.maximum(pos, 0)], -1)
 
 
 def round_batches(data: ClientData, batch_size: int, tau: np.ndarray, seed: int, t: int) -> np.ndarray:
     """Global sample indices of every client's batches in round t: (K, max tau, n_B), -1 padded."""
     K = data.num_clients
-    idx = np.full((K, int(tau.max()), batch_size), -1, dtype=np.int64)
+    taus = [int(v) for v in tau]
+    idx = np.empty((K, max(taus, default=0), batch_size), dtype=np.int64)
     for i, shard in enumerate(data.indices):
-        idx[i, : tau[i]] = client_round_batches(shard, i, batch_size, int(tau[i]), seed, t)
+        idx[i, : taus[i]] = client_round_batches(shard, i, batch_size, taus[i], seed, t)
+        idx[i, taus[i] :] = -1
     return idx
 
 

@@ -15,8 +15,9 @@
 // buffer padded to dp (a multiple of the vector length) with zero columns, which no step changes. Each
 // batch is gathered and converted once into an L2-resident buffer X (n_B x dp, zero-padded; AVX-512
 // conversions of uint8 pixels where the CPU has them, a plain loop otherwise). The
-// logits take a block of RB rows x CB classes of vector partial sums (registers); the update a block
-// of CB classes x IV vectors of pixels, looping over the batch. Single-threaded: the caller splits
+// logits take a block of RB rows x CB classes of vector partial sums (registers), the pixels in equal
+// chunks; the update a block of CB classes x IV vectors of pixels, looping over the batch, and writes the
+// next step's scaled weights Ws = W * inv with the block it updated. Single-threaded: the caller splits
 // the clients over threads (crfl.kernels.parallel_for); a client's result does not depend on the split.
 
 #include <algorithm>
@@ -38,7 +39,7 @@ template <> struct Vec<float> { typedef float type __attribute__((vector_size(64
 constexpr int RB = 2;     // rows per block of the logits
 constexpr int CBMAX = 10; // classes per block (RB x CBMAX and CBMAX x IV accumulators fit the 32 registers)
 constexpr int IV = 2;     // vectors of pixels per block of the update
-constexpr int64_t IC_BYTES = 2048;  // pixels per chunk of the logits (in bytes of one row): CBMAX rows of Ws in L1
+constexpr int64_t IC_BYTES = 3200;  // at most this many bytes of a row per chunk of the logits: CBMAX rows of Ws in L1
 
 template <class S>
 inline void prefetch_row(const S* xs, int64_t row, int64_t d) {  // a storage row into L2 (a hint only)
@@ -95,9 +96,11 @@ void logits_block(const T* X, const T* Ws, const T* b, T* Z, typename Vec<T>::ty
     }
 }
 
-// W[c0..c0+CB), pixel vectors v0..v0+NV) += alpha * sum_j G[j, c] X[j]
+// W[c0..c0+CB), pixel vectors v0..v0+NV) += alpha * sum_j G[j, c] X[j], and the scaled weights Ws = W * inv
+// of the same block for the next step's logits (written here: no separate pass over W)
 template <class T, int CB, int NV>
-void update_block(const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, int64_t C, int64_t i0, int64_t c0) {
+void update_block(const T* X, const T* G, T* W, T* Ws, T alpha, T inv, int64_t n, int64_t dp, int64_t C, int64_t i0,
+                  int64_t c0) {
     using V = typename Vec<T>::type;
     constexpr int L = Vec<T>::L;
     V acc[CB][NV];
@@ -116,11 +119,13 @@ void update_block(const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, 
             for (int v = 0; v < NV; ++v) acc[c][v] += g * x[v];
         }
     }
-    const V a = bcast<T>(alpha);
+    const V a = bcast<T>(alpha), s = bcast<T>(inv);
     for (int c = 0; c < CB; ++c)
         for (int v = 0; v < NV; ++v) {
             V* w = reinterpret_cast<V*>(W + (c0 + c) * dp + i0 + v * L);
-            *w = *w + a * acc[c][v];
+            const V updated = *w + a * acc[c][v];
+            *w = updated;
+            *reinterpret_cast<V*>(Ws + (c0 + c) * dp + i0 + v * L) = updated * s;
         }
 }
 
@@ -134,10 +139,11 @@ void logits_cb(int cb, const T* X, const T* Ws, const T* b, T* Z, typename Vec<T
     }
 }
 template <class T, int NV, int CB = CBMAX>
-void update_cb(int cb, const T* X, const T* G, T* W, T alpha, int64_t n, int64_t dp, int64_t C, int64_t i0, int64_t c0) {
+void update_cb(int cb, const T* X, const T* G, T* W, T* Ws, T alpha, T inv, int64_t n, int64_t dp, int64_t C, int64_t i0,
+               int64_t c0) {
     if constexpr (CB >= 1) {
-        if (cb == CB) return update_block<T, CB, NV>(X, G, W, alpha, n, dp, C, i0, c0);
-        update_cb<T, NV, CB - 1>(cb, X, G, W, alpha, n, dp, C, i0, c0);
+        if (cb == CB) return update_block<T, CB, NV>(X, G, W, Ws, alpha, inv, n, dp, C, i0, c0);
+        update_cb<T, NV, CB - 1>(cb, X, G, W, Ws, alpha, inv, n, dp, C, i0, c0);
     }
 }
 
@@ -180,7 +186,10 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
     T* Z = aligned<T>(n_B * C);
     using V = typename Vec<T>::type;
     V* P = aligned<V>(n_B * C);
-    constexpr int64_t IC = IC_BYTES / sizeof(T);
+    // the pixels in equal chunks of at most IC_BYTES of a row (whole vectors): a short last chunk would
+    // pay a block's set-up (its partial sums saved and reloaded) for a few vectors of work
+    const int64_t nchunks = (dp * (int64_t)sizeof(T) + IC_BYTES - 1) / IC_BYTES;
+    const int64_t ic = (dp / L + nchunks - 1) / nchunks * L;
     int64_t* lab = aligned<int64_t>(n_B);
     int status = (X && W && Ws && b && Z && P && lab) ? 0 : 1;
     const T invT = (T)inv, alpha = (T)(-lr * inv), eta = (T)lr;
@@ -188,6 +197,9 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
         const T* w0 = starts + k * start_stride;
         for (int64_t c = 0; c < C; ++c) std::memcpy(W + c * dp, w0 + c * d, d * sizeof(T));
         std::memcpy(b, w0 + C * d, C * sizeof(T));
+        // the logits' weights scaled first (as the torch path and theory (g) step 7 do): Ws = W * inv,
+        // here for the first step, then by each step's update (W * 1 is W exactly when inv is 1)
+        for (int64_t q = 0; q < C * dp; ++q) Ws[q] = W[q] * invT;
         for (int64_t s = 0; s < tau; ++s) {
             const int64_t* rows = idx + (k * tau + s) * n_B;
             int64_t n = 0;  // the batch's valid samples, gathered and converted once
@@ -199,18 +211,12 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
             }
             if (n == 0) continue;  // an empty step changes nothing
             const T a = T(1) / T(n);
-            // logits with the weights scaled first (as the torch path and theory (g) step 7 do)
-            if (inv != 1.0) {
-                for (int64_t q = 0; q < C * dp; ++q) Ws[q] = W[q] * invT;
-            } else {
-                std::memcpy(Ws, W, C * dp * sizeof(T));
-            }
             const int64_t* next = s + 1 < tau ? rows + n_B : nullptr;
             for (int64_t q = 0; next && q < n_B; ++q) prefetch_row(xs, next[q], d);  // into L2 while this step computes
             for (int64_t c0 = 0; c0 < C; c0 += CBMAX) {
                 const int cb = (int)std::min<int64_t>(CBMAX, C - c0);
-                for (int64_t i0 = 0; i0 < dp; i0 += IC) {
-                    const int64_t i1 = std::min(dp, i0 + IC);
+                for (int64_t i0 = 0; i0 < dp; i0 += ic) {
+                    const int64_t i1 = std::min(dp, i0 + ic);
                     int64_t j = 0;
                     for (; j + RB <= n; j += RB) logits_cb<T, RB>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
                     for (; j < n; ++j) logits_cb<T, 1>(cb, X, Ws, b, Z, P, dp, C, j, c0, i0, i1);
@@ -234,8 +240,8 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
             for (int64_t c0 = 0; c0 < C; c0 += CBMAX) {
                 const int cb = (int)std::min<int64_t>(CBMAX, C - c0);
                 int64_t i = 0;
-                for (; i + IV * L <= dp; i += IV * L) update_cb<T, IV>(cb, X, Z, W, alpha, n, dp, C, i, c0);
-                for (; i < dp; i += L) update_cb<T, 1>(cb, X, Z, W, alpha, n, dp, C, i, c0);
+                for (; i + IV * L <= dp; i += IV * L) update_cb<T, IV>(cb, X, Z, W, Ws, alpha, invT, n, dp, C, i, c0);
+                for (; i < dp; i += L) update_cb<T, 1>(cb, X, Z, W, Ws, alpha, invT, n, dp, C, i, c0);
             }
             for (int64_t c = 0; c < C; ++c) {
                 T g = 0;
