@@ -251,6 +251,7 @@ def main() -> None:
                          "file; cnn: the CNN step and epoch, printed as JSON; train: the training round, its table printed")
     ap.add_argument("--specs", nargs="*", default=None, help="--only reproduce: only these sweep specs")
     ap.add_argument("--jobs", type=int, default=2, help="--only reproduce: parallel runs per sweep")
+    ap.add_argument("--keep-figures", default=None, help="--only reproduce: copy the sweeps' output folder here")
     a = ap.parse_args()
     if a.out is not None and a.write_docs:
         ap.error("--out and --write-docs exclude each other")
@@ -294,7 +295,7 @@ def main() -> None:
         return
     if a.only == "reproduce":
         print("scripts/reproduce-figures ...", flush=True)
-        P = reproduce_figures(a.specs, a.jobs)
+        P = reproduce_figures(a.specs, a.jobs, keep=a.keep_figures)
         _replace_section(out, render_reproduce(P, date, _machine()), REPRO_BEGIN, REPRO_END)
         print(json.dumps(P, indent=2))
         print(f"written: {out}")
@@ -842,7 +843,7 @@ def render_e2e(E: dict, date: str, machine: dict) -> str:
 REPRO_BEGIN, REPRO_END = "<!-- reproduce: begin -->", "<!-- reproduce: end -->"
 
 
-def reproduce_figures(specs: list[str] | None, jobs: int) -> dict:
+def reproduce_figures(specs: list[str] | None, jobs: int, keep: str | None = None) -> dict:
     """Run ``scripts/reproduce-figures`` (coupled reading) into a fresh folder: its timing.csv (wall time per
     ``crfl sweep`` call, the plots, the total) and, per sweep, what it asked for and what was computed for it.
     A sweep's training or certification is counted as done by the first sweep (in the script's order) that
@@ -892,6 +893,8 @@ def reproduce_figures(specs: list[str] | None, jobs: int) -> dict:
                 "sweeps": sweeps, "training_runs": len(seen_runs), "certifications": len(seen_certs),
                 "tail": p.stdout.strip().splitlines()[-1:] + p.stderr.strip().splitlines()[-3:]}
     finally:
+        if keep is not None and (d / "figures").is_dir():  # --keep-figures DIR: the sweeps' results and figures
+            shutil.copytree(d / "figures", keep, dirs_exist_ok=True)
         shutil.rmtree(d, ignore_errors=True)
 
 
