@@ -461,21 +461,30 @@ def _linear_votes(
 _FLT_MIN, _DBL_MIN = 2.0 ** -126, 2.0 ** -1022
 
 
+_RANGE_BLOCK = 1 << 15  # entries per pass of the range checks: the temporaries stay in cache
+
+
 def _min_nonzero_abs(*ts: torch.Tensor) -> float:
     """The smallest nonzero |entry| of the tensors (inf when all are zero or empty)."""
     out = math.inf
     for t in ts:
-        a = t.abs()
-        nz = a[a > 0]
-        if nz.numel():
-            out = min(out, float(nz.min()))
+        flat = t.reshape(-1)
+        for i in range(0, flat.numel(), _RANGE_BLOCK):
+            a = flat[i : i + _RANGE_BLOCK].abs()
+            out = min(out, float(torch.where(a > 0, a, math.inf).min()))
     return out
 
 
 def _in_float32_range(*ts: torch.Tensor) -> bool:
-    """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u."""
-    big = max((float(t.abs().max()) for t in ts if t.numel()), default=0.0)
-    return (not math.isnan(big)) and big <= 1e37 and _min_nonzero_abs(*ts) >= _FLT_MIN
+    """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u.
+    In blocks of entries, so that no temporary the size of the tensor is made."""
+    for t in ts:
+        flat = t.reshape(-1)
+        for i in range(0, flat.numel(), _RANGE_BLOCK):
+            a = flat[i : i + _RANGE_BLOCK].abs()
+            if not bool(a.max() <= 1e37) or bool(((a < _FLT_MIN) & (a > 0)).any()):  # a NaN fails the first test
+                return False
+    return True
 
 
 def monte_carlo_votes_linear(
