@@ -594,8 +594,8 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         CERT_BEGIN, "", "## Certification (10,000 test points, clean and backdoored)", "",
         f"Measured {date} on {machine['cpu']}, {machine['cores']} cores (load average {machine.get('load_average')}); "
         "`python -m benchmarks --only certification` re-measures this section alone. The paper's MNIST model "
-        f"(784 x 10, 5x its initial weights), sigma_T = 0.01: its counts run in {ce['counted_dtype']} "
-        "(`crfl.smoothing.monte_carlo_dtype`). Ceilings measured in the same run: "
+        f"(784 x 10, 5x its initial weights), sigma_T = 0.01: float64 noise and exact votes by default "
+        "(`crfl.smoothing.votes_arithmetic`: float32 products, proven margins; docs/theory.md (c)). Ceilings measured in the same run: "
         f"{ce['matmul_gflops_float32']:.0f} GFLOP/s (float32), {ce['matmul_gflops_float64']:.0f} GFLOP/s (float64), "
         "2048 x 2048 torch.mm; the variants alternate with them, best of each.", "",
         "| quantity | value |",
