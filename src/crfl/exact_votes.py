@@ -23,23 +23,17 @@ import math
 
 import torch
 
+from crfl.closeness import gamma_n, unit_roundoff
+
 __all__ = ["unit_roundoff", "logit_error_scales", "margin_threshold", "exact_noisy_argmax", "margin_votes"]
 
 _SCALE_BITS = 1074  # 2^-1074 is the smallest positive float64: every float64 times 2^1074 is an integer
 _SAFETY = 1.0 + 1e-6  # covers the rounding of the float64 norms and products that make the threshold
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    u = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}.get(dtype)
-    if u is None:
-        raise ValueError(f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {dtype} instead.")
-    return u
-
-
 def _gamma(n: int, u: float) -> float:
-    if n * u >= 1.0:
-        return math.inf
-    return n * u / (1.0 - n * u)
+    """gamma_n, or inf where it is not defined (n u >= 1): the margin test then proves nothing."""
+    return gamma_n(n, u) if n * u < 1.0 else math.inf
 
 
 def logit_error_scales(

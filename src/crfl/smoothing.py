@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from crfl import exact_votes, kernels, progress
+from crfl import closeness, exact_votes, kernels, progress
 from crfl.validation import ConfigError, check_int, check_real
 
 __all__ = [
@@ -228,13 +228,11 @@ def vote_flip_probability(weight_norm: float, sigma: float, num_features: int, n
     """
     if sigma <= 0:
         return math.inf
-    u = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}.get(dtype)
-    if u is None:
-        raise ConfigError(f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {dtype} instead.")
+    u = closeness.unit_roundoff(dtype)
     n = num_features + 3
     if n * u >= 1.0:
         return math.inf
-    gam = n * u / (1.0 - n * u)
+    gam = closeness.gamma_n(n, u)
     C = num_classes
     return C * (C - 1) * gam * (weight_norm / sigma + math.sqrt(num_features + 1.0) + _NOISE_TAIL) / math.sqrt(math.pi) \
         + C * math.exp(-_NOISE_TAIL ** 2 / 2.0)
@@ -341,8 +339,14 @@ def votes_arithmetic(device: torch.device | str = "cpu") -> str:
     """How a linear model's Monte Carlo votes are computed here: 'exact' (the compiled votes kernel's proven
     margins, float64 and integer arithmetic for near ties: docs/theory.md (c)) or 'float64' (torch; a vote may
     differ from the exact one with probability <= MC_FLIP_LIMIT / M, else sigma_T is refused)."""
-    exact = torch.device(device).type == "cpu" and _votes_kernel() is not None and _float32_products_are_ieee()
-    return "exact" if exact else "float64"
+    return "exact" if _mixed_votes_kernel(torch.device(device)) is not None else "float64"
+
+
+def _mixed_votes_kernel(device: torch.device) -> ctypes.CDLL | None:
+    """The votes kernel where exact (mixed float32/float64) votes can run: CPU tensors, the compiled kernel and
+    IEEE float32 products; else None."""
+    lib = _votes_kernel() if device.type == "cpu" else None
+    return lib if lib is not None and _float32_products_are_ieee() else None
 
 
 def _linear_votes(
@@ -358,17 +362,18 @@ def _linear_votes(
     (C, d), n = weight.shape, X.shape[0]
     device = weight.device
     lib = _votes_kernel() if device.type == "cpu" else None
+    mixed_ok = _mixed_votes_kernel(device) is not None
     w_norm = float(torch.linalg.vector_norm(torch.cat([weight.double().flatten(), bias.double()])))
     default = dtype is None
     if default:
         # float64 noise; exact votes where the mixed path runs, else float64 votes if their rounding cannot
         # change a vote except with probability <= MC_FLIP_LIMIT (a ConfigError naming certify.sigma_T otherwise)
         dtype = torch.float64
-        if not (mixed is not False and lib is not None and _float32_products_are_ieee()):
+        if not (mixed is not False and mixed_ok):
             monte_carlo_dtype(w_norm, sigma, M, d, C)
     W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
     if mixed is None:
-        mixed = dtype == torch.float64 and lib is not None and _float32_products_are_ieee()
+        mixed = dtype == torch.float64 and mixed_ok
     if mixed and lib is None:
         raise ConfigError("The 'mixed' parameter needs the compiled votes kernel (crfl/kernels/votes.cpp) and CPU "
                           "tensors; the kernel is not available here (CRFL_KERNELS=0, no C++ compiler, or another device).")
