@@ -30,7 +30,7 @@ import torch
 
 import crfl
 import crfl.io
-from crfl.config import resolve
+from crfl.config import Config, resolve
 from crfl.data import Dataset, load_dataset
 from crfl.setup import prepare
 from crfl.train import run_round, train
@@ -95,6 +95,11 @@ def fashion_or_synthetic() -> tuple[Dataset, str]:
         return load_dataset("fashion-mnist"), "Fashion-MNIST (60,000 / 10,000)"
     except Exception:  # noqa: BLE001
         return synthetic_images(60000, 10000, 10), "synthetic data of MNIST's shape (Fashion-MNIST not installed)"
+
+
+def mnist_config(ds: Dataset) -> Config:
+    """The preset mnist on ``ds`` (from :func:`fashion_or_synthetic`; its synthetic stand-in runs as mnist-5k)."""
+    return resolve("mnist", None, {"data.name": ds.name if ds.name != "synthetic" else "mnist-5k"})
 
 
 def round_time(setup, rounds: int = 10) -> float:
@@ -279,8 +284,7 @@ def main() -> None:
     if a.only == "certification":
         print("certification ...", flush=True)
         ds, _ = fashion_or_synthetic()
-        cfg = resolve("mnist", None, {"data.name": ds.name if ds.name != "synthetic" else "mnist-5k"})
-        C = certification(prepare(cfg, ds), ds, rep)
+        C = certification(prepare(mnist_config(ds), ds), ds, rep)
         _replace_section(out, render_certification(C, date, _machine()), CERT_BEGIN, CERT_END)
         print(json.dumps(C, indent=2))
         print(f"written: {out}")
@@ -288,7 +292,7 @@ def main() -> None:
     if a.only == "train":
         print("training (paper MNIST setting) ...", flush=True)
         ds, ds_name = fashion_or_synthetic()
-        setup = prepare(resolve("mnist", None, {"data.name": ds.name if ds.name != "synthetic" else "mnist-5k"}), ds)
+        setup = prepare(mnist_config(ds), ds)
         tr = training_round(setup, matmul_rate(repeat=rep), memory_bandwidth(repeat=rep), rounds=10 if a.quick else 20)
         print(json.dumps(tr, indent=2))
         print("\n".join(render_training(tr, ds_name)))
@@ -309,7 +313,7 @@ def main() -> None:
     print("training (paper MNIST setting) ...", flush=True)
     ds, ds_name = fashion_or_synthetic()
     R["train_data"] = ds_name
-    cfg = resolve("mnist", None, {"data.name": ds.name if ds.name != "synthetic" else "mnist-5k"})
+    cfg = mnist_config(ds)
     setup = prepare(cfg, ds)
     R["train"] = training_round(setup, R["matmul_gflops"], R["bandwidth_gbs"], rounds=10 if a.quick else 20)
 
@@ -657,7 +661,7 @@ def mixture_certification(ds, K: int = 100) -> dict:
 
     d = Path(tempfile.mkdtemp())
     try:
-        cfg = resolve("mnist", None, {"data.name": ds.name if ds.name != "synthetic" else "mnist-5k"})
+        cfg = mnist_config(ds)
         res = train(cfg, d / "run", dataset=ds)
         setup = res.setup
         t_adv = res.attack_log[0]["round"]
