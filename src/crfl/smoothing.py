@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -160,8 +161,11 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     P = ctypes.c_void_p
     for f in (lib.votes_f32, lib.votes_f64):
         f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
-    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, P, _I64, P, P, P]
+    D = ctypes.c_double
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, P, P, D, _I64, P, P, P]
     lib.votes_mixed_f32.restype = _I64
+    lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P, P]
+    lib.prep_mixed_f32.restype = None
     return lib
 
 
@@ -199,7 +203,7 @@ def _count_votes(logits: torch.Tensor, counts: torch.Tensor, start: int) -> None
 #: 2.5 MB) are still in its cache; no barrier between the product and the votes. Without the kernel (torch
 #: path) the products are blocks of points_per_chunk points, multi-threaded by torch. The votes do not depend
 #: on either size (docs/benchmarks.md, certification).
-LINEAR_POINT_BLOCK = 256
+LINEAR_POINT_BLOCK = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +375,8 @@ def _linear_votes(
         dtype = torch.float64
         if not (mixed is not False and mixed_ok):
             monte_carlo_dtype(w_norm, sigma, M, d, C)
-    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
+    W, b = weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
+    Xd = X.to(device=device, dtype=dtype).contiguous()
     if mixed is None:
         mixed = dtype == torch.float64 and mixed_ok
     if mixed and lib is None:
@@ -392,42 +397,65 @@ def _linear_votes(
     exact_pairs = [0]  # votes the margins left to exact arithmetic, over all chunks so far
     rounded = [not mixed]  # some votes came from float64 (or float32) argmaxes, not proven exact
 
+    if mixed:  # ||[w_c; b_c]|| per class, for the per-model error scales pm (exact_votes.logit_error_scales)
+        w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
+
+    def prepare_mixed(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """One compiled pass over the chunk's noise (crfl/kernels/votes.cpp, prep_mixed_f32): the float32
+        class-major operands fl32(fl64(w + fl64(sigma e))) (row c m + j: class c of model j), the per-model error
+        scales pm, and whether the chunk meets the side conditions of exact votes from float32 logits: every
+        nonzero noisy weight in [FLT_MIN, 1e37], no float32 logit can overflow (max pm * max px <= 1e37) and
+        fl64(sigma e) does not underflow (docs/theory.md (c)). No float64 noisy weights are kept."""
+        m = E.shape[0]
+        Wcm, bcm = torch.empty((C * m, d), dtype=torch.float32), torch.empty(C * m, dtype=torch.float32)
+        pm, e_min = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+        bad = torch.empty(m, dtype=torch.int32)
+        lib.prep_mixed_f32(_addr(E), m, 0, m, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm),
+                           _addr(bcm), _addr(pm), _addr(e_min), _addr(bad))
+        ok = (not bool(bad.any()) and float(pm.max()) * x_max <= 1e37
+              and (sigma == 0.0 or sigma * float(e_min.min()) >= 2.0 * _DBL_MIN))
+        return Wcm, bcm.view(1, C * m), pm, ok
+
     def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
-        Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
-        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
-        # mixed: float32 products where no float32 logit can overflow (|logit| <= pm ||x~|| (1 + gamma))
-        pm = exact_votes.logit_error_scales(W, b, sigma, E, Xd[:0])[1].contiguous() if mixed else None
-        # ... and where fl64(sigma e) does not underflow and every nonzero noisy weight converts to float32 with a
-        # relative error (a subnormal float64 sum w + sigma e is exact; zeros are exact)
-        here = (mixed and float(pm.max()) * x_max <= 1e37 and _in_float32_range(Wn, bn)
-                and (sigma == 0.0 or sigma * _min_nonzero_abs(E) >= 2.0 * _DBL_MIN))
-        if mixed and not here:  # this chunk's votes come from float64 logits, not proven exact
-            rounded[0] = True
-            if default:
-                monte_carlo_dtype(w_norm, sigma, M, d, C)
-        # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
-        # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
-        pdt = torch.float32 if here else dtype
-        Wcm = torch.empty((C, m, d), dtype=pdt, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
-        bcm = bn.T.to(pdt).reshape(1, C * m)
+        here = False
+        if mixed:
+            E = E.contiguous()
+            Wcm, bcm, pm, here = prepare_mixed(E)
+            if not here:  # this chunk's votes come from float64 logits, not proven exact
+                rounded[0] = True
+                if default:
+                    monte_carlo_dtype(w_norm, sigma, M, d, C)
+        if not here:  # float64 (or float32 counts') products of the noisy weights, torch's arithmetic
+            Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
+            bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
+            # the product's columns class-major (column c m + j: class c of model j), so that each class's logits
+            # of the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
+            Wcm = torch.empty((C, m, d), dtype=dtype, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
+            bcm = bn.T.to(dtype).reshape(1, C * m)
+        Xp = X32 if here else Xd
 
         def logits(n0: int, n1: int) -> torch.Tensor:  # (n1 - n0, C m), row p: [class 0 of models 0..m-1, ...]
-            return torch.addmm(bcm, (X32 if here else Xd)[n0:n1], Wcm.T)
+            return torch.addmm(bcm, Xp[n0:n1], Wcm.T)
 
         if lib is None:  # the torch path: one multi-threaded product per block, torch.argmax, a scatter-add
             def add_torch(n0: int, n1: int, counts: torch.Tensor) -> None:
                 _count_votes(logits(n0, n1).view(n1 - n0, C, m).transpose(1, 2), counts, n0)
 
             return add_torch
-        votes_fn = lib.votes_f32 if pdt == torch.float32 else lib.votes_f64
+        votes_fn = lib.votes_f32 if Wcm.dtype == torch.float32 else lib.votes_f64
 
         def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
             left: list[torch.Tensor] = []
+            blocks, lock = iter(range(n0, n1, LINEAR_POINT_BLOCK)), threading.Lock()
 
-            def run(lo: int, hi: int) -> None:  # this thread's points, block by block (product, then votes)
-                for a in range(n0 + lo, n0 + hi, LINEAR_POINT_BLOCK):
-                    z = min(n0 + hi, a + LINEAR_POINT_BLOCK)
+            def run(_lo: int, _hi: int) -> None:  # one per thread: takes the next block of points until none is left
+                while True:  # (blocks handed out in turn: a thread slowed by another process takes fewer)
+                    with lock:
+                        a = next(blocks, None)
+                    if a is None:
+                        return
+                    z = min(n1, a + LINEAR_POINT_BLOCK)
                     L = logits(a, z)
                     if not here:
                         votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
@@ -437,11 +465,12 @@ def _linear_votes(
                     flagged, rec = torch.empty((z - a) * m, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
                     k = lib.votes_mixed_f32(
                         _addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(thr64, a), _addr(pm),
-                        _addr(Xd, a * d), _addr(Wn), _addr(bn), d, _addr(counts, a * C), _addr(flagged), _addr(rec))
+                        _addr(Xd, a * d), _addr(W), _addr(b), _addr(E), sigma, d, _addr(counts, a * C), _addr(flagged),
+                        _addr(rec))
                     stats.append((int(rec), k))
                     left.append(flagged[:k] + a * m)
 
-            _single_threaded_products(lambda threads: kernels.parallel_for(n1 - n0, run, threads=threads))
+            _single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
             pairs = torch.cat(left) if left else torch.zeros(0, dtype=torch.int64)
             exact_pairs[0] += int(pairs.numel())
             if exact_pairs[0] > EXACT_PAIR_LIMIT:
@@ -456,8 +485,10 @@ def _linear_votes(
 
         return add_votes
 
+    # the kernel path takes all points of a chunk in one pass (blocks handed to the threads in turn: no barrier
+    # between blocks); the counts do not depend on points_per_chunk
     counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
-                    points_per_chunk)
+                    max(1, n) if lib is not None else points_per_chunk)
     if info is not None:
         info["votes"] = "exact" if not rounded[0] else str(dtype).replace("torch.", "")
     return counts, sum(r for r, _ in stats), sum(k for _, k in stats)

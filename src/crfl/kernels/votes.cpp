@@ -22,6 +22,15 @@
 #include <cstdint>
 #include <limits>
 
+// No contraction of a * b + c into one fused multiply-add anywhere in this file: the prepared noisy weights must
+// be fl(w + fl(sigma e)), the same floats as torch's W + sigma * E (tests compare them bit for bit). (An FMA
+// would be one rounding, also inside the proven bounds; this is about reproducing torch's floats.)
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace {
 
 constexpr int64_t LANES = 256;  // models per SIMD pass (class-major layout; measured best of 16-256)
@@ -99,11 +108,12 @@ void votes(const T* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sj, 
     }
 }
 
-// One float64 logit: bias + <w, x> over d features (any summation order: the float64 bound covers it).
-inline double dot64(const double* w, const double* x, int64_t d, double bias) {
+// One float64 noisy logit formed on the fly: sum_i fl(w_i + fl(sigma e_i)) x_i + bias over d features, the noisy
+// weights being the floats prep_mixed_f32 rounds to float32 (any summation order: the float64 bound covers it).
+inline double noisy_dot64(const double* w, const double* e, double sigma, const double* x, int64_t d, double bias) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < d; ++i) s += w[i] * x[i];
+    for (int64_t i = 0; i < d; ++i) s += (w[i] + sigma * e[i]) * x[i];
     return s + bias;
 }
 
@@ -120,22 +130,68 @@ void votes_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int6
     votes(L, n, m, C, sp, sj, sc, counts);
 }
 
-// The votes of m noisy models w + sigma e (float64 weights Wn = fl(w + fl(sigma e)): (m, C, d), bias bn: (m, C),
-// row-major) on n float64 points X: (n, d), from their float32 logits in the class-major layout
+// The preparation of a chunk of m noisy models for votes_mixed_f32, models [j0, j1) (one pass over their noise
+// rows; crfl.kernels.parallel_for splits the models over threads). E: (m, C d + C) float64 N(0, 1) noise in the flat
+// layout (row j: the class-major weights' noise, then the biases'); W: (C, d), b: (C,) float64; w_norm[c] =
+// ||[w_c; b_c]||. Writes, for each model j and class c, with wn = fl(w + fl(sigma e)) (float64, as torch's
+// W + sigma * E):
+//   Wcm[(c m + j) d + i] = fl32(wn_ci), bcm[c m + j] = fl32(bn_c)       (the class-major float32 product operands)
+//   pm[j]    = max_c (w_norm[c] + sigma sqrt(sum_i e_ci^2 + e_bc^2))    (crfl.exact_votes.logit_error_scales)
+//   e_min[j] = the smallest nonzero |e| of the row (inf if none)         (sigma e_min >= 2 DBL_MIN: no underflow)
+//   bad[j]   = 1 if some nonzero |wn| or |bn| is outside [FLT_MIN, 1e37] or NaN (its float32 cast is then not
+//              within a relative u), else 0.
+void prep_mixed_f32(const double* E, int64_t m, int64_t j0, int64_t j1, const double* W, const double* b,
+                    const double* w_norm, int64_t C, int64_t d, double sigma, float* Wcm, float* bcm, double* pm,
+                    double* e_min, int32_t* bad) {
+    const int64_t D = C * d + C;
+    for (int64_t j = j0; j < j1; ++j) {
+        const double* e = E + j * D;
+        double worst = 0.0, emin = INFINITY;
+        int32_t out_of_range = 0;
+        for (int64_t c = 0; c < C; ++c) {
+            const double* ec = e + c * d;
+            const double* wc = W + c * d;
+            float* dst = Wcm + (c * m + j) * d;
+            double ss = 0.0;
+#pragma omp simd reduction(+ : ss) reduction(min : emin) reduction(| : out_of_range)
+            for (int64_t i = 0; i < d; ++i) {
+                const double ei = ec[i], wn = wc[i] + sigma * ei, a = std::fabs(wn), ae = std::fabs(ei);
+                ss += ei * ei;
+                emin = ae > 0.0 && ae < emin ? ae : emin;
+                out_of_range |= (!(a <= 1e37)) | ((a < FLT_MIN) & (a > 0.0));
+                dst[i] = (float)wn;
+            }
+            const double eb = e[C * d + c], bn = b[c] + sigma * eb, a = std::fabs(bn), ae = std::fabs(eb);
+            emin = ae > 0.0 && ae < emin ? ae : emin;
+            out_of_range |= (!(a <= 1e37)) | ((a < FLT_MIN) & (a > 0.0));
+            bcm[c * m + j] = (float)bn;
+            const double norm = w_norm[c] + sigma * std::sqrt(ss + eb * eb);
+            worst = norm > worst ? norm : worst;
+        }
+        pm[j] = worst;
+        e_min[j] = emin;
+        bad[j] = out_of_range;
+    }
+}
+
+// The votes of m noisy models w + sigma e (W: (C, d), b: (C,) float64, noise E: (m, C d + C) float64 as in
+// prep_mixed_f32) on n float64 points X: (n, d), from their float32 logits in the class-major layout
 // (L[p * sp + c * sc + j]). A logit computed in float32 (float64) is within thr32_x[p] * pm[j] / 2
 // (thr64_x[p] * pm[j] / 2) of the exact one (crfl.exact_votes.margin_threshold; the caller guarantees that
 // no float32 logit can overflow). A vote is taken where a computed top-two gap exceeds its threshold:
-// first from the float32 logits, else from the float64 logits of the classes that can still win. Pairs
-// that neither settles are not counted: their (point - 0) * m + model indices go to flagged[] (the
-// caller counts their exact votes). Returns the number flagged; *recomputed gets the number of pairs
-// whose float64 logits were computed.
+// first from the float32 logits, else from the float64 logits of the classes that can still win (formed on
+// the fly from W, b, sigma and E: the same floats as the float32 operands before their rounding). Pairs
+// that neither settles are not counted: their point * m + model indices go to flagged[] (the caller counts
+// their exact votes). Returns the number flagged; *recomputed gets the number of pairs whose float64 logits
+// were computed.
 int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sc,
                         const double* thr32_x, const double* thr64_x, const double* pm,
-                        const double* X, const double* Wn, const double* bn, int64_t d, int64_t* counts,
-                        int64_t* flagged, int64_t* recomputed) {
+                        const double* X, const double* W, const double* b, const double* E, double sigma, int64_t d,
+                        int64_t* counts, int64_t* flagged, int64_t* recomputed) {
     float top[LANES], second[LANES];
     int32_t idx[LANES], sure[LANES];
     int64_t nflag = 0, nrec = 0;
+    const int64_t D = C * d + C;
     for (int64_t p = 0; p < n; ++p) {
         const float* v = L + p * sp;
         const double* x = X + p * d;
@@ -155,13 +211,13 @@ int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t
                 // not settled: the float64 logits of the classes that can be the exact argmax (float32 logit
                 // within the bound of the top; the others are certainly below the top class)
                 const int64_t j = j0 + jj;
-                const double* w = Wn + j * C * d;
+                const double* e = E + j * D;
                 const double floor = (double)top[jj] - (t32 * pm[j] + 1e-30);
                 int64_t best = -1;
                 double bz = -INFINITY, sz = -INFINITY;
                 for (int64_t c = 0; c < C; ++c) {
                     if (!((double)v[c * sc + j] >= floor)) continue;
-                    const double zc = dot64(w + c * d, x, d, bn[j * C + c]);
+                    const double zc = noisy_dot64(W + c * d, e + c * d, sigma, x, d, b[c] + sigma * e[C * d + c]);
                     if (best < 0 || zc > bz) {
                         sz = bz;
                         bz = zc;
