@@ -188,6 +188,98 @@ def test_public_counts_use_the_kernel_and_match_the_reference(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# the compiled preparation of a chunk (prep_mixed_f32) against torch's formulas
+
+
+def _prep(W, b, sigma, E, lo=0, hi=None):
+    """prep_mixed_f32 on models [lo, hi) of E (the other models' outputs left as they were: NaN / -1)."""
+    lib = smoothing._votes_kernel()
+    (C, d), m = W.shape, E.shape[0]
+    hi = m if hi is None else hi
+    w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
+    Wcm, bcm = torch.full((C * m, d), math.nan, dtype=torch.float32), torch.full((C * m,), math.nan, dtype=torch.float32)
+    pm, e_min = torch.full((m,), math.nan, dtype=torch.float64), torch.full((m,), math.nan, dtype=torch.float64)
+    bad = torch.full((m,), -1, dtype=torch.int32)
+    a = smoothing._addr
+    lib.prep_mixed_f32(a(E), m, lo, hi, a(W), a(b), a(w_norms), C, d, sigma, a(Wcm), a(bcm), a(pm), a(e_min), a(bad))
+    return Wcm, bcm, pm, e_min, bad
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.37, 1e-300, 0.0])
+def test_prepared_chunk_is_torchs_noisy_model_in_float32(sigma):
+    """The float32 class-major operands are fl32(fl64(w + fl64(sigma e))) bit for bit (the floats torch's
+    W + sigma * E gives), pm is exact_votes.logit_error_scales' pm up to the rounding of the norms (far inside
+    the threshold's 1e-6 safety factor), e_min the smallest nonzero |e|; any split of the models gives the
+    same bits."""
+    C, d, m = 7, 53, 11
+    W, b = _model(C, d, 12)
+    E = torch.randn((m, C * d + C), generator=gen(13), dtype=torch.float64)
+    E[3, 5] = 0.0  # a zero does not count as the smallest nonzero |e|
+    E[4, C * d + 2] = 3e-9  # the smallest, in a bias entry
+    Wcm, bcm, pm, e_min, bad = _prep(W, b, sigma, E)
+    Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)
+    bn = b.unsqueeze(0) + sigma * E[:, C * d :]
+    assert torch.equal(Wcm, Wn.transpose(0, 1).float().reshape(C * m, d))
+    assert torch.equal(bcm, bn.T.float().reshape(-1))
+    _, want = exact_votes.logit_error_scales(W, b, sigma, E, W[:0])
+    assert torch.allclose(pm, want, rtol=1e-13, atol=0) and (want > 0).all()
+    assert float(e_min.min()) == 3e-9 and torch.equal(e_min, torch.where(E == 0, math.inf, E.abs()).amin(dim=1))
+    assert (bad == 0).all()
+    halves = [_prep(W, b, sigma, E, 0, 4), _prep(W, b, sigma, E, 4, m)]  # two threads' shares of the models
+    rows = lambda j0, j1: torch.cat([torch.arange(c * m + j0, c * m + j1) for c in range(C)])  # noqa: E731
+    for (W_, b_, pm_, e_, bad_), (j0, j1) in zip(halves, [(0, 4), (4, m)]):
+        assert torch.equal(W_[rows(j0, j1)], Wcm[rows(j0, j1)]) and torch.equal(b_[rows(j0, j1)], bcm[rows(j0, j1)])
+        assert torch.equal(pm_[j0:j1], pm[j0:j1]) and torch.equal(e_[j0:j1], e_min[j0:j1])
+        assert torch.equal(bad_[j0:j1], bad[j0:j1]) and torch.isnan(pm_[:j0]).all() and torch.isnan(pm_[j1:]).all()
+
+
+@pytest.mark.parametrize("where", ["weight", "bias"])
+@pytest.mark.parametrize("value", [1e38, -2e37, 1e-39, -2.0 ** -130, math.inf, math.nan])
+def test_prepared_chunk_flags_noisy_weights_outside_float32_range(where, value):
+    """bad[j] is set exactly for the models with a nonzero noisy weight outside [FLT_MIN, 1e37] (or NaN), the
+    condition _in_float32_range checks on the float64 noisy weights; FLT_MIN itself, 1e37 and 0 pass."""
+    C, d, m = 3, 9, 6
+    W, b = _model(C, d, 14)
+    E = torch.randn((m, C * d + C), generator=gen(15), dtype=torch.float64)
+    col = 2 * d + 4 if where == "weight" else C * d + 1
+    E[2, col], E[5, col] = value, 0.0  # sigma = 1: the noisy weight is w + value; w + 0 stays in range
+    if where == "weight":
+        W[2, 4] = 0.0
+    else:
+        b[1] = 0.0
+    E[4, col - 1] = 1e37 if where == "weight" else 2.0 ** -126  # the edges of the range are allowed
+    if where == "weight":
+        W[2, 3] = 0.0
+    else:
+        b[0], E[4, C * d] = 0.0, 2.0 ** -126
+    _, _, _, _, bad = _prep(W, b, 1.0, E)
+    assert bad.tolist() == [0, 0, 1, 0, 0, 0], (where, value, bad.tolist())
+    Wn = W.unsqueeze(0) + E[:, : C * d].view(m, C, d)
+    bn = b.unsqueeze(0) + E[:, C * d :]
+    assert [not smoothing._in_float32_range(Wn[j], bn[j]) for j in range(m)] == [bool(v) for v in bad.tolist()]
+
+
+def test_counts_do_not_depend_on_the_block_size_or_the_threads(monkeypatch):
+    """The blocks of points are handed to the threads in turn; the counts are the same for any block size and
+    thread count (each block's votes go to its own points' rows)."""
+    C, d, n, M = 10, 40, 300, 130
+    W, b = _model(C, d, 16)
+    X = _points(W, b, n, 17)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for block, t in [(128, threads), (1, 2), (7, 2), (300, 1), (64, 3)]:
+            monkeypatch.setattr(smoothing, "LINEAR_POINT_BLOCK", block)
+            torch.set_num_threads(t)
+            runs.append(_linear_votes(W, b, X, 0.05, M, gen(18), 50, 2048, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0][1] > 0  # some votes needed their float64 logits
+    for r in runs[1:]:
+        assert torch.equal(r[0], runs[0][0]) and r[1:] == runs[0][1:]
+
+
+# ---------------------------------------------------------------------------------------------
 # the bound itself: float32 logits against exact rational arithmetic
 
 

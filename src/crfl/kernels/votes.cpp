@@ -68,11 +68,15 @@ inline void top_two(const T* v, int64_t k, int64_t C, int64_t sc, T* top, int32_
 #pragma omp simd
         for (int64_t j = 0; j < k; ++j) {
             const T x = row[j];
-            const bool gt = x > top[j];
+            const T t = top[j], s = second[j];
+            const bool gt = x > t;
             if (CHECK) ok[j] &= std::fabs(x) <= big;
-            second[j] = gt ? top[j] : (x > second[j] ? x : second[j]);
+            // the runner-up: the old top when x beats it, else the larger of x and the runner-up, i.e.
+            // max(s, min(x, t)) for numbers (a NaN lane is recounted by the caller, model by model)
+            const T lo = x < t ? x : t;
+            second[j] = s > lo ? s : lo;
             idx[j] = gt ? (int32_t)c : idx[j];
-            top[j] = gt ? x : top[j];
+            top[j] = gt ? x : t;
         }
     }
 }
