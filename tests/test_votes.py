@@ -279,6 +279,36 @@ def test_counts_do_not_depend_on_the_block_size_or_the_threads(monkeypatch):
         assert torch.equal(r[0], runs[0][0]) and r[1:] == runs[0][1:]
 
 
+def test_counter_based_noise_is_drawn_by_the_workers_and_gives_the_same_counts(monkeypatch):
+    """With a counter-based noise source (_counter_noise gives a fill: crfl.noise's NoiseStream) the worker
+    threads write and prepare their share of each chunk's noise rows; the counts equal those of the same rows
+    drawn chunk by chunk on the helper thread (_noise), and rows are written only once each."""
+    C, d, n, M, D = 10, 30, 200, 230, 10 * 30 + 10
+    W, b = _model(C, d, 19)
+    X = _points(W, b, n, 20)
+    row = lambda j: torch.randn(D, generator=gen(1000 + j), dtype=torch.float64)  # noqa: E731  model j's noise
+    written: list[int] = []
+
+    def fill(first: int, out: torch.Tensor) -> None:
+        for r in range(out.shape[0]):
+            out[r] = row(first + r)
+            written.append(first + r)
+
+    drawn = [0]
+
+    def sequential(m, D_, generator, dtype, device):  # the helper thread's draws, in chunk order
+        rows = torch.stack([row(drawn[0] + r) for r in range(m)])
+        drawn[0] += m
+        return rows.to(dtype)
+
+    monkeypatch.setattr(smoothing, "_noise", sequential)
+    ref = _linear_votes(W, b, X, 0.05, M, gen(0), 64, 2048, None)
+    monkeypatch.setattr(smoothing, "_counter_noise", lambda g: fill)
+    got = _linear_votes(W, b, X, 0.05, M, gen(0), 64, 2048, None)
+    assert drawn[0] == M and sorted(written) == list(range(M))
+    assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:] and ref[1] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # the bound itself: float32 logits against exact rational arithmetic
 

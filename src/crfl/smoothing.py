@@ -312,6 +312,20 @@ def _votes(
     return counts
 
 
+_Fill = Callable[[int, torch.Tensor], None]
+
+
+def _counter_noise(generator: Any) -> _Fill | None:
+    """fill(first_model, out) writing the float64 noise rows of models first_model, first_model + 1, ... into
+    ``out`` (single-threaded) where the noise source is counter-based (any row range can be written by any
+    thread, the rows those :func:`_noise` gives); None for a torch.Generator (one sequential draw per chunk)."""
+    if isinstance(generator, torch.Generator):
+        return None
+    from crfl import noise  # the counter-based stream (crfl.noise.NoiseStream)
+
+    return lambda first, out: noise.fill_normal(generator, first, out, threads=1)
+
+
 def _single_threaded_products(work: Callable[[int], None]) -> None:
     """work(threads) with torch's intra-op threads set to 1 for its duration: ``work`` splits its points over
     ``threads`` Python threads (crfl.kernels.parallel_for), each running its own single-threaded products."""
@@ -400,28 +414,40 @@ def _linear_votes(
     if mixed:  # ||[w_c; b_c]|| per class, for the per-model error scales pm (exact_votes.logit_error_scales)
         w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
 
-    def prepare_mixed(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    def prepare_mixed(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """One compiled pass over the chunk's noise (crfl/kernels/votes.cpp, prep_mixed_f32): the float32
         class-major operands fl32(fl64(w + fl64(sigma e))) (row c m + j: class c of model j), the per-model error
         scales pm, and whether the chunk meets the side conditions of exact votes from float32 logits: every
         nonzero noisy weight in [FLT_MIN, 1e37], no float32 logit can overflow (max pm * max px <= 1e37) and
-        fl64(sigma e) does not underflow (docs/theory.md (c)). No float64 noisy weights are kept."""
+        fl64(sigma e) does not underflow (docs/theory.md (c)). No float64 noisy weights are kept. Without ``fill``:
+        one thread over E as drawn. With ``fill`` (counter-based noise): the threads each write the noise rows of
+        their share of the models (models m0 + lo .. m0 + hi - 1) into E and prepare them at once."""
         m = E.shape[0]
         Wcm, bcm = torch.empty((C * m, d), dtype=torch.float32), torch.empty(C * m, dtype=torch.float32)
         pm, e_min = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
         bad = torch.empty(m, dtype=torch.int32)
-        lib.prep_mixed_f32(_addr(E), m, 0, m, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm),
-                           _addr(bcm), _addr(pm), _addr(e_min), _addr(bad))
+
+        def work(lo: int, hi: int) -> None:
+            if fill is not None:
+                fill(m0 + lo, E[lo:hi])
+            lib.prep_mixed_f32(_addr(E), m, lo, hi, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm),
+                               _addr(bcm), _addr(pm), _addr(e_min), _addr(bad))
+
+        if fill is None:
+            work(0, m)
+        else:
+            _single_threaded_products(lambda threads: kernels.parallel_for(m, work, threads=threads))
         ok = (not bool(bad.any()) and float(pm.max()) * x_max <= 1e37
               and (sigma == 0.0 or sigma * float(e_min.min()) >= 2.0 * _DBL_MIN))
         return Wcm, bcm.view(1, C * m), pm, ok
 
-    def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+    def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
         here = False
         if mixed:
             E = E.contiguous()
-            Wcm, bcm, pm, here = prepare_mixed(E)
+            Wcm, bcm, pm, here = prepare_mixed(E, fill, m0)
             if not here:  # this chunk's votes come from float64 logits, not proven exact
                 rounded[0] = True
                 if default:
@@ -485,10 +511,22 @@ def _linear_votes(
 
         return add_votes
 
-    # the kernel path takes all points of a chunk in one pass (blocks handed to the threads in turn: no barrier
-    # between blocks); the counts do not depend on points_per_chunk
-    counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
-                    max(1, n) if lib is not None else points_per_chunk)
+    fill = _counter_noise(generator) if mixed else None
+    if fill is not None:
+        # counter-based noise (any model's rows can be written by any thread): per chunk, the worker threads
+        # write and prepare their share of the models' noise, then take the chunk's blocks of points; no helper
+        # thread. The same noise rows as _noise gives, so the same counts.
+        counts = torch.zeros((n, C), dtype=torch.int64, device=device)
+        with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
+            for m0 in range(0, M, models_per_chunk):
+                m = min(models_per_chunk, M - m0)
+                noisy_model(torch.empty((m, C * d + C), dtype=torch.float64), fill, m0)(0, n, counts)
+                bar.update(m0 + m, f"{n} points")
+    else:
+        # the kernel path takes all points of a chunk in one pass (blocks handed to the threads in turn: no barrier
+        # between blocks); the counts do not depend on points_per_chunk
+        counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
+                        max(1, n) if lib is not None else points_per_chunk)
     if info is not None:
         info["votes"] = "exact" if not rounded[0] else str(dtype).replace("torch.", "")
     return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
