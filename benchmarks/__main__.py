@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -514,78 +515,149 @@ def render_training(tr: dict, data: str) -> list[str]:
 CERT_BEGIN, CERT_END = "<!-- certification: begin -->", "<!-- certification: end -->"
 
 
+def _mc_source(seed: int):
+    """The noise source `crfl certify` draws Monte Carlo noise from: a counter-based crfl.noise.NoiseStream where
+    this crfl has one, else a torch.Generator (then the draw is one serial torch.randn per chunk)."""
+    try:
+        from crfl.noise import NoiseStream
+    except ImportError:
+        return torch.Generator().manual_seed(seed)
+    return NoiseStream(seed)
+
+
+def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
+    """Single-threaded CPU seconds of each part of the default Monte Carlo counts on the points X, for all M models
+    (one chunk of m models timed, times the number of chunks): the products of every block of points, the votes
+    kernel on each block's logits right after its product (as the threads run them), the chunk's preparation pass,
+    its noise draw (torch.randn; the counter-based fill where crfl has one) and the exact pairs' integer argmax."""
+    from crfl import exact_votes, kernels, smoothing
+    from crfl.smoothing import _addr
+
+    lib = smoothing._votes_kernel()
+    (C, d), n, k = W.shape, X.shape[0], smoothing.LINEAR_POINT_BLOCK
+    D, chunks = C * d + C, -(-M // m)
+    E = torch.randn((m, D), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
+    Wcm, bcm = torch.empty((C * m, d), dtype=torch.float32), torch.empty(C * m, dtype=torch.float32)
+    pm, e_min, bad = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.int32)
+
+    def prep():
+        lib.prep_mixed_f32(_addr(E), m, 0, m, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm), _addr(bcm),
+                           _addr(pm), _addr(e_min), _addr(bad))
+
+    prep()
+    px, _ = exact_votes.logit_error_scales(W, b, sigma, E[:0], X)
+    thr32 = exact_votes.margin_threshold(px, d, torch.float32).contiguous()
+    thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
+    X32, bm = X.float(), bcm.view(1, C * m)
+    counts = torch.zeros((n, C), dtype=torch.int64)
+    flagged, rec = torch.empty(k * m, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_prod = t_votes = 0.0
+        for a in range(0, n, k):
+            z = min(n, a + k)
+            t0 = time.perf_counter()
+            L = torch.addmm(bm, X32[a:z], Wcm.T)
+            t1 = time.perf_counter()
+            lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(thr64, a), _addr(pm),
+                                _addr(X, a * d), _addr(W), _addr(b), _addr(E), sigma, d, _addr(counts, a * C),
+                                _addr(flagged), _addr(rec))
+            t_votes += time.perf_counter() - t1
+            t_prod += t1 - t0
+        out = {"products": t_prod * chunks, "votes": t_votes * chunks, "prep": best(prep, 3, 0) * chunks,
+               "randn": best(lambda: torch.randn((m, D), generator=torch.Generator().manual_seed(1),
+                                                 dtype=torch.float64), 3, 0) * chunks}
+        src = _mc_source(1)
+        if not isinstance(src, torch.Generator):
+            from crfl import noise
+            out["noise_fill"] = best(lambda: noise.fill_normal(src, 0, E, threads=1), 3, 0) * chunks
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def certification(setup, ds, rep: int) -> dict:
     """Monte Carlo counts (M = 1000) on 2 x 10,000 points of the paper's MNIST setting, each variant against the
     ceiling of the dtype its products run in, measured in this process; the variants alternate (best of rep)."""
     from crfl import kernels, smoothing
 
     params = setup.model.init(torch.Generator().manual_seed(0)) * 5
-    W, b = setup.model.split(params.double())
+    W, b = (t.contiguous() for t in setup.model.split(params.double()))
     X = torch.from_numpy(ds.x_test[:10000]).double() / 255
-    both = torch.cat([X, setup.plan.trigger.apply(X)])
+    both = torch.cat([X, setup.plan.trigger.apply(X)]).contiguous()
     M, sigma = 1000, 0.01
     n, d, C = both.shape[0], both.shape[1], W.shape[0]
     flop = 2 * n * d * C * M  # the noisy logits X E^T
     counted = torch.float64  # a linear model's default counts: float64 noise, exact votes where the kernel runs
-    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    gen = lambda: _mc_source(1)  # noqa: E731  what `crfl certify` draws from
     stats = {}
 
     def default():  # what `crfl certify` runs: counts in `counted`, float32 products where the kernel proves the votes
         stats["default"] = smoothing._linear_votes(W, b, both, sigma, M, gen(), 250, 2048, None)[1:]
 
     def float32():
-        smoothing._linear_votes(W, b, both, sigma, M, gen(), 250, 2048, torch.float32)
+        smoothing._linear_votes(W, b, both, sigma, M, torch.Generator().manual_seed(1), 250, 2048, torch.float32)
 
     def torch_path():  # CRFL_KERNELS=0: products in the counted dtype, torch.argmax and a scatter-add
         old = os.environ.get("CRFL_KERNELS")
         os.environ["CRFL_KERNELS"] = "0"
         try:
-            smoothing._linear_votes(W, b, both, sigma, M, gen(), 250, 2048, counted)
+            smoothing._linear_votes(W, b, both, sigma, M, torch.Generator().manual_seed(1), 250, 2048, counted)
         finally:
             os.environ.pop("CRFL_KERNELS") if old is None else os.environ.__setitem__("CRFL_KERNELS", old)
 
     Xs = both.float()
     Ws = torch.randn(250 * C, d).T
 
-    def products():  # the float32 products alone, blocked as the default runs them (the floor of this design)
+    def products():  # the float32 products alone, blocked and scheduled as the default runs them (this design's floor)
         k = smoothing.LINEAR_POINT_BLOCK
 
-        def run(lo: int, hi: int) -> None:
-            for a in range(lo, hi, k):
-                torch.mm(Xs[a : min(hi, a + k)], Ws)
+        def run(_lo: int, _hi: int) -> None:
+            while True:
+                with lock:
+                    a = next(blocks, None)
+                if a is None:
+                    return
+                torch.mm(Xs[a : min(n, a + k)], Ws)
 
         for _ in range(0, M, 250):
-            for n0 in range(0, n, 2048):
-                smoothing._single_threaded_products(
-                    lambda threads, n0=n0: kernels.parallel_for(min(2048, n - n0), lambda lo, hi: run(n0 + lo, n0 + hi),
-                                                                threads=threads))
+            blocks, lock = iter(range(0, n, k)), threading.Lock()
+            smoothing._single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
 
     variants = {"default": default, "float32": float32, "torch": torch_path, "products": products}
     times: dict[str, list[float]] = {k: [] for k in variants}
     mm32, mm64 = [], []
+    parts: list[dict] = []
     default()
     for _ in range(max(2, rep - 2)):  # alternately, so that load from other processes hits all alike
         mm32.append(matmul_rate(repeat=3))
         mm64.append(matmul_rate(repeat=3, dtype=torch.float64))
         for k, fn in variants.items():
             times[k].append(best(fn, repeat=1, warmup=0))
+        parts.append(_mc_parts(W, b, both, sigma, M) if smoothing.votes_arithmetic() == "exact" else {})
     t = {k: min(v) for k, v in times.items()}
     c32, c64 = max(mm32), max(mm64)
     rec, exact = stats["default"]
     t_exact = best(lambda: smoothing.exact_top_two(W, b, X, sigma), repeat=rep)
     ceiling = {torch.float32: c32, torch.float64: c64}
     default_products = torch.float32 if smoothing.votes_arithmetic() == "exact" else counted
+    part = {k: min(p[k] for p in parts) for k in parts[0]} if parts and parts[0] else {}
+    src = gen()
     return {
         "mc_flop": flop, "mc_gflop": flop / 1e9, "counted_dtype": str(counted).replace("torch.", ""),
         "matmul_gflops_float32": c32, "matmul_gflops_float64": c64,
+        "noise_source": "crfl.noise.NoiseStream" if not isinstance(src, torch.Generator) else "torch.Generator",
         "mc_seconds_2x10k_M1000": t["default"], "mc_achieved_gflops": flop / t["default"] / 1e9,
         "mc_products_dtype": str(default_products).replace("torch.", ""),
         "mc_ratio_to_products_dtype": flop / t["default"] / 1e9 / ceiling[default_products],
         "mc_ratio_to_counted_dtype": flop / t["default"] / 1e9 / ceiling[counted],
-        "votes_float64_share": rec / (n * M), "votes_exact": exact,
+        "votes_float64_share": rec / (n * M), "votes_exact": exact, "point_block": smoothing.LINEAR_POINT_BLOCK,
         "float32_seconds": t["float32"], "float32_ratio": flop / t["float32"] / 1e9 / c32,
         "torch_seconds": t["torch"], "torch_ratio": flop / t["torch"] / 1e9 / ceiling[counted],
         "products_seconds": t["products"], "products_ratio": flop / t["products"] / 1e9 / c32,
+        "parts_cpu_seconds": part,
         "exact_seconds_10k": t_exact, "kernels": kernels.engine("votes"),
         "all_seconds": times, "matmul_runs": {"float32": mm32, "float64": mm64},
     }
@@ -604,16 +676,17 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         "2048 x 2048 torch.mm; the variants alternate with them, best of each.", "",
         "| quantity | value |",
         "|---|---|",
-        f"| Monte Carlo, M = 1000, 2 x 10,000 points (what `crfl certify` runs; votes kernel: {ce['kernels']}) | "
-        f"{ce['mc_seconds_2x10k_M1000']:.2f} s |",
+        f"| Monte Carlo, M = 1000, 2 x 10,000 points (what `crfl certify` runs; votes kernel: {ce['kernels']}; noise: "
+        f"{ce.get('noise_source', 'torch.Generator')}) | {ce['mc_seconds_2x10k_M1000']:.2f} s |",
         f"| its work and rate | {ce['mc_gflop']:.0f} GFLOP, {ce['mc_achieved_gflops']:.0f} GFLOP/s = "
         f"{pct(ce['mc_ratio_to_products_dtype'])} of the {ce['mc_products_dtype']} matmul rate, the dtype its products "
         f"run in (target >= 80%: {ok(ce['mc_ratio_to_products_dtype'] >= 0.8)}); "
         f"{pct(ce['mc_ratio_to_counted_dtype'])} of the {ce['counted_dtype']} rate, the dtype it counts in |",
         f"| votes settled by the float32 logits / float64 logits / exact arithmetic | "
         f"{100 * (1 - ce['votes_float64_share']):.2f}% / {100 * ce['votes_float64_share']:.2f}% / {ce['votes_exact']} votes |",
-        f"| the float32 products alone (same blocks, no noise, no votes) | {ce['products_seconds']:.2f} s = "
-        f"{pct(ce['products_ratio'])} of the float32 rate |",
+        f"| the float32 products alone (the same blocks of {ce.get('point_block', 256)} points handed to the threads in "
+        f"turn, no noise, no votes) | {ce['products_seconds']:.2f} s = {pct(ce['products_ratio'])} of the float32 rate |",
+        *_parts_row(ce.get("parts_cpu_seconds") or {}),
         f"| counts in float32 (`dtype=torch.float32`) | {ce['float32_seconds']:.2f} s = {pct(ce['float32_ratio'])} "
         "of the float32 rate |",
         f"| the torch path (`CRFL_KERNELS=0`: {ce['counted_dtype']} products, torch.argmax) | {ce['torch_seconds']:.2f} s "
@@ -627,6 +700,18 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         "", CERT_END, "",
     ]
     return "\n".join(lines)
+
+
+def _parts_row(parts: dict) -> list[str]:
+    """The table row: each part of the default counts in single-threaded CPU seconds and as a share of the products'."""
+    if not parts:
+        return []
+    names = {"votes": "votes kernel", "prep": "preparation pass", "randn": "torch.randn noise",
+             "noise_fill": "counter-based noise (crfl.noise)"}
+    p = parts["products"]
+    rest = ", ".join(f"{names[k]} {v:.3f} s ({100 * v / p:.1f}%)" for k, v in parts.items() if k in names)
+    return [f"| where the CPU time goes (single-threaded, summed over all blocks and chunks; share of the products) | "
+            f"products {p:.2f} s; {rest} |"]
 
 
 CERT_NOTES = """
