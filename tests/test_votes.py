@@ -128,6 +128,23 @@ def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch
     assert not torch.equal(bare, ref)
 
 
+def test_mixed_counts_on_sparse_points_equal_float64_counts(monkeypatch):
+    """Mostly-zero points (the threshold counts each point's nonzero features only) with two nearly tied classes
+    at sigma = 1e-7: the counts equal float64's, and with the float32 margin at 0 they do not."""
+    C, d, n, M = 4, 200, 120, 100
+    W, b = _model(C, d, 21)
+    W[1], b[1] = W[0] + 1e-9 * torch.randn(d, generator=gen(22), dtype=torch.float64), b[0]
+    X = torch.rand(n, d, generator=gen(23), dtype=torch.float64) * (torch.rand(n, d, generator=gen(24)) < 0.1)
+    got, recomputed, _ = _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64))
+    assert torch.equal(got, ref) and recomputed > 0
+    real = exact_votes.margin_threshold
+    monkeypatch.setattr(exact_votes, "margin_threshold",
+                        lambda px, k, dtype: real(px, k, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+    bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64)
+    assert not torch.equal(bare, ref)
+
+
 def test_exact_ties_go_to_exact_arithmetic(monkeypatch):
     """sigma = 0 on points where two classes tie exactly: neither float32 nor float64 can prove a vote, the
     exact integer argmax gives the lowest class index (torch's rule), as the float64 path does."""
@@ -319,17 +336,21 @@ def _exact_logit(w: list[float], e: list[float], sigma: float, x: list[float]) -
     return sum((Fraction(a) + s * Fraction(c)) * Fraction(v) for a, c, v in zip(w, e, [*x, 1.0]))
 
 
-@pytest.mark.parametrize("case", ["images", "cancellation", "dynamic-range"])
+@pytest.mark.parametrize("case", ["images", "cancellation", "dynamic-range", "sparse cancellation"])
 def test_float32_logit_error_stays_under_half_the_margin(case):
-    """|float32 logit - exact logit of w + sigma e| <= margin_threshold(px, d, float32) pm / 2 for logits computed
-    as the mixed path does (float64 fl(w + fl(sigma e)), rounded to float32, class-major float32 addmm)."""
-    g = gen({"images": 1, "cancellation": 2, "dynamic-range": 3}[case])
+    """|float32 logit - exact logit of w + sigma e| <= margin_threshold(px, k, float32) pm / 2 for logits computed
+    as the mixed path does (float64 fl(w + fl(sigma e)), rounded to float32, class-major float32 addmm), with k
+    the point's number of nonzero features (the zero features' terms are exact zeros)."""
+    g = gen({"images": 1, "cancellation": 2, "dynamic-range": 3, "sparse cancellation": 4}[case])
     C, m, n, d, sigma = 4, 3, 6, 784, 0.37
     if case == "images":
         X = torch.rand(n, d, generator=g, dtype=torch.float64) * (torch.rand(n, d, generator=g) < 0.3)
         W = torch.randn(C, d, generator=g, dtype=torch.float64) * 0.05
     elif case == "cancellation":  # large terms of alternating sign that cancel almost exactly
         X = torch.full((n, d), 1.0, dtype=torch.float64) + torch.rand(n, d, generator=g, dtype=torch.float64) * 1e-3
+        W = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double().repeat(C, 1) * 1e3
+    elif case == "sparse cancellation":  # a few large cancelling terms among zeros: the bound with k << d terms
+        X = (1.0 + torch.rand(n, d, generator=g, dtype=torch.float64) * 1e-3) * (torch.rand(n, d, generator=g) < 0.03)
         W = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double().repeat(C, 1) * 1e3
     else:  # entries spread over many binades
         X = torch.exp(torch.randn(n, d, generator=g, dtype=torch.float64) * 6)
@@ -341,7 +362,8 @@ def test_float32_logit_error_stays_under_half_the_margin(case):
     Wcm = Wn.transpose(0, 1).float().contiguous().view(C * m, d)
     L = torch.addmm(bn.T.float().reshape(1, C * m), X.float(), Wcm.T).double().view(n, C, m)
     px, pm = exact_votes.logit_error_scales(W, b, sigma, E, X)
-    half = exact_votes.margin_threshold(px, d, torch.float32) / 2
+    half = exact_votes.margin_threshold(px, (X != 0).sum(dim=1), torch.float32) / 2
+    assert case in ("cancellation", "dynamic-range") or (half < exact_votes.margin_threshold(px, d, torch.float32) / 4).all()
     worst = 0.0
     for p in range(n):
         for j in range(m):

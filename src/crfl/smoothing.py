@@ -162,8 +162,10 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     for f in (lib.votes_f32, lib.votes_f64):
         f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
     D = ctypes.c_double
-    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, P, P, D, _I64, P, P, P]
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P]
     lib.votes_mixed_f32.restype = _I64
+    lib.recompute_f64.argtypes = [P, P, P, _I64, P, P, P, P, D, _I64, _I64, P, P, P]
+    lib.recompute_f64.restype = None
     lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P, P]
     lib.prep_mixed_f32.restype = None
     return lib
@@ -400,8 +402,10 @@ def _linear_votes(
     if mixed:
         X32 = Xd.float()
         px, _ = exact_votes.logit_error_scales(W, b, sigma, torch.zeros((0, C * d + C), dtype=dtype), Xd)
-        thr32 = exact_votes.margin_threshold(px, d, torch.float32).contiguous()
-        thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
+        # per point, the number of its nonzero features: only those terms of a logit carry roundings
+        terms = (Xd != 0).sum(dim=1)
+        thr32 = exact_votes.margin_threshold(px, terms, torch.float32).contiguous()
+        thr64 = exact_votes.margin_threshold(px, terms, torch.float64).contiguous()
         x_max = float(px.max()) if n else 0.0
         # gamma_{d+5} exists in float32, and every nonzero |x| converts to float32 with a relative error: in
         # [FLT_MIN, 1e37] (no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
@@ -472,7 +476,7 @@ def _linear_votes(
         votes_fn = lib.votes_f32 if Wcm.dtype == torch.float32 else lib.votes_f64
 
         def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
-            left: list[torch.Tensor] = []
+            left: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block: pending pairs and their candidate classes
             blocks, lock = iter(range(n0, n1, LINEAR_POINT_BLOCK)), threading.Lock()
 
             def run(_lo: int, _hi: int) -> None:  # one per thread: takes the next block of points until none is left
@@ -486,18 +490,34 @@ def _linear_votes(
                     if not here:
                         votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
                         continue
-                    # float32 logits: each vote from the float32 or float64 logits whose top-two gap proves it
-                    # exact; the rest (near ties even in float64) from exact arithmetic (crfl.exact_votes)
-                    flagged, rec = torch.empty((z - a) * m, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-                    k = lib.votes_mixed_f32(
-                        _addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(thr64, a), _addr(pm),
-                        _addr(Xd, a * d), _addr(W), _addr(b), _addr(E), sigma, d, _addr(counts, a * C), _addr(flagged),
-                        _addr(rec))
-                    stats.append((int(rec), k))
-                    left.append(flagged[:k] + a * m)
+                    # float32 logits: each vote whose float32 top-two gap proves it exact; the rest pending
+                    pending = torch.empty((z - a) * m, dtype=torch.int64)
+                    cand = torch.empty((z - a) * m, dtype=torch.int64)  # uint64 bit masks
+                    k = lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(pm),
+                                            _addr(counts, a * C), _addr(pending), _addr(cand))
+                    left.append((pending[:k] + a * m, cand[:k]))
 
             _single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
-            pairs = torch.cat(left) if left else torch.zeros(0, dtype=torch.int64)
+            # the pending pairs: their float64 logits (sorted by model, so that each model's noise row is read once
+            # into the cache), then exact arithmetic for the near ties even in float64 (crfl.exact_votes)
+            pending = torch.cat([p for p, _ in left]) if left else torch.zeros(0, dtype=torch.int64)
+            cand = torch.cat([c for _, c in left]) if left else torch.zeros(0, dtype=torch.int64)
+            order = torch.argsort(pending % m, stable=True)
+            pend, cand = pending[order], cand[order].contiguous()
+            pts, mods = (pend // m).contiguous(), (pend % m).contiguous()
+            won = torch.empty_like(pts)
+
+            def recompute(lo: int, hi: int) -> None:
+                lib.recompute_f64(_addr(pts, lo), _addr(mods, lo), _addr(cand, lo), hi - lo, _addr(Xd), _addr(W),
+                                  _addr(b), _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won, lo))
+
+            if pts.numel():
+                kernels.parallel_for(pts.numel(), recompute)
+            settled = won >= 0
+            if bool(settled.any()):
+                counts.index_put_((pts[settled], won[settled]), torch.ones_like(pts[settled]), accumulate=True)
+            pairs = pend[~settled]
+            stats.append((int(pend.numel()), int(pairs.numel())))
             exact_pairs[0] += int(pairs.numel())
             if exact_pairs[0] > EXACT_PAIR_LIMIT:
                 raise ConfigError(

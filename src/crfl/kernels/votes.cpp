@@ -178,29 +178,22 @@ void prep_mixed_f32(const double* E, int64_t m, int64_t j0, int64_t j1, const do
     }
 }
 
-// The votes of m noisy models w + sigma e (W: (C, d), b: (C,) float64, noise E: (m, C d + C) float64 as in
-// prep_mixed_f32) on n float64 points X: (n, d), from their float32 logits in the class-major layout
-// (L[p * sp + c * sc + j]). A logit computed in float32 (float64) is within thr32_x[p] * pm[j] / 2
-// (thr64_x[p] * pm[j] / 2) of the exact one (crfl.exact_votes.margin_threshold; the caller guarantees that
-// no float32 logit can overflow). A vote is taken where a computed top-two gap exceeds its threshold:
-// first from the float32 logits, else from the float64 logits of the classes that can still win (formed on
-// the fly from W, b, sigma and E: the same floats as the float32 operands before their rounding). Pairs
-// that neither settles are not counted: their point * m + model indices go to flagged[] (the caller counts
-// their exact votes). Returns the number flagged; *recomputed gets the number of pairs whose float64 logits
-// were computed.
+// The votes of m noisy models w + sigma e on n points from their float32 logits in the class-major layout
+// (L[p * sp + c * sc + j]), first stage (docs/theory.md (c), "Float32 logits, exact votes"). A logit computed
+// in float32 is within thr32_x[p] * pm[j] / 2 of the exact one (crfl.exact_votes.margin_threshold; the caller
+// guarantees that no float32 logit can overflow). Where the computed top-two gap exceeds thr32_x[p] * pm[j]
+// the vote is added into counts (n, C); the other pairs are not counted: their p * m + j go to pending[] and
+// the classes that can still be the exact argmax (float32 logit within the bound of the top) to cand[] as a
+// bit mask (all classes where C > 64), for recompute_f64. Returns the number of pending pairs.
 int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sc,
-                        const double* thr32_x, const double* thr64_x, const double* pm,
-                        const double* X, const double* W, const double* b, const double* E, double sigma, int64_t d,
-                        int64_t* counts, int64_t* flagged, int64_t* recomputed) {
+                        const double* thr32_x, const double* pm, int64_t* counts, int64_t* pending, uint64_t* cand) {
     float top[LANES], second[LANES];
     int32_t idx[LANES], sure[LANES];
-    int64_t nflag = 0, nrec = 0;
-    const int64_t D = C * d + C;
+    int64_t npend = 0;
     for (int64_t p = 0; p < n; ++p) {
         const float* v = L + p * sp;
-        const double* x = X + p * d;
         int64_t* cnt = counts + p * C;
-        const double t32 = thr32_x[p], t64 = thr64_x[p];
+        const double t32 = thr32_x[p];
         for (int64_t j0 = 0; j0 < m; j0 += LANES) {
             const int64_t k = m - j0 < LANES ? m - j0 : LANES;
             top_two<false>(v + j0, k, C, sc, top, idx, second, nullptr);
@@ -212,35 +205,52 @@ int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t
             histogram(idx, sure, k, C, cnt);
             for (int64_t jj = 0; jj < k; ++jj) {
                 if (sure[jj]) continue;
-                // not settled: the float64 logits of the classes that can be the exact argmax (float32 logit
-                // within the bound of the top; the others are certainly below the top class)
+                // not settled: the classes that can be the exact argmax (the others are certainly below the top)
                 const int64_t j = j0 + jj;
-                const double* e = E + j * D;
                 const double floor = (double)top[jj] - (t32 * pm[j] + 1e-30);
-                int64_t best = -1;
-                double bz = -INFINITY, sz = -INFINITY;
-                for (int64_t c = 0; c < C; ++c) {
-                    if (!((double)v[c * sc + j] >= floor)) continue;
-                    const double zc = noisy_dot64(W + c * d, e + c * d, sigma, x, d, b[c] + sigma * e[C * d + c]);
-                    if (best < 0 || zc > bz) {
-                        sz = bz;
-                        bz = zc;
-                        best = c;
-                    } else if (zc > sz) {
-                        sz = zc;
-                    }
+                uint64_t mask = ~(uint64_t)0;
+                if (C <= 64) {
+                    mask = 0;
+                    for (int64_t c = 0; c < C; ++c)
+                        if ((double)v[c * sc + j] >= floor) mask |= (uint64_t)1 << c;
                 }
-                ++nrec;
-                if (bz - sz > t64 * pm[j] + 1e-300) {
-                    cnt[best] += 1;
-                } else {
-                    flagged[nflag++] = p * m + j;  // a near tie even in float64: exact arithmetic decides
-                }
+                pending[npend] = p * m + j;
+                cand[npend++] = mask;
             }
         }
     }
-    *recomputed = nrec;
-    return nflag;
+    return npend;
+}
+
+// Second stage, for k pending pairs (point pts[i], model mods[i], candidate classes cand[i]; fastest sorted by
+// model, so that a model's noise row stays in cache): the float64 logits of the candidate classes, formed on the
+// fly from W (C, d), b (C,), sigma and the noise E (m, C d + C) (the floats prep_mixed_f32 rounds to float32), on
+// the float64 points X (n, d). A float64 logit is within thr64_x[p] * pm[j] / 2 of the exact one; where the top
+// candidate beats the next by more than thr64_x[p] * pm[j] it is the exact vote: out[i] = its class; else
+// out[i] = -1 (a near tie even in float64: the caller counts the exact vote in integer arithmetic).
+void recompute_f64(const int64_t* pts, const int64_t* mods, const uint64_t* cand, int64_t k, const double* X,
+                   const double* W, const double* b, const double* E, double sigma, int64_t C, int64_t d,
+                   const double* thr64_x, const double* pm, int64_t* out) {
+    const int64_t D = C * d + C;
+    for (int64_t i = 0; i < k; ++i) {
+        const int64_t p = pts[i], j = mods[i];
+        const double* x = X + p * d;
+        const double* e = E + j * D;
+        int64_t best = -1;
+        double bz = -INFINITY, sz = -INFINITY;
+        for (int64_t c = 0; c < C; ++c) {
+            if (c < 64 && !((cand[i] >> c) & 1)) continue;
+            const double zc = noisy_dot64(W + c * d, e + c * d, sigma, x, d, b[c] + sigma * e[C * d + c]);
+            if (best < 0 || zc > bz) {
+                sz = bz;
+                bz = zc;
+                best = c;
+            } else if (zc > sz) {
+                sz = zc;
+            }
+        }
+        out[i] = bz - sz > thr64_x[p] * pm[j] + 1e-300 ? best : -1;
+    }
 }
 
 }  // extern "C"
