@@ -81,9 +81,21 @@ inline void top_two(const T* v, int64_t k, int64_t C, int64_t sc, T* top, int32_
     }
 }
 
-// cnt[c] += #{j < k : take[j] and idx[j] == c}, one vectorised count per class.
+// cnt[c] += #{j < k : take[j] and idx[j] == c}, one vectorised count per class; one add where all k are taken
+// and agree (a unanimous point, the common case at small sigma_T).
 inline void histogram(const int32_t* idx, const int32_t* take, int64_t k, int64_t C, int64_t* cnt) {
-    for (int64_t c = 0; c < C; ++c) {
+    int32_t lo = idx[0], hi = idx[0], all = 1;
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(& : all)
+    for (int64_t j = 0; j < k; ++j) {
+        lo = idx[j] < lo ? idx[j] : lo;
+        hi = idx[j] > hi ? idx[j] : hi;
+        all &= take[j] != 0;
+    }
+    if (lo == hi && all) {
+        cnt[lo] += k;
+        return;
+    }
+    for (int64_t c = lo; c <= hi; ++c) {  // only the classes that occur among the idx
         int32_t s = 0;
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < k; ++j) s += take[j] & (idx[j] == c);
