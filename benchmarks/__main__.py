@@ -725,26 +725,32 @@ def _parts_row(parts: dict) -> list[str]:
 
 
 CERT_NOTES = """
-How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). Each chunk of 250
-noisy models is one float64 noise draw (the stream `--replay-seed` replays) and one copy of the noisy
-weights with their columns class-major (the logits of the 250 models for one class contiguous). Then the
-points are split over the threads (`crfl.kernels.parallel_for`, torch's own threads set to 1 meanwhile):
-each thread multiplies its blocks of 256 points with the (784 x 2500) weights single-threaded and, while the
-block's 2.5 MB of logits are still in its cache, runs the votes kernel (`crfl/kernels/votes.cpp`) over them:
-each model's argmax in SIMD lanes, the votes added into the counts. No barrier between product and votes,
-and none between blocks. Counts in float64 (the mnist, emnist, loan and demo presets) run their products in
-float32: the kernel takes a vote from the float32 logits only when their top-two gap exceeds the proven
-bound on twice a logit's rounding error, recomputes the logits of the classes that can still win in float64
-for the rest (about 0.5% here) and hands near ties even in float64 to exact integer arithmetic
-(`crfl.exact_votes`), so every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32
-logits, exact votes"). What remains beyond the products (measured single-threaded): the votes pass, 0.47 ms
-per 256-point block against the product's 6.6 ms (7%; 0.2 ms of it the float64 recomputations); the float64
-noise draw, 33 ms per chunk and serial (torch's normal sampler), about 12% of a chunk's products over 2 x
-10,000 points on two threads, so the next chunk's noise and noisy weights are made on a helper thread while this
-chunk's votes are counted (a cheaper draw would change the replayed votes); the noisy weights' copy and norms (about 4%).
-Tried and not kept: one multi-threaded product per block of 256-2048 points followed by a threaded votes
-pass (a barrier per block; at 2048 points the logits leave the cache: 20-40% slower than the per-thread
-blocks in alternating runs); the kernel with 16-128 lanes. The block size does not change the votes.
+How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). The M noisy models come
+in chunks of 250. For each chunk one compiled pass (`prep_mixed_f32`, `crfl/kernels/votes.cpp`) reads the
+chunk's float64 noise once and writes the float32 product operands fl32(w + sigma e) class-major (column
+c 250 + j: class c of model j, so that the 250 models' logits of a class are contiguous), each model's error
+scale pm, and the side conditions of exact votes; no float64 noisy weights are kept. With a torch.Generator
+the noise is one serial torch.randn per chunk, drawn and prepared on a helper thread while the previous chunk
+is counted; with a counter-based crfl.noise stream the worker threads write and prepare their share of the
+chunk's rows, then go on to the products. The points go in blocks of 128 handed to the threads in turn
+(`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block with the
+(784 x 2500) operands single-threaded, and while the block's 1.28 MB of logits are in its core's 2 MB L2 the
+votes kernel takes each model's top two in SIMD lanes and counts the votes whose top-two gap exceeds the
+proven bound on twice a logit's rounding error (per point, from its number of nonzero features: zero pixels'
+terms are exact zeros), with one add where a lane block of models is unanimous. No barrier between blocks;
+one per chunk, after which the unsettled votes (about 0.25% here) get the float64 logits of the classes that
+can still win (`recompute_f64`: the pairs sorted by model, so that a model's noise row is read into the cache
+once, w + sigma e formed on the fly), and near ties even in float64 go to exact integer arithmetic
+(`crfl.exact_votes`). Every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32 logits,
+exact votes"). The row "where the CPU time goes" times each part single-threaded in the same run, as a share
+of the products' time. Counts in float32 (`dtype=torch.float32`) keep the torch copy of the noisy weights
+and the plain votes kernel. Tried and not kept: one multi-threaded product per block of 256-2048 points and a
+threaded votes pass (a barrier per block, 20-40% slower); the votes in 16-128 lanes; the top two with the
+classes in an inner loop per model lane (GCC does not vectorise it: twice as slow); 512-bit vectors
+(-mprefer-vector-width=512: the votes 5% faster, not worth a per-kernel flag); the float64 recomputation
+inside each block (each unsettled vote then reads its model's noise rows from memory: twice the time of the
+model-sorted pass). Block sizes: single-threaded, 128-256 points run alike (89-91% of the one-core rate,
+64: 76%); the block size does not change the votes.
 """
 
 
