@@ -40,7 +40,7 @@ import torch
 from scipy import stats
 from scipy.optimize import linprog
 
-from crfl import mixture, rng, smoothing
+from crfl import mixture, noise, rng, smoothing
 from crfl.certify import Certifier, certify_run
 from crfl.config import resolve
 from crfl.data import Dataset
@@ -142,14 +142,13 @@ def _lp_attack(data, vote_for_a, prefer_b, C: int, n: int, seed: int) -> torch.T
 
 def _known_noisy_models(setup, params, seed: int, M: int, sigma: float, stream: str = "smoothing"):
     """The M noisy models (W (M, C, d), b (M, C)) of crfl.smoothing's GetCounts under the stream (``stream``, 0) of
-    ``seed`` (chunks of 250 models, noise in the dtype the counts pick, smoothing.monte_carlo_dtype): what an
+    ``seed`` (crfl.noise's stream, rounded to the dtype the counts pick, smoothing.monte_carlo_dtype): what an
     adversary who knows the seed computes."""
     W, b = _split(setup, params)
     C, d = W.shape
     dtype = smoothing.monte_carlo_dtype(float(torch.linalg.vector_norm(params.double())), sigma, M, d, C)
-    gen = rng.torch_generator(seed, stream, 0)
-    E = torch.cat([torch.randn((min(250, M - m0), C * d + C), generator=gen, dtype=dtype)
-                   for m0 in range(0, M, 250)]).double()
+    E = noise.normal(rng.CertificationSeed(seed, "replay", None).noise_stream(stream, 0), 0, M, C * d + C)
+    E = E.to(dtype).double()  # the float64 stream rounded to the counts' dtype (crfl.smoothing._noise)
     return W.unsqueeze(0) + sigma * E[:, : C * d].view(M, C, d), b.unsqueeze(0) + sigma * E[:, C * d :]
 
 
