@@ -152,9 +152,13 @@ inline void block(const Keys& key, uint64_t m, uint64_t p, double* dst) {
         const u64x8 w0 = c[0][g] | (c[1][g] << 32), w1 = c[2][g] | (c[3][g] << 32);
         const f64x8 u1 = __builtin_convertvector((w0 >> 11) + 1, f64x8) * 0x1p-53;  // (0, 1]
         const f64x8 r2 = log_v(u1) * -2.0 + 0.0;  // + 0.0: u1 = 1 gives +0, not -0
+#ifdef __AVX512F__
+        const f64x8 rad = (f64x8)_mm512_sqrt_pd((__m512d)r2);  // one zmm sqrt (GCC splits the loop below in two)
+#else
         f64x8 rad;
 #pragma omp simd
         for (int j = 0; j < 8; ++j) rad[j] = __builtin_sqrt(r2[j]);
+#endif
         f64x8 cs, sn;
         sincos_turns_v(w1 >> 11, cs, sn);
         const f64x8 z0 = rad * cs, z1 = rad * sn;
