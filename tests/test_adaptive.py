@@ -359,6 +359,7 @@ def test_replay_reproduces_the_result_files_and_fresh_certifications_differ(run,
     assert sa["smoothing"]["seed_source"] == sb["smoothing"]["seed_source"] == "os-entropy"
     assert sa["smoothing"]["seed"] != sb["smoothing"]["seed"]
     assert str(sa["smoothing"]["seed"]) in sa["certificate"]["guarantee"]
+    assert sa["smoothing"]["noise_generator"] == noise.GENERATOR  # the counter-based stream (crfl.noise)
     # the twin check draws from the seed's own stream, recorded
     assert sa["twin"]["seed"] == rng.replay_certification_seed(sa["smoothing"]["seed"]).child("check").seed
 
@@ -380,6 +381,7 @@ def test_exact_certificates_draw_and_record_nothing(run, data, tmp_path):
     s = certify_run(run, dataset=data, out_dir=tmp_path / "x", replay_seed=5)  # a replay seed is unused
     assert s["smoothing"]["method"] == "exact"
     assert s["smoothing"]["seed"] is None and s["smoothing"]["seed_source"] is None and s["twin"]["seed"] is None
+    assert s["smoothing"]["noise_generator"] is None
     assert "seed" not in s["certificate"]["guarantee"]
 
 
