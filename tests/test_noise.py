@@ -131,6 +131,7 @@ def test_bad_inputs_raise_one_clear_error():
     with pytest.raises(ConfigError, match="'stream'"):
         noise.normal(torch.Generator(), 0, 3, 4)
     assert noise.normal(STREAM, 0, 0, 5).shape == (0, 5)
+    assert torch.equal(noise.normal(STREAM, np.int64(4), 2, 5), noise.normal(STREAM, 4, 2, 5))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,6 +204,7 @@ def engine() -> str:
 def _check(stream: NoiseStream, first_model: int, rows: int, D: int) -> tuple[int, int, int]:
     if not isinstance(stream, NoiseStream):
         raise ConfigError(f"The 'stream' parameter must be a crfl.noise.NoiseStream. Got {type(stream).__name__} instead.")
+    first_model = int(first_model) if isinstance(first_model, np.integer) else first_model  # numpy indices too
     rows = check_int("rows", rows, low=0)
     D = check_int("D", D, low=0)
     first_model = check_int("first_model", first_model, low=0, high=_MAX_U64 + 1 - max(rows, 1))
