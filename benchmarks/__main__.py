@@ -515,22 +515,12 @@ def render_training(tr: dict, data: str) -> list[str]:
 CERT_BEGIN, CERT_END = "<!-- certification: begin -->", "<!-- certification: end -->"
 
 
-def _mc_source(seed: int):
-    """The noise source `crfl certify` draws Monte Carlo noise from: a counter-based crfl.noise.NoiseStream where
-    this crfl has one, else a torch.Generator (then the draw is one serial torch.randn per chunk)."""
-    try:
-        from crfl.noise import NoiseStream
-    except ImportError:
-        return torch.Generator().manual_seed(seed)
-    return NoiseStream(seed)
-
-
 def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
     """Single-threaded CPU seconds of each part of the default Monte Carlo counts on the points X, for all M models
     (one chunk of m models timed, times the number of chunks): the products of every block of points, the votes
     kernel on each block's logits right after its product (as the threads run them), the chunk's preparation pass,
-    its noise draw (torch.randn; the counter-based fill where crfl has one) and the exact pairs' integer argmax."""
-    from crfl import exact_votes, kernels, smoothing
+    its noise draw (crfl.noise's counter-based fill; torch.randn for comparison) and the exact pairs' integer argmax."""
+    from crfl import exact_votes, noise, smoothing
     from crfl.smoothing import _addr
 
     lib = smoothing._votes_kernel()
@@ -578,10 +568,7 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
                "prep": best(prep, 3, 0) * chunks,
                "randn": best(lambda: torch.randn((m, D), generator=torch.Generator().manual_seed(1),
                                                  dtype=torch.float64), 3, 0) * chunks}
-        src = _mc_source(1)
-        if not isinstance(src, torch.Generator):
-            from crfl import noise
-            out["noise_fill"] = best(lambda: noise.fill_normal(src, 0, E, threads=1), 3, 0) * chunks
+        out["noise_fill"] = best(lambda: noise.fill_normal(noise.NoiseStream(1), 0, E, threads=1), 3, 0) * chunks
     finally:
         torch.set_num_threads(threads)
     return out
@@ -590,7 +577,7 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
 def certification(setup, ds, rep: int) -> dict:
     """Monte Carlo counts (M = 1000) on 2 x 10,000 points of the paper's MNIST setting, each variant against the
     ceiling of the dtype its products run in, measured in this process; the variants alternate (best of rep)."""
-    from crfl import kernels, smoothing
+    from crfl import kernels, noise, smoothing
 
     params = setup.model.init(torch.Generator().manual_seed(0)) * 5
     W, b = (t.contiguous() for t in setup.model.split(params.double()))
@@ -600,7 +587,7 @@ def certification(setup, ds, rep: int) -> dict:
     n, d, C = both.shape[0], both.shape[1], W.shape[0]
     flop = 2 * n * d * C * M  # the noisy logits X E^T
     counted = torch.float64  # a linear model's default counts: float64 noise, exact votes where the kernel runs
-    gen = lambda: _mc_source(1)  # noqa: E731  what `crfl certify` draws from
+    gen = lambda: noise.NoiseStream(1)  # noqa: E731  (what `crfl certify` draws from: crfl.noise)
     stats = {}
 
     def default():  # what `crfl certify` runs: counts in `counted`, float32 products where the kernel proves the votes
@@ -635,7 +622,17 @@ def certification(setup, ds, rep: int) -> dict:
             blocks, lock = iter(range(0, n, k)), threading.Lock()
             smoothing._single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
 
-    variants = {"default": default, "float32": float32, "torch": torch_path, "products": products}
+    E = torch.empty(250, C * d + C, dtype=torch.float64)  # one chunk's float64 noise, single-threaded
+    g_randn = torch.Generator().manual_seed(2)
+
+    def noise_stream():  # the counter-based stream (crfl.noise) the counts draw from
+        noise.fill_normal(gen(), 0, E, threads=1)
+
+    def noise_randn():  # torch's normal sampler, what the counts drew before (serial)
+        torch.randn(E.shape, generator=g_randn, dtype=torch.float64, out=E)
+
+    variants = {"default": default, "float32": float32, "torch": torch_path, "products": products,
+                "noise": noise_stream, "randn": noise_randn}
     times: dict[str, list[float]] = {k: [] for k in variants}
     mm32, mm64 = [], []
     parts: list[dict] = []
@@ -653,11 +650,10 @@ def certification(setup, ds, rep: int) -> dict:
     ceiling = {torch.float32: c32, torch.float64: c64}
     default_products = torch.float32 if smoothing.votes_arithmetic() == "exact" else counted
     part = {k: min(p[k] for p in parts) for k in parts[0]} if parts and parts[0] else {}
-    src = gen()
     return {
         "mc_flop": flop, "mc_gflop": flop / 1e9, "counted_dtype": str(counted).replace("torch.", ""),
         "matmul_gflops_float32": c32, "matmul_gflops_float64": c64,
-        "noise_source": "crfl.noise.NoiseStream" if not isinstance(src, torch.Generator) else "torch.Generator",
+        "noise_source": "crfl.noise.NoiseStream",
         "mc_seconds_2x10k_M1000": t["default"], "mc_achieved_gflops": flop / t["default"] / 1e9,
         "mc_products_dtype": str(default_products).replace("torch.", ""),
         "mc_ratio_to_products_dtype": flop / t["default"] / 1e9 / ceiling[default_products],
@@ -668,6 +664,8 @@ def certification(setup, ds, rep: int) -> dict:
         "products_seconds": t["products"], "products_ratio": flop / t["products"] / 1e9 / c32,
         "parts_cpu_seconds": part,
         "exact_seconds_10k": t_exact, "kernels": kernels.engine("votes"),
+        "noise_chunk_seconds": t["noise"], "randn_chunk_seconds": t["randn"], "noise_engine": noise.engine(),
+        "noise_normals_per_s": E.numel() / t["noise"],
         "all_seconds": times, "matmul_runs": {"float32": mm32, "float64": mm64},
     }
 
@@ -704,6 +702,10 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         f"{AUTHORS_SMOOTH_PER_MODEL_S * 1000 * 20000 / 1632 / ce['mc_seconds_2x10k_M1000']:.0f}x faster per (test point, "
         "noisy model) pair |",
         f"| exact smoothing, 10,000 points | {ce['exact_seconds_10k']:.3f} s |",
+        f"| the float64 noise of one chunk (250 x 7850), one thread: `crfl.noise` ({ce.get('noise_engine')}) vs "
+        f"torch.randn | {1e3 * ce.get('noise_chunk_seconds', np.nan):.1f} ms "
+        f"({ce.get('noise_normals_per_s', np.nan) / 1e6:.0f}M normals/s) vs {1e3 * ce.get('randn_chunk_seconds', np.nan):.1f} ms: "
+        f"{ce.get('randn_chunk_seconds', np.nan) / ce.get('noise_chunk_seconds', np.nan):.1f}x faster (target >= 5x) |",
         "",
         CERT_NOTES.strip("\n"),
         "", CERT_END, "",
@@ -729,10 +731,12 @@ How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issu
 in chunks of 250. For each chunk one compiled pass (`prep_mixed_f32`, `crfl/kernels/votes.cpp`) reads the
 chunk's float64 noise once and writes the float32 product operands fl32(w + sigma e) class-major (column
 c 250 + j: class c of model j, so that the 250 models' logits of a class are contiguous), each model's error
-scale pm, and the side conditions of exact votes; no float64 noisy weights are kept. With a torch.Generator
-the noise is one serial torch.randn per chunk, drawn and prepared on a helper thread while the previous chunk
-is counted; with a counter-based crfl.noise stream the worker threads write and prepare their share of the
-chunk's rows, then go on to the products. The points go in blocks of 128 handed to the threads in turn
+scale pm, and the side conditions of exact votes; no float64 noisy weights are kept. The noise is
+`crfl.noise`'s counter-based stream (Philox4x32-10 + Box-Muller, the compiled `crfl/kernels/normal.cpp`; each
+model's noise a pure function of the seed and the model, the stream `--replay-seed` replays), so the worker
+threads write and prepare their share of the chunk's rows, then go on to the products: no helper thread. (With
+a torch.Generator the noise is one serial torch.randn per chunk, about 6x the stream's time, drawn and
+prepared on a helper thread while the previous chunk is counted.) The points go in blocks of 128 handed to the threads in turn
 (`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block with the
 (784 x 2500) operands single-threaded, and while the block's 1.28 MB of logits are in its core's 2 MB L2 the
 votes kernel takes each model's top two in SIMD lanes and counts the votes whose top-two gap exceeds the

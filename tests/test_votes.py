@@ -313,7 +313,7 @@ def test_counter_based_noise_is_drawn_by_the_workers_and_gives_the_same_counts(m
 
     drawn = [0]
 
-    def sequential(m, D_, generator, dtype, device):  # the helper thread's draws, in chunk order
+    def sequential(m, D_, generator, dtype, device, first_model=0):  # the helper thread's draws, in chunk order
         rows = torch.stack([row(drawn[0] + r) for r in range(m)])
         drawn[0] += m
         return rows.to(dtype)
@@ -324,6 +324,23 @@ def test_counter_based_noise_is_drawn_by_the_workers_and_gives_the_same_counts(m
     got = _linear_votes(W, b, X, 0.05, M, gen(0), 64, 2048, None)
     assert drawn[0] == M and sorted(written) == list(range(M))
     assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:] and ref[1] > 0
+
+
+def test_noise_stream_counts_equal_the_helper_threads_draw(monkeypatch):
+    """A crfl.noise.NoiseStream: the workers write and prepare each chunk's rows; the counts equal those of the
+    same stream drawn chunk by chunk through _noise on the helper thread, and with other chunk sizes."""
+    from crfl.noise import NoiseStream
+
+    C, d, n, M = 10, 30, 150, 260
+    W, b = _model(C, d, 26)
+    X = _points(W, b, n, 27)
+    got = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 100, 2048, None)
+    other = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 64, 2048, None)
+    monkeypatch.setattr(smoothing, "_counter_noise", lambda g: None)
+    ref = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 100, 2048, None)
+    assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:] and ref[1] > 0
+    assert torch.equal(other[0], ref[0])
+    assert not torch.equal(_linear_votes(W, b, X, 0.05, M, NoiseStream(8), 100, 2048, None)[0], ref[0])
 
 
 # ---------------------------------------------------------------------------------------------

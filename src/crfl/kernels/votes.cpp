@@ -1,3 +1,4 @@
+// crfl-kernel-flags: -ffp-contract=off
 // Monte Carlo votes (crfl.smoothing, Algorithm 2's GetCounts): the argmax of every noisy model's
 // logits on every point, added into the counts in one pass over a block of logits.
 //
@@ -16,20 +17,16 @@
 // still be the exact argmax are recomputed in float64 and the same test is made with float64's bound;
 // the pairs that fail both are handed back for exact (integer) arithmetic. No -ffast-math: comparisons
 // are IEEE. The caller makes sure no float32 logit can overflow (so none is NaN or infinite).
+//
+// -ffp-contract=off (first line): no a * b + c is contracted into a fused multiply-add, so the noisy weights
+// formed here are fl(w + fl(sigma e)), the same floats as torch's W + sigma * E. (An FMA would be one rounding,
+// also inside the proven bounds; this is about using the very floats the float32 operands were rounded from.)
 
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-// No contraction of a * b + c into one fused multiply-add anywhere in this file: the prepared noisy weights must
-// be fl(w + fl(sigma e)), the same floats as torch's W + sigma * E (tests compare them bit for bit). (An FMA
-// would be one rounding, also inside the proven bounds; this is about reproducing torch's floats.)
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
 
 namespace {
 
