@@ -729,32 +729,32 @@ def _parts_row(parts: dict) -> list[str]:
 CERT_NOTES = """
 How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). The M noisy models come
 in chunks of 250. For each chunk one compiled pass (`prep_mixed_f32`, `crfl/kernels/votes.cpp`) reads the
-chunk's float64 noise once and writes the float32 product operands fl32(w + sigma e) class-major (column
-c 250 + j: class c of model j, so that the 250 models' logits of a class are contiguous), each model's error
-scale pm, and the side conditions of exact votes; no float64 noisy weights are kept. The noise is
-`crfl.noise`'s counter-based stream (Philox4x32-10 + Box-Muller, the compiled `crfl/kernels/normal.cpp`; each
-model's noise a pure function of the seed and the model, the stream `--replay-seed` replays), so the worker
-threads write and prepare their share of the chunk's rows, then go on to the products: no helper thread. (With
-a torch.Generator the noise is one serial torch.randn per chunk, about 6x the stream's time, drawn and
-prepared on a helper thread while the previous chunk is counted.) The points go in blocks of 128 handed to the threads in turn
-(`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block with the
-(784 x 2500) operands single-threaded, and while the block's 1.28 MB of logits are in its core's 2 MB L2 the
-votes kernel takes each model's top two in SIMD lanes and counts the votes whose top-two gap exceeds the
-proven bound on twice a logit's rounding error (per point, from its number of nonzero features: zero pixels'
-terms are exact zeros), with one add where a lane block of models is unanimous. No barrier between blocks;
-one per chunk, after which the unsettled votes (about 0.25% here) get the float64 logits of the classes that
-can still win (`recompute_f64`: the pairs sorted by model, so that a model's noise row is read into the cache
-once, w + sigma e formed on the fly), and near ties even in float64 go to exact integer arithmetic
-(`crfl.exact_votes`). Every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32 logits,
-exact votes"). The row "where the CPU time goes" times each part single-threaded in the same run, as a share
-of the products' time. Counts in float32 (`dtype=torch.float32`) keep the torch copy of the noisy weights
-and the plain votes kernel. Tried and not kept: one multi-threaded product per block of 256-2048 points and a
-threaded votes pass (a barrier per block, 20-40% slower); the votes in 16-128 lanes; the top two with the
-classes in an inner loop per model lane (GCC does not vectorise it: twice as slow); 512-bit vectors
-(-mprefer-vector-width=512: the votes 5% faster, not worth a per-kernel flag); the float64 recomputation
-inside each block (each unsettled vote then reads its model's noise rows from memory: twice the time of the
-model-sorted pass). Block sizes: single-threaded, 128-256 points run alike (89-91% of the one-core rate,
-64: 76%); the block size does not change the votes.
+chunk's float64 noise once and writes the float32 product operands fl32(w + sigma e) class-major (column c 250
++ j: class c of model j, so that the 250 models' logits of a class are contiguous), each model's error scale
+pm, and the side conditions of exact votes; no float64 noisy weights are kept. The noise is `crfl.noise`'s
+counter-based stream (Philox4x32-10 + Box-Muller, the compiled `crfl/kernels/normal.cpp`; each model's noise a
+pure function of the seed and the model, the stream `--replay-seed` replays), so the worker threads write and
+prepare their share of the chunk's rows, then go on to the products: no helper thread. (With a torch.Generator
+the noise is one serial torch.randn per chunk, about 6x the stream's time, drawn and prepared on a helper
+thread while the previous chunk is counted.) The points go in blocks of 128 handed to the threads in turn
+(`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block with the (784 x
+2500) operands single-threaded, and while the block's 1.28 MB of logits are in its core's 2 MB L2 the votes
+kernel takes each model's top two in SIMD lanes and counts the votes whose top-two gap exceeds the proven
+bound on twice a logit's rounding error (per point, from its number of nonzero features: zero pixels' terms
+are exact zeros), with one add where a lane block of models is unanimous. No barrier between blocks; one per
+chunk, after which the unsettled votes (about 0.25% here) get the float64 logits of the classes that can still
+win (`recompute_f64`: the pairs sorted by model, so that a model's noise row is read into the cache once, w +
+sigma e formed on the fly), and near ties even in float64 go to exact integer arithmetic (`crfl.exact_votes`).
+Every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32 logits, exact votes"). The row
+"where the CPU time goes" times each part single-threaded in the same run, as a share of the products' time.
+Counts in float32 (`dtype=torch.float32`) keep the torch copy of the noisy weights and the plain votes kernel.
+Tried and not kept: one multi-threaded product per block of 256-2048 points and a threaded votes pass (a
+barrier per block, 20-40% slower); the votes in 16-128 lanes; the top two with the classes in an inner loop
+per model lane (GCC does not vectorise it: twice as slow); 512-bit vectors (-mprefer-vector-width=512: the
+votes 5% faster, not worth a per-kernel flag); the float64 recomputation inside each block (each unsettled
+vote then reads its model's noise rows from memory: twice the time of the model-sorted pass). Block sizes:
+single-threaded, 128-256 points run alike (89-91% of the one-core rate, 64: 76%); the block size does not
+change the votes.
 """
 
 
