@@ -291,7 +291,7 @@ def monte_carlo_dtype(weight_norm: float, sigma: float, M: int, num_features: in
 
 def _votes(
     noisy_model: Callable[[torch.Tensor], Callable[[int, int, torch.Tensor], None]],
-    n: int, C: int, D: int, M: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
+    n: int, C: int, D: int, M: int, generator: torch.Generator | NoiseStream, dtype: torch.dtype, device: torch.device,
     models_per_chunk: int, points_per_chunk: int,
 ) -> torch.Tensor:
     """The chunk loops of ``GetCounts``, shared by the linear and the module versions.
@@ -379,7 +379,7 @@ def _mixed_votes_kernel(device: torch.device) -> ctypes.CDLL | None:
 
 
 def _linear_votes(
-    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,
     models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
     info: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, int, int]:
@@ -567,17 +567,6 @@ _FLT_MIN, _DBL_MIN = 2.0 ** -126, 2.0 ** -1022
 _RANGE_BLOCK = 1 << 15  # entries per pass of the range checks: the temporaries stay in cache
 
 
-def _min_nonzero_abs(*ts: torch.Tensor) -> float:
-    """The smallest nonzero |entry| of the tensors (inf when all are zero or empty)."""
-    out = math.inf
-    for t in ts:
-        flat = t.reshape(-1)
-        for i in range(0, flat.numel(), _RANGE_BLOCK):
-            a = flat[i : i + _RANGE_BLOCK].abs()
-            out = min(out, float(torch.where(a > 0, a, math.inf).min()))
-    return out
-
-
 def _in_float32_range(*ts: torch.Tensor) -> bool:
     """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u.
     In blocks of entries, so that no temporary the size of the tensor is made."""
@@ -591,7 +580,7 @@ def _in_float32_range(*ts: torch.Tensor) -> bool:
 
 
 def monte_carlo_votes_linear(
-    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,
     **kw: Any,
 ) -> tuple[torch.Tensor, str]:
     """:func:`monte_carlo_counts_linear` and how its votes were computed: 'exact' (every vote proven the exact vote
@@ -605,7 +594,7 @@ def monte_carlo_votes_linear(
 
 def monte_carlo_counts_linear(
     weight: torch.Tensor, bias: torch.Tensor,  # the model
-    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,  # GetCounts' inputs
+    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,  # GetCounts' inputs
     *,
     models_per_chunk: int = 250,
     points_per_chunk: int = 2048,
@@ -618,9 +607,12 @@ def monte_carlo_counts_linear(
         X: (n, d) inputs in the model's input scale.
         sigma: smoothing noise sigma_T >= 0, added to every parameter (bias included).
         M: number of noisy models.
-        generator: the only source of randomness.
+        generator: the only source of randomness: a torch.Generator (one draw per chunk, in chunk order) or a
+            crfl.noise.NoiseStream (model j's noise a function of the stream and j; with the compiled votes
+            kernel the worker threads write each chunk's rows).
         models_per_chunk, points_per_chunk: work sizes; memory is
-            O(models_per_chunk * (C d + points_per_chunk * C)).
+            O(models_per_chunk * (C d + points_per_chunk * C)) (the compiled path takes the points in blocks of
+            LINEAR_POINT_BLOCK instead of points_per_chunk).
         dtype: precision of the noise and votes; None (default): float64 noise and exact votes where the
             compiled votes kernel runs (:func:`votes_arithmetic`, below), else float64 votes when their rounding
             changes no vote except with probability <= MC_FLIP_LIMIT per point (:func:`monte_carlo_dtype`; a
@@ -645,7 +637,7 @@ def monte_carlo_counts_linear(
 
 def monte_carlo_counts_module(
     module: torch.nn.Module, flat_params: torch.Tensor,  # the model
-    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,  # GetCounts' inputs
+    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,  # GetCounts' inputs
     *,
     models_per_chunk: int = 64,
     points_per_chunk: int = 4096,
