@@ -244,6 +244,8 @@ void recompute_f64(const int64_t* pts, const int64_t* mods, const uint64_t* cand
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = pts[i], j = mods[i];
         const double* x = X + p * d;
+        if (i + 1 < k)  // the next pair's point, a row from memory (its model's noise is most often this one's)
+            for (int64_t o = 0; o < d; o += 8) __builtin_prefetch(X + pts[i + 1] * d + o);
         const double* e = E + j * D;
         int64_t best = -1;
         double bz = -INFINITY, sz = -INFINITY;
