@@ -276,6 +276,30 @@ def test_prepared_chunk_flags_noisy_weights_outside_float32_range(where, value):
     assert [not smoothing._in_float32_range(Wn[j], bn[j]) for j in range(m)] == [bool(v) for v in bad.tolist()]
 
 
+@pytest.mark.parametrize("bad", [None, 1e38, 1e-39, 2.0 ** -149, math.nan, math.inf, 1e200])
+def test_scanned_points_are_torchs_float32_norms_counts_and_range(bad):
+    """scan_points: X32 = X.float() bit for bit, px = logit_error_scales' px up to the rounding of the norm, nnz =
+    (X != 0).sum(1), and bad[p] exactly where _in_float32_range fails on the row; the edges 0, FLT_MIN, 1e37 pass."""
+    n, d = 9, 37
+    X = torch.rand(n, d, generator=gen(30), dtype=torch.float64) * (torch.rand(n, d, generator=gen(31)) < 0.4)
+    X[1, :3] = torch.tensor([2.0 ** -126, -1e37, 0.0], dtype=torch.float64)
+    X[5].zero_()
+    if bad is not None:
+        X[3, 7] = bad
+    X32, px = torch.empty((n, d), dtype=torch.float32), torch.empty(n, dtype=torch.float64)
+    nnz, flags = torch.empty(n, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int32)
+    a = smoothing._addr
+    smoothing._votes_kernel().scan_points(a(X), 0, n, d, a(X32), a(px), a(nnz), a(flags))
+    assert torch.equal(X32.view(torch.int32), X.float().view(torch.int32)) and torch.equal(nnz, (X != 0).sum(dim=1))
+    assert flags.tolist() == [int(not smoothing._in_float32_range(X[p])) for p in range(n)]
+    assert flags.tolist() == [int(p == 3 and bad is not None) for p in range(n)]
+    want, _ = exact_votes.logit_error_scales(torch.zeros(2, d, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                                             0.0, torch.zeros((0, 2 * d + 2), dtype=torch.float64), X)
+    ok = torch.isfinite(want)
+    assert torch.allclose(px[ok], want[ok], rtol=1e-13, atol=0) and px[5] == 1.0
+    assert bad not in (math.nan, math.inf) or not torch.isfinite(px[3])
+
+
 def test_counts_do_not_depend_on_the_block_size_or_the_threads(monkeypatch):
     """The blocks of points are handed to the threads in turn; the counts are the same for any block size and
     thread count (each block's votes go to its own points' rows)."""

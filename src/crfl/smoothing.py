@@ -178,6 +178,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.recompute_f64.restype = None
     lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P, P]
     lib.prep_mixed_f32.restype = None
+    lib.scan_points.argtypes = [P, _I64, _I64, _I64, P, P, P, P]
+    lib.scan_points.restype = None
     return lib
 
 
@@ -409,16 +411,20 @@ def _linear_votes(
                           "tensors; the kernel is not available here (CRFL_KERNELS=0, no C++ compiler, or another device).")
     stats: list[tuple[int, int]] = []  # (float64, exact) per kernel call (list.append is atomic across threads)
     if mixed:
-        X32 = Xd.float()
-        px, _ = exact_votes.logit_error_scales(W, b, sigma, torch.zeros((0, C * d + C), dtype=dtype), Xd)
-        # per point, the number of its nonzero features: only those terms of a logit carry roundings
-        terms = (Xd != 0).sum(dim=1)
+        # one compiled pass over the points (votes.cpp, scan_points): their float32 copy, px = ||[x; 1]|| (as
+        # exact_votes.logit_error_scales), the number of nonzero features (only those terms of a logit carry
+        # roundings) and whether every nonzero |x| is in [FLT_MIN, 1e37] (it converts to float32 with a relative
+        # error: no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
+        X32 = torch.empty((n, d), dtype=torch.float32)
+        px, terms = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.int64)
+        bad_x = torch.zeros(n, dtype=torch.int32)
+        kernels.parallel_for(n, lambda lo, hi: lib.scan_points(_addr(Xd), lo, hi, d, _addr(X32), _addr(px),
+                                                               _addr(terms), _addr(bad_x)))
         thr32 = exact_votes.margin_threshold(px, terms, torch.float32).contiguous()
         thr64 = exact_votes.margin_threshold(px, terms, torch.float64).contiguous()
         x_max = float(px.max()) if n else 0.0
-        # gamma_{d+5} exists in float32, and every nonzero |x| converts to float32 with a relative error: in
-        # [FLT_MIN, 1e37] (no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
-        mixed = bool(torch.isfinite(thr32).all()) and _in_float32_range(Xd)
+        # gamma_{k+5} exists in float32 for every point, and its features are in float32's range
+        mixed = bool(torch.isfinite(thr32).all()) and not bool(bad_x.any())
         if default and not mixed:
             monte_carlo_dtype(w_norm, sigma, M, d, C)  # float64 votes after all: their rounding must be resolved
     exact_pairs = [0]  # votes the margins left to exact arithmetic, over all chunks so far
@@ -569,7 +575,8 @@ _RANGE_BLOCK = 1 << 15  # entries per pass of the range checks: the temporaries 
 
 def _in_float32_range(*ts: torch.Tensor) -> bool:
     """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u.
-    In blocks of entries, so that no temporary the size of the tensor is made."""
+    In blocks of entries, so that no temporary the size of the tensor is made. The torch statement of the range
+    condition the compiled passes (scan_points, prep_mixed_f32) check; tests compare them."""
     for t in ts:
         flat = t.reshape(-1)
         for i in range(0, flat.numel(), _RANGE_BLOCK):

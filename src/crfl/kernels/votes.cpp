@@ -143,6 +143,33 @@ void votes_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int6
     votes(L, n, m, C, sp, sj, sc, counts);
 }
 
+// The points' side of the mixed votes, points [p0, p1) of X (n, d) float64 in one pass (crfl.kernels.parallel_for
+// splits the points over threads): X32 = fl32(X) (the products' operand), px[p] = sqrt(sum_i x_i^2 + 1) = ||[x; 1]||
+// (crfl.exact_votes.logit_error_scales; the rounding of the sum is covered by the threshold's safety factor),
+// nnz[p] = #{i : x_i != 0} (the terms that carry roundings) and bad[p] = 1 if some nonzero |x_i| is outside
+// [FLT_MIN, 1e37] or NaN (its float32 cast is then not within a relative u), else 0.
+void scan_points(const double* X, int64_t p0, int64_t p1, int64_t d, float* X32, double* px, int64_t* nnz,
+                 int32_t* bad) {
+    for (int64_t p = p0; p < p1; ++p) {
+        const double* x = X + p * d;
+        float* y = X32 + p * d;
+        double ss = 0.0;
+        int64_t k = 0;
+        int32_t out_of_range = 0;
+#pragma omp simd reduction(+ : ss, k) reduction(| : out_of_range)
+        for (int64_t i = 0; i < d; ++i) {
+            const double v = x[i], a = std::fabs(v);
+            ss += v * v;
+            k += v != 0.0;
+            out_of_range |= (!(a <= 1e37)) | ((a < FLT_MIN) & (a > 0.0));
+            y[i] = (float)v;
+        }
+        px[p] = std::sqrt(ss + 1.0);
+        nnz[p] = k;
+        bad[p] = out_of_range;
+    }
+}
+
 // The preparation of a chunk of m noisy models for votes_mixed_f32, models [j0, j1) (one pass over their noise
 // rows; crfl.kernels.parallel_for splits the models over threads). E: (m, C d + C) float64 N(0, 1) noise in the flat
 // layout (row j: the class-major weights' noise, then the biases'); W: (C, d), b: (C,) float64; w_norm[c] =
