@@ -528,19 +528,19 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
     D, chunks = C * d + C, -(-M // m)
     E = torch.randn((m, D), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
-    Wcm, bcm = torch.empty((C * m, d), dtype=torch.float32), torch.empty(C * m, dtype=torch.float32)
+    Wcm = torch.empty((C * m, d + 1), dtype=torch.float32)
     pm, e_min, bad = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.int32)
 
     def prep():
-        lib.prep_mixed_f32(_addr(E), m, 0, m, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm), _addr(bcm),
-                           _addr(pm), _addr(e_min), _addr(bad))
+        lib.prep_mixed_f32(_addr(E), m, 0, m, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm), _addr(pm),
+                           _addr(e_min), _addr(bad))
 
     prep()
     px, _ = exact_votes.logit_error_scales(W, b, sigma, E[:0], X)
     terms = (X != 0).sum(dim=1)
     thr32 = exact_votes.margin_threshold(px, terms, torch.float32).contiguous()
     thr64 = exact_votes.margin_threshold(px, terms, torch.float64).contiguous()
-    X32, bm = X.float(), bcm.view(1, C * m)
+    X32, buf = torch.cat([X.float(), torch.ones((n, 1))], dim=1), torch.empty((k, C * m), dtype=torch.float32)
     counts = torch.zeros((n, C), dtype=torch.int64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -551,7 +551,7 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
             z = min(n, a + k)
             pending, cand = torch.empty((z - a) * m, dtype=torch.int64), torch.empty((z - a) * m, dtype=torch.int64)
             t0 = time.perf_counter()
-            L = torch.addmm(bm, X32[a:z], Wcm.T)
+            L = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a])
             t1 = time.perf_counter()
             q = lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(pm), _addr(counts, a * C),
                                     _addr(pending), _addr(cand))
@@ -604,19 +604,20 @@ def certification(setup, ds, rep: int) -> dict:
         finally:
             os.environ.pop("CRFL_KERNELS") if old is None else os.environ.__setitem__("CRFL_KERNELS", old)
 
-    Xs = both.float()
-    Ws = torch.randn(250 * C, d).T
+    Xs = torch.cat([both.float(), torch.ones((n, 1))], dim=1)  # [x, 1]: the bias as the (d + 1)-th term, as the default
+    Ws = torch.randn(250 * C, d + 1).T
 
     def products():  # the float32 products alone, blocked and scheduled as the default runs them (this design's floor)
         k = smoothing.LINEAR_POINT_BLOCK
 
         def run(_lo: int, _hi: int) -> None:
+            buf = torch.empty((k, Ws.shape[1]), dtype=torch.float32)
             while True:
                 with lock:
                     a = next(blocks, None)
                 if a is None:
                     return
-                torch.mm(Xs[a : min(n, a + k)], Ws)
+                torch.mm(Xs[a : min(n, a + k)], Ws, out=buf[: min(n, a + k) - a])
 
         for _ in range(0, M, 250):
             blocks, lock = iter(range(0, n, k)), threading.Lock()

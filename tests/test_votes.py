@@ -214,12 +214,12 @@ def _prep(W, b, sigma, E, lo=0, hi=None):
     (C, d), m = W.shape, E.shape[0]
     hi = m if hi is None else hi
     w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
-    Wcm, bcm = torch.full((C * m, d), math.nan, dtype=torch.float32), torch.full((C * m,), math.nan, dtype=torch.float32)
+    Wb = torch.full((C * m, d + 1), math.nan, dtype=torch.float32)
     pm, e_min = torch.full((m,), math.nan, dtype=torch.float64), torch.full((m,), math.nan, dtype=torch.float64)
     bad = torch.full((m,), -1, dtype=torch.int32)
     a = smoothing._addr
-    lib.prep_mixed_f32(a(E), m, lo, hi, a(W), a(b), a(w_norms), C, d, sigma, a(Wcm), a(bcm), a(pm), a(e_min), a(bad))
-    return Wcm, bcm, pm, e_min, bad
+    lib.prep_mixed_f32(a(E), m, lo, hi, a(W), a(b), a(w_norms), C, d, sigma, a(Wb), a(pm), a(e_min), a(bad))
+    return Wb[:, :d], Wb[:, d], pm, e_min, bad  # the weights, and the bias as the (d + 1)-th column
 
 
 @pytest.mark.parametrize("sigma", [0.01, 0.37, 1e-300, 0.0])
@@ -286,11 +286,12 @@ def test_scanned_points_are_torchs_float32_norms_counts_and_range(bad):
     X[5].zero_()
     if bad is not None:
         X[3, 7] = bad
-    X32, px = torch.empty((n, d), dtype=torch.float32), torch.empty(n, dtype=torch.float64)
+    X32, px = torch.empty((n, d + 1), dtype=torch.float32), torch.empty(n, dtype=torch.float64)
     nnz, flags = torch.empty(n, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int32)
     a = smoothing._addr
     smoothing._votes_kernel().scan_points(a(X), 0, n, d, a(X32), a(px), a(nnz), a(flags))
-    assert torch.equal(X32.view(torch.int32), X.float().view(torch.int32)) and torch.equal(nnz, (X != 0).sum(dim=1))
+    assert torch.equal(X32[:, :d].view(torch.int32), X.float().view(torch.int32)) and (X32[:, d] == 1).all()
+    assert torch.equal(nnz, (X != 0).sum(dim=1))
     assert flags.tolist() == [int(not smoothing._in_float32_range(X[p])) for p in range(n)]
     assert flags.tolist() == [int(p == 3 and bad is not None) for p in range(n)]
     want, _ = exact_votes.logit_error_scales(torch.zeros(2, d, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
@@ -401,7 +402,10 @@ def test_float32_logit_error_stays_under_half_the_margin(case):
     Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)
     bn = b.unsqueeze(0) + sigma * E[:, C * d :]
     Wcm = Wn.transpose(0, 1).float().contiguous().view(C * m, d)
-    L = torch.addmm(bn.T.float().reshape(1, C * m), X.float(), Wcm.T).double().view(n, C, m)
+    # as the kernel path: one product of [x, 1] with [w~, b~] (the bias the (d + 1)-th term)
+    ones = torch.ones((n, 1), dtype=torch.float32)
+    Wb = torch.cat([Wcm, bn.T.float().reshape(C * m, 1)], dim=1)
+    L = torch.mm(torch.cat([X.float(), ones], dim=1), Wb.T).double().view(n, C, m)
     px, pm = exact_votes.logit_error_scales(W, b, sigma, E, X)
     half = exact_votes.margin_threshold(px, (X != 0).sum(dim=1), torch.float32) / 2
     assert case in ("cancellation", "dynamic-range") or (half < exact_votes.margin_threshold(px, d, torch.float32) / 4).all()

@@ -176,7 +176,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.votes_mixed_f32.restype = _I64
     lib.recompute_f64.argtypes = [P, P, P, _I64, P, P, P, P, D, _I64, _I64, P, P, P]
     lib.recompute_f64.restype = None
-    lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P, P]
+    lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P]
     lib.prep_mixed_f32.restype = None
     lib.scan_points.argtypes = [P, _I64, _I64, _I64, P, P, P, P]
     lib.scan_points.restype = None
@@ -415,7 +415,7 @@ def _linear_votes(
         # exact_votes.logit_error_scales), the number of nonzero features (only those terms of a logit carry
         # roundings) and whether every nonzero |x| is in [FLT_MIN, 1e37] (it converts to float32 with a relative
         # error: no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
-        X32 = torch.empty((n, d), dtype=torch.float32)
+        X32 = torch.empty((n, d + 1), dtype=torch.float32)  # [fl32(x), 1]: the bias is the product's last term
         px, terms = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.int64)
         bad_x = torch.zeros(n, dtype=torch.int32)
         kernels.parallel_for(n, lambda lo, hi: lib.scan_points(_addr(Xd), lo, hi, d, _addr(X32), _addr(px),
@@ -434,7 +434,7 @@ def _linear_votes(
         w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
 
     def prepare_mixed(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One compiled pass over the chunk's noise (crfl/kernels/votes.cpp, prep_mixed_f32): the float32
         class-major operands fl32(fl64(w + fl64(sigma e))) (row c m + j: class c of model j), the per-model error
         scales pm, and whether the chunk meets the side conditions of exact votes from float32 logits: every
@@ -443,7 +443,7 @@ def _linear_votes(
         one thread over E as drawn. With ``fill`` (counter-based noise): the threads each write the noise rows of
         their share of the models (models m0 + lo .. m0 + hi - 1) into E and prepare them at once."""
         m = E.shape[0]
-        Wcm, bcm = torch.empty((C * m, d), dtype=torch.float32), torch.empty(C * m, dtype=torch.float32)
+        Wcm = torch.empty((C * m, d + 1), dtype=torch.float32)  # row c m + j: [fl32(w~_c), fl32(b~_c)] of model j
         pm, e_min = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
         bad = torch.empty(m, dtype=torch.int32)
 
@@ -451,7 +451,7 @@ def _linear_votes(
             if fill is not None:
                 fill(m0 + lo, E[lo:hi])
             lib.prep_mixed_f32(_addr(E), m, lo, hi, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm),
-                               _addr(bcm), _addr(pm), _addr(e_min), _addr(bad))
+                               _addr(pm), _addr(e_min), _addr(bad))
 
         if fill is None:
             work(0, m)
@@ -459,14 +459,14 @@ def _linear_votes(
             _single_threaded_products(lambda threads: kernels.parallel_for(m, work, threads=threads))
         ok = (not bool(bad.any()) and float(pm.max()) * x_max <= 1e37
               and (sigma == 0.0 or sigma * float(e_min.min()) >= 2.0 * _DBL_MIN))
-        return Wcm, bcm.view(1, C * m), pm, ok
+        return Wcm, pm, ok
 
     def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
         here = False
         if mixed:
             E = E.contiguous()
-            Wcm, bcm, pm, here = prepare_mixed(E, fill, m0)
+            Wcm, pm, here = prepare_mixed(E, fill, m0)
             if not here:  # this chunk's votes come from float64 logits, not proven exact
                 rounded[0] = True
                 if default:
@@ -478,10 +478,9 @@ def _linear_votes(
             # of the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
             Wcm = torch.empty((C, m, d), dtype=dtype, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
             bcm = bn.T.to(dtype).reshape(1, C * m)
-        Xp = X32 if here else Xd
 
         def logits(n0: int, n1: int) -> torch.Tensor:  # (n1 - n0, C m), row p: [class 0 of models 0..m-1, ...]
-            return torch.addmm(bcm, Xp[n0:n1], Wcm.T)
+            return torch.addmm(bcm, Xd[n0:n1], Wcm.T)  # (not here: float64 or float32 counts' products)
 
         if lib is None:  # the torch path: one multi-threaded product per block, torch.argmax, a scatter-add
             def add_torch(n0: int, n1: int, counts: torch.Tensor) -> None:
@@ -495,22 +494,26 @@ def _linear_votes(
             blocks, lock = iter(range(n0, n1, LINEAR_POINT_BLOCK)), threading.Lock()
 
             def run(_lo: int, _hi: int) -> None:  # one per thread: takes the next block of points until none is left
+                if here:  # this thread's buffers: the block's products, its pending pairs and their candidate classes
+                    buf = torch.empty((LINEAR_POINT_BLOCK, C * m), dtype=torch.float32)
+                    pending = torch.empty(LINEAR_POINT_BLOCK * m, dtype=torch.int64)
+                    cand = torch.empty(LINEAR_POINT_BLOCK * m, dtype=torch.int64)  # uint64 bit masks
                 while True:  # (blocks handed out in turn: a thread slowed by another process takes fewer)
                     with lock:
                         a = next(blocks, None)
                     if a is None:
                         return
                     z = min(n1, a + LINEAR_POINT_BLOCK)
-                    L = logits(a, z)
                     if not here:
+                        L = logits(a, z)
                         votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
                         continue
-                    # float32 logits: each vote whose float32 top-two gap proves it exact; the rest pending
-                    pending = torch.empty((z - a) * m, dtype=torch.int64)
-                    cand = torch.empty((z - a) * m, dtype=torch.int64)  # uint64 bit masks
+                    # float32 logits: one torch.mm with the bias as the (d + 1)-th term (an addmm would first copy
+                    # the bias into the output); each vote whose float32 top-two gap proves it exact, the rest pending
+                    L = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a])
                     k = lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(pm),
                                             _addr(counts, a * C), _addr(pending), _addr(cand))
-                    left.append((pending[:k] + a * m, cand[:k]))
+                    left.append((pending[:k] + a * m, cand[:k].clone()))
 
             _single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
             # the pending pairs: their float64 logits (sorted by model, so that each model's noise row is read once

@@ -144,7 +144,8 @@ void votes_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int6
 }
 
 // The points' side of the mixed votes, points [p0, p1) of X (n, d) float64 in one pass (crfl.kernels.parallel_for
-// splits the points over threads): X32 = fl32(X) (the products' operand), px[p] = sqrt(sum_i x_i^2 + 1) = ||[x; 1]||
+// splits the points over threads): X32 (n, d + 1) = [fl32(X), 1] (the products' operand, the bias's feature
+// last), px[p] = sqrt(sum_i x_i^2 + 1) = ||[x; 1]||
 // (crfl.exact_votes.logit_error_scales; the rounding of the sum is covered by the threshold's safety factor),
 // nnz[p] = #{i : x_i != 0} (the terms that carry roundings) and bad[p] = 1 if some nonzero |x_i| is outside
 // [FLT_MIN, 1e37] or NaN (its float32 cast is then not within a relative u), else 0.
@@ -152,7 +153,7 @@ void scan_points(const double* X, int64_t p0, int64_t p1, int64_t d, float* X32,
                  int32_t* bad) {
     for (int64_t p = p0; p < p1; ++p) {
         const double* x = X + p * d;
-        float* y = X32 + p * d;
+        float* y = X32 + p * (d + 1);
         double ss = 0.0;
         int64_t k = 0;
         int32_t out_of_range = 0;
@@ -164,6 +165,7 @@ void scan_points(const double* X, int64_t p0, int64_t p1, int64_t d, float* X32,
             out_of_range |= (!(a <= 1e37)) | ((a < FLT_MIN) & (a > 0.0));
             y[i] = (float)v;
         }
+        y[d] = 1.0f;
         px[p] = std::sqrt(ss + 1.0);
         nnz[p] = k;
         bad[p] = out_of_range;
@@ -175,13 +177,14 @@ void scan_points(const double* X, int64_t p0, int64_t p1, int64_t d, float* X32,
 // layout (row j: the class-major weights' noise, then the biases'); W: (C, d), b: (C,) float64; w_norm[c] =
 // ||[w_c; b_c]||. Writes, for each model j and class c, with wn = fl(w + fl(sigma e)) (float64, as torch's
 // W + sigma * E):
-//   Wcm[(c m + j) d + i] = fl32(wn_ci), bcm[c m + j] = fl32(bn_c)       (the class-major float32 product operands)
+//   Wcm[(c m + j) (d + 1) + i] = fl32(wn_ci), i < d, and fl32(bn_c) at i = d  (the class-major float32 operand,
+//                                                                             the bias last, as X32's 1)
 //   pm[j]    = max_c (w_norm[c] + sigma sqrt(sum_i e_ci^2 + e_bc^2))    (crfl.exact_votes.logit_error_scales)
 //   e_min[j] = the smallest nonzero |e| of the row (inf if none)         (sigma e_min >= 2 DBL_MIN: no underflow)
 //   bad[j]   = 1 if some nonzero |wn| or |bn| is outside [FLT_MIN, 1e37] or NaN (its float32 cast is then not
 //              within a relative u), else 0.
 void prep_mixed_f32(const double* E, int64_t m, int64_t j0, int64_t j1, const double* W, const double* b,
-                    const double* w_norm, int64_t C, int64_t d, double sigma, float* Wcm, float* bcm, double* pm,
+                    const double* w_norm, int64_t C, int64_t d, double sigma, float* Wcm, double* pm,
                     double* e_min, int32_t* bad) {
     const int64_t D = C * d + C;
     for (int64_t j = j0; j < j1; ++j) {
@@ -191,7 +194,7 @@ void prep_mixed_f32(const double* E, int64_t m, int64_t j0, int64_t j1, const do
         for (int64_t c = 0; c < C; ++c) {
             const double* ec = e + c * d;
             const double* wc = W + c * d;
-            float* dst = Wcm + (c * m + j) * d;
+            float* dst = Wcm + (c * m + j) * (d + 1);
             double ss = 0.0;
 #pragma omp simd reduction(+ : ss) reduction(min : emin) reduction(| : out_of_range)
             for (int64_t i = 0; i < d; ++i) {
@@ -204,7 +207,7 @@ void prep_mixed_f32(const double* E, int64_t m, int64_t j0, int64_t j1, const do
             const double eb = e[C * d + c], bn = b[c] + sigma * eb, a = std::fabs(bn), ae = std::fabs(eb);
             emin = ae > 0.0 && ae < emin ? ae : emin;
             out_of_range |= (!(a <= 1e37)) | ((a < FLT_MIN) & (a > 0.0));
-            bcm[c * m + j] = (float)bn;
+            dst[d] = (float)bn;
             const double norm = w_norm[c] + sigma * std::sqrt(ss + eb * eb);
             worst = norm > worst ? norm : worst;
         }
