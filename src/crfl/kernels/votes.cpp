@@ -25,6 +25,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 
@@ -75,6 +76,34 @@ inline void top_two(const T* v, int64_t k, int64_t C, int64_t sc, T* top, int32_
             idx[j] = gt ? (int32_t)c : idx[j];
             top[j] = gt ? x : t;
         }
+    }
+}
+
+// The float32 top two of the class-major block as top_two<false>, 8 models at a time in GCC vector registers (the
+// top, the runner-up and the index stay in registers over the classes; compilers do not vectorise this loop order
+// from the scalar code). The last 8 lanes overlap the previous ones where k is not a multiple of 8 (the same
+// lanes computed twice, the same results). k >= 8.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline void top_two_x8(const float* v, int64_t k, int64_t C, int64_t sc, float* top, int32_t* idx, float* second) {
+    for (int64_t j0 = 0; j0 < k; j0 += 8) {
+        const int64_t j = j0 + 8 <= k ? j0 : k - 8;
+        f32x8 t, s, x;
+        std::memcpy(&t, v + j, sizeof t);
+        s = t - INFINITY;  // -inf in every lane (t is finite)
+        i32x8 id = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t c = 1; c < C; ++c) {
+            std::memcpy(&x, v + j + c * sc, sizeof x);
+            const i32x8 gt = x > t;  // -1 where x beats the top (strict: the lowest index among equals stays)
+            const f32x8 lo = x < t ? x : t;
+            s = s > lo ? s : lo;  // the runner-up: max(s, min(x, t))
+            id = gt ? (i32x8){0, 0, 0, 0, 0, 0, 0, 0} + (int32_t)c : id;
+            t = gt ? x : t;
+        }
+        std::memcpy(top + j, &t, sizeof t);
+        std::memcpy(second + j, &s, sizeof s);
+        std::memcpy(idx + j, &id, sizeof id);
     }
 }
 
@@ -235,14 +264,20 @@ int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t
         const double t32 = thr32_x[p];
         for (int64_t j0 = 0; j0 < m; j0 += LANES) {
             const int64_t k = m - j0 < LANES ? m - j0 : LANES;
-            top_two<false>(v + j0, k, C, sc, top, idx, second, nullptr);
+            if (k >= 8)
+                top_two_x8(v + j0, k, C, sc, top, idx, second);
+            else
+                top_two<false>(v + j0, k, C, sc, top, idx, second, nullptr);
             // the computed gap (within one double rounding, covered by the threshold's safety factor)
             // against the bound; + 1e-30 covers the absolute error of float32 underflow
-#pragma omp simd
-            for (int64_t j = 0; j < k; ++j)
+            int32_t settled = 0;
+#pragma omp simd reduction(+ : settled)
+            for (int64_t j = 0; j < k; ++j) {
                 sure[j] = (double)top[j] - (double)second[j] > t32 * pm[j0 + j] + 1e-30;
+                settled += sure[j];
+            }
             histogram(idx, sure, k, C, cnt);
-            for (int64_t jj = 0; jj < k; ++jj) {
+            for (int64_t jj = 0; jj < k && settled < k; ++jj) {  // (none pending: nothing to look for)
                 if (sure[jj]) continue;
                 // not settled: the classes that can be the exact argmax (the others are certainly below the top)
                 const int64_t j = j0 + jj;
