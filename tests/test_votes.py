@@ -361,10 +361,11 @@ def test_noise_stream_counts_equal_the_helper_threads_draw(monkeypatch):
     X = _points(W, b, n, 27)
     got = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 100, 2048, None)
     other = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 64, 2048, None)
+    narrow = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 6, 2048, None)  # fewer models than a vector's 8 lanes
     monkeypatch.setattr(smoothing, "_counter_noise", lambda g: None)
     ref = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 100, 2048, None)
     assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:] and ref[1] > 0
-    assert torch.equal(other[0], ref[0])
+    assert torch.equal(other[0], ref[0]) and torch.equal(narrow[0], ref[0])
     assert not torch.equal(_linear_votes(W, b, X, 0.05, M, NoiseStream(8), 100, 2048, None)[0], ref[0])
 
 
