@@ -11,6 +11,7 @@ prints JSON).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import json
 import os
@@ -541,7 +542,7 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
     thr32 = exact_votes.margin_threshold(px, terms, torch.float32).contiguous()
     thr64 = exact_votes.margin_threshold(px, terms, torch.float64).contiguous()
     X32, buf = torch.cat([X.float(), torch.ones((n, 1))], dim=1), torch.empty((k, C * m), dtype=torch.float32)
-    counts = torch.zeros((n, C), dtype=torch.int64)
+    counts, done = torch.zeros((n, C), dtype=torch.int64), ctypes.c_int64(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -554,10 +555,10 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
             L = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a])
             t1 = time.perf_counter()
             q = lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(pm), _addr(counts, a * C),
-                                    _addr(pending), _addr(cand))
+                                    a, _addr(pending), _addr(cand), (z - a) * m, ctypes.byref(done))
             t_votes += time.perf_counter() - t1
             t_prod += t1 - t0
-            pend.append((pending[:q] + a * m, cand[:q]))
+            pend.append((pending[:q], cand[:q]))
         pending, cand = torch.cat([p for p, _ in pend]), torch.cat([c for _, c in pend])
         order = torch.argsort(pending % m, stable=True)
         pts, mods, cand = (pending[order] // m).contiguous(), (pending[order] % m).contiguous(), cand[order].contiguous()

@@ -120,6 +120,10 @@ def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch
     ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64))
     assert torch.equal(got, ref)
     assert recomputed > 0.2 * n * M
+    with monkeypatch.context() as mp:  # one point per block: the pending pairs fill many buffers of 4 x 50 pairs
+        mp.setattr(smoothing, "LINEAR_POINT_BLOCK", 1)
+        small = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    assert torch.equal(small[0], ref) and small[1] == recomputed
     # without the margin (every float32 argmax taken as the vote) the counts are wrong: the test can fail
     real = exact_votes.margin_threshold
     monkeypatch.setattr(exact_votes, "margin_threshold",

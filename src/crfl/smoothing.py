@@ -172,7 +172,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     for f in (lib.votes_f32, lib.votes_f64):
         f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
     D = ctypes.c_double
-    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P]
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, _I64, P, P, _I64, P]
     lib.votes_mixed_f32.restype = _I64
     lib.recompute_f64.argtypes = [P, P, P, _I64, P, P, P, P, D, _I64, _I64, P, P, P]
     lib.recompute_f64.restype = None
@@ -494,26 +494,41 @@ def _linear_votes(
             blocks, lock = iter(range(n0, n1, LINEAR_POINT_BLOCK)), threading.Lock()
 
             def run(_lo: int, _hi: int) -> None:  # one per thread: takes the next block of points until none is left
-                if here:  # this thread's buffers: the block's products, its pending pairs and their candidate classes
-                    buf = torch.empty((LINEAR_POINT_BLOCK, C * m), dtype=torch.float32)
-                    pending = torch.empty(LINEAR_POINT_BLOCK * m, dtype=torch.int64)
-                    cand = torch.empty(LINEAR_POINT_BLOCK * m, dtype=torch.int64)  # uint64 bit masks
-                while True:  # (blocks handed out in turn: a thread slowed by another process takes fewer)
-                    with lock:
-                        a = next(blocks, None)
-                    if a is None:
-                        return
-                    z = min(n1, a + LINEAR_POINT_BLOCK)
-                    if not here:
-                        L = logits(a, z)
+                if not here:
+                    while (a := next_block()) is not None:
+                        z = min(n1, a + LINEAR_POINT_BLOCK)
+                        L = logits(a, z)  # (held while the kernel reads it)
                         votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
-                        continue
+                    return
+                # this thread's buffers: the block's products, the pending pairs and their candidate classes (a new
+                # pair of buffers when one is full); the kernel's arguments as plain addresses, so that a block costs
+                # no torch operation besides its product (Python work holds the GIL the other thread may need)
+                buf = torch.empty((LINEAR_POINT_BLOCK, C * m), dtype=torch.float32)
+                cap = 4 * LINEAR_POINT_BLOCK * m
+                pending, cand = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)  # cand: uint64
+                used, done = 0, ctypes.c_int64(0)
+                thr_at, cnt_at, pm_at = thr32.data_ptr(), counts.data_ptr(), ctypes.c_void_p(pm.data_ptr())
+                while (a := next_block()) is not None:
+                    z = min(n1, a + LINEAR_POINT_BLOCK)
                     # float32 logits: one torch.mm with the bias as the (d + 1)-th term (an addmm would first copy
                     # the bias into the output); each vote whose float32 top-two gap proves it exact, the rest pending
-                    L = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a])
-                    k = lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(pm),
-                                            _addr(counts, a * C), _addr(pending), _addr(cand))
-                    left.append((pending[:k] + a * m, cand[:k].clone()))
+                    lp = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a]).data_ptr()  # (buf holds the products)
+                    p0 = a
+                    while p0 < z:
+                        k = lib.votes_mixed_f32(
+                            ctypes.c_void_p(lp + (p0 - a) * m * C * 4), z - p0, m, C, m * C, m,
+                            ctypes.c_void_p(thr_at + p0 * 8), pm_at, ctypes.c_void_p(cnt_at + p0 * C * 8), p0,
+                            ctypes.c_void_p(pending.data_ptr() + used * 8), ctypes.c_void_p(cand.data_ptr() + used * 8),
+                            cap - used, ctypes.byref(done))
+                        used, p0 = used + k, p0 + done.value
+                        if p0 < z:  # the buffers are full: keep them, go on in new ones
+                            left.append((pending[:used], cand[:used]))
+                            pending, cand, used = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64), 0
+                left.append((pending[:used], cand[:used]))
+
+            def next_block() -> int | None:  # blocks handed out in turn: a thread slowed by another process takes fewer
+                with lock:
+                    return next(blocks, None)
 
             _single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
             # the pending pairs: their float64 logits (sorted by model, so that each model's noise row is read once

@@ -250,15 +250,18 @@ void prep_mixed_f32(const double* E, int64_t m, int64_t j0, int64_t j1, const do
 // (L[p * sp + c * sc + j]), first stage (docs/theory.md (c), "Float32 logits, exact votes"). A logit computed
 // in float32 is within thr32_x[p] * pm[j] / 2 of the exact one (crfl.exact_votes.margin_threshold; the caller
 // guarantees that no float32 logit can overflow). Where the computed top-two gap exceeds thr32_x[p] * pm[j]
-// the vote is added into counts (n, C); the other pairs are not counted: their p * m + j go to pending[] and
-// the classes that can still be the exact argmax (float32 logit within the bound of the top) to cand[] as a
-// bit mask (all classes where C > 64), for recompute_f64. Returns the number of pending pairs.
+// the vote is added into counts (n, C); the other pairs are not counted: their (first_point + p) * m + j go to
+// pending[] and the classes that can still be the exact argmax (float32 logit within the bound of the top) to
+// cand[] as a bit mask (all classes where C > 64), for recompute_f64. pending and cand hold `capacity` entries:
+// points are taken while m more fit; *done gets the number of points taken (the caller calls again for the
+// rest with fresh buffers). Returns the number of pending pairs written.
 int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t sp, int64_t sc,
-                        const double* thr32_x, const double* pm, int64_t* counts, int64_t* pending, uint64_t* cand) {
+                        const double* thr32_x, const double* pm, int64_t* counts, int64_t first_point,
+                        int64_t* pending, uint64_t* cand, int64_t capacity, int64_t* done) {
     float top[LANES], second[LANES];
     int32_t idx[LANES], sure[LANES];
-    int64_t npend = 0;
-    for (int64_t p = 0; p < n; ++p) {
+    int64_t npend = 0, p = 0;
+    for (; p < n && capacity - npend >= m; ++p) {
         const float* v = L + p * sp;
         int64_t* cnt = counts + p * C;
         const double t32 = thr32_x[p];
@@ -288,11 +291,12 @@ int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t
                     for (int64_t c = 0; c < C; ++c)
                         if ((double)v[c * sc + j] >= floor) mask |= (uint64_t)1 << c;
                 }
-                pending[npend] = p * m + j;
+                pending[npend] = (first_point + p) * m + j;
                 cand[npend++] = mask;
             }
         }
     }
+    *done = p;
     return npend;
 }
 
