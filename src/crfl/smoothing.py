@@ -433,7 +433,7 @@ def _linear_votes(
     if mixed:  # ||[w_c; b_c]|| per class, for the per-model error scales pm (exact_votes.logit_error_scales)
         w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
 
-    def prepare_mixed(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0
+    def prepare_mixed(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0, into: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One compiled pass over the chunk's noise (crfl/kernels/votes.cpp, prep_mixed_f32): the float32
         class-major operands fl32(fl64(w + fl64(sigma e))) (row c m + j: class c of model j), the per-model error
@@ -441,9 +441,12 @@ def _linear_votes(
         nonzero noisy weight in [FLT_MIN, 1e37], no float32 logit can overflow (max pm * max px <= 1e37) and
         fl64(sigma e) does not underflow (docs/theory.md (c)). No float64 noisy weights are kept. Without ``fill``:
         one thread over E as drawn. With ``fill`` (counter-based noise): the threads each write the noise rows of
-        their share of the models (models m0 + lo .. m0 + hi - 1) into E and prepare them at once."""
+        their share of the models (models m0 + lo .. m0 + hi - 1) into E and prepare them at once. ``into``: a
+        float32 buffer of at least C m (d + 1) entries for the operands (reused from chunk to chunk)."""
         m = E.shape[0]
-        Wcm = torch.empty((C * m, d + 1), dtype=torch.float32)  # row c m + j: [fl32(w~_c), fl32(b~_c)] of model j
+        # row c m + j: [fl32(w~_c), fl32(b~_c)] of model j
+        Wcm = (torch.empty((C * m, d + 1), dtype=torch.float32) if into is None
+               else into.view(-1)[: C * m * (d + 1)].view(C * m, d + 1))
         pm, e_min = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
         bad = torch.empty(m, dtype=torch.int32)
 
@@ -461,12 +464,13 @@ def _linear_votes(
               and (sigma == 0.0 or sigma * float(e_min.min()) >= 2.0 * _DBL_MIN))
         return Wcm, pm, ok
 
-    def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0) -> Callable[[int, int, torch.Tensor], None]:
+    def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0, into: torch.Tensor | None = None
+                    ) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
         here = False
         if mixed:
             E = E.contiguous()
-            Wcm, pm, here = prepare_mixed(E, fill, m0)
+            Wcm, pm, here = prepare_mixed(E, fill, m0, into)
             if not here:  # this chunk's votes come from float64 logits, not proven exact
                 rounded[0] = True
                 if default:
@@ -568,12 +572,16 @@ def _linear_votes(
     if fill is not None:
         # counter-based noise (any model's rows can be written by any thread): per chunk, the worker threads
         # write and prepare their share of the models' noise, then take the chunk's blocks of points; no helper
-        # thread. The same noise rows as _noise gives, so the same counts.
+        # thread. The same noise rows as _noise gives, so the same counts. One chunk at a time: the noise and the
+        # operands' buffers are reused (no fresh pages to fault in per chunk).
         counts = torch.zeros((n, C), dtype=torch.int64, device=device)
+        mc = min(models_per_chunk, M)
+        E_buf = torch.empty((mc, C * d + C), dtype=torch.float64)
+        W_buf = torch.empty(C * mc * (d + 1), dtype=torch.float32)
         with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
             for m0 in range(0, M, models_per_chunk):
                 m = min(models_per_chunk, M - m0)
-                noisy_model(torch.empty((m, C * d + C), dtype=torch.float64), fill, m0)(0, n, counts)
+                noisy_model(E_buf[:m], fill, m0, W_buf)(0, n, counts)
                 bar.update(m0 + m, f"{n} points")
     else:
         # the kernel path takes all points of a chunk in one pass (blocks handed to the threads in turn: no barrier
