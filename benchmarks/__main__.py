@@ -729,33 +729,40 @@ def _parts_row(parts: dict) -> list[str]:
 
 
 CERT_NOTES = """
-How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). The M noisy models come
-in chunks of 250. For each chunk one compiled pass (`prep_mixed_f32`, `crfl/kernels/votes.cpp`) reads the
-chunk's float64 noise once and writes the float32 product operands fl32(w + sigma e) class-major (column c 250
-+ j: class c of model j, so that the 250 models' logits of a class are contiguous), each model's error scale
-pm, and the side conditions of exact votes; no float64 noisy weights are kept. The noise is `crfl.noise`'s
-counter-based stream (Philox4x32-10 + Box-Muller, the compiled `crfl/kernels/normal.cpp`; each model's noise a
-pure function of the seed and the model, the stream `--replay-seed` replays), so the worker threads write and
-prepare their share of the chunk's rows, then go on to the products: no helper thread. (With a torch.Generator
-the noise is one serial torch.randn per chunk, about 6x the stream's time, drawn and prepared on a helper
-thread while the previous chunk is counted.) The points go in blocks of 128 handed to the threads in turn
-(`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block with the (784 x
-2500) operands single-threaded, and while the block's 1.28 MB of logits are in its core's 2 MB L2 the votes
-kernel takes each model's top two in SIMD lanes and counts the votes whose top-two gap exceeds the proven
-bound on twice a logit's rounding error (per point, from its number of nonzero features: zero pixels' terms
-are exact zeros), with one add where a lane block of models is unanimous. No barrier between blocks; one per
-chunk, after which the unsettled votes (about 0.25% here) get the float64 logits of the classes that can still
-win (`recompute_f64`: the pairs sorted by model, so that a model's noise row is read into the cache once, w +
-sigma e formed on the fly), and near ties even in float64 go to exact integer arithmetic (`crfl.exact_votes`).
-Every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32 logits, exact votes"). The row
-"where the CPU time goes" times each part single-threaded in the same run, as a share of the products' time.
-Counts in float32 (`dtype=torch.float32`) keep the torch copy of the noisy weights and the plain votes kernel.
-Tried and not kept: one multi-threaded product per block of 256-2048 points and a threaded votes pass (a
-barrier per block, 20-40% slower); the votes in 16-128 lanes; the top two with the classes in an inner loop
-per model lane (GCC does not vectorise it: twice as slow); 512-bit vectors (-mprefer-vector-width=512: the
-votes 5% faster, not worth a per-kernel flag); the float64 recomputation inside each block (each unsettled
-vote then reads its model's noise rows from memory: twice the time of the model-sorted pass). Block sizes:
-single-threaded, 128-256 points run alike (89-91% of the one-core rate, 64: 76%); the block size does not
+How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). One compiled pass over
+the points (`scan_points`, `crfl/kernels/votes.cpp`) writes their float32 copy [x, 1] and, per point, ||[x;
+1]||, the number of nonzero features and the range check. The M noisy models come in chunks of 250. The noise
+is `crfl.noise`'s counter-based stream (Philox4x32-10 + Box-Muller, the compiled `crfl/kernels/normal.cpp`;
+each model's noise a pure function of the seed and the model, the stream `--replay-seed` replays), so for each
+chunk the worker threads write their share of the models' float64 noise rows and run over them, while they are
+in cache, the preparation pass (`prep_mixed_f32`): the float32 operands [fl32(w + sigma e), fl32(b + sigma
+e_b)] class-major (row c 250 + j: class c of model j, so that the 250 models' logits of a class are
+contiguous; the bias is the 785th column, so one torch.mm gives the logits: an addmm would first copy the bias
+into its output, about 6% of the products' time), each model's error scale pm and the side conditions of exact
+votes; no float64 noisy weights are kept, and the buffers are reused from chunk to chunk. (With a
+torch.Generator the noise is one serial torch.randn per chunk, about 6x the stream's time, drawn and prepared
+on a helper thread while the previous chunk is counted.) Then the points go in blocks of 128 handed to the
+threads in turn (`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block
+into its own buffer single-threaded (at 128 points the 1.28 MB of logits stay in the core's 2 MB L2; 192 and
+256 points ran at 66% of the float32 rate against 90% for 128, two threads, interleaved), and the votes kernel
+reads them at once: the top two of 8 models at a time in vector registers over the 10 classes, a vote counted
+where the top-two gap exceeds the proven bound on twice a logit's rounding error (per point from its number of
+nonzero features: a zero pixel's term is an exact zero), one add where a lane block of models is unanimous. A
+block costs no torch operation besides its product (the kernel writes the unsettled pairs into per-thread
+buffers): Python work between blocks holds the GIL the other thread needs (it cost 9% of this phase). No
+barrier between blocks; one per chunk, after which the unsettled votes (about 0.25% here) get the float64
+logits of the classes that can still win (`recompute_f64`: the pairs sorted by model, so that a model's noise
+row is read into the cache once, w + sigma e formed on the fly, the next pair's point prefetched), and near
+ties even in float64 go to exact integer arithmetic (`crfl.exact_votes`). Every vote is the exact vote of its
+noisy model (docs/theory.md (c), "Float32 logits, exact votes"). The row "where the CPU time goes" times each
+part single-threaded in the same run, as a share of the products' time. Counts in float32
+(`dtype=torch.float32`) keep the torch copy of the noisy weights and the plain votes kernel. Tried and not
+kept: one multi-threaded product per block of 256-2048 points and a threaded votes pass (a barrier per block,
+20-40% slower); the votes in 16-128 lanes; the top two with the classes in an inner loop of a `#pragma omp
+simd` lane loop (GCC does not vectorise it: twice as slow; hence the explicit vector registers); 16-lane
+(512-bit) vectors (no faster than 8); the float64 recomputation inside each block (each unsettled vote then
+reads its model's noise rows from memory: about twice the time of the model-sorted pass); the gap test in
+float32 instead of float64 (2% of the votes pass: not worth a second error argument). The block size does not
 change the votes.
 """
 
