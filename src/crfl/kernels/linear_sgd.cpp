@@ -5,7 +5,8 @@
 // pixels). The operations are those of the torch path (crfl.local.linear_local_updates_torch), so that
 // docs/theory.md (g) step 7's rounding bound covers both:
 //   logits    z_j = fl(b + sum_i (W*inv)[c, i] xs_j[i])   (weights scaled first; the sum in any order, A2)
-//   softmax   e = exp(z - max z) (libm exp), S = sum_c e_c, G[j, c] = e_c * (a_j / S) - a_j [c == y_j]
+//   softmax   e = exp(z - max z) (exp_inplace: in vectors, within 2.7 u), S = sum_c e_c,
+//             G[j, c] = e_c * (a_j / S) - a_j [c == y_j]
 //   update    W[c, i] <- W[c, i] + alpha * sum_j G[j, c] xs_j[i],  alpha = -eta * inv;  b[c] -= eta sum_j G[j, c]
 // The sums over i (logits) and over j (update) run as 8 or 16 lane-wise partial sums added at the end:
 // a reordering of the sum, which assumption (A2) allows. Multiply-adds may be contracted (one rounding).
@@ -177,6 +178,84 @@ void update_cb(int cb, const E* X, const T* G, T* W, T* Ws, T alpha, T inv, int6
     }
 }
 
+// e^x for each x[0..n) in place, for the softmax's shifted logits x = z - max z <= 0. A vector whose
+// lanes are all in [XMIN, 0] (normal results) takes the routine below, proved within 2.7 u of e^x
+// (relative; u = 2^-53 float64, 2^-24 float32), inside docs/theory.md (g) step 7's (A3), EXP_ULPS = 4 u;
+// any other vector (a lane underflowing, -inf, NaN) and the tail take the C library's exp.
+//   k = round(fl(x log2 e)): |x - k ln 2| <= (1/2 + 2u |x| log2 e) ln 2 < 0.3466 =: rho;
+//   r = fl(fl(x - k C1) - k C2), C1 = fl(ln 2), C2 = fl(ln 2 - C1), two multiply-adds (one rounding
+//       each): |r - (x - k ln 2)| <= 2 u rho + |k| |ln 2 - C1 - C2| < 0.70 u;
+//   e^r = 1 + r + r^2 q(r), q(r) = sum_{m>=2} r^(m-2) / m!, evaluated to m = M (13 float64, 7 float32)
+//       by Horner in multiply-adds with coefficients fl(1/m!) (m! exact): the truncation is
+//       <= rho^(M+1) / (M+1)! (1.03) < 0.13 u e^r; the error e_m of the step for q_m obeys
+//       e_m <= u (1/m! + |q_m|) + rho e_(m+1) (c_2 = 1/2 exact), hence e_2 < 0.75 u; with
+//       s = fl(r^2): |s q^ - r^2 q| <= rho^2 (0.75 + 0.57) u < 0.16 u; t = fl(r + s q^): u |t| <= 0.42 u;
+//       y = fl(1 + t): u |y|; y 2^k exact (VSCALEF; the results are normal).
+//   Relative to e^r >= 0.7071: 0.70 u + (0.16 + 0.42) u / 0.7071 + 0.13 u + u < 2.7 u (second-order
+//       terms included). tests/test_linear_sgd_kernel.py measures it against long double.
+#if defined(__AVX512F__)
+inline __m512d vexp(__m512d x) {
+    constexpr int M = 13;
+    const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(0.6931471805599453), x);  // C1 = 0x1.62e42fefa39efp-1
+    r = _mm512_fnmadd_pd(k, _mm512_set1_pd(2.3190468138462996e-17), r);      // C2
+    double fact = 1;
+    for (int m = 2; m <= M; ++m) fact *= m;  // M!
+    __m512d q = _mm512_set1_pd(1 / fact);
+    for (int m = M - 1; m >= 2; --m) {
+        fact /= m + 1;  // m!, exact
+        q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1 / fact));
+    }
+    const __m512d t = _mm512_fmadd_pd(_mm512_mul_pd(r, r), q, r);
+    return _mm512_scalef_pd(_mm512_add_pd(_mm512_set1_pd(1.0), t), k);
+}
+inline __m512 vexp(__m512 x) {
+    constexpr int M = 7;
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693147182f), x);  // C1 = 0x1.62e430p-1
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-1.90465430e-09f), r);     // C2
+    float fact = 1;
+    for (int m = 2; m <= M; ++m) fact *= m;
+    __m512 q = _mm512_set1_ps(1 / fact);
+    for (int m = M - 1; m >= 2; --m) {
+        fact /= m + 1;
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1 / fact));
+    }
+    const __m512 t = _mm512_fmadd_ps(_mm512_mul_ps(r, r), q, r);
+    return _mm512_scalef_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), t), k);
+}
+template <class T> struct Reg;  // the intrinsics' vector type
+template <> struct Reg<double> { typedef __m512d type; };
+template <> struct Reg<float> { typedef __m512 type; };
+inline bool in_range(__m512d x) {  // every lane in [-707, 0]: e^x >= 2^-1020, normal (false for NaN)
+    return (_mm512_cmp_pd_mask(x, _mm512_set1_pd(-707.0), _CMP_GE_OQ) & _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_LE_OQ)) == 0xFF;
+}
+inline bool in_range(__m512 x) {  // every lane in [-86, 0]: e^x >= 2^-124
+    return (_mm512_cmp_ps_mask(x, _mm512_set1_ps(-86.0f), _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LE_OQ)) == 0xFFFF;
+}
+#endif
+
+template <class T>
+void exp_inplace(T* x, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    constexpr int L = Vec<T>::L;
+    for (; i + L <= n; i += L) {
+        typename Reg<T>::type v;
+        std::memcpy(&v, x + i, sizeof v);
+        if (in_range(v)) {
+            v = vexp(v);
+            std::memcpy(x + i, &v, sizeof v);
+        } else {
+            for (int l = 0; l < L; ++l) x[i + l] = std::exp(x[i + l]);
+        }
+    }
+#endif
+    for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 // dst[0..d) = src[0..d) as T: exact from uint8 (and from float32 to float64), rounded to nearest otherwise
 template <class T, class S>
 inline void convert(T* dst, const S* src, int64_t d) {
@@ -269,15 +348,17 @@ int linear_sgd(const S* xs, const int64_t* y, const int64_t* idx, const T* start
             }
             while (pf < n_B) prefetch_row(xs, next[pf++], d);
             // G = a softmax(z) - a e_y, in place of Z
-            for (int64_t j = 0; j < n; ++j) {
+            for (int64_t j = 0; j < n; ++j) {  // the shift z - max z
                 T* z = Z + j * C;
                 T m = z[0];
                 for (int64_t c = 1; c < C; ++c) m = std::max(m, z[c]);
+                for (int64_t c = 0; c < C; ++c) z[c] = z[c] - m;
+            }
+            exp_inplace(Z, n * C);  // all the batch's exponentials at once (vectors of 8 or 16)
+            for (int64_t j = 0; j < n; ++j) {
+                T* z = Z + j * C;
                 T sum = 0;
-                for (int64_t c = 0; c < C; ++c) {
-                    z[c] = std::exp(z[c] - m);
-                    sum += z[c];
-                }
+                for (int64_t c = 0; c < C; ++c) sum += z[c];
                 const T f = a / sum;
                 for (int64_t c = 0; c < C; ++c) z[c] = z[c] * f;
                 z[lab[j]] -= a;
@@ -319,3 +400,7 @@ CRFL_LINEAR_SGD(linear_sgd_float64_float64, double, double)
 CRFL_LINEAR_SGD(linear_sgd_float32_uint8, float, uint8_t)
 CRFL_LINEAR_SGD(linear_sgd_float32_float32, float, float)
 CRFL_LINEAR_SGD(linear_sgd_float32_float64, float, double)
+
+// the softmax's exp as the kernel computes it (tests measure its error)
+extern "C" void linear_sgd_exp_float64(double* x, int64_t n) { exp_inplace(x, n); }
+extern "C" void linear_sgd_exp_float32(float* x, int64_t n) { exp_inplace(x, n); }
