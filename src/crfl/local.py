@@ -14,7 +14,6 @@ its row of the updates after it (update level).
 from __future__ import annotations
 
 import ctypes
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -158,7 +157,7 @@ def linear_local_updates(
     computes it, in fewer and larger operations; returns the updates (K, D) and the poison statistics.
 
     Engines: the compiled kernel (``crfl/kernels/linear_sgd.cpp``, the same operations per step, one
-    client's tau steps per call, the threads taking the clients in turn) trains every client without a
+    client's tau steps per call, the clients split over threads) trains every client without a
     poisoned slot in this round; a client with poisoned slots (an attacker in an attack round), a model
     with an input bound, or kernels off or unavailable (``CRFL_KERNELS=0``, no compiler) take the torch
     path :func:`linear_local_updates_torch`, the reference. Both agree up to float rounding.
@@ -185,18 +184,14 @@ def linear_local_updates(
         stride = model.num_params if starts.ndim == 2 else 0
         kk, tau_max, n_B = idx_c.shape
         failed = []
-        clients = itertools.count()  # the next client to train (next() is atomic under the GIL)
 
-        def work(_lo: int, _hi: int) -> None:
-            # each thread takes the next client until none is left: a core slowed by another process
-            # trains fewer clients instead of holding up the round (a client's result is the same anywhere)
-            while (k := next(clients)) < kk:
-                rc = fn(kernels.ptr(x), kernels.ptr(y), kernels.ptr(idx_t), kernels.ptr(starts), stride, kernels.ptr(upd),
-                        k, k + 1, tau_max, n_B, model.num_features, model.num_classes, float(lr), 1.0 / data.input_scale)
-                if rc != 0:
-                    failed.append(rc)
+        def work(lo: int, hi: int) -> None:
+            rc = fn(kernels.ptr(x), kernels.ptr(y), kernels.ptr(idx_t), kernels.ptr(starts), stride, kernels.ptr(upd),
+                    lo, hi, tau_max, n_B, model.num_features, model.num_classes, float(lr), 1.0 / data.input_scale)
+            if rc != 0:
+                failed.append(rc)
 
-        kernels.parallel_for(min(kk, torch.get_num_threads()), work)  # one slice per thread
+        kernels.parallel_for(kk, work)
         if failed:
             raise MemoryError("linear_sgd: the kernel could not allocate its buffers")
         if len(dirty):
