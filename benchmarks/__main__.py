@@ -522,7 +522,7 @@ CERT_BEGIN, CERT_END = "<!-- certification: begin -->", "<!-- certification: end
 def certification(setup, ds, rep: int) -> dict:
     """Monte Carlo counts (M = 1000) on 2 x 10,000 points of the paper's MNIST setting, each variant against the
     ceiling of the dtype its products run in, measured in this process; the variants alternate (best of rep)."""
-    from crfl import kernels, smoothing
+    from crfl import kernels, noise, smoothing
 
     params = setup.model.init(torch.Generator().manual_seed(0)) * 5
     W, b = setup.model.split(params.double())
@@ -532,7 +532,7 @@ def certification(setup, ds, rep: int) -> dict:
     n, d, C = both.shape[0], both.shape[1], W.shape[0]
     flop = 2 * n * d * C * M  # the noisy logits X E^T
     counted = torch.float64  # a linear model's default counts: float64 noise, exact votes where the kernel runs
-    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    gen = lambda: noise.NoiseStream(1)  # noqa: E731  (what `crfl certify` draws from: crfl.noise)
     stats = {}
 
     def default():  # what `crfl certify` runs: counts in `counted`, float32 products where the kernel proves the votes
@@ -565,7 +565,17 @@ def certification(setup, ds, rep: int) -> dict:
                     lambda threads, n0=n0: kernels.parallel_for(min(2048, n - n0), lambda lo, hi: run(n0 + lo, n0 + hi),
                                                                 threads=threads))
 
-    variants = {"default": default, "float32": float32, "torch": torch_path, "products": products}
+    E = torch.empty(250, C * d + C, dtype=torch.float64)  # one chunk's float64 noise, single-threaded
+    g_randn = torch.Generator().manual_seed(2)
+
+    def noise_stream():  # the counter-based stream (crfl.noise) the counts draw from
+        noise.fill_normal(gen(), 0, E, threads=1)
+
+    def noise_randn():  # torch's normal sampler, what the counts drew before (serial)
+        torch.randn(E.shape, generator=g_randn, dtype=torch.float64, out=E)
+
+    variants = {"default": default, "float32": float32, "torch": torch_path, "products": products,
+                "noise": noise_stream, "randn": noise_randn}
     times: dict[str, list[float]] = {k: [] for k in variants}
     mm32, mm64 = [], []
     default()
@@ -592,6 +602,8 @@ def certification(setup, ds, rep: int) -> dict:
         "torch_seconds": t["torch"], "torch_ratio": flop / t["torch"] / 1e9 / ceiling[counted],
         "products_seconds": t["products"], "products_ratio": flop / t["products"] / 1e9 / c32,
         "exact_seconds_10k": t_exact, "kernels": kernels.engine("votes"),
+        "noise_chunk_seconds": t["noise"], "randn_chunk_seconds": t["randn"], "noise_engine": noise.engine(),
+        "noise_normals_per_s": E.numel() / t["noise"],
         "all_seconds": times, "matmul_runs": {"float32": mm32, "float64": mm64},
     }
 
@@ -627,6 +639,10 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         f"{AUTHORS_SMOOTH_PER_MODEL_S * 1000 * 20000 / 1632 / ce['mc_seconds_2x10k_M1000']:.0f}x faster per (test point, "
         "noisy model) pair |",
         f"| exact smoothing, 10,000 points | {ce['exact_seconds_10k']:.3f} s |",
+        f"| the float64 noise of one chunk (250 x 7850), one thread: `crfl.noise` ({ce.get('noise_engine')}) vs "
+        f"torch.randn | {1e3 * ce.get('noise_chunk_seconds', np.nan):.1f} ms "
+        f"({ce.get('noise_normals_per_s', np.nan) / 1e6:.0f}M normals/s) vs {1e3 * ce.get('randn_chunk_seconds', np.nan):.1f} ms: "
+        f"{ce.get('randn_chunk_seconds', np.nan) / ce.get('noise_chunk_seconds', np.nan):.1f}x faster (target >= 5x) |",
         "",
         CERT_NOTES.strip("\n"),
         "", CERT_END, "",
@@ -649,9 +665,11 @@ for the rest (about 0.5% here) and hands near ties even in float64 to exact inte
 (`crfl.exact_votes`), so every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32
 logits, exact votes"). What remains beyond the products (measured single-threaded): the votes pass, 0.47 ms
 per 256-point block against the product's 6.6 ms (7%; 0.2 ms of it the float64 recomputations); the float64
-noise draw, 33 ms per chunk and serial (torch's normal sampler), about 12% of a chunk's products over 2 x
-10,000 points on two threads, so the next chunk's noise and noisy weights are made on a helper thread while this
-chunk's votes are counted (a cheaper draw would change the replayed votes); the noisy weights' copy and norms (about 4%).
+noise draw (`crfl.noise`: a counter-based Philox4x32-10 + Box-Muller stream, the compiled
+`crfl/kernels/normal.cpp`, the table's row; each model's noise is a pure function of the seed and the model,
+so chunks can be drawn on any thread; torch's serial sampler took 33 ms per chunk, about 12% of a chunk's
+products over 2 x 10,000 points on two threads), made on a helper thread while the previous chunk's votes are
+counted; the noisy weights' copy and norms (about 4%).
 Tried and not kept: one multi-threaded product per block of 256-2048 points followed by a threaded votes
 pass (a barrier per block; at 2048 points the logits leave the cache: 20-40% slower than the per-thread
 blocks in alternating runs); the kernel with 16-128 lanes. The block size does not change the votes.

@@ -40,7 +40,7 @@ import torch
 from scipy import stats
 from scipy.optimize import linprog
 
-from crfl import mixture, rng, smoothing
+from crfl import mixture, noise, rng, smoothing
 from crfl.certify import Certifier, certify_run
 from crfl.config import resolve
 from crfl.data import Dataset
@@ -142,14 +142,13 @@ def _lp_attack(data, vote_for_a, prefer_b, C: int, n: int, seed: int) -> torch.T
 
 def _known_noisy_models(setup, params, seed: int, M: int, sigma: float, stream: str = "smoothing"):
     """The M noisy models (W (M, C, d), b (M, C)) of crfl.smoothing's GetCounts under the stream (``stream``, 0) of
-    ``seed`` (chunks of 250 models, noise in the dtype the counts pick, smoothing.monte_carlo_dtype): what an
+    ``seed`` (crfl.noise's stream, rounded to the dtype the counts pick, smoothing.monte_carlo_dtype): what an
     adversary who knows the seed computes."""
     W, b = _split(setup, params)
     C, d = W.shape
     dtype = smoothing.monte_carlo_dtype(float(torch.linalg.vector_norm(params.double())), sigma, M, d, C)
-    gen = rng.torch_generator(seed, stream, 0)
-    E = torch.cat([torch.randn((min(250, M - m0), C * d + C), generator=gen, dtype=dtype)
-                   for m0 in range(0, M, 250)]).double()
+    E = noise.normal(rng.CertificationSeed(seed, "replay", None).noise_stream(stream, 0), 0, M, C * d + C)
+    E = E.to(dtype).double()  # the float64 stream rounded to the counts' dtype (crfl.smoothing._noise)
     return W.unsqueeze(0) + sigma * E[:, : C * d].view(M, C, d), b.unsqueeze(0) + sigma * E[:, C * d :]
 
 
@@ -360,6 +359,7 @@ def test_replay_reproduces_the_result_files_and_fresh_certifications_differ(run,
     assert sa["smoothing"]["seed_source"] == sb["smoothing"]["seed_source"] == "os-entropy"
     assert sa["smoothing"]["seed"] != sb["smoothing"]["seed"]
     assert str(sa["smoothing"]["seed"]) in sa["certificate"]["guarantee"]
+    assert sa["smoothing"]["noise_generator"] == noise.GENERATOR  # the counter-based stream (crfl.noise)
     # the twin check draws from the seed's own stream, recorded
     assert sa["twin"]["seed"] == rng.replay_certification_seed(sa["smoothing"]["seed"]).child("check").seed
 
@@ -381,6 +381,7 @@ def test_exact_certificates_draw_and_record_nothing(run, data, tmp_path):
     s = certify_run(run, dataset=data, out_dir=tmp_path / "x", replay_seed=5)  # a replay seed is unused
     assert s["smoothing"]["method"] == "exact"
     assert s["smoothing"]["seed"] is None and s["smoothing"]["seed_source"] is None and s["twin"]["seed"] is None
+    assert s["smoothing"]["noise_generator"] is None
     assert "seed" not in s["certificate"]["guarantee"]
 
 

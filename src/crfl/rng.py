@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crfl.noise import NoiseStream
 from crfl.validation import check_int
 
 _STREAMS = {
@@ -102,6 +103,14 @@ class CertificationSeed:
         if stream not in CERTIFICATION_STREAMS:
             raise ValueError(f"The 'stream' parameter must be one of {list(CERTIFICATION_STREAMS)}. Got {stream!r} instead.")
         return torch_generator(self.seed, stream, *indices, device=device)
+
+    def noise_stream(self, stream: str, *indices: int) -> NoiseStream:
+        """The counter-based N(0, 1) noise (:mod:`crfl.noise`) of a certification stream at ``indices``: the
+        Monte Carlo noisy models are ``noise_stream("smoothing", 0)``, the selection sample's
+        ``noise_stream("selection", 0)``; the key is :func:`derive_seed` of this seed, the stream and the indices."""
+        if stream not in CERTIFICATION_STREAMS:
+            raise ValueError(f"The 'stream' parameter must be one of {list(CERTIFICATION_STREAMS)}. Got {stream!r} instead.")
+        return NoiseStream(derive_seed(self.seed, stream, *indices))
 
     def child(self, stream: str = "check") -> "CertificationSeed":
         """An independent seed for a self-check (the twin check): the parent's stream ``stream``, so one recorded

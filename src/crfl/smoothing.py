@@ -55,6 +55,8 @@ from scipy import special
 
 from crfl import closeness, exact_votes, kernels, progress
 from crfl.validation import ConfigError, check_int, check_real
+from crfl import noise
+from crfl.noise import NoiseStream
 
 __all__ = [
     "QUADRATURE_TOL",
@@ -120,19 +122,27 @@ def _check_linear(weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor) -> 
 
 
 def _check_mc(
-    sigma: float, M: int, generator: torch.Generator, models_per_chunk: int, points_per_chunk: int
+    sigma: float, M: int, generator: torch.Generator | NoiseStream, models_per_chunk: int, points_per_chunk: int
 ) -> tuple[float, int]:
     sigma = check_real("sigma", sigma, low=0.0, high=math.inf, high_open=True)
     M = check_int("M", M, low=1)
     check_int("models_per_chunk", models_per_chunk, low=1)
     check_int("points_per_chunk", points_per_chunk, low=1)
-    if not isinstance(generator, torch.Generator):
-        raise ConfigError(f"The 'generator' parameter must be a torch.Generator. Got {type(generator).__name__} instead.")
+    if not isinstance(generator, (torch.Generator, NoiseStream)):
+        raise ConfigError("The 'generator' parameter must be a torch.Generator or a crfl.noise.NoiseStream. "
+                          f"Got {type(generator).__name__} instead.")
     return sigma, M
 
 
-def _noise(m: int, D: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One (m, D) block of N(0, 1) noise for m models in the flat parameter layout."""
+def _noise(m: int, D: int, generator: torch.Generator | NoiseStream, dtype: torch.dtype, device: torch.device,
+           first_model: int = 0) -> torch.Tensor:
+    """One (m, D) block of N(0, 1) noise for m models in the flat parameter layout.
+
+    From a torch.Generator: the generator's next draw (its state advances). From a
+    :class:`crfl.noise.NoiseStream`: the noise of models first_model .. first_model + m - 1 (a pure function of
+    the stream and the model index, float64, rounded to ``dtype``)."""
+    if isinstance(generator, NoiseStream):
+        return noise.normal(generator, first_model, m, D).to(device=device, dtype=dtype)
     E = torch.randn((m, D), generator=generator, dtype=dtype, device=generator.device)
     return E.to(device)
 
@@ -291,7 +301,7 @@ def _votes(
     starts = list(range(0, M, models_per_chunk))
     def prepare(m0: int) -> Callable[[int, int, torch.Tensor], None]:
         with torch.no_grad():
-            return noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, dtype, device))
+            return noisy_model(_noise(min(models_per_chunk, M - m0), D, generator, dtype, device, first_model=m0))
 
     # the next chunk's noise and noisy model are made on a helper thread while this chunk's votes are counted
     # (torch's normal sampler is serial); the draws stay in chunk order from the one generator: the same noise

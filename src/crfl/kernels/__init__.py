@@ -15,7 +15,9 @@ reordered only where a loop says ``#pragma omp simd reduction`` (docs/theory.md 
 sums in any order), and ``exp`` is the C library's (within one ulp) or a kernel's own vector routine
 whose error bound its comment proves (``linear_sgd``: 2.7 u). The build is atomic: a
 compile writes a temporary file renamed into place, so concurrent processes (sweep workers) never
-load a half-written library.
+load a half-written library. A kernel may add flags of its own on its first line,
+``// crfl-kernel-flags: -ffp-contract=off`` (normal.cpp: no fused multiply-adds, to match numpy bit
+for bit); they are part of the source, hence of the cache key.
 
 Threads: ctypes releases the GIL during a foreign call, so :func:`parallel_for` runs a kernel on
 disjoint slices of the work from ``torch.get_num_threads()`` Python threads; the kernels
@@ -79,6 +81,13 @@ def _cache_root() -> Path:
     return Path(base) / "crfl" / "kernels"
 
 
+def _own_flags(text: bytes) -> list[str]:
+    """The flags a kernel asks for on its first line (``// crfl-kernel-flags: ...``), else none."""
+    first = text.split(b"\n", 1)[0].decode("utf-8", "replace")
+    tag = "// crfl-kernel-flags:"
+    return first[len(tag):].split() if first.startswith(tag) else []
+
+
 def _build(name: str, source: Path) -> Path | None:
     cxx = _compiler()
     if cxx is None:
@@ -104,7 +113,7 @@ def _build(name: str, source: Path) -> Path | None:
         log.info("kernel %s: cannot write the cache %s (%s); using the torch version", name, target.parent, err)
         return None
     try:
-        res = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cxx, *FLAGS, *_own_flags(text), str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             log.warning("kernel %s: the build failed; using the torch version:\n%s", name, res.stderr[-2000:])
             return None

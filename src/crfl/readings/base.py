@@ -26,6 +26,8 @@ import torch
 from crfl import bounds, lipschitz, smoothing
 from crfl.bounds import BoundResult
 from crfl.rng import CertificationSeed, draw_certification_seed
+from crfl import noise
+from crfl.noise import NoiseStream
 from crfl.setup import Setup, model_inputs
 from crfl.validation import ConfigError
 
@@ -98,8 +100,8 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
 
     ``method``: ``exact`` (linear models, :func:`crfl.smoothing.exact_top_two`; draws nothing) or
     ``monte-carlo`` (M noisy models, then :func:`crfl.bounds.select_and_bound`). The noisy models
-    come from the stream ("smoothing", 0) of the certification seed ``seed``, the selection sample
-    from ("selection", 0) -- never from the config's seed (:mod:`crfl.rng`); ``seed`` None draws a
+    come from the noise stream ("smoothing", 0) of the certification seed ``seed`` (:mod:`crfl.noise`), the
+    selection sample from ("selection", 0) -- never from the config's seed (:mod:`crfl.rng`); ``seed`` None draws a
     fresh one from the OS's entropy now, after X is fixed. The result carries the seed it used.
     """
     cz = setup.cfg.certify
@@ -111,17 +113,17 @@ def smooth(setup: Setup, params: torch.Tensor, X: torch.Tensor, method: str,
         return BoundResult(np.asarray(tt.c_a), np.asarray(tt.c_b), None, None, p_a_lo, p_b_up, p_a_lo <= p_b_up,
                            np.asarray(tt.log1m_p_a_lower, dtype=float), np.asarray(tt.log_p_b_upper, dtype=float))
     seed = draw_certification_seed() if seed is None else seed
-    counts, votes = _counts(setup, params, X, cz.M, seed.torch_generator("smoothing", 0))
+    counts, votes = _counts(setup, params, X, cz.M, seed.noise_stream("smoothing", 0))
     sel = None
     if cz.selection > 0:
-        sel_counts, sel_votes = _counts(setup, params, X, cz.selection, seed.torch_generator("selection", 0))
+        sel_counts, sel_votes = _counts(setup, params, X, cz.selection, seed.noise_stream("selection", 0))
         sel = sel_counts.numpy()
         votes = votes if sel_votes == votes else "float64"  # exact only if both samples' votes were
     res = bounds.select_and_bound(counts.numpy(), cz.alpha, cz.bound, cz.coverage, selection_counts=sel)
     return dataclasses.replace(res, seed=seed, votes=votes)
 
 
-def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: torch.Generator) -> tuple[torch.Tensor, str]:
+def _counts(setup: Setup, params: torch.Tensor, X: torch.Tensor, M: int, gen: NoiseStream) -> tuple[torch.Tensor, str]:
     """The M votes on X and how they were computed ('exact', 'float64'; 'module dtype' for a module model)."""
     sigma = setup.cfg.certify.sigma_T
     if setup.model.is_linear:
@@ -273,6 +275,8 @@ class Reading:
             # from the exact one with probability <= MC_FLIP_LIMIT / M: the statement then holds at 1 - alpha - 1e-5)
             "votes": votes if mc else None,
             "noise_dtype": ("float64" if self.setup.model.is_linear else "float32") if mc else None,
+            # the noise's generator (crfl.noise): certifications recorded before it drew torch's sampler (theory (j))
+            "noise_generator": noise.GENERATOR if mc else None,
         }
 
     def randomness_note(self, seed: CertificationSeed | None) -> str:
