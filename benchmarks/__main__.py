@@ -1136,8 +1136,9 @@ interleaved): reading the rows where they lie in the data set instead of gatheri
 the logits writing a float64 copy of the batch for the update (1.06x the time); the weights for the
 logits interleaved by pixel vector, one stream instead of ten (1.015x); one chunk of 784 pixels or
 four of 196 instead of two of 392 (1.09x, 1.04x); the logits' chunks taken per group of 8-32 rows
-(1.01-1.08x); no prefetching (equal single-threaded, 1.08x with two threads); the threads taking the
-clients one at a time instead of a slice each (no faster). glibc's libmvec `exp` was not used: its
+(1.01-1.08x); the chunks' partial sums kept as scalars instead of vectors (1.01x); one call per
+chunk for all row pairs instead of one per pair (equal); no prefetching (equal single-threaded, 1.08x
+with two threads); the threads taking the clients one at a time instead of a slice each (no faster). glibc's libmvec `exp` was not used: its
 documented bound, 4 ulps, is up to 8 u, outside (A3). The torch path remains the reference
 (`CRFL_KERNELS=0`, or no C++ compiler): it and the generic local step are in the table for comparison.
 On the shared machine the torch path's ~12 parallel regions per step make it erratic when another
