@@ -12,7 +12,8 @@ Arithmetic: the flags are ``-O3 -march=native -fopenmp-simd`` and nothing that r
 semantics (no ``-ffast-math``): every operation is correctly rounded in the standard model
 (contracted multiply-adds are one rounding, which the standard model's bounds cover), sums may be
 reordered only where a loop says ``#pragma omp simd reduction`` (docs/theory.md (g) step 7 allows
-sums in any order), and ``exp`` is the C library's (within one ulp). The build is atomic: a
+sums in any order), and ``exp`` is the C library's (within one ulp) or a kernel's own vector routine
+whose error bound its comment proves (``linear_sgd``: 2.7 u). The build is atomic: a
 compile writes a temporary file renamed into place, so concurrent processes (sweep workers) never
 load a half-written library. A kernel may add flags of its own on its first line,
 ``// crfl-kernel-flags: -ffp-contract=off`` (normal.cpp: no fused multiply-adds, to match numpy bit
