@@ -160,9 +160,14 @@ def test_softmax_exp_within_its_proven_bound(name, dtype, xmin):
     fn = getattr(kernels.load("linear_sgd"), f"linear_sgd_exp_{name}")
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64], None
     rng = np.random.default_rng(12)
-    x = np.concatenate([rng.uniform(xmin, 0, 200_000), -rng.exponential(1.0, 100_000), np.linspace(xmin, 0, 100_000),
-                        [xmin, 0.0, -0.0, -np.log(2) / 2, np.log(2) / 2 - 1e-9]]).astype(dtype)
-    x = x[: len(x) // 16 * 16]
+    # the edge arguments first (a whole vector of them, so they are measured on the vector path): the ends of the
+    # domain, -0, the reduction's boundaries -ln2/2 and -(k + 1/2) ln2 just inside, tiny |x|
+    edges = [xmin, 0.0, -0.0, -np.log(2) / 2, -1.5 * np.log(2), -2.5 * np.log(2), -1e-300 if name == "float64" else -1e-40,
+             -np.finfo(dtype).tiny, xmin / 2, -1e-8, -0.5, -1.0, -10.0, -100.0 if name == "float64" else -50.0,
+             np.nextafter(dtype(xmin), dtype(0)), -np.log(2)]
+    x = np.concatenate([edges, rng.uniform(xmin, 0, 200_000), -rng.exponential(1.0, 100_000),
+                        np.linspace(xmin, 0, 99_984)]).astype(dtype)
+    assert len(x) % 16 == 0
     y = x.copy()
     fn(y.ctypes.data, len(y))
     ref = np.exp(x.astype(np.longdouble))
@@ -177,6 +182,13 @@ def test_softmax_exp_within_its_proven_bound(name, dtype, xmin):
     want = np.array([math.exp(float(v)) if not np.isnan(v) else np.nan for v in odd]).astype(dtype)
     np.testing.assert_allclose(out, want, rtol=4 * u, atol=0)
     assert np.isnan(out[3]) and out[2] == 0.0
+    # whole vectors just below the vector path's domain (results near or below the smallest normal, where a
+    # scaling by 2^k would round): the C library's exp, bit for bit -- pins the fallback threshold xmin
+    low = (np.linspace(xmin - 1.0, xmin - 0.01, 32) if name == "float32" else np.linspace(-744.0, -707.5, 32)).astype(dtype)
+    out = low.copy()
+    fn(out.ctypes.data, len(out))
+    want = np.array([math.exp(float(v)) for v in low]).astype(dtype)
+    assert np.array_equal(out, want)
 
 
 @pytest.mark.slow  # compiles two kernels (the C++ compiler is a process)

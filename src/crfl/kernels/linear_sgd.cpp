@@ -5,7 +5,7 @@
 // pixels). The operations are those of the torch path (crfl.local.linear_local_updates_torch), so that
 // docs/theory.md (g) step 7's rounding bound covers both:
 //   logits    z_j = fl(b + sum_i (W*inv)[c, i] xs_j[i])   (weights scaled first; the sum in any order, A2)
-//   softmax   e = exp(z - max z) (exp_inplace: in vectors, within 2.7 u), S = sum_c e_c,
+//   softmax   e = exp(z - max z) (exp_inplace: on AVX-512 in vectors, within 2.7 u; libm elsewhere), S = sum_c e_c,
 //             G[j, c] = e_c * (a_j / S) - a_j [c == y_j]
 //   update    W[c, i] <- W[c, i] + alpha * sum_j G[j, c] xs_j[i],  alpha = -eta * inv;  b[c] -= eta sum_j G[j, c]
 // The sums over i (logits) and over j (update) run as 8 or 16 lane-wise partial sums added at the end:
