@@ -379,7 +379,8 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
     bound: the round's FLOP at the float64 matmul rate, measured interleaved with the rounds (the
     work runs in float64). A/B in the same process, alternating round by round, best of ``rounds``:
     the compiled local SGD (crfl/kernels/linear_sgd.cpp), the torch path (``CRFL_KERNELS=0``) and the
-    generic local step; the same setting in float32 against the float32 rate (``mm``, passed in)."""
+    generic local step; the same setting in float32 against the float32 rate, also measured
+    interleaved (the higher of that and ``mm``, passed in, is the ceiling)."""
     from crfl import local
     from crfl.setup import prepare as prepare_setup
 
@@ -394,14 +395,18 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
     }
     variants.update(_round_parts(setup))  # where a round's time goes (the kernel's setting, float64)
     a = torch.randn(2048, 2048, dtype=torch.float64)
+    a32 = a.float()
     times: dict[str, list[float]] = {k: [] for k in variants}
-    rates = []
+    rates, rates32 = [], []
     for fn in variants.values():
         fn()  # warm-up (and the kernel's build on a fresh machine)
     for _ in range(rounds):
         t0 = time.perf_counter()
         torch.mm(a, a)
         rates.append(2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        torch.mm(a32, a32)
+        rates32.append(2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
         for k, fn in variants.items():
             times[k].append(fn())
     real = local.fused_linear_applies
@@ -411,7 +416,7 @@ def training_round(setup, mm: float, bw: float, rounds: int) -> dict:
         generic = min(step() for _ in range(max(3, rounds // 4)))
     finally:
         local.fused_linear_applies = real
-    mm64 = max(rates)
+    mm64, mm = max(rates), max(mm, *rates32)
     sec = min(times["kernel"])
     bound64 = flop / (mm64 * 1e9)
     out = {
@@ -485,7 +490,7 @@ def render_training(tr: dict, data: str) -> list[str]:
         f"N = 20 clients, n_B = 100, tau = 30, logistic regression 784 x 10, {tr['dtype']} (preset `mnist`), one "
         f"round = all 20 clients' local SGD + aggregation. Local SGD engine: {tr['engine']} "
         "(`crfl/kernels/linear_sgd.cpp`; `CRFL_KERNELS=0`: the torch path). The variants alternate round by round in one "
-        f"process, best of {tr['rounds_timed']}; the float64 ceiling is measured between them.",
+        f"process, best of {tr['rounds_timed']}; the float64 and float32 ceilings are measured between them.",
         "",
         "| quantity | value |",
         "|---|---|",
@@ -1203,19 +1208,34 @@ streams the 12.5 MB float64 batch of all 20 clients three times per step, out of
 
 The compiled local SGD (`crfl/kernels/linear_sgd.cpp`, issue 20) trains one client's tau steps in
 one call, the 20 clients split over the torch threads (`crfl.kernels.parallel_for`). Per step it
-gathers the batch's 100 rows and converts them once into a 627 KB buffer that stays in the core's
-L2, computes the logits with 2 rows x 10 classes of vector partial sums in registers (class-major
-W, vectors along the pixels, the pixels in chunks so that a chunk of the weights stays in L1),
-the softmax with the C library's `exp`, and the update W[c, i-block] += alpha sum_j G[j, c] X[j,
-i-block] with 10 classes x 16 pixels of accumulators per block; the next step's rows (scattered over
-the 47 MB data set) are prefetched into L2 while a step computes. The operations are the torch
-path's (docs/theory.md (g) step 7 covers both). Measured single-threaded on 10 clients (a C++
-harness, best of 9, quiet): the update runs at the float64 matmul rate (77 GFLOP/s), the logits at
-about 60 GFLOP/s, and the rest of a step is the gather and conversion (about a quarter of it,
-partly waiting on memory), the softmax's 1000 scalar `exp` (a tenth) and the prefetching. What was
-tried and not kept: prefetching spread over the step, or two steps ahead (no faster); converting
-each row chunk just before its logits (no faster); vector conversions by `__builtin_convertvector`
-(GCC 12 emits scalar code for uint8 to float64). The torch path remains the reference
+gathers the batch's 100 rows as stored, uint8 pixels, into a 78 KB buffer; both products read it and
+zero-extend and convert each vector of 8 pixels to float64 in registers as they load it (two
+instructions, exact), so no float copy of the batch (627 KB) is written and read back. The logits
+use 2 rows x 10 classes of vector partial sums in registers (class-major W, vectors along the
+pixels, the pixels in two chunks so that a chunk of the weights stays in L1); the softmax's 1000
+exponentials are computed 8 at a time by the kernel's own vector `exp` (proved within 2.7 u of e^x,
+inside docs/theory.md (g) step 7's EXP_ULPS = 4 u; the C library's `exp` where a result would
+underflow); the update W[c, i-block] += alpha sum_j G[j, c] X[j, i-block] uses 10 classes x 16
+pixels of accumulators per block. The next step's rows (scattered over the 47 MB data set) are
+prefetched into L2 one row per block of the logits: issued all at once, their 1300 cache lines
+waited on the core's line fill buffers (9% of a step). The operations are the torch path's
+(theory (g) step 7 covers both). Where a step goes now (rdtsc, single-threaded, 20 clients, best of
+15 runs, machine shared): the logits 49% (with the prefetches; about 56 GFLOP/s), the update 40%
+(about 69 GFLOP/s), the gather 6%, the softmax 3%, the bias 1%. Both products are bound by the
+conversions: every vector of pixels costs two instructions on the same two ports as its ten
+multiply-adds, so neither can pass 83% of the multiply-add rate. A/B against the previous kernel
+(interleaved in one process, the same synthetic 60,000-image data set, best of 15; the other two
+engineers' jobs ran at the same time, load average 2-3 on the 2 cores): 0.71x the time
+single-threaded, 0.71-0.74x with two threads, 0.81x in float32; step by step: the conversion in
+registers 0.81x, the prefetches spread 0.975x, the vector `exp` 0.92x. Tried and not kept (each A/B
+interleaved): reading the rows where they lie in the data set instead of gathering them (no faster);
+the logits writing a float64 copy of the batch for the update (1.06x the time); the weights for the
+logits interleaved by pixel vector, one stream instead of ten (1.015x); one chunk of 784 pixels or
+four of 196 instead of two of 392 (1.09x, 1.04x); the logits' chunks taken per group of 8-32 rows
+(1.01-1.08x); the chunks' partial sums kept as scalars instead of vectors (1.01x); one call per
+chunk for all row pairs instead of one per pair (equal); no prefetching (equal single-threaded, 1.08x
+with two threads); the threads taking the clients one at a time instead of a slice each (no faster). glibc's libmvec `exp` was not used: its
+documented bound, 4 ulps, is up to 8 u, outside (A3). The torch path remains the reference
 (`CRFL_KERNELS=0`, or no C++ compiler): it and the generic local step are in the table for comparison.
 On the shared machine the torch path's ~12 parallel regions per step make it erratic when another
 process holds a core (0.05 to 1.5 s per round in alternating runs of one session), the kernel's one
@@ -1242,7 +1262,7 @@ threads the machine's load hid the difference). Where a step of the
 kernel goes (rdtsc, single-threaded, before these changes): gathering and converting the batch 21%,
 issuing the prefetches of the next step's rows 9% (1300 cache lines from memory, bounded by the
 core's fill buffers: without them a step takes 1.5x as long), logits 31%, softmax 10% (the 1000
-libm `exp`, kept: theory (g) step 7), update 27%, scaling the weights 2%. Tried and not kept:
+libm `exp`; now in vectors, above), update 27%, scaling the weights 2%. Tried and not kept:
 prefetching every second or fourth line of a row (3-5% slower), the data set in 2 MiB pages (7%
 slower here). The table's "where a round goes" row measures these parts in the same run. Outside the
 round, the CLI evaluates on `run.eval_points` test points after every round: one float64 product

@@ -113,3 +113,52 @@ def test_parallel_for_covers_each_index_once(n, threads):
 
     kernels.parallel_for(n, fn, threads=threads)
     assert torch.equal(seen, torch.ones(n, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# a kernel's own flags (// crfl-kernel-flags: ...): parsed strictly, from an allow-list
+
+
+def test_own_flags_are_parsed_strictly():
+    f = kernels._own_flags
+    assert f(b"// crfl-kernel-flags: -ffp-contract=off -fno-math-errno\nint x;\n") == ["-ffp-contract=off", "-fno-math-errno"]
+    # tolerated: a header line above it, no space, no colon, upper case, indentation
+    assert f(b"// a header\n//crfl-kernel-flags -ffp-contract=off\n") == ["-ffp-contract=off"]
+    assert f(b"\n  //  CRFL-KERNEL-FLAGS : -fno-math-errno\n") == ["-fno-math-errno"]
+    assert f(b"// no tag here\nint x;  // -ffp-contract=off\n") == []
+    for bad in (b"// crfl-kernel-flags: -ffast-math\n",               # not allowed (relaxes IEEE)
+                b"// crfl-kernel-flags: -ffp-contract=fast\n",        # not allowed
+                b"// crfl-kernel-flags: -ffp-contract=off, -O0\n",    # a stray token is refused, not dropped
+                b"/* crfl-kernel-flags: -ffp-contract=off */\n",      # the tag in another form
+                b"int x;\n// see the crfl-kernel-flags line\n"):
+        with pytest.raises(ValueError, match="line"):
+            f(bad)
+
+
+def test_a_refused_flag_makes_the_kernel_unavailable_and_says_why(tmp_path, cache, caplog):
+    src = _source(tmp_path, "// crfl-kernel-flags: -ffast-math\n" + AXPY, name="fast")
+    with caplog.at_level("WARNING", logger="crfl.kernels"):
+        assert kernels.load("fast", src) is None
+    assert "fast: its crfl-kernel-flags are refused" in caplog.text and "-ffast-math" in caplog.text
+    assert not cache.exists() or not list(cache.rglob("*.so"))
+
+
+MAD = r"""
+extern "C" double mad(double a, double b, double c) { return a * b + c; }
+"""
+
+
+def test_the_flags_line_reaches_the_compiler(tmp_path, cache):
+    if kernels._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    # a = 1 + 2^-30, b = 1 - 2^-30: a * b = 1 - 2^-60 rounds to 1, so a * b - 1 is 0 unfused, -2^-60 fused
+    a, b, c = 1 + 2.0 ** -30, 1 - 2.0 ** -30, -1.0
+
+    def mad(name, text):
+        lib = kernels.load(name, _source(tmp_path, text, name=name))
+        lib.mad.argtypes, lib.mad.restype = [ctypes.c_double] * 3, ctypes.c_double
+        return lib.mad(a, b, c)
+
+    assert mad("mad_off", "// a header line\n//crfl-kernel-flags -ffp-contract=off\n" + MAD) == 0.0
+    # without the flag GCC contracts it where the CPU has FMA (as here): the line above is what prevents it
+    assert mad("mad", MAD) in (0.0, -(2.0 ** -60))

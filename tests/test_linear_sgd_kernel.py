@@ -9,6 +9,8 @@ the split of the clients over threads does not change a bit; the engine is recor
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,75 @@ def test_provenance_names_the_engine(tmp_path, monkeypatch, off):
     train(cfg, tmp_path / "run", dataset=synthetic_images(n_train=120, n_test=20, side=28))
     prov = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["provenance"]
     assert prov["kernels"] == {"linear_sgd": "torch" if off else "compiled"}
+
+
+@pytest.mark.parametrize("name, dtype, xmin", [("float64", np.float64, -707.0), ("float32", np.float32, -86.0)])
+def test_softmax_exp_within_its_proven_bound(name, dtype, xmin):
+    """The kernel's vector exp (exp_inplace) against e^x in long double: within the 2.7 u its comment proves
+    (docs/theory.md (g) step 7, (A3) allows EXP_ULPS = 4 u); lanes it does not take (underflow, -inf, NaN,
+    the tail) are the C library's exp."""
+    import ctypes
+
+    fn = getattr(kernels.load("linear_sgd"), f"linear_sgd_exp_{name}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64], None
+    rng = np.random.default_rng(12)
+    # the edge arguments first (a whole vector of them, so they are measured on the vector path): the ends of the
+    # domain, -0, the reduction's boundaries -ln2/2 and -(k + 1/2) ln2 just inside, tiny |x|
+    edges = [xmin, 0.0, -0.0, -np.log(2) / 2, -1.5 * np.log(2), -2.5 * np.log(2), -1e-300 if name == "float64" else -1e-40,
+             -np.finfo(dtype).tiny, xmin / 2, -1e-8, -0.5, -1.0, -10.0, -100.0 if name == "float64" else -50.0,
+             np.nextafter(dtype(xmin), dtype(0)), -np.log(2)]
+    x = np.concatenate([edges, rng.uniform(xmin, 0, 200_000), -rng.exponential(1.0, 100_000),
+                        np.linspace(xmin, 0, 99_984)]).astype(dtype)
+    assert len(x) % 16 == 0
+    y = x.copy()
+    fn(y.ctypes.data, len(y))
+    ref = np.exp(x.astype(np.longdouble))
+    u = float(np.finfo(dtype).eps) / 2
+    rel = np.abs((y.astype(np.longdouble) - ref) / ref) / u
+    assert float(rel.max()) <= 2.7, (float(rel.max()), x[rel.argmax()])
+    assert float(rel.max()) > 0.3  # it is measured: an exact (or unrounded) result would be suspicious
+    # a vector with a lane outside [xmin, 0], and a tail: the C library's exp, NaN stays NaN
+    odd = np.array([-1.0, -800.0, -np.inf, np.nan, -2.0, -3.0, -4.0, -5.0] * 2 + [-0.5, -1.5, -746.0], dtype=dtype)
+    out = odd.copy()
+    fn(out.ctypes.data, len(out))
+    want = np.array([math.exp(float(v)) if not np.isnan(v) else np.nan for v in odd]).astype(dtype)
+    np.testing.assert_allclose(out, want, rtol=4 * u, atol=0)
+    assert np.isnan(out[3]) and out[2] == 0.0
+    # whole vectors just below the vector path's domain (results near or below the smallest normal, where a
+    # scaling by 2^k would round): the C library's exp, bit for bit -- pins the fallback threshold xmin
+    low = (np.linspace(xmin - 1.0, xmin - 0.01, 32) if name == "float32" else np.linspace(-744.0, -707.5, 32)).astype(dtype)
+    out = low.copy()
+    fn(out.ctypes.data, len(out))
+    want = np.array([math.exp(float(v)) for v in low]).astype(dtype)
+    assert np.array_equal(out, want)
+
+
+@pytest.mark.slow  # compiles two kernels (the C++ compiler is a process)
+@pytest.mark.skipif(not {"avx512f", "avx512dq"} <= set(kernels._cpu_flags().split()),
+                    reason="the perturbed lines are the AVX-512 paths, which -march=native compiles only on such a CPU")
+@pytest.mark.parametrize("where, old, new", [
+    ("the pixels' conversion in registers", "return (V)_mm512_cvtepi64_pd(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)p)));",
+     "return (V)_mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)p))), _mm512_set1_pd(1 + 1e-6));"),
+    ("the vector exp", "const __m512d t = _mm512_fmadd_pd(_mm512_mul_pd(r, r), q, r);",
+     "const __m512d t = _mm512_fmadd_pd(_mm512_mul_pd(r, r), _mm512_mul_pd(q, _mm512_set1_pd(1 + 1e-6)), r);"),
+])
+def test_a_planted_error_fails_the_comparison(tmp_path, monkeypatch, where, old, new):
+    """The comparison with the torch path detects a 1e-6 relative error planted in the kernel's new parts."""
+    src = (kernels.SOURCE_DIR / "linear_sgd.cpp").read_text()
+    assert src.count(old) == 1, f"{where}: the code to perturb is not in the kernel any more"
+    planted = tmp_path / "linear_sgd.cpp"
+    planted.write_text(src.replace(old, new))
+    monkeypatch.setenv("CRFL_CACHE_DIR", str(tmp_path / "cache"))
+    lib = kernels.load("linear_sgd", source=planted)
+    assert lib is not None
+    real = kernels.load
+    monkeypatch.setattr(kernels, "load", lambda name, source=None: lib if name == "linear_sgd" else real(name, source))
+    d, C, n_B = 784, 10, 20
+    data = _data(torch.uint8, 300, d, C, seed=13)
+    model = LinearModel(d, C)
+    idx = _idx(2, [3, 3], n_B, 300, seed=14)
+    params = torch.randn(model.num_params, generator=torch.Generator().manual_seed(15)) * 0.01
+    with pytest.raises(AssertionError):
+        _check(model, params, data, idx, 0.1, torch.float64)
+    monkeypatch.setattr(kernels, "load", real)
+    _check(model, params, data, idx, 0.1, torch.float64)  # the kernel as it is passes

@@ -6,4 +6,4 @@ clipping and perturbation (Algorithm 1), parameter smoothing and certification
 (Algorithm 2, Theorem 1, Corollary 1).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

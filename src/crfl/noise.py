@@ -27,12 +27,16 @@ Two implementations compute the same bits: the compiled kernel ``crfl/kernels/no
 lanes, no fused multiply-adds, its own log and sin/cos so that no libm version can change a bit) and
 the numpy reference here (:func:`reference_normal`: uint64 for Philox's 32 x 32 -> 64-bit products,
 the same float64 operations in the same order). The reference runs where the kernel cannot
-(``CRFL_KERNELS=0``, no compiler): slower, same noise.
+(``CRFL_KERNELS=0``, no compiler) or where it fails its self-check when first loaded (a small fill
+compared with the reference bit for bit: a compiler that builds it differently; the log says so):
+slower, same noise.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +44,8 @@ import torch
 
 from crfl import kernels
 from crfl.validation import ConfigError, check_int
+
+log = logging.getLogger("crfl.noise")
 
 __all__ = [
     "GENERATOR", "LOG_ULP", "SINCOS_ULP", "NoiseStream", "engine", "fill_normal", "normal", "reference_normal",
@@ -52,6 +58,7 @@ LOG_ULP = 2.5
 SINCOS_ULP = 2.5
 
 _MAX_U64 = (1 << 64) - 1
+_MAX_I64 = (1 << 63) - 1
 _LO32 = np.uint64(0xFFFFFFFF)
 _PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -151,14 +158,18 @@ def _sincos_turns(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, s
 
 
+def _uniform1(w0: np.ndarray) -> np.ndarray:
+    """u1 = ((w0 >> 11) + 1) 2^-53 in (0, 1] of 64-bit words w0: the + 1 keeps u1 = 0 (log u1 = -inf) out."""
+    return ((np.asarray(w0, dtype=np.uint64) >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0 ** -53
+
+
 def _pairs(key: int, m: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The Box-Muller pairs (entries 2p, 2p + 1) of models m (uint64 arrays, broadcast together)."""
     m, p = np.broadcast_arrays(np.asarray(m, dtype=np.uint64), np.asarray(p, dtype=np.uint64))
     x = _philox([p & _LO32, p >> np.uint64(32), m & _LO32, m >> np.uint64(32)], key)
     w0 = x[0] | (x[1] << np.uint64(32))
     w1 = x[2] | (x[3] << np.uint64(32))
-    u1 = ((w0 >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0 ** -53  # (0, 1]
-    rad = np.sqrt(_log(u1) * -2.0 + 0.0)  # + 0.0: u1 = 1 gives +0, not -0
+    rad = np.sqrt(_log(_uniform1(w0)) * -2.0 + 0.0)  # + 0.0: u1 = 1 gives +0, not -0
     c, s = _sincos_turns(w1 >> np.uint64(11))
     return rad * c, rad * s
 
@@ -184,16 +195,47 @@ def reference_normal(stream: NoiseStream, first_model: int, rows: int, D: int) -
 # the kernel
 
 
+#: The self-check of a freshly loaded kernel (:func:`_lib`): key, first model, rows, D. 129 entries are
+#: two whole blocks of 32 pairs and a tail with a lone cos entry; models 2^32 - 1 and 2^32 change the
+#: model counter's high word.
+_SELF_CHECK = (0x243F6A8885A308D3, (1 << 32) - 1, 2, 129)
+_lib_lock = threading.Lock()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    u64, i64, P = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
+    lib.normal_fill.argtypes, lib.normal_fill.restype = [u64, u64, i64, i64, P], None
+    lib.normal_log.argtypes, lib.normal_log.restype = [P, P, i64], None
+    lib.normal_sincos_turns.argtypes, lib.normal_sincos_turns.restype = [P, P, P, i64], None
+    lib.normal_philox.argtypes, lib.normal_philox.restype = [P, u64, P, i64], None
+    lib.normal_uniform1.argtypes, lib.normal_uniform1.restype = [P, P, i64], None
+
+
+def _self_check(lib: ctypes.CDLL) -> bool:
+    """Whether the kernel, as this machine's compiler built it, computes the reference's bits on
+    :data:`_SELF_CHECK`'s rows (else the log says why the numpy reference runs instead)."""
+    key, first, rows, D = _SELF_CHECK
+    got = np.empty((rows, D), dtype=np.float64)
+    lib.normal_fill(key, first, rows, D, got.ctypes.data)
+    differ = int((got.view(np.uint64) != reference_normal(NoiseStream(key), first, rows, D).view(np.uint64)).sum())
+    if differ:
+        log.warning("the compiled noise kernel (crfl/kernels/normal.cpp) differs from the numpy reference in %d of "
+                    "%d entries of its self-check on this machine (compiler or CPU); using the numpy reference "
+                    "(the same noise, slower)", differ, rows * D)
+    return differ == 0
+
+
 def _lib() -> ctypes.CDLL | None:
+    """The compiled kernel, once it has passed its self-check in this process; else None (numpy runs)."""
     lib = kernels.load("normal")
-    if lib is not None and not getattr(lib, "_crfl_typed", False):
-        u64, i64, P = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
-        lib.normal_fill.argtypes, lib.normal_fill.restype = [u64, i64, i64, i64, P], None
-        lib.normal_log.argtypes, lib.normal_log.restype = [P, P, i64], None
-        lib.normal_sincos_turns.argtypes, lib.normal_sincos_turns.restype = [P, P, P, i64], None
-        lib.normal_philox.argtypes, lib.normal_philox.restype = [P, u64, P, i64], None
-        lib._crfl_typed = True
-    return lib
+    if lib is None:
+        return None
+    with _lib_lock:
+        verdict = getattr(lib, "_crfl_verdict", None)
+        if verdict is None:
+            _declare(lib)
+            verdict = lib._crfl_verdict = _self_check(lib)
+    return lib if verdict else None
 
 
 def engine() -> str:
@@ -201,15 +243,29 @@ def engine() -> str:
     return "compiled" if _lib() is not None else "numpy"
 
 
+def _index(name: str, value: object, high: int, allowed: str) -> int:
+    value = int(value) if isinstance(value, np.integer) else value  # numpy indices too
+    try:
+        return check_int(name, value, low=0, high=high)
+    except ConfigError:
+        raise ConfigError(f"The '{name}' parameter must be {allowed}. Got {value!r} instead.") from None
+
+
 def _check(stream: NoiseStream, first_model: int, rows: int, D: int) -> tuple[int, int, int]:
+    """Validate the arguments. The limits are exact: rows, D and rows * D are tensor sizes (int64, as
+    the kernel's arguments), so D < 2^63 and a row's pair index p < 2^62 never wraps its 64-bit counter;
+    the models first_model .. first_model + rows - 1 must fit the model counter's 64 bits."""
     if not isinstance(stream, NoiseStream):
         raise ConfigError(f"The 'stream' parameter must be a crfl.noise.NoiseStream. Got {type(stream).__name__} instead.")
-    first_model = int(first_model) if isinstance(first_model, np.integer) else first_model  # numpy indices too
-    rows = check_int("rows", rows, low=0)
-    D = check_int("D", D, low=0)
-    first_model = check_int("first_model", first_model, low=0, high=_MAX_U64 + 1 - max(rows, 1))
-    if (D + 1) // 2 > _MAX_U64:
-        raise ConfigError(f"The 'D' parameter must be at most 2^65. Got {D} instead.")
+    rows = _index("rows", rows, _MAX_I64, "an integer in [0, 2^63 - 1] (a tensor dimension)")
+    D = _index("D", D, _MAX_I64, "an integer in [0, 2^63 - 1] (a tensor dimension)")
+    if rows * D > _MAX_I64:
+        raise ConfigError(f"The 'rows' and 'D' parameters must have rows * D at most 2^63 - 1 (a tensor's size). "
+                          f"Got rows = {rows}, D = {D} instead.")
+    last = max(rows, 1)  # rows = 0: first_model is still a model index
+    first_model = _index("first_model", first_model, (1 << 64) - last,
+                         f"an integer in [0, 2^64 - {last}] (models first_model .. first_model + rows - 1 are "
+                         f"numbered by the counter's 64 bits: first_model + rows <= 2^64)")
     return first_model, rows, D
 
 
@@ -222,8 +278,7 @@ def fill_normal(stream: NoiseStream, first_model: int, out: torch.Tensor, thread
             or out.device.type != "cpu" or not out.is_contiguous():
         got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"The 'out' parameter must be a contiguous float64 CPU tensor of shape (rows, D). Got {got} instead.")
-    rows, D = out.shape
-    first_model, rows, D = _check(stream, first_model, rows, D)
+    first_model, rows, D = _check(stream, first_model, *out.shape)
     if rows == 0 or D == 0:
         return out
     lib = _lib()
@@ -242,4 +297,5 @@ def fill_normal(stream: NoiseStream, first_model: int, out: torch.Tensor, thread
 
 def normal(stream: NoiseStream, first_model: int, rows: int, D: int, threads: int | None = None) -> torch.Tensor:
     """A new (rows, D) float64 tensor of the noise of models first_model .. first_model + rows - 1."""
+    first_model, rows, D = _check(stream, first_model, rows, D)  # before the allocation: one clear error
     return fill_normal(stream, first_model, torch.empty((rows, D), dtype=torch.float64), threads)

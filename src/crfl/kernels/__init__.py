@@ -12,11 +12,15 @@ Arithmetic: the flags are ``-O3 -march=native -fopenmp-simd`` and nothing that r
 semantics (no ``-ffast-math``): every operation is correctly rounded in the standard model
 (contracted multiply-adds are one rounding, which the standard model's bounds cover), sums may be
 reordered only where a loop says ``#pragma omp simd reduction`` (docs/theory.md (g) step 7 allows
-sums in any order), and ``exp`` is the C library's (within one ulp). The build is atomic: a
+sums in any order), and ``exp`` is the C library's (within one ulp) or a kernel's own vector routine
+whose error bound its comment proves (``linear_sgd``: 2.7 u). The build is atomic: a
 compile writes a temporary file renamed into place, so concurrent processes (sweep workers) never
-load a half-written library. A kernel may add flags of its own on its first line,
+load a half-written library. A kernel may add flags of its own on a line
 ``// crfl-kernel-flags: -ffp-contract=off`` (normal.cpp: no fused multiply-adds, to match numpy bit
-for bit); they are part of the source, hence of the cache key.
+for bit); they are part of the source, hence of the cache key. The line is parsed strictly
+(:func:`_own_flags`): a line that mentions the tag in another form, or a flag outside
+:data:`OWN_FLAGS_ALLOWED`, refuses the build (the kernel is unavailable and the log says why) rather
+than building without the flags.
 
 Threads: ctypes releases the GIL during a foreign call, so :func:`parallel_for` runs a kernel on
 disjoint slices of the work from ``torch.get_num_threads()`` Python threads; the kernels
@@ -30,6 +34,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -80,11 +85,30 @@ def _cache_root() -> Path:
     return Path(base) / "crfl" / "kernels"
 
 
+#: The flags a kernel may ask for (``// crfl-kernel-flags: ...``): only ones that keep or tighten IEEE
+#: semantics (no fused multiply-adds; sqrt without errno is still the correctly rounded instruction).
+OWN_FLAGS_ALLOWED = frozenset({"-ffp-contract=off", "-fno-math-errno"})
+_FLAGS_TAG = re.compile(r"crfl-kernel-flags", re.IGNORECASE)
+_FLAGS_LINE = re.compile(r"^\s*//\s*crfl-kernel-flags\s*:?(?P<flags>.*)$", re.IGNORECASE)
+
+
 def _own_flags(text: bytes) -> list[str]:
-    """The flags a kernel asks for on its first line (``// crfl-kernel-flags: ...``), else none."""
-    first = text.split(b"\n", 1)[0].decode("utf-8", "replace")
-    tag = "// crfl-kernel-flags:"
-    return first[len(tag):].split() if first.startswith(tag) else []
+    """The flags a kernel asks for: every line that mentions ``crfl-kernel-flags`` must read
+    ``// crfl-kernel-flags: FLAG ...`` (spaces and the colon optional, any line of the file) with
+    flags from :data:`OWN_FLAGS_ALLOWED`; anything else raises ValueError (the build is refused,
+    never run without the flags: GCC would then contract multiply-adds)."""
+    flags: list[str] = []
+    for no, line in enumerate(text.decode("utf-8", "replace").splitlines(), 1):
+        if not _FLAGS_TAG.search(line):
+            continue
+        m = _FLAGS_LINE.match(line)
+        if m is None:
+            raise ValueError(f"line {no} mentions crfl-kernel-flags but is not '// crfl-kernel-flags: FLAG ...': {line.strip()!r}")
+        bad = [f for f in m["flags"].split() if f not in OWN_FLAGS_ALLOWED]
+        if bad:
+            raise ValueError(f"line {no} asks for {', '.join(bad)}; allowed: {', '.join(sorted(OWN_FLAGS_ALLOWED))}")
+        flags += [f for f in m["flags"].split() if f not in flags]
+    return flags
 
 
 def _build(name: str, source: Path) -> Path | None:
@@ -98,6 +122,11 @@ def _build(name: str, source: Path) -> Path | None:
         log.info("kernel %s: %s --version failed (%s); using the torch version", name, cxx, err)
         return None
     text = source.read_bytes()
+    try:
+        own = _own_flags(text)
+    except ValueError as err:
+        log.warning("kernel %s: its crfl-kernel-flags are refused (%s); using the torch version", name, err)
+        return None
     key = hashlib.sha256(b"\0".join([
         text, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(), platform.machine().encode(),
     ])).hexdigest()[:20]
@@ -112,7 +141,7 @@ def _build(name: str, source: Path) -> Path | None:
         log.info("kernel %s: cannot write the cache %s (%s); using the torch version", name, target.parent, err)
         return None
     try:
-        res = subprocess.run([cxx, *FLAGS, *_own_flags(text), str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cxx, *FLAGS, *own, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             log.warning("kernel %s: the build failed; using the torch version:\n%s", name, res.stderr[-2000:])
             return None

@@ -75,7 +75,8 @@ inline void philox(u64x8 (&c)[4][G], const Keys& k) {
 
 // log x for x in [2^-53, 1] (normal, positive). x = 2^e m with m in [sqrt(1/2), sqrt(2)] (exact);
 // log m = 2 atanh(s), s = (m - 1) / (m + 1) written f / (2 + f), |s| <= 0.1716, by its Taylor series
-// 2 s (1 + s^2/3 + ... + s^18/19) (truncation < 2^-56 relative); log x = e ln2_hi + (e ln2_lo + log m)
+// 2 s (1 + s^2/3 + ... + s^18/19) (truncation < 2^-55.2 relative, at |s| = 0.1716); log x =
+// e ln2_hi + (e ln2_lo + log m)
 // with e ln2_hi exact (ln2_hi has 44 bits).
 inline f64x8 log_v(f64x8 x) {
     const u64x8 bits = (u64x8)x;
@@ -103,8 +104,8 @@ inline f64x8 log_v(f64x8 x) {
 
 // cos and sin of 2 pi u, u = k 2^-53, k < 2^53 an integer. Exact reduction in quarter turns:
 // n = nearest integer to 4u, r = 4u - n in [-1/2, 1/2) (integer arithmetic), so 2 pi u = (pi/2)(n + r);
-// cos/sin (pi/2) r by Taylor polynomials in r (|(pi/2) r| <= pi/4; truncation < 2^-56), then the
-// quadrant n mod 4 swaps and negates them.
+// cos/sin (pi/2) r by Taylor polynomials in r (|(pi/2) r| <= pi/4; truncation at r = 1/2: 2^-53.8 relative
+// for sin, 2^-58.3 for cos), then the quadrant n mod 4 swaps and negates them.
 inline void sincos_turns_v(u64x8 k, f64x8& c, f64x8& s) {
     const u64x8 n = (k + (1ULL << 50)) >> 51;                 // 0..4
     const i64x8 rem = (i64x8)k - (i64x8)(n << 51);            // in [-2^50, 2^50)
@@ -133,6 +134,26 @@ inline void sincos_turns_v(u64x8 k, f64x8& c, f64x8& s) {
     s = (i64x8)((q & 2) != 0) ? -sm : sm;        // quadrants 2, 3: sin < 0
 }
 
+// u1 = ((w0 >> 11) + 1) 2^-53 in (0, 1]: the + 1 keeps u1 = 0 (log u1 = -inf) out.
+inline f64x8 uniform1_v(u64x8 w0) { return __builtin_convertvector((w0 >> 11) + 1, f64x8) * 0x1p-53; }
+
+// (a0, b0, a1, b1, ..., a3, b3) and (a4, b4, ..., a7, b7): GCC's __builtin_shuffle, clang's
+// __builtin_shufflevector (the same lanes; clang has no __builtin_shuffle).
+inline f64x8 interleave_lo(f64x8 a, f64x8 b) {
+#if defined(__clang__)
+    return __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+#else
+    return __builtin_shuffle(a, b, (i64x8){0, 8, 1, 9, 2, 10, 3, 11});
+#endif
+}
+inline f64x8 interleave_hi(f64x8 a, f64x8 b) {
+#if defined(__clang__)
+    return __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+    return __builtin_shuffle(a, b, (i64x8){4, 12, 5, 13, 6, 14, 7, 15});
+#endif
+}
+
 constexpr int G = 4;            // vectors of 8 pairs per block
 constexpr int64_t BLOCK = 8 * G;  // pairs per block
 
@@ -150,8 +171,7 @@ inline void block(const Keys& key, uint64_t m, uint64_t p, double* dst) {
     philox<G>(c, key);
     for (int g = 0; g < G; ++g) {
         const u64x8 w0 = c[0][g] | (c[1][g] << 32), w1 = c[2][g] | (c[3][g] << 32);
-        const f64x8 u1 = __builtin_convertvector((w0 >> 11) + 1, f64x8) * 0x1p-53;  // (0, 1]
-        const f64x8 r2 = log_v(u1) * -2.0 + 0.0;  // + 0.0: u1 = 1 gives +0, not -0
+        const f64x8 r2 = log_v(uniform1_v(w0)) * -2.0 + 0.0;  // + 0.0: u1 = 1 gives +0, not -0
 #ifdef __AVX512F__
         const f64x8 rad = (f64x8)_mm512_sqrt_pd((__m512d)r2);  // one zmm sqrt (GCC splits the loop below in two)
 #else
@@ -162,8 +182,7 @@ inline void block(const Keys& key, uint64_t m, uint64_t p, double* dst) {
         f64x8 cs, sn;
         sincos_turns_v(w1 >> 11, cs, sn);
         const f64x8 z0 = rad * cs, z1 = rad * sn;
-        const f64x8 lo = __builtin_shuffle(z0, z1, (i64x8){0, 8, 1, 9, 2, 10, 3, 11});
-        const f64x8 hi = __builtin_shuffle(z0, z1, (i64x8){4, 12, 5, 13, 6, 14, 7, 15});
+        const f64x8 lo = interleave_lo(z0, z1), hi = interleave_hi(z0, z1);
         std::memcpy(dst + 16 * g, &lo, sizeof lo);
         std::memcpy(dst + 16 * g + 8, &hi, sizeof hi);
     }
@@ -173,12 +192,13 @@ inline void block(const Keys& key, uint64_t m, uint64_t p, double* dst) {
 
 extern "C" {
 
-// Rows [0, rows) of out (rows x D, row-major): the noise of models first_model .. first_model + rows - 1.
-void normal_fill(uint64_t key_, int64_t first_model, int64_t rows, int64_t D, double* out) {
+// Rows [0, rows) of out (rows x D, row-major): the noise of models first_model .. first_model + rows - 1
+// (unsigned: model numbers reach 2^64 - 1; crfl.noise checks first_model + rows <= 2^64).
+void normal_fill(uint64_t key_, uint64_t first_model, int64_t rows, int64_t D, double* out) {
     const Keys key(key_);
     const int64_t full = D / 2;  // pairs with both entries in the row
     for (int64_t r = 0; r < rows; ++r) {
-        const uint64_t m = (uint64_t)(first_model + r);
+        const uint64_t m = first_model + (uint64_t)r;
         double* row = out + r * D;
         int64_t p = 0;
         for (; p + BLOCK <= full; p += BLOCK) block(key, m, (uint64_t)p, row + 2 * p);
@@ -210,6 +230,15 @@ void normal_sincos_turns(const uint64_t* k, double* c, double* s, int64_t n) {
             c[i + j] = cv[j];
             s[i + j] = sv[j];
         }
+    }
+}
+
+void normal_uniform1(const uint64_t* w0, double* u1, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) {
+        u64x8 v = {};
+        for (int64_t j = 0; j < 8 && i + j < n; ++j) v[j] = w0[i + j];
+        const f64x8 u = uniform1_v(v);
+        for (int64_t j = 0; j < 8 && i + j < n; ++j) u1[i + j] = u[j];
     }
 }
 
