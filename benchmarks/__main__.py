@@ -569,7 +569,8 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
         pts, mods, cand = (pending[order] // m).contiguous(), (pending[order] % m).contiguous(), cand[order].contiguous()
         won = torch.empty_like(pts)
         t_rec = best(lambda: lib.recompute_f64(_addr(pts), _addr(mods), _addr(cand), pts.numel(), _addr(X), _addr(W),
-                                               _addr(b), _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won)), 3, 0)
+                                               _addr(b), _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won),
+                                               None), 3, 0)
         out = {"products": t_prod * chunks, "votes": t_votes * chunks, "recompute": t_rec * chunks,
                "prep": best(prep, 3, 0) * chunks,
                "randn": best(lambda: torch.randn((m, D), generator=torch.Generator().manual_seed(1),

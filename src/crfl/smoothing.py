@@ -174,7 +174,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     D = ctypes.c_double
     lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, _I64, P, P, _I64, P]
     lib.votes_mixed_f32.restype = _I64
-    lib.recompute_f64.argtypes = [P, P, P, _I64, P, P, P, P, D, _I64, _I64, P, P, P]
+    lib.recompute_f64.argtypes = [P, P, P, _I64, P, P, P, P, D, _I64, _I64, P, P, P, P]
     lib.recompute_f64.restype = None
     lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P]
     lib.prep_mixed_f32.restype = None
@@ -494,7 +494,7 @@ def _linear_votes(
         votes_fn = lib.votes_f32 if Wcm.dtype == torch.float32 else lib.votes_f64
 
         def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
-            left: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block: pending pairs and their candidate classes
+            near_ties: list[torch.Tensor] = []  # per thread: the pairs even float64 leaves to exact arithmetic
             blocks, lock = iter(range(n0, n1, LINEAR_POINT_BLOCK)), threading.Lock()
 
             def run(_lo: int, _hi: int) -> None:  # one per thread: takes the next block of points until none is left
@@ -510,7 +510,7 @@ def _linear_votes(
                 buf = torch.empty((LINEAR_POINT_BLOCK, C * m), dtype=torch.float32)
                 cap = 4 * LINEAR_POINT_BLOCK * m
                 pending, cand = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)  # cand: uint64
-                used, done = 0, ctypes.c_int64(0)
+                used, done, left = 0, ctypes.c_int64(0), []
                 thr_at, cnt_at, pm_at = thr32.data_ptr(), counts.data_ptr(), ctypes.c_void_p(pm.data_ptr())
                 while (a := next_block()) is not None:
                     z = min(n1, a + LINEAR_POINT_BLOCK)
@@ -529,32 +529,32 @@ def _linear_votes(
                             left.append((pending[:used], cand[:used]))
                             pending, cand, used = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64), 0
                 left.append((pending[:used], cand[:used]))
+                settle(left)
+
+            def settle(left: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                """This thread's pending pairs (its own points: no other thread adds into their counts) get the
+                float64 logits of their candidate classes, sorted by model so that each model's noise row is read
+                into the cache once; the votes they prove are added, the near ties even in float64 kept for exact
+                arithmetic. Run by each thread as soon as it finds no more blocks (no barrier before it)."""
+                pend, cnd = torch.cat([p for p, _ in left]), torch.cat([c for _, c in left])
+                order = torch.argsort(pend % m, stable=True)
+                pend, cnd = pend[order], cnd[order].contiguous()
+                pts, mods = (pend // m).contiguous(), (pend % m).contiguous()
+                won = torch.empty_like(pts)
+                if pts.numel():
+                    lib.recompute_f64(_addr(pts), _addr(mods), _addr(cnd), pts.numel(), _addr(Xd), _addr(W), _addr(b),
+                                      _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won), _addr(counts))
+                ties = pend[won < 0]
+                stats.append((int(pend.numel()), int(ties.numel())))
+                near_ties.append(ties)
 
             def next_block() -> int | None:  # blocks handed out in turn: a thread slowed by another process takes fewer
                 with lock:
                     return next(blocks, None)
 
             _single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
-            # the pending pairs: their float64 logits (sorted by model, so that each model's noise row is read once
-            # into the cache), then exact arithmetic for the near ties even in float64 (crfl.exact_votes)
-            pending = torch.cat([p for p, _ in left]) if left else torch.zeros(0, dtype=torch.int64)
-            cand = torch.cat([c for _, c in left]) if left else torch.zeros(0, dtype=torch.int64)
-            order = torch.argsort(pending % m, stable=True)
-            pend, cand = pending[order], cand[order].contiguous()
-            pts, mods = (pend // m).contiguous(), (pend % m).contiguous()
-            won = torch.empty_like(pts)
-
-            def recompute(lo: int, hi: int) -> None:
-                lib.recompute_f64(_addr(pts, lo), _addr(mods, lo), _addr(cand, lo), hi - lo, _addr(Xd), _addr(W),
-                                  _addr(b), _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won, lo))
-
-            if pts.numel():
-                kernels.parallel_for(pts.numel(), recompute)
-            settled = won >= 0
-            if bool(settled.any()):
-                counts.index_put_((pts[settled], won[settled]), torch.ones_like(pts[settled]), accumulate=True)
-            pairs = pend[~settled]
-            stats.append((int(pend.numel()), int(pairs.numel())))
+            # the near ties even in float64: exact arithmetic (crfl.exact_votes)
+            pairs = torch.cat(near_ties) if near_ties else torch.zeros(0, dtype=torch.int64)
             exact_pairs[0] += int(pairs.numel())
             if exact_pairs[0] > EXACT_PAIR_LIMIT:
                 raise ConfigError(

@@ -304,11 +304,12 @@ int64_t votes_mixed_f32(const float* L, int64_t n, int64_t m, int64_t C, int64_t
 // model, so that a model's noise row stays in cache): the float64 logits of the candidate classes, formed on the
 // fly from W (C, d), b (C,), sigma and the noise E (m, C d + C) (the floats prep_mixed_f32 rounds to float32), on
 // the float64 points X (n, d). A float64 logit is within thr64_x[p] * pm[j] / 2 of the exact one; where the top
-// candidate beats the next by more than thr64_x[p] * pm[j] it is the exact vote: out[i] = its class; else
-// out[i] = -1 (a near tie even in float64: the caller counts the exact vote in integer arithmetic).
+// candidate beats the next by more than thr64_x[p] * pm[j] it is the exact vote: out[i] = its class, added into
+// counts (n, C) unless counts is null; else out[i] = -1 (a near tie even in float64: the caller counts the exact
+// vote in integer arithmetic). Threads that call it on pairs of disjoint points may share counts.
 void recompute_f64(const int64_t* pts, const int64_t* mods, const uint64_t* cand, int64_t k, const double* X,
                    const double* W, const double* b, const double* E, double sigma, int64_t C, int64_t d,
-                   const double* thr64_x, const double* pm, int64_t* out) {
+                   const double* thr64_x, const double* pm, int64_t* out, int64_t* counts) {
     const int64_t D = C * d + C;
     for (int64_t i = 0; i < k; ++i) {
         const int64_t p = pts[i], j = mods[i];
@@ -330,6 +331,7 @@ void recompute_f64(const int64_t* pts, const int64_t* mods, const uint64_t* cand
             }
         }
         out[i] = bz - sz > thr64_x[p] * pm[j] + 1e-300 ? best : -1;
+        if (counts && out[i] >= 0) counts[p * C + best] += 1;
     }
 }
 
