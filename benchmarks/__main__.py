@@ -571,7 +571,10 @@ def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
         t_rec = best(lambda: lib.recompute_f64(_addr(pts), _addr(mods), _addr(cand), pts.numel(), _addr(X), _addr(W),
                                                _addr(b), _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won),
                                                None), 3, 0)
-        out = {"products": t_prod * chunks, "votes": t_votes * chunks, "recompute": t_rec * chunks,
+        X32s, pxs = torch.empty((n, d + 1), dtype=torch.float32), torch.empty(n, dtype=torch.float64)
+        nnz, badx = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int32)
+        t_scan = best(lambda: lib.scan_points(_addr(X), 0, n, d, _addr(X32s), _addr(pxs), _addr(nnz), _addr(badx)), 3, 0)
+        out = {"products": t_prod * chunks, "votes": t_votes * chunks, "recompute": t_rec * chunks, "scan": t_scan,
                "prep": best(prep, 3, 0) * chunks,
                "randn": best(lambda: torch.randn((m, D), generator=torch.Generator().manual_seed(1),
                                                  dtype=torch.float64), 3, 0) * chunks}
@@ -726,8 +729,8 @@ def _parts_row(parts: dict) -> list[str]:
     if not parts:
         return []
     names = {"votes": "votes from the float32 logits", "recompute": "float64 recomputation of the unsettled votes",
-             "prep": "preparation pass", "randn": "torch.randn noise",
-             "noise_fill": "counter-based noise (crfl.noise)"}
+             "scan": "points scan (once)", "prep": "preparation pass", "noise_fill": "counter-based noise (crfl.noise)",
+             "randn": "torch.randn noise instead (not run by default)"}
     p = parts["products"]
     rest = ", ".join(f"{names[k]} {v:.3f} s ({100 * v / p:.1f}%)" for k, v in parts.items() if k in names)
     return [f"| where the CPU time goes (single-threaded, summed over all blocks and chunks; share of the products) | "
@@ -756,20 +759,20 @@ where the top-two gap exceeds the proven bound on twice a logit's rounding error
 nonzero features: a zero pixel's term is an exact zero), one add where a lane block of models is unanimous. A
 block costs no torch operation besides its product (the kernel writes the unsettled pairs into per-thread
 buffers): Python work between blocks holds the GIL the other thread needs (it cost 9% of this phase). No
-barrier between blocks; one per chunk, after which the unsettled votes (about 0.25% here) get the float64
-logits of the classes that can still win (`recompute_f64`: the pairs sorted by model, so that a model's noise
-row is read into the cache once, w + sigma e formed on the fly, the next pair's point prefetched), and near
-ties even in float64 go to exact integer arithmetic (`crfl.exact_votes`). Every vote is the exact vote of its
-noisy model (docs/theory.md (c), "Float32 logits, exact votes"). The row "where the CPU time goes" times each
-part single-threaded in the same run, as a share of the products' time. Counts in float32
-(`dtype=torch.float32`) keep the torch copy of the noisy weights and the plain votes kernel. Tried and not
-kept: one multi-threaded product per block of 256-2048 points and a threaded votes pass (a barrier per block,
-20-40% slower); the votes in 16-128 lanes; the top two with the classes in an inner loop of a `#pragma omp
-simd` lane loop (GCC does not vectorise it: twice as slow; hence the explicit vector registers); 16-lane
-(512-bit) vectors (no faster than 8); the float64 recomputation inside each block (each unsettled vote then
-reads its model's noise rows from memory: about twice the time of the model-sorted pass); the gap test in
-float32 instead of float64 (2% of the votes pass: not worth a second error argument). The block size does not
-change the votes.
+barrier between blocks: a thread that finds no more blocks gives its own unsettled votes (about 0.25% here)
+the float64 logits of the classes that can still win (`recompute_f64`: its pairs sorted by model, so that a
+model's noise row is read into the cache once, w + sigma e formed on the fly, the next pair's point
+prefetched; the proven votes added in the kernel), then the chunk ends (one barrier per chunk) and near ties
+even in float64 go to exact integer arithmetic (`crfl.exact_votes`). Every vote is the exact vote of its noisy
+model (docs/theory.md (c), "Float32 logits, exact votes"). The row "where the CPU time goes" times each part
+single-threaded in the same run, as a share of the products' time. Counts in float32 (`dtype=torch.float32`)
+keep the torch copy of the noisy weights and the plain votes kernel. Tried and not kept: one multi-threaded
+product per block of 256-2048 points and a threaded votes pass (a barrier per block, 20-40% slower); the votes
+in 16-128 lanes; the top two with the classes in an inner loop of a `#pragma omp simd` lane loop (GCC does not
+vectorise it: twice as slow; hence the explicit vector registers); 16-lane (512-bit) vectors (no faster than
+8); the float64 recomputation inside each block (each unsettled vote then reads its model's noise rows from
+memory: about twice the time of the model-sorted pass); the gap test in float32 instead of float64 (2% of the
+votes pass: not worth a second error argument). The block size does not change the votes.
 """
 
 
