@@ -11,6 +11,7 @@ prints JSON).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import json
 import os
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -519,15 +521,78 @@ def render_training(tr: dict, data: str) -> list[str]:
 CERT_BEGIN, CERT_END = "<!-- certification: begin -->", "<!-- certification: end -->"
 
 
+def _mc_parts(W, b, X, sigma: float, M: int, m: int = 250) -> dict:
+    """Single-threaded CPU seconds of each part of the default Monte Carlo counts on the points X, for all M models
+    (one chunk of m models timed, times the number of chunks): the products of every block of points, the votes
+    kernel on each block's logits right after its product (as the threads run them), the chunk's preparation pass,
+    its noise draw (crfl.noise's counter-based fill; torch.randn for comparison) and the exact pairs' integer argmax."""
+    from crfl import exact_votes, noise, smoothing
+    from crfl.smoothing import _addr
+
+    lib = smoothing._votes_kernel()
+    (C, d), n, k = W.shape, X.shape[0], smoothing.LINEAR_POINT_BLOCK
+    D, chunks = C * d + C, -(-M // m)
+    E = torch.randn((m, D), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
+    Wcm = torch.empty((C * m, d + 1), dtype=torch.float32)
+    pm, e_min, bad = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.int32)
+
+    def prep():
+        lib.prep_mixed_f32(_addr(E), m, 0, m, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm), _addr(pm),
+                           _addr(e_min), _addr(bad))
+
+    prep()
+    px, _ = exact_votes.logit_error_scales(W, b, sigma, E[:0], X)
+    terms = (X != 0).sum(dim=1)
+    thr32 = exact_votes.margin_threshold(px, terms, torch.float32).contiguous()
+    thr64 = exact_votes.margin_threshold(px, terms, torch.float64).contiguous()
+    X32, buf = torch.cat([X.float(), torch.ones((n, 1))], dim=1), torch.empty((k, C * m), dtype=torch.float32)
+    counts, done = torch.zeros((n, C), dtype=torch.int64), ctypes.c_int64(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_prod = t_votes = 0.0
+        pend = []
+        for a in range(0, n, k):
+            z = min(n, a + k)
+            pending, cand = torch.empty((z - a) * m, dtype=torch.int64), torch.empty((z - a) * m, dtype=torch.int64)
+            t0 = time.perf_counter()
+            L = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a])
+            t1 = time.perf_counter()
+            q = lib.votes_mixed_f32(_addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(pm), _addr(counts, a * C),
+                                    a, _addr(pending), _addr(cand), (z - a) * m, ctypes.byref(done))
+            t_votes += time.perf_counter() - t1
+            t_prod += t1 - t0
+            pend.append((pending[:q], cand[:q]))
+        pending, cand = torch.cat([p for p, _ in pend]), torch.cat([c for _, c in pend])
+        order = torch.argsort(pending % m, stable=True)
+        pts, mods, cand = (pending[order] // m).contiguous(), (pending[order] % m).contiguous(), cand[order].contiguous()
+        won = torch.empty_like(pts)
+        t_rec = best(lambda: lib.recompute_f64(_addr(pts), _addr(mods), _addr(cand), pts.numel(), _addr(X), _addr(W),
+                                               _addr(b), _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won),
+                                               None), 3, 0)
+        X32s, pxs = torch.empty((n, d + 1), dtype=torch.float32), torch.empty(n, dtype=torch.float64)
+        nnz, badx = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int32)
+        t_scan = best(lambda: lib.scan_points(_addr(X), 0, n, d, _addr(X32s), _addr(pxs), _addr(nnz), _addr(badx)), 3, 0)
+        out = {"products": t_prod * chunks, "votes": t_votes * chunks, "recompute": t_rec * chunks, "scan": t_scan,
+               "prep": best(prep, 3, 0) * chunks,
+               "randn": best(lambda: torch.randn((m, D), generator=torch.Generator().manual_seed(1),
+                                                 dtype=torch.float64), 3, 0) * chunks}
+        out["noise_fill"] = best(lambda: noise.fill_normal(noise.NoiseStream(1), 0, E, threads=1), 3, 0) * chunks
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def certification(setup, ds, rep: int) -> dict:
     """Monte Carlo counts (M = 1000) on 2 x 10,000 points of the paper's MNIST setting, each variant against the
     ceiling of the dtype its products run in, measured in this process; the variants alternate (best of rep)."""
     from crfl import kernels, noise, smoothing
 
     params = setup.model.init(torch.Generator().manual_seed(0)) * 5
-    W, b = setup.model.split(params.double())
+    W, b = (t.contiguous() for t in setup.model.split(params.double()))
     X = torch.from_numpy(ds.x_test[:10000]).double() / 255
-    both = torch.cat([X, setup.plan.trigger.apply(X)])
+    both = torch.cat([X, setup.plan.trigger.apply(X)]).contiguous()
     M, sigma = 1000, 0.01
     n, d, C = both.shape[0], both.shape[1], W.shape[0]
     flop = 2 * n * d * C * M  # the noisy logits X E^T
@@ -539,31 +604,34 @@ def certification(setup, ds, rep: int) -> dict:
         stats["default"] = smoothing._linear_votes(W, b, both, sigma, M, gen(), 250, 2048, None)[1:]
 
     def float32():
-        smoothing._linear_votes(W, b, both, sigma, M, gen(), 250, 2048, torch.float32)
+        smoothing._linear_votes(W, b, both, sigma, M, torch.Generator().manual_seed(1), 250, 2048, torch.float32)
 
     def torch_path():  # CRFL_KERNELS=0: products in the counted dtype, torch.argmax and a scatter-add
         old = os.environ.get("CRFL_KERNELS")
         os.environ["CRFL_KERNELS"] = "0"
         try:
-            smoothing._linear_votes(W, b, both, sigma, M, gen(), 250, 2048, counted)
+            smoothing._linear_votes(W, b, both, sigma, M, torch.Generator().manual_seed(1), 250, 2048, counted)
         finally:
             os.environ.pop("CRFL_KERNELS") if old is None else os.environ.__setitem__("CRFL_KERNELS", old)
 
-    Xs = both.float()
-    Ws = torch.randn(250 * C, d).T
+    Xs = torch.cat([both.float(), torch.ones((n, 1))], dim=1)  # [x, 1]: the bias as the (d + 1)-th term, as the default
+    Ws = torch.randn(250 * C, d + 1).T
 
-    def products():  # the float32 products alone, blocked as the default runs them (the floor of this design)
+    def products():  # the float32 products alone, blocked and scheduled as the default runs them (this design's floor)
         k = smoothing.LINEAR_POINT_BLOCK
 
-        def run(lo: int, hi: int) -> None:
-            for a in range(lo, hi, k):
-                torch.mm(Xs[a : min(hi, a + k)], Ws)
+        def run(_lo: int, _hi: int) -> None:
+            buf = torch.empty((k, Ws.shape[1]), dtype=torch.float32)
+            while True:
+                with lock:
+                    a = next(blocks, None)
+                if a is None:
+                    return
+                torch.mm(Xs[a : min(n, a + k)], Ws, out=buf[: min(n, a + k) - a])
 
         for _ in range(0, M, 250):
-            for n0 in range(0, n, 2048):
-                smoothing._single_threaded_products(
-                    lambda threads, n0=n0: kernels.parallel_for(min(2048, n - n0), lambda lo, hi: run(n0 + lo, n0 + hi),
-                                                                threads=threads))
+            blocks, lock = iter(range(0, n, k)), threading.Lock()
+            smoothing._single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
 
     E = torch.empty(250, C * d + C, dtype=torch.float64)  # one chunk's float64 noise, single-threaded
     g_randn = torch.Generator().manual_seed(2)
@@ -578,29 +646,34 @@ def certification(setup, ds, rep: int) -> dict:
                 "noise": noise_stream, "randn": noise_randn}
     times: dict[str, list[float]] = {k: [] for k in variants}
     mm32, mm64 = [], []
+    parts: list[dict] = []
     default()
     for _ in range(max(2, rep - 2)):  # alternately, so that load from other processes hits all alike
         mm32.append(matmul_rate(repeat=3))
         mm64.append(matmul_rate(repeat=3, dtype=torch.float64))
         for k, fn in variants.items():
             times[k].append(best(fn, repeat=1, warmup=0))
+        parts.append(_mc_parts(W, b, both, sigma, M) if smoothing.votes_arithmetic() == "exact" else {})
     t = {k: min(v) for k, v in times.items()}
     c32, c64 = max(mm32), max(mm64)
     rec, exact = stats["default"]
     t_exact = best(lambda: smoothing.exact_top_two(W, b, X, sigma), repeat=rep)
     ceiling = {torch.float32: c32, torch.float64: c64}
     default_products = torch.float32 if smoothing.votes_arithmetic() == "exact" else counted
+    part = {k: min(p[k] for p in parts) for k in parts[0]} if parts and parts[0] else {}
     return {
         "mc_flop": flop, "mc_gflop": flop / 1e9, "counted_dtype": str(counted).replace("torch.", ""),
         "matmul_gflops_float32": c32, "matmul_gflops_float64": c64,
+        "noise_source": "crfl.noise.NoiseStream",
         "mc_seconds_2x10k_M1000": t["default"], "mc_achieved_gflops": flop / t["default"] / 1e9,
         "mc_products_dtype": str(default_products).replace("torch.", ""),
         "mc_ratio_to_products_dtype": flop / t["default"] / 1e9 / ceiling[default_products],
         "mc_ratio_to_counted_dtype": flop / t["default"] / 1e9 / ceiling[counted],
-        "votes_float64_share": rec / (n * M), "votes_exact": exact,
+        "votes_float64_share": rec / (n * M), "votes_exact": exact, "point_block": smoothing.LINEAR_POINT_BLOCK,
         "float32_seconds": t["float32"], "float32_ratio": flop / t["float32"] / 1e9 / c32,
         "torch_seconds": t["torch"], "torch_ratio": flop / t["torch"] / 1e9 / ceiling[counted],
         "products_seconds": t["products"], "products_ratio": flop / t["products"] / 1e9 / c32,
+        "parts_cpu_seconds": part,
         "exact_seconds_10k": t_exact, "kernels": kernels.engine("votes"),
         "noise_chunk_seconds": t["noise"], "randn_chunk_seconds": t["randn"], "noise_engine": noise.engine(),
         "noise_normals_per_s": E.numel() / t["noise"],
@@ -621,16 +694,17 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         "2048 x 2048 torch.mm; the variants alternate with them, best of each.", "",
         "| quantity | value |",
         "|---|---|",
-        f"| Monte Carlo, M = 1000, 2 x 10,000 points (what `crfl certify` runs; votes kernel: {ce['kernels']}) | "
-        f"{ce['mc_seconds_2x10k_M1000']:.2f} s |",
+        f"| Monte Carlo, M = 1000, 2 x 10,000 points (what `crfl certify` runs; votes kernel: {ce['kernels']}; noise: "
+        f"{ce.get('noise_source', 'torch.Generator')}) | {ce['mc_seconds_2x10k_M1000']:.2f} s |",
         f"| its work and rate | {ce['mc_gflop']:.0f} GFLOP, {ce['mc_achieved_gflops']:.0f} GFLOP/s = "
         f"{pct(ce['mc_ratio_to_products_dtype'])} of the {ce['mc_products_dtype']} matmul rate, the dtype its products "
         f"run in (target >= 80%: {ok(ce['mc_ratio_to_products_dtype'] >= 0.8)}); "
         f"{pct(ce['mc_ratio_to_counted_dtype'])} of the {ce['counted_dtype']} rate, the dtype it counts in |",
         f"| votes settled by the float32 logits / float64 logits / exact arithmetic | "
         f"{100 * (1 - ce['votes_float64_share']):.2f}% / {100 * ce['votes_float64_share']:.2f}% / {ce['votes_exact']} votes |",
-        f"| the float32 products alone (same blocks, no noise, no votes) | {ce['products_seconds']:.2f} s = "
-        f"{pct(ce['products_ratio'])} of the float32 rate |",
+        f"| the float32 products alone (the same blocks of {ce.get('point_block', 256)} points handed to the threads in "
+        f"turn, no noise, no votes) | {ce['products_seconds']:.2f} s = {pct(ce['products_ratio'])} of the float32 rate |",
+        *_parts_row(ce.get("parts_cpu_seconds") or {}),
         f"| counts in float32 (`dtype=torch.float32`) | {ce['float32_seconds']:.2f} s = {pct(ce['float32_ratio'])} "
         "of the float32 rate |",
         f"| the torch path (`CRFL_KERNELS=0`: {ce['counted_dtype']} products, torch.argmax) | {ce['torch_seconds']:.2f} s "
@@ -650,29 +724,55 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
     return "\n".join(lines)
 
 
+def _parts_row(parts: dict) -> list[str]:
+    """The table row: each part of the default counts in single-threaded CPU seconds and as a share of the products'."""
+    if not parts:
+        return []
+    names = {"votes": "votes from the float32 logits", "recompute": "float64 recomputation of the unsettled votes",
+             "scan": "points scan (once)", "prep": "preparation pass", "noise_fill": "counter-based noise (crfl.noise)",
+             "randn": "torch.randn noise instead (not run by default)"}
+    p = parts["products"]
+    rest = ", ".join(f"{names[k]} {v:.3f} s ({100 * v / p:.1f}%)" for k, v in parts.items() if k in names)
+    return [f"| where the CPU time goes (single-threaded, summed over all blocks and chunks; share of the products) | "
+            f"products {p:.2f} s; {rest} |"]
+
+
 CERT_NOTES = """
-How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). Each chunk of 250
-noisy models is one float64 noise draw (the stream `--replay-seed` replays) and one copy of the noisy
-weights with their columns class-major (the logits of the 250 models for one class contiguous). Then the
-points are split over the threads (`crfl.kernels.parallel_for`, torch's own threads set to 1 meanwhile):
-each thread multiplies its blocks of 256 points with the (784 x 2500) weights single-threaded and, while the
-block's 2.5 MB of logits are still in its cache, runs the votes kernel (`crfl/kernels/votes.cpp`) over them:
-each model's argmax in SIMD lanes, the votes added into the counts. No barrier between product and votes,
-and none between blocks. Counts in float64 (the mnist, emnist, loan and demo presets) run their products in
-float32: the kernel takes a vote from the float32 logits only when their top-two gap exceeds the proven
-bound on twice a logit's rounding error, recomputes the logits of the classes that can still win in float64
-for the rest (about 0.5% here) and hands near ties even in float64 to exact integer arithmetic
-(`crfl.exact_votes`), so every vote is the exact vote of its noisy model (docs/theory.md (c), "Float32
-logits, exact votes"). What remains beyond the products (measured single-threaded): the votes pass, 0.47 ms
-per 256-point block against the product's 6.6 ms (7%; 0.2 ms of it the float64 recomputations); the float64
-noise draw (`crfl.noise`: a counter-based Philox4x32-10 + Box-Muller stream, the compiled
-`crfl/kernels/normal.cpp`, the table's row; each model's noise is a pure function of the seed and the model,
-so chunks can be drawn on any thread; torch's serial sampler took 33 ms per chunk, about 12% of a chunk's
-products over 2 x 10,000 points on two threads), made on a helper thread while the previous chunk's votes are
-counted; the noisy weights' copy and norms (about 4%).
-Tried and not kept: one multi-threaded product per block of 256-2048 points followed by a threaded votes
-pass (a barrier per block; at 2048 points the logits leave the cache: 20-40% slower than the per-thread
-blocks in alternating runs); the kernel with 16-128 lanes. The block size does not change the votes.
+How the Monte Carlo counts run (`crfl.smoothing.monte_carlo_counts_linear`, issue 20). One compiled pass over
+the points (`scan_points`, `crfl/kernels/votes.cpp`) writes their float32 copy [x, 1] and, per point, ||[x;
+1]||, the number of nonzero features and the range check. The M noisy models come in chunks of 250. The noise
+is `crfl.noise`'s counter-based stream (Philox4x32-10 + Box-Muller, the compiled `crfl/kernels/normal.cpp`;
+each model's noise a pure function of the seed and the model, the stream `--replay-seed` replays), so for each
+chunk the worker threads write their share of the models' float64 noise rows and run over them, while they are
+in cache, the preparation pass (`prep_mixed_f32`): the float32 operands [fl32(w + sigma e), fl32(b + sigma
+e_b)] class-major (row c 250 + j: class c of model j, so that the 250 models' logits of a class are
+contiguous; the bias is the 785th column, so one torch.mm gives the logits: an addmm would first copy the bias
+into its output, about 6% of the products' time), each model's error scale pm and the side conditions of exact
+votes; no float64 noisy weights are kept, and the buffers are reused from chunk to chunk. (With a
+torch.Generator the noise is one serial torch.randn per chunk, about 6x the stream's time, drawn and prepared
+on a helper thread while the previous chunk is counted.) Then the points go in blocks of 128 handed to the
+threads in turn (`crfl.kernels.parallel_for`, torch's own threads set to 1): a thread multiplies its block
+into its own buffer single-threaded (at 128 points the 1.28 MB of logits stay in the core's 2 MB L2; 192 and
+256 points ran at 66% of the float32 rate against 90% for 128, two threads, interleaved), and the votes kernel
+reads them at once: the top two of 8 models at a time in vector registers over the 10 classes, a vote counted
+where the top-two gap exceeds the proven bound on twice a logit's rounding error (per point from its number of
+nonzero features: a zero pixel's term is an exact zero), one add where a lane block of models is unanimous. A
+block costs no torch operation besides its product (the kernel writes the unsettled pairs into per-thread
+buffers): Python work between blocks holds the GIL the other thread needs (it cost 9% of this phase). No
+barrier between blocks: a thread that finds no more blocks gives its own unsettled votes (about 0.25% here)
+the float64 logits of the classes that can still win (`recompute_f64`: its pairs sorted by model, so that a
+model's noise row is read into the cache once, w + sigma e formed on the fly, the next pair's point
+prefetched; the proven votes added in the kernel), then the chunk ends (one barrier per chunk) and near ties
+even in float64 go to exact integer arithmetic (`crfl.exact_votes`). Every vote is the exact vote of its noisy
+model (docs/theory.md (c), "Float32 logits, exact votes"). The row "where the CPU time goes" times each part
+single-threaded in the same run, as a share of the products' time. Counts in float32 (`dtype=torch.float32`)
+keep the torch copy of the noisy weights and the plain votes kernel. Tried and not kept: one multi-threaded
+product per block of 256-2048 points and a threaded votes pass (a barrier per block, 20-40% slower); the votes
+in 16-128 lanes; the top two with the classes in an inner loop of a `#pragma omp simd` lane loop (GCC does not
+vectorise it: twice as slow; hence the explicit vector registers); 16-lane (512-bit) vectors (no faster than
+8); the float64 recomputation inside each block (each unsettled vote then reads its model's noise rows from
+memory: about twice the time of the model-sorted pass); the gap test in float32 instead of float64 (2% of the
+votes pass: not worth a second error argument). The block size does not change the votes.
 """
 
 

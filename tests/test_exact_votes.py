@@ -95,18 +95,32 @@ def test_computed_logits_stay_within_the_error_bound(dtype, w_scale):
     assert worst > 1e-4  # the bound is not vacuous: rounding reaches a visible share of it
 
 
+def test_threshold_per_point_counts_nonzero_features():
+    """margin_threshold with per-point term counts is gamma_{k+5} of each count, as with the scalar d."""
+    px = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        per_point = margin_threshold(px, torch.tensor([0, 7, 784]), dtype)
+        assert torch.equal(per_point, torch.stack([margin_threshold(px[i : i + 1], k, dtype)[0]
+                                                   for i, k in enumerate([0, 7, 784])]))
+    assert torch.isinf(margin_threshold(px, torch.tensor([2, 2 ** 24, 3]), torch.float32)).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype,sigma", [(torch.float32, 1e-7), (torch.float32, 1e-5), (torch.float64, 1e-15)])
-def test_no_unflagged_vote_differs_from_the_exact_vote(dtype, sigma):
+def test_no_unflagged_vote_differs_from_the_exact_vote(dtype, sigma, sparse):
     """Break search: at sigma_T so small that rounding flips many votes, every pair the margin test passes
-    votes as the exact classifier, and the exact recomputation of the flagged pairs restores every vote."""
+    votes as the exact classifier, and the exact recomputation of the flagged pairs restores every vote.
+    Sparse: most features zero and the threshold from each point's number of nonzero features."""
     C, d, n, m = 3, 30, 40, 30
     W, b, _, E, X = _problem(2, n, m, C, d, sigma)
+    if sparse:
+        X = X * (torch.rand(n, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64) < 0.2)
     # a base model with near-ties: class 1 = class 0 plus a tiny offset, so the noise decides
     W[1] = W[0] + 1e-9 * torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     b[1] = b[0]
     Z = _computed_logits(W, b, sigma, E, X, dtype)
     px, pm = logit_error_scales(W, b, sigma, E, X)
-    pred, ambiguous = margin_votes(Z, margin_threshold(px, d, dtype), pm)
+    pred, ambiguous = margin_votes(Z, margin_threshold(px, (X != 0).sum(dim=1) if sparse else d, dtype), pm)
     pairs = [(p, q) for p in range(n) for q in range(m)]
     exact = exact_noisy_argmax(W, b, sigma, E[[q for _, q in pairs]], X[[p for p, _ in pairs]]).view(n, m)
     flips = pred != exact

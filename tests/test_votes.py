@@ -120,11 +120,32 @@ def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch
     ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64))
     assert torch.equal(got, ref)
     assert recomputed > 0.2 * n * M
+    with monkeypatch.context() as mp:  # one point per block: the pending pairs fill many buffers of 4 x 50 pairs
+        mp.setattr(smoothing, "LINEAR_POINT_BLOCK", 1)
+        small = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    assert torch.equal(small[0], ref) and small[1] == recomputed
     # without the margin (every float32 argmax taken as the vote) the counts are wrong: the test can fail
     real = exact_votes.margin_threshold
     monkeypatch.setattr(exact_votes, "margin_threshold",
                         lambda px, d, dtype: real(px, d, dtype) * (0.0 if dtype == torch.float32 else 1.0))
     bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
+    assert not torch.equal(bare, ref)
+
+
+def test_mixed_counts_on_sparse_points_equal_float64_counts(monkeypatch):
+    """Mostly-zero points (the threshold counts each point's nonzero features only) with two nearly tied classes
+    at sigma = 1e-7: the counts equal float64's, and with the float32 margin at 0 they do not."""
+    C, d, n, M = 4, 200, 120, 100
+    W, b = _model(C, d, 21)
+    W[1], b[1] = W[0] + 1e-9 * torch.randn(d, generator=gen(22), dtype=torch.float64), b[0]
+    X = torch.rand(n, d, generator=gen(23), dtype=torch.float64) * (torch.rand(n, d, generator=gen(24)) < 0.1)
+    got, recomputed, _ = _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64)
+    ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64))
+    assert torch.equal(got, ref) and recomputed > 0
+    real = exact_votes.margin_threshold
+    monkeypatch.setattr(exact_votes, "margin_threshold",
+                        lambda px, k, dtype: real(px, k, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+    bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64)
     assert not torch.equal(bare, ref)
 
 
@@ -188,6 +209,171 @@ def test_public_counts_use_the_kernel_and_match_the_reference(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# the compiled preparation of a chunk (prep_mixed_f32) against torch's formulas
+
+
+def _prep(W, b, sigma, E, lo=0, hi=None):
+    """prep_mixed_f32 on models [lo, hi) of E (the other models' outputs left as they were: NaN / -1)."""
+    lib = smoothing._votes_kernel()
+    (C, d), m = W.shape, E.shape[0]
+    hi = m if hi is None else hi
+    w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
+    Wb = torch.full((C * m, d + 1), math.nan, dtype=torch.float32)
+    pm, e_min = torch.full((m,), math.nan, dtype=torch.float64), torch.full((m,), math.nan, dtype=torch.float64)
+    bad = torch.full((m,), -1, dtype=torch.int32)
+    a = smoothing._addr
+    lib.prep_mixed_f32(a(E), m, lo, hi, a(W), a(b), a(w_norms), C, d, sigma, a(Wb), a(pm), a(e_min), a(bad))
+    return Wb[:, :d], Wb[:, d], pm, e_min, bad  # the weights, and the bias as the (d + 1)-th column
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.37, 1e-300, 0.0])
+def test_prepared_chunk_is_torchs_noisy_model_in_float32(sigma):
+    """The float32 class-major operands are fl32(fl64(w + fl64(sigma e))) bit for bit (the floats torch's
+    W + sigma * E gives), pm is exact_votes.logit_error_scales' pm up to the rounding of the norms (far inside
+    the threshold's 1e-6 safety factor), e_min the smallest nonzero |e|; any split of the models gives the
+    same bits."""
+    C, d, m = 7, 53, 11
+    W, b = _model(C, d, 12)
+    E = torch.randn((m, C * d + C), generator=gen(13), dtype=torch.float64)
+    E[3, 5] = 0.0  # a zero does not count as the smallest nonzero |e|
+    E[4, C * d + 2] = 3e-9  # the smallest, in a bias entry
+    Wcm, bcm, pm, e_min, bad = _prep(W, b, sigma, E)
+    Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)
+    bn = b.unsqueeze(0) + sigma * E[:, C * d :]
+    assert torch.equal(Wcm, Wn.transpose(0, 1).float().reshape(C * m, d))
+    assert torch.equal(bcm, bn.T.float().reshape(-1))
+    _, want = exact_votes.logit_error_scales(W, b, sigma, E, W[:0])
+    assert torch.allclose(pm, want, rtol=1e-13, atol=0) and (want > 0).all()
+    assert float(e_min.min()) == 3e-9 and torch.equal(e_min, torch.where(E == 0, math.inf, E.abs()).amin(dim=1))
+    assert (bad == 0).all()
+    halves = [_prep(W, b, sigma, E, 0, 4), _prep(W, b, sigma, E, 4, m)]  # two threads' shares of the models
+    rows = lambda j0, j1: torch.cat([torch.arange(c * m + j0, c * m + j1) for c in range(C)])  # noqa: E731
+    for (W_, b_, pm_, e_, bad_), (j0, j1) in zip(halves, [(0, 4), (4, m)]):
+        assert torch.equal(W_[rows(j0, j1)], Wcm[rows(j0, j1)]) and torch.equal(b_[rows(j0, j1)], bcm[rows(j0, j1)])
+        assert torch.equal(pm_[j0:j1], pm[j0:j1]) and torch.equal(e_[j0:j1], e_min[j0:j1])
+        assert torch.equal(bad_[j0:j1], bad[j0:j1]) and torch.isnan(pm_[:j0]).all() and torch.isnan(pm_[j1:]).all()
+
+
+@pytest.mark.parametrize("where", ["weight", "bias"])
+@pytest.mark.parametrize("value", [1e38, -2e37, 1e-39, -2.0 ** -130, math.inf, math.nan])
+def test_prepared_chunk_flags_noisy_weights_outside_float32_range(where, value):
+    """bad[j] is set exactly for the models with a nonzero noisy weight outside [FLT_MIN, 1e37] (or NaN), the
+    condition _in_float32_range checks on the float64 noisy weights; FLT_MIN itself, 1e37 and 0 pass."""
+    C, d, m = 3, 9, 6
+    W, b = _model(C, d, 14)
+    E = torch.randn((m, C * d + C), generator=gen(15), dtype=torch.float64)
+    col = 2 * d + 4 if where == "weight" else C * d + 1
+    E[2, col], E[5, col] = value, 0.0  # sigma = 1: the noisy weight is w + value; w + 0 stays in range
+    if where == "weight":
+        W[2, 4] = 0.0
+    else:
+        b[1] = 0.0
+    E[4, col - 1] = 1e37 if where == "weight" else 2.0 ** -126  # the edges of the range are allowed
+    if where == "weight":
+        W[2, 3] = 0.0
+    else:
+        b[0], E[4, C * d] = 0.0, 2.0 ** -126
+    _, _, _, _, bad = _prep(W, b, 1.0, E)
+    assert bad.tolist() == [0, 0, 1, 0, 0, 0], (where, value, bad.tolist())
+    Wn = W.unsqueeze(0) + E[:, : C * d].view(m, C, d)
+    bn = b.unsqueeze(0) + E[:, C * d :]
+    assert [not smoothing._in_float32_range(Wn[j], bn[j]) for j in range(m)] == [bool(v) for v in bad.tolist()]
+
+
+@pytest.mark.parametrize("bad", [None, 1e38, 1e-39, 2.0 ** -149, math.nan, math.inf, 1e200])
+def test_scanned_points_are_torchs_float32_norms_counts_and_range(bad):
+    """scan_points: X32 = X.float() bit for bit, px = logit_error_scales' px up to the rounding of the norm, nnz =
+    (X != 0).sum(1), and bad[p] exactly where _in_float32_range fails on the row; the edges 0, FLT_MIN, 1e37 pass."""
+    n, d = 9, 37
+    X = torch.rand(n, d, generator=gen(30), dtype=torch.float64) * (torch.rand(n, d, generator=gen(31)) < 0.4)
+    X[1, :3] = torch.tensor([2.0 ** -126, -1e37, 0.0], dtype=torch.float64)
+    X[5].zero_()
+    if bad is not None:
+        X[3, 7] = bad
+    X32, px = torch.empty((n, d + 1), dtype=torch.float32), torch.empty(n, dtype=torch.float64)
+    nnz, flags = torch.empty(n, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int32)
+    a = smoothing._addr
+    smoothing._votes_kernel().scan_points(a(X), 0, n, d, a(X32), a(px), a(nnz), a(flags))
+    assert torch.equal(X32[:, :d].view(torch.int32), X.float().view(torch.int32)) and (X32[:, d] == 1).all()
+    assert torch.equal(nnz, (X != 0).sum(dim=1))
+    assert flags.tolist() == [int(not smoothing._in_float32_range(X[p])) for p in range(n)]
+    assert flags.tolist() == [int(p == 3 and bad is not None) for p in range(n)]
+    want, _ = exact_votes.logit_error_scales(torch.zeros(2, d, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                                             0.0, torch.zeros((0, 2 * d + 2), dtype=torch.float64), X)
+    ok = torch.isfinite(want)
+    assert torch.allclose(px[ok], want[ok], rtol=1e-13, atol=0) and px[5] == 1.0
+    assert bad not in (math.nan, math.inf) or not torch.isfinite(px[3])
+
+
+def test_counts_do_not_depend_on_the_block_size_or_the_threads(monkeypatch):
+    """The blocks of points are handed to the threads in turn; the counts are the same for any block size and
+    thread count (each block's votes go to its own points' rows)."""
+    C, d, n, M = 10, 40, 300, 130
+    W, b = _model(C, d, 16)
+    X = _points(W, b, n, 17)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for block, t in [(128, threads), (1, 2), (7, 2), (300, 1), (64, 3)]:
+            monkeypatch.setattr(smoothing, "LINEAR_POINT_BLOCK", block)
+            torch.set_num_threads(t)
+            runs.append(_linear_votes(W, b, X, 0.05, M, gen(18), 50, 2048, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0][1] > 0  # some votes needed their float64 logits
+    for r in runs[1:]:
+        assert torch.equal(r[0], runs[0][0]) and r[1:] == runs[0][1:]
+
+
+def test_counter_based_noise_is_drawn_by_the_workers_and_gives_the_same_counts(monkeypatch):
+    """With a counter-based noise source (_counter_noise gives a fill: crfl.noise's NoiseStream) the worker
+    threads write and prepare their share of each chunk's noise rows; the counts equal those of the same rows
+    drawn chunk by chunk on the helper thread (_noise), and rows are written only once each."""
+    C, d, n, M, D = 10, 30, 200, 230, 10 * 30 + 10
+    W, b = _model(C, d, 19)
+    X = _points(W, b, n, 20)
+    row = lambda j: torch.randn(D, generator=gen(1000 + j), dtype=torch.float64)  # noqa: E731  model j's noise
+    written: list[int] = []
+
+    def fill(first: int, out: torch.Tensor) -> None:
+        for r in range(out.shape[0]):
+            out[r] = row(first + r)
+            written.append(first + r)
+
+    drawn = [0]
+
+    def sequential(m, D_, generator, dtype, device, first_model=0):  # the helper thread's draws, in chunk order
+        rows = torch.stack([row(drawn[0] + r) for r in range(m)])
+        drawn[0] += m
+        return rows.to(dtype)
+
+    monkeypatch.setattr(smoothing, "_noise", sequential)
+    ref = _linear_votes(W, b, X, 0.05, M, gen(0), 64, 2048, None)
+    monkeypatch.setattr(smoothing, "_counter_noise", lambda g: fill)
+    got = _linear_votes(W, b, X, 0.05, M, gen(0), 64, 2048, None)
+    assert drawn[0] == M and sorted(written) == list(range(M))
+    assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:] and ref[1] > 0
+
+
+def test_noise_stream_counts_equal_the_helper_threads_draw(monkeypatch):
+    """A crfl.noise.NoiseStream: the workers write and prepare each chunk's rows; the counts equal those of the
+    same stream drawn chunk by chunk through _noise on the helper thread, and with other chunk sizes."""
+    from crfl.noise import NoiseStream
+
+    C, d, n, M = 10, 30, 150, 260
+    W, b = _model(C, d, 26)
+    X = _points(W, b, n, 27)
+    got = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 100, 2048, None)
+    other = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 64, 2048, None)
+    narrow = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 6, 2048, None)  # fewer models than a vector's 8 lanes
+    monkeypatch.setattr(smoothing, "_counter_noise", lambda g: None)
+    ref = _linear_votes(W, b, X, 0.05, M, NoiseStream(7), 100, 2048, None)
+    assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:] and ref[1] > 0
+    assert torch.equal(other[0], ref[0]) and torch.equal(narrow[0], ref[0])
+    assert not torch.equal(_linear_votes(W, b, X, 0.05, M, NoiseStream(8), 100, 2048, None)[0], ref[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # the bound itself: float32 logits against exact rational arithmetic
 
 
@@ -197,17 +383,21 @@ def _exact_logit(w: list[float], e: list[float], sigma: float, x: list[float]) -
     return sum((Fraction(a) + s * Fraction(c)) * Fraction(v) for a, c, v in zip(w, e, [*x, 1.0]))
 
 
-@pytest.mark.parametrize("case", ["images", "cancellation", "dynamic-range"])
+@pytest.mark.parametrize("case", ["images", "cancellation", "dynamic-range", "sparse cancellation"])
 def test_float32_logit_error_stays_under_half_the_margin(case):
-    """|float32 logit - exact logit of w + sigma e| <= margin_threshold(px, d, float32) pm / 2 for logits computed
-    as the mixed path does (float64 fl(w + fl(sigma e)), rounded to float32, class-major float32 addmm)."""
-    g = gen({"images": 1, "cancellation": 2, "dynamic-range": 3}[case])
+    """|float32 logit - exact logit of w + sigma e| <= margin_threshold(px, k, float32) pm / 2 for logits computed
+    as the mixed path does (float64 fl(w + fl(sigma e)), rounded to float32, class-major float32 addmm), with k
+    the point's number of nonzero features (the zero features' terms are exact zeros)."""
+    g = gen({"images": 1, "cancellation": 2, "dynamic-range": 3, "sparse cancellation": 4}[case])
     C, m, n, d, sigma = 4, 3, 6, 784, 0.37
     if case == "images":
         X = torch.rand(n, d, generator=g, dtype=torch.float64) * (torch.rand(n, d, generator=g) < 0.3)
         W = torch.randn(C, d, generator=g, dtype=torch.float64) * 0.05
     elif case == "cancellation":  # large terms of alternating sign that cancel almost exactly
         X = torch.full((n, d), 1.0, dtype=torch.float64) + torch.rand(n, d, generator=g, dtype=torch.float64) * 1e-3
+        W = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double().repeat(C, 1) * 1e3
+    elif case == "sparse cancellation":  # a few large cancelling terms among zeros: the bound with k << d terms
+        X = (1.0 + torch.rand(n, d, generator=g, dtype=torch.float64) * 1e-3) * (torch.rand(n, d, generator=g) < 0.03)
         W = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double().repeat(C, 1) * 1e3
     else:  # entries spread over many binades
         X = torch.exp(torch.randn(n, d, generator=g, dtype=torch.float64) * 6)
@@ -217,9 +407,13 @@ def test_float32_logit_error_stays_under_half_the_margin(case):
     Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)
     bn = b.unsqueeze(0) + sigma * E[:, C * d :]
     Wcm = Wn.transpose(0, 1).float().contiguous().view(C * m, d)
-    L = torch.addmm(bn.T.float().reshape(1, C * m), X.float(), Wcm.T).double().view(n, C, m)
+    # as the kernel path: one product of [x, 1] with [w~, b~] (the bias the (d + 1)-th term)
+    ones = torch.ones((n, 1), dtype=torch.float32)
+    Wb = torch.cat([Wcm, bn.T.float().reshape(C * m, 1)], dim=1)
+    L = torch.mm(torch.cat([X.float(), ones], dim=1), Wb.T).double().view(n, C, m)
     px, pm = exact_votes.logit_error_scales(W, b, sigma, E, X)
-    half = exact_votes.margin_threshold(px, d, torch.float32) / 2
+    half = exact_votes.margin_threshold(px, (X != 0).sum(dim=1), torch.float32) / 2
+    assert case in ("cancellation", "dynamic-range") or (half < exact_votes.margin_threshold(px, d, torch.float32) / 4).all()
     worst = 0.0
     for p in range(n):
         for j in range(m):

@@ -53,7 +53,7 @@ def logit_error_scales(
     return px, pm
 
 
-def margin_threshold(px: torch.Tensor, num_features: int, dtype: torch.dtype) -> torch.Tensor:
+def margin_threshold(px: torch.Tensor, num_features: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """thr (n,) float64: a computed top-two gap > thr[p] * pm[m] proves the computed argmax exact.
 
     Each computed logit is within e = gamma_{d+5} px pm of the exact one (theory (c): gamma_2 for
@@ -61,9 +61,16 @@ def margin_threshold(px: torch.Tensor, num_features: int, dtype: torch.dtype) ->
     more for casting x and e into the dtype), so a computed gap g with g (1 - u) > 2 e leaves the
     exact top logit strictly above every other. Returns 2 gamma_{d+5} px (1 + u) times a safety factor
     for the float64 arithmetic of the threshold itself; inf where gamma is not defined ((d + 5) u >= 1).
+
+    ``num_features`` is d, or per point (an (n,) integer tensor) the number of its nonzero features: a zero
+    feature's term is an exact zero and adding it is exact, so only the nonzero terms carry roundings (theory (c),
+    "zero features"); d may then be replaced by that count.
     """
     u = unit_roundoff(dtype)
-    g = _gamma(num_features + 5, u)
+    if not isinstance(num_features, torch.Tensor):
+        return px.double() * (2.0 * _gamma(num_features + 5, u) * (1.0 + 2.0 * u) * _SAFETY)
+    nu = (num_features.to(torch.float64) + 5.0) * u  # gamma_n = n u / (1 - n u), elementwise (closeness.gamma_n)
+    g = torch.where(nu < 1.0, nu / (1.0 - nu), math.inf)
     return px.double() * (2.0 * g * (1.0 + 2.0 * u) * _SAFETY)
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -170,8 +171,15 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     P = ctypes.c_void_p
     for f in (lib.votes_f32, lib.votes_f64):
         f.argtypes, f.restype = [P, _I64, _I64, _I64, _I64, _I64, _I64, P], None
-    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, P, P, P, _I64, P, P, P]
+    D = ctypes.c_double
+    lib.votes_mixed_f32.argtypes = [P, _I64, _I64, _I64, _I64, _I64, P, P, P, _I64, P, P, _I64, P]
     lib.votes_mixed_f32.restype = _I64
+    lib.recompute_f64.argtypes = [P, P, P, _I64, P, P, P, P, D, _I64, _I64, P, P, P, P]
+    lib.recompute_f64.restype = None
+    lib.prep_mixed_f32.argtypes = [P, _I64, _I64, _I64, P, P, P, _I64, _I64, D, P, P, P, P]
+    lib.prep_mixed_f32.restype = None
+    lib.scan_points.argtypes = [P, _I64, _I64, _I64, P, P, P, P]
+    lib.scan_points.restype = None
     return lib
 
 
@@ -209,7 +217,7 @@ def _count_votes(logits: torch.Tensor, counts: torch.Tensor, start: int) -> None
 #: 2.5 MB) are still in its cache; no barrier between the product and the votes. Without the kernel (torch
 #: path) the products are blocks of points_per_chunk points, multi-threaded by torch. The votes do not depend
 #: on either size (docs/benchmarks.md, certification).
-LINEAR_POINT_BLOCK = 256
+LINEAR_POINT_BLOCK = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def monte_carlo_dtype(weight_norm: float, sigma: float, M: int, num_features: in
 
 def _votes(
     noisy_model: Callable[[torch.Tensor], Callable[[int, int, torch.Tensor], None]],
-    n: int, C: int, D: int, M: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
+    n: int, C: int, D: int, M: int, generator: torch.Generator | NoiseStream, dtype: torch.dtype, device: torch.device,
     models_per_chunk: int, points_per_chunk: int,
 ) -> torch.Tensor:
     """The chunk loops of ``GetCounts``, shared by the linear and the module versions.
@@ -316,6 +324,19 @@ def _votes(
                 add_votes(n0, min(n, n0 + points_per_chunk), counts)
             bar.update(min(M, m0 + models_per_chunk), f"{n} points")
     return counts
+
+
+_Fill = Callable[[int, torch.Tensor], None]
+
+
+def _counter_noise(generator: torch.Generator | NoiseStream) -> _Fill | None:
+    """fill(first_model, out) writing the float64 noise rows of models first_model, first_model + 1, ... into
+    ``out`` (single-threaded) where the noise source is counter-based (a :class:`crfl.noise.NoiseStream`: any row
+    range can be written by any thread, the rows :func:`_noise` gives); None for a torch.Generator (one
+    sequential draw per chunk)."""
+    if not isinstance(generator, NoiseStream):
+        return None
+    return lambda first, out: noise.fill_normal(generator, first, out, threads=1)
 
 
 def _single_threaded_products(work: Callable[[int], None]) -> None:
@@ -360,7 +381,7 @@ def _mixed_votes_kernel(device: torch.device) -> ctypes.CDLL | None:
 
 
 def _linear_votes(
-    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,
     models_per_chunk: int, points_per_chunk: int, dtype: torch.dtype | None, mixed: bool | None = None,
     info: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, int, int]:
@@ -381,7 +402,8 @@ def _linear_votes(
         dtype = torch.float64
         if not (mixed is not False and mixed_ok):
             monte_carlo_dtype(w_norm, sigma, M, d, C)
-    W, b, Xd = weight.to(dtype), bias.to(dtype), X.to(device=device, dtype=dtype).contiguous()
+    W, b = weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
+    Xd = X.to(device=device, dtype=dtype).contiguous()
     if mixed is None:
         mixed = dtype == torch.float64 and mixed_ok
     if mixed and lib is None:
@@ -389,70 +411,150 @@ def _linear_votes(
                           "tensors; the kernel is not available here (CRFL_KERNELS=0, no C++ compiler, or another device).")
     stats: list[tuple[int, int]] = []  # (float64, exact) per kernel call (list.append is atomic across threads)
     if mixed:
-        X32 = Xd.float()
-        px, _ = exact_votes.logit_error_scales(W, b, sigma, torch.zeros((0, C * d + C), dtype=dtype), Xd)
-        thr32 = exact_votes.margin_threshold(px, d, torch.float32).contiguous()
-        thr64 = exact_votes.margin_threshold(px, d, torch.float64).contiguous()
+        # one compiled pass over the points (votes.cpp, scan_points): their float32 copy, px = ||[x; 1]|| (as
+        # exact_votes.logit_error_scales), the number of nonzero features (only those terms of a logit carry
+        # roundings) and whether every nonzero |x| is in [FLT_MIN, 1e37] (it converts to float32 with a relative
+        # error: no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
+        X32 = torch.empty((n, d + 1), dtype=torch.float32)  # [fl32(x), 1]: the bias is the product's last term
+        px, terms = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.int64)
+        bad_x = torch.zeros(n, dtype=torch.int32)
+        kernels.parallel_for(n, lambda lo, hi: lib.scan_points(_addr(Xd), lo, hi, d, _addr(X32), _addr(px),
+                                                               _addr(terms), _addr(bad_x)))
+        thr32 = exact_votes.margin_threshold(px, terms, torch.float32).contiguous()
+        thr64 = exact_votes.margin_threshold(px, terms, torch.float64).contiguous()
         x_max = float(px.max()) if n else 0.0
-        # gamma_{d+5} exists in float32, and every nonzero |x| converts to float32 with a relative error: in
-        # [FLT_MIN, 1e37] (no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
-        mixed = bool(torch.isfinite(thr32).all()) and _in_float32_range(Xd)
+        # gamma_{k+5} exists in float32 for every point, and its features are in float32's range
+        mixed = bool(torch.isfinite(thr32).all()) and not bool(bad_x.any())
         if default and not mixed:
             monte_carlo_dtype(w_norm, sigma, M, d, C)  # float64 votes after all: their rounding must be resolved
     exact_pairs = [0]  # votes the margins left to exact arithmetic, over all chunks so far
     rounded = [not mixed]  # some votes came from float64 (or float32) argmaxes, not proven exact
 
-    def noisy_model(E: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+    if mixed:  # ||[w_c; b_c]|| per class, for the per-model error scales pm (exact_votes.logit_error_scales)
+        w_norms = torch.linalg.vector_norm(torch.cat([W, b.unsqueeze(1)], dim=1), dim=1).contiguous()
+
+    def prepare_mixed(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0, into: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One compiled pass over the chunk's noise (crfl/kernels/votes.cpp, prep_mixed_f32): the float32
+        class-major operands fl32(fl64(w + fl64(sigma e))) (row c m + j: class c of model j), the per-model error
+        scales pm, and whether the chunk meets the side conditions of exact votes from float32 logits: every
+        nonzero noisy weight in [FLT_MIN, 1e37], no float32 logit can overflow (max pm * max px <= 1e37) and
+        fl64(sigma e) does not underflow (docs/theory.md (c)). No float64 noisy weights are kept. Without ``fill``:
+        one thread over E as drawn. With ``fill`` (counter-based noise): the threads each write the noise rows of
+        their share of the models (models m0 + lo .. m0 + hi - 1) into E and prepare them at once. ``into``: a
+        float32 buffer of at least C m (d + 1) entries for the operands (reused from chunk to chunk)."""
         m = E.shape[0]
-        Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
-        bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
-        # mixed: float32 products where no float32 logit can overflow (|logit| <= pm ||x~|| (1 + gamma))
-        pm = exact_votes.logit_error_scales(W, b, sigma, E, Xd[:0])[1].contiguous() if mixed else None
-        # ... and where fl64(sigma e) does not underflow and every nonzero noisy weight converts to float32 with a
-        # relative error (a subnormal float64 sum w + sigma e is exact; zeros are exact)
-        here = (mixed and float(pm.max()) * x_max <= 1e37 and _in_float32_range(Wn, bn)
-                and (sigma == 0.0 or sigma * _min_nonzero_abs(E) >= 2.0 * _DBL_MIN))
-        if mixed and not here:  # this chunk's votes come from float64 logits, not proven exact
-            rounded[0] = True
-            if default:
-                monte_carlo_dtype(w_norm, sigma, M, d, C)
-        # the product's columns class-major (column c m + j: class c of model j), so that each class's logits of
-        # the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
-        pdt = torch.float32 if here else dtype
-        Wcm = torch.empty((C, m, d), dtype=pdt, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
-        bcm = bn.T.to(pdt).reshape(1, C * m)
+        # row c m + j: [fl32(w~_c), fl32(b~_c)] of model j
+        Wcm = (torch.empty((C * m, d + 1), dtype=torch.float32) if into is None
+               else into.view(-1)[: C * m * (d + 1)].view(C * m, d + 1))
+        pm, e_min = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+        bad = torch.empty(m, dtype=torch.int32)
+
+        def work(lo: int, hi: int) -> None:
+            if fill is not None:
+                fill(m0 + lo, E[lo:hi])
+            lib.prep_mixed_f32(_addr(E), m, lo, hi, _addr(W), _addr(b), _addr(w_norms), C, d, sigma, _addr(Wcm),
+                               _addr(pm), _addr(e_min), _addr(bad))
+
+        if fill is None:
+            work(0, m)
+        else:
+            _single_threaded_products(lambda threads: kernels.parallel_for(m, work, threads=threads))
+        ok = (not bool(bad.any()) and float(pm.max()) * x_max <= 1e37
+              and (sigma == 0.0 or sigma * float(e_min.min()) >= 2.0 * _DBL_MIN))
+        return Wcm, pm, ok
+
+    def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0, into: torch.Tensor | None = None
+                    ) -> Callable[[int, int, torch.Tensor], None]:
+        m = E.shape[0]
+        here = False
+        if mixed:
+            E = E.contiguous()
+            Wcm, pm, here = prepare_mixed(E, fill, m0, into)
+            if not here:  # this chunk's votes come from float64 logits, not proven exact
+                rounded[0] = True
+                if default:
+                    monte_carlo_dtype(w_norm, sigma, M, d, C)
+        if not here:  # float64 (or float32 counts') products of the noisy weights, torch's arithmetic
+            Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
+            bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
+            # the product's columns class-major (column c m + j: class c of model j), so that each class's logits
+            # of the m models are contiguous for the votes kernel; a layout, not a change of any logit's terms
+            Wcm = torch.empty((C, m, d), dtype=dtype, device=device).copy_(Wn.transpose(0, 1)).view(C * m, d)
+            bcm = bn.T.to(dtype).reshape(1, C * m)
 
         def logits(n0: int, n1: int) -> torch.Tensor:  # (n1 - n0, C m), row p: [class 0 of models 0..m-1, ...]
-            return torch.addmm(bcm, (X32 if here else Xd)[n0:n1], Wcm.T)
+            return torch.addmm(bcm, Xd[n0:n1], Wcm.T)  # (not here: float64 or float32 counts' products)
 
         if lib is None:  # the torch path: one multi-threaded product per block, torch.argmax, a scatter-add
             def add_torch(n0: int, n1: int, counts: torch.Tensor) -> None:
                 _count_votes(logits(n0, n1).view(n1 - n0, C, m).transpose(1, 2), counts, n0)
 
             return add_torch
-        votes_fn = lib.votes_f32 if pdt == torch.float32 else lib.votes_f64
+        votes_fn = lib.votes_f32 if Wcm.dtype == torch.float32 else lib.votes_f64
 
         def add_votes(n0: int, n1: int, counts: torch.Tensor) -> None:
-            left: list[torch.Tensor] = []
+            near_ties: list[torch.Tensor] = []  # per thread: the pairs even float64 leaves to exact arithmetic
+            blocks, lock = iter(range(n0, n1, LINEAR_POINT_BLOCK)), threading.Lock()
 
-            def run(lo: int, hi: int) -> None:  # this thread's points, block by block (product, then votes)
-                for a in range(n0 + lo, n0 + hi, LINEAR_POINT_BLOCK):
-                    z = min(n0 + hi, a + LINEAR_POINT_BLOCK)
-                    L = logits(a, z)
-                    if not here:
+            def run(_lo: int, _hi: int) -> None:  # one per thread: takes the next block of points until none is left
+                if not here:
+                    while (a := next_block()) is not None:
+                        z = min(n1, a + LINEAR_POINT_BLOCK)
+                        L = logits(a, z)  # (held while the kernel reads it)
                         votes_fn(_addr(L), z - a, m, C, m * C, 1, m, _addr(counts, a * C))
-                        continue
-                    # float32 logits: each vote from the float32 or float64 logits whose top-two gap proves it
-                    # exact; the rest (near ties even in float64) from exact arithmetic (crfl.exact_votes)
-                    flagged, rec = torch.empty((z - a) * m, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-                    k = lib.votes_mixed_f32(
-                        _addr(L), z - a, m, C, m * C, m, _addr(thr32, a), _addr(thr64, a), _addr(pm),
-                        _addr(Xd, a * d), _addr(Wn), _addr(bn), d, _addr(counts, a * C), _addr(flagged), _addr(rec))
-                    stats.append((int(rec), k))
-                    left.append(flagged[:k] + a * m)
+                    return
+                # this thread's buffers: the block's products, the pending pairs and their candidate classes (a new
+                # pair of buffers when one is full); the kernel's arguments as plain addresses, so that a block costs
+                # no torch operation besides its product (Python work holds the GIL the other thread may need)
+                buf = torch.empty((LINEAR_POINT_BLOCK, C * m), dtype=torch.float32)
+                cap = 4 * LINEAR_POINT_BLOCK * m
+                pending, cand = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)  # cand: uint64
+                used, done, left = 0, ctypes.c_int64(0), []
+                thr_at, cnt_at, pm_at = thr32.data_ptr(), counts.data_ptr(), ctypes.c_void_p(pm.data_ptr())
+                while (a := next_block()) is not None:
+                    z = min(n1, a + LINEAR_POINT_BLOCK)
+                    # float32 logits: one torch.mm with the bias as the (d + 1)-th term (an addmm would first copy
+                    # the bias into the output); each vote whose float32 top-two gap proves it exact, the rest pending
+                    lp = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a]).data_ptr()  # (buf holds the products)
+                    p0 = a
+                    while p0 < z:
+                        k = lib.votes_mixed_f32(
+                            ctypes.c_void_p(lp + (p0 - a) * m * C * 4), z - p0, m, C, m * C, m,
+                            ctypes.c_void_p(thr_at + p0 * 8), pm_at, ctypes.c_void_p(cnt_at + p0 * C * 8), p0,
+                            ctypes.c_void_p(pending.data_ptr() + used * 8), ctypes.c_void_p(cand.data_ptr() + used * 8),
+                            cap - used, ctypes.byref(done))
+                        used, p0 = used + k, p0 + done.value
+                        if p0 < z:  # the buffers are full: keep them, go on in new ones
+                            left.append((pending[:used], cand[:used]))
+                            pending, cand, used = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64), 0
+                left.append((pending[:used], cand[:used]))
+                settle(left)
 
-            _single_threaded_products(lambda threads: kernels.parallel_for(n1 - n0, run, threads=threads))
-            pairs = torch.cat(left) if left else torch.zeros(0, dtype=torch.int64)
+            def settle(left: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                """This thread's pending pairs (its own points: no other thread adds into their counts) get the
+                float64 logits of their candidate classes, sorted by model so that each model's noise row is read
+                into the cache once; the votes they prove are added, the near ties even in float64 kept for exact
+                arithmetic. Run by each thread as soon as it finds no more blocks (no barrier before it)."""
+                pend, cnd = torch.cat([p for p, _ in left]), torch.cat([c for _, c in left])
+                order = torch.argsort(pend % m, stable=True)
+                pend, cnd = pend[order], cnd[order].contiguous()
+                pts, mods = (pend // m).contiguous(), (pend % m).contiguous()
+                won = torch.empty_like(pts)
+                if pts.numel():
+                    lib.recompute_f64(_addr(pts), _addr(mods), _addr(cnd), pts.numel(), _addr(Xd), _addr(W), _addr(b),
+                                      _addr(E), sigma, C, d, _addr(thr64), _addr(pm), _addr(won), _addr(counts))
+                ties = pend[won < 0]
+                stats.append((int(pend.numel()), int(ties.numel())))
+                near_ties.append(ties)
+
+            def next_block() -> int | None:  # blocks handed out in turn: a thread slowed by another process takes fewer
+                with lock:
+                    return next(blocks, None)
+
+            _single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
+            # the near ties even in float64: exact arithmetic (crfl.exact_votes)
+            pairs = torch.cat(near_ties) if near_ties else torch.zeros(0, dtype=torch.int64)
             exact_pairs[0] += int(pairs.numel())
             if exact_pairs[0] > EXACT_PAIR_LIMIT:
                 raise ConfigError(
@@ -466,8 +568,26 @@ def _linear_votes(
 
         return add_votes
 
-    counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
-                    points_per_chunk)
+    fill = _counter_noise(generator) if mixed else None
+    if fill is not None:
+        # counter-based noise (any model's rows can be written by any thread): per chunk, the worker threads
+        # write and prepare their share of the models' noise, then take the chunk's blocks of points; no helper
+        # thread. The same noise rows as _noise gives, so the same counts. One chunk at a time: the noise and the
+        # operands' buffers are reused (no fresh pages to fault in per chunk).
+        counts = torch.zeros((n, C), dtype=torch.int64, device=device)
+        mc = min(models_per_chunk, M)
+        E_buf = torch.empty((mc, C * d + C), dtype=torch.float64)
+        W_buf = torch.empty(C * mc * (d + 1), dtype=torch.float32)
+        with torch.no_grad(), progress.bar(M, "Monte Carlo", unit="noisy models") as bar:
+            for m0 in range(0, M, models_per_chunk):
+                m = min(models_per_chunk, M - m0)
+                noisy_model(E_buf[:m], fill, m0, W_buf)(0, n, counts)
+                bar.update(m0 + m, f"{n} points")
+    else:
+        # the kernel path takes all points of a chunk in one pass (blocks handed to the threads in turn: no barrier
+        # between blocks); the counts do not depend on points_per_chunk
+        counts = _votes(noisy_model, Xd.shape[0], C, C * d + C, M, generator, dtype, device, models_per_chunk,
+                        max(1, n) if lib is not None else points_per_chunk)
     if info is not None:
         info["votes"] = "exact" if not rounded[0] else str(dtype).replace("torch.", "")
     return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
@@ -479,20 +599,10 @@ _FLT_MIN, _DBL_MIN = 2.0 ** -126, 2.0 ** -1022
 _RANGE_BLOCK = 1 << 15  # entries per pass of the range checks: the temporaries stay in cache
 
 
-def _min_nonzero_abs(*ts: torch.Tensor) -> float:
-    """The smallest nonzero |entry| of the tensors (inf when all are zero or empty)."""
-    out = math.inf
-    for t in ts:
-        flat = t.reshape(-1)
-        for i in range(0, flat.numel(), _RANGE_BLOCK):
-            a = flat[i : i + _RANGE_BLOCK].abs()
-            out = min(out, float(torch.where(a > 0, a, math.inf).min()))
-    return out
-
-
 def _in_float32_range(*ts: torch.Tensor) -> bool:
     """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u.
-    In blocks of entries, so that no temporary the size of the tensor is made."""
+    In blocks of entries, so that no temporary the size of the tensor is made. The torch statement of the range
+    condition the compiled passes (scan_points, prep_mixed_f32) check; tests compare them."""
     for t in ts:
         flat = t.reshape(-1)
         for i in range(0, flat.numel(), _RANGE_BLOCK):
@@ -503,7 +613,7 @@ def _in_float32_range(*ts: torch.Tensor) -> bool:
 
 
 def monte_carlo_votes_linear(
-    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,
+    weight: torch.Tensor, bias: torch.Tensor, X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,
     **kw: Any,
 ) -> tuple[torch.Tensor, str]:
     """:func:`monte_carlo_counts_linear` and how its votes were computed: 'exact' (every vote proven the exact vote
@@ -517,7 +627,7 @@ def monte_carlo_votes_linear(
 
 def monte_carlo_counts_linear(
     weight: torch.Tensor, bias: torch.Tensor,  # the model
-    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,  # GetCounts' inputs
+    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,  # GetCounts' inputs
     *,
     models_per_chunk: int = 250,
     points_per_chunk: int = 2048,
@@ -530,9 +640,12 @@ def monte_carlo_counts_linear(
         X: (n, d) inputs in the model's input scale.
         sigma: smoothing noise sigma_T >= 0, added to every parameter (bias included).
         M: number of noisy models.
-        generator: the only source of randomness.
+        generator: the only source of randomness: a torch.Generator (one draw per chunk, in chunk order) or a
+            crfl.noise.NoiseStream (model j's noise a function of the stream and j; with the compiled votes
+            kernel the worker threads write each chunk's rows).
         models_per_chunk, points_per_chunk: work sizes; memory is
-            O(models_per_chunk * (C d + points_per_chunk * C)).
+            O(models_per_chunk * (C d + points_per_chunk * C)) (the compiled path takes the points in blocks of
+            LINEAR_POINT_BLOCK instead of points_per_chunk).
         dtype: precision of the noise and votes; None (default): float64 noise and exact votes where the
             compiled votes kernel runs (:func:`votes_arithmetic`, below), else float64 votes when their rounding
             changes no vote except with probability <= MC_FLIP_LIMIT per point (:func:`monte_carlo_dtype`; a
@@ -557,7 +670,7 @@ def monte_carlo_counts_linear(
 
 def monte_carlo_counts_module(
     module: torch.nn.Module, flat_params: torch.Tensor,  # the model
-    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator,  # GetCounts' inputs
+    X: torch.Tensor, sigma: float, M: int, generator: torch.Generator | NoiseStream,  # GetCounts' inputs
     *,
     models_per_chunk: int = 64,
     points_per_chunk: int = 4096,
