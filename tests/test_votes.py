@@ -483,3 +483,63 @@ def test_votes_label_is_exact_for_ordinary_inputs():
     X = torch.rand(40, 30, generator=gen(8), dtype=torch.float64)
     got, how = smoothing.monte_carlo_votes_linear(W, b, X, 0.01, 300, gen(2))
     assert how == "exact" and torch.equal(got, _exact_counts(W, b, X, 0.01, 300, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# MKL's packed products (the weights packed once per chunk)
+
+
+def _spy_mkl(real, calls: list, scale: float = 1.0):
+    """MKL's packed-product functions, counting the products and (scale != 1) scaling class 0's logits of every
+    model in the product's output (columns 0 .. m - 1 of the class-major layout) by ``scale``."""
+    import ctypes
+
+    import numpy as np
+
+    def compute(*a):
+        calls.append(a[3])
+        real.cblas_sgemm_compute(*a)
+        if scale != 1.0:
+            rows, N = a[3], a[4]
+            out = np.frombuffer((ctypes.c_float * (rows * N)).from_address(a[11]), dtype=np.float32).reshape(rows, N)
+            out[:, : N // 10] *= np.float32(scale)
+
+    class Spy:
+        def __getattr__(self, name):
+            return compute if name == "cblas_sgemm_compute" else getattr(real, name)
+    return Spy()
+
+
+@pytest.mark.skipif(smoothing._mkl_packed() is None, reason="torch without MKL's packed sgemm")
+@pytest.mark.parametrize("source", ["generator", "stream"])
+def test_packed_products_count_the_same_votes(monkeypatch, source):
+    """The mixed votes with MKL's packed products equal those with one torch.mm per block (both exact), for the
+    helper-thread draws (a fresh packed buffer per chunk) and the counter-based stream (one buffer reused), with a
+    last block padded with zero rows; a packed product with one class 1% off changes the counts (the comparison
+    can fail)."""
+    from crfl.noise import NoiseStream
+
+    C, d, n, M = 10, 40, 300, 130  # 300 points: the last block of 128 is padded
+    W, b = _model(C, d, 16)
+    X = _points(W, b, n, 17)
+    src = (lambda: gen(18)) if source == "generator" else (lambda: NoiseStream(18))
+    real, calls = smoothing._mkl_packed(), []
+    monkeypatch.setattr(smoothing, "_mkl_packed", lambda: _spy_mkl(real, calls))
+    got = _linear_votes(W, b, X, 0.05, M, src(), 50, 2048, None)
+    assert calls and set(calls) == {smoothing.LINEAR_POINT_BLOCK}  # every block's product ran packed, whole blocks
+    monkeypatch.setattr(smoothing, "_mkl_packed", lambda: None)
+    ref = _linear_votes(W, b, X, 0.05, M, src(), 50, 2048, None)
+    assert torch.equal(got[0], ref[0]) and got[2] == ref[2] and ref[1] > 0
+    monkeypatch.setattr(smoothing, "_mkl_packed", lambda: _spy_mkl(real, [], scale=1.01))
+    assert not torch.equal(_linear_votes(W, b, X, 0.05, M, src(), 50, 2048, None)[0], ref[0])
+
+
+def test_mkl_alternate_compute_modes_turn_exact_votes_off(monkeypatch):
+    """MKL_BLAS_COMPUTE_MODE may let MKL's sgemm (behind torch.mm and the packed products) round to bfloat16 or
+    TF32: then float32 products are not IEEE, and the votes are float64's (docs/theory.md (c))."""
+    if smoothing._votes_kernel() is None:
+        pytest.skip("no votes kernel")
+    monkeypatch.setenv("MKL_BLAS_COMPUTE_MODE", "STANDARD")
+    assert smoothing.votes_arithmetic() == "exact"
+    monkeypatch.setenv("MKL_BLAS_COMPUTE_MODE", "FLOAT_TO_BF16")
+    assert smoothing.votes_arithmetic() == "float64"

@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -354,11 +355,41 @@ def _single_threaded_products(work: Callable[[int], None]) -> None:
 
 
 def _float32_products_are_ieee() -> bool:
-    """True when float32 products run in IEEE float32 (no TF32/bf16 shortcuts a setting could turn on)."""
+    """True when float32 products run in IEEE float32 (no TF32/bf16 shortcuts a setting could turn on): torch's
+    matmul precision, oneDNN's fp32 precision, and MKL's alternate compute modes (the MKL_BLAS_COMPUTE_MODE
+    environment variable may let MKL's sgemm, behind torch.mm and the packed products, round to bfloat16/TF32)."""
     if torch.get_float32_matmul_precision() != "highest":
+        return False
+    if os.environ.get("MKL_BLAS_COMPUTE_MODE", "").strip().upper() not in ("", "STANDARD"):
         return False
     mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     return getattr(mk, "fp32_precision", "none") in ("none", "ieee")
+
+
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS, _CBLAS_PACKED, _CBLAS_B_MATRIX = 101, 111, 112, 151, 162
+
+
+@functools.cache
+def _mkl_packed() -> ctypes.CDLL | None:
+    """MKL's packed float32 product (cblas_sgemm_pack / cblas_sgemm_compute), where torch's own CPU library
+    exports it (torch built with MKL, as the x86-64 wheels are); None elsewhere, or with CRFL_MKL_PACKED=0.
+
+    The mixed votes multiply every block of points by the same chunk of noisy weights: packed once per chunk,
+    the weights are not re-packed by every block's product (about 15% of torch.mm's time at these shapes,
+    docs/benchmarks.md). The same IEEE float32 sgemm as torch.mm's (docs/theory.md (c): any summation order)."""
+    if os.environ.get("CRFL_MKL_PACKED", "1") == "0" or not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        I, P = ctypes.c_int, ctypes.c_void_p  # MKL_INT: 32 bits (the LP64 interface these symbols are)
+        lib.cblas_sgemm_pack_get_size.argtypes, lib.cblas_sgemm_pack_get_size.restype = [I, I, I, I], ctypes.c_size_t
+        lib.cblas_sgemm_pack.argtypes = [I, I, I, I, I, I, ctypes.c_float, P, I, P]
+        lib.cblas_sgemm_pack.restype = None
+        lib.cblas_sgemm_compute.argtypes = [I, I, I, I, I, I, P, I, P, I, ctypes.c_float, P, I]
+        lib.cblas_sgemm_compute.restype = None
+    except (OSError, AttributeError):
+        return None
+    return lib
 
 
 #: at most this many votes (over all chunks of one count) go to exact integer arithmetic (about 5 ms each); more
@@ -415,7 +446,11 @@ def _linear_votes(
         # exact_votes.logit_error_scales), the number of nonzero features (only those terms of a logit carry
         # roundings) and whether every nonzero |x| is in [FLT_MIN, 1e37] (it converts to float32 with a relative
         # error: no underflow to a subnormal, no overflow; docs/theory.md (c), side conditions)
-        X32 = torch.empty((n, d + 1), dtype=torch.float32)  # [fl32(x), 1]: the bias is the product's last term
+        # [fl32(x), 1]: the bias is the product's last term; rows up to a whole number of point blocks (zeros past
+        # n), so that every block's product has the same shape (the packed products' requirement)
+        n_pad = -(-n // LINEAR_POINT_BLOCK) * LINEAR_POINT_BLOCK
+        X32 = torch.empty((n_pad, d + 1), dtype=torch.float32)
+        X32[n:].zero_()
         px, terms = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.int64)
         bad_x = torch.zeros(n, dtype=torch.int32)
         kernels.parallel_for(n, lambda lo, hi: lib.scan_points(_addr(Xd), lo, hi, d, _addr(X32), _addr(px),
@@ -464,6 +499,22 @@ def _linear_votes(
               and (sigma == 0.0 or sigma * float(e_min.min()) >= 2.0 * _DBL_MIN))
         return Wcm, pm, ok
 
+    mkl = _mkl_packed() if mixed else None
+    packed_buf: list[torch.Tensor] = []  # MKL's packed copy of a chunk's float32 operands (reused from chunk to chunk)
+
+    def pack(Wcm: torch.Tensor, reuse: bool) -> torch.Tensor:
+        """MKL's packed form of the (d + 1, C m) operand Wcm^T, for products with blocks of LINEAR_POINT_BLOCK
+        points (cblas_sgemm_pack: the same floats, laid out for MKL's kernels). ``reuse``: into the buffer of the
+        previous chunk (only where chunks run one after another: not while a helper thread prepares the next)."""
+        N, K = Wcm.shape
+        size = mkl.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, LINEAR_POINT_BLOCK, N, K)
+        if not reuse or not packed_buf or packed_buf[0].numel() * 4 < size:
+            packed_buf[:] = [torch.empty(size // 4 + 16, dtype=torch.float32)]
+        out = packed_buf[0]
+        mkl.cblas_sgemm_pack(_CBLAS_ROW_MAJOR, _CBLAS_B_MATRIX, _CBLAS_TRANS, LINEAR_POINT_BLOCK, N, K, 1.0,
+                             Wcm.data_ptr(), K, out.data_ptr())
+        return out
+
     def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0, into: torch.Tensor | None = None
                     ) -> Callable[[int, int, torch.Tensor], None]:
         m = E.shape[0]
@@ -475,6 +526,7 @@ def _linear_votes(
                 rounded[0] = True
                 if default:
                     monte_carlo_dtype(w_norm, sigma, M, d, C)
+        packed = pack(Wcm, reuse=fill is not None) if here and mkl is not None else None  # (held by add_votes)
         if not here:  # float64 (or float32 counts') products of the noisy weights, torch's arithmetic
             Wn = W.unsqueeze(0) + sigma * E[:, : C * d].view(m, C, d)  # (m, C, d), contiguous
             bn = b.unsqueeze(0) + sigma * E[:, C * d :]  # (m, C)
@@ -512,11 +564,18 @@ def _linear_votes(
                 pending, cand = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)  # cand: uint64
                 used, done, left = 0, ctypes.c_int64(0), []
                 thr_at, cnt_at, pm_at = thr32.data_ptr(), counts.data_ptr(), ctypes.c_void_p(pm.data_ptr())
+                x_at, buf_at, packed_at = X32.data_ptr(), buf.data_ptr(), None if packed is None else packed.data_ptr()
                 while (a := next_block()) is not None:
                     z = min(n1, a + LINEAR_POINT_BLOCK)
                     # float32 logits: one torch.mm with the bias as the (d + 1)-th term (an addmm would first copy
                     # the bias into the output); each vote whose float32 top-two gap proves it exact, the rest pending
-                    lp = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a]).data_ptr()  # (buf holds the products)
+                    if packed_at is not None:  # the whole block (X32's rows past n are zeros): MKL's packed product
+                        mkl.cblas_sgemm_compute(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_PACKED, LINEAR_POINT_BLOCK,
+                                                C * m, d + 1, x_at + a * (d + 1) * 4, d + 1, packed_at, d + 1, 0.0,
+                                                buf_at, C * m)
+                        lp = buf_at
+                    else:
+                        lp = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a]).data_ptr()  # (buf holds the products)
                     p0 = a
                     while p0 < z:
                         k = lib.votes_mixed_f32(
