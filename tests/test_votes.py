@@ -543,3 +543,43 @@ def test_mkl_alternate_compute_modes_turn_exact_votes_off(monkeypatch):
     assert smoothing.votes_arithmetic() == "exact"
     monkeypatch.setenv("MKL_BLAS_COMPUTE_MODE", "FLOAT_TO_BF16")
     assert smoothing.votes_arithmetic() == "float64"
+
+
+def test_flush_to_zero_turns_exact_votes_off():
+    """The proof's underflow allowances assume gradual underflow: with flush-to-zero (torch.set_flush_denormal)
+    the votes are float64's."""
+    if smoothing._votes_kernel() is None:
+        pytest.skip("no votes kernel")
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert smoothing.votes_arithmetic() == "float64"
+    finally:
+        torch.set_flush_denormal(False)
+    assert smoothing.votes_arithmetic() == "exact"
+
+
+def test_packed_product_check_refuses_a_wrong_product(monkeypatch):
+    """MKL's packed product is used only after one small exact product matches torch.mm's (_packed_product_checks):
+    a library whose compute is off is refused."""
+    real = smoothing._mkl_packed()
+    if real is None:
+        pytest.skip("torch without MKL's packed sgemm")
+    assert smoothing._packed_product_checks(real)
+    assert not smoothing._packed_product_checks(_spy_mkl(real, [], scale=1.5))
+
+
+def test_more_classes_than_the_candidate_mask_bits():
+    """C = 70 (> 64 classes: the candidate mask is all ones past bit 63) with two near-tied classes 3 and 66:
+    many votes go to the float64 recomputation, and the counts equal the float64 path's."""
+    C, d, n, M = 70, 40, 130, 60
+    W = torch.randn(C, d, generator=gen(1), dtype=torch.float64)
+    b = torch.randn(C, generator=gen(2), dtype=torch.float64)
+    W[66] = W[3] + 1e-9 * torch.randn(d, generator=gen(3), dtype=torch.float64)
+    b[3] += 100
+    b[66] = b[3]
+    X = torch.rand(n, d, generator=gen(4), dtype=torch.float64)
+    got, rec, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 25, 2048, None)
+    ref, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 25, 2048, torch.float64, mixed=False)
+    assert rec > n * M // 2 and torch.equal(got, ref)
+    assert int(got[:, 3].sum()) > 0 and int(got[:, 66].sum()) > 0

@@ -362,6 +362,11 @@ def _float32_products_are_ieee() -> bool:
         return False
     if os.environ.get("MKL_BLAS_COMPUTE_MODE", "").strip().upper() not in ("", "STANDARD"):
         return False
+    # gradual underflow (no flush-to-zero / denormals-are-zero, e.g. torch.set_flush_denormal(True)): the proof's
+    # absolute underflow allowances assume it (docs/theory.md (c), side conditions)
+    for v, dt in ((2.0 ** -1070, torch.float64), (2.0 ** -140, torch.float32)):  # a subnormal of each dtype
+        if float(torch.tensor(v, dtype=dt) * torch.tensor(1.0, dtype=dt)) != v:
+            return False
     mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     return getattr(mk, "fp32_precision", "none") in ("none", "ieee")
 
@@ -389,7 +394,24 @@ def _mkl_packed() -> ctypes.CDLL | None:
         lib.cblas_sgemm_compute.restype = None
     except (OSError, AttributeError):
         return None
-    return lib
+    return lib if _packed_product_checks(lib) else None
+
+
+def _packed_product_checks(lib: ctypes.CDLL) -> bool:
+    """One small packed product with integer entries (exact in float32, in any order) equals torch.mm's: the
+    symbols take the arguments as declared here (a 32-bit MKL_INT, row-major, the packed identifiers)."""
+    m, n, k = LINEAR_POINT_BLOCK, 24, 37
+    g = torch.Generator().manual_seed(0)
+    A = torch.randint(-8, 9, (m, k), generator=g).float()
+    B = torch.randint(-8, 9, (n, k), generator=g).float()  # the operand as the votes lay it out: rows of B^T
+    size = lib.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, m, n, k)
+    if not 0 < size < 1 << 30:
+        return False
+    packed, out = torch.zeros(size // 4 + 16, dtype=torch.float32), torch.full((m, n), math.nan, dtype=torch.float32)
+    lib.cblas_sgemm_pack(_CBLAS_ROW_MAJOR, _CBLAS_B_MATRIX, _CBLAS_TRANS, m, n, k, 1.0, B.data_ptr(), k, packed.data_ptr())
+    lib.cblas_sgemm_compute(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_PACKED, m, n, k, A.data_ptr(), k,
+                            packed.data_ptr(), k, 0.0, out.data_ptr(), n)
+    return bool(torch.equal(out, A @ B.T))
 
 
 #: at most this many votes (over all chunks of one count) go to exact integer arithmetic (about 5 ms each); more
