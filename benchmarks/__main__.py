@@ -745,7 +745,7 @@ def render_certification(ce: dict, date: str, machine: dict) -> str:
         f"| the float64 noise of one chunk (250 x 7850), one thread: `crfl.noise` ({ce.get('noise_engine')}) vs "
         f"torch.randn | {1e3 * ce.get('noise_chunk_seconds', np.nan):.1f} ms "
         f"({ce.get('noise_normals_per_s', np.nan) / 1e6:.0f}M normals/s) vs {1e3 * ce.get('randn_chunk_seconds', np.nan):.1f} ms: "
-        f"{ce.get('randn_chunk_seconds', np.nan) / ce.get('noise_chunk_seconds', np.nan):.1f}x faster (target >= 5x) |",
+        f"{ce.get('randn_chunk_seconds', np.nan) / ce.get('noise_chunk_seconds', np.nan):.1f}x faster |",
         "",
         CERT_NOTES.strip("\n"),
         "", CERT_END, "",
