@@ -268,28 +268,30 @@ def main() -> None:
         return
     rep = 3 if a.quick else 5
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    def section(label: str, measure, render, begin: str, end: str) -> None:  # noqa: ANN001
+        """--only: measure one section, replace it in the output file, print its JSON."""
+        print(f"{label} ...", flush=True)
+        result = measure()
+        _replace_section(out, render(result), begin, end)
+        print(json.dumps(result, indent=2))
+        print(f"written: {out}")
+
     if a.only == "ensemble":
         machine = {"cpu": _cpu_name(), "cores": os.cpu_count()}
-        print("ensembles ...", flush=True)
-        E, _ = ensemble_section(a.quick)
-        _replace_section(out, render_ensemble(E, date, machine), ENSEMBLE_BEGIN, ENSEMBLE_END)
-        print(json.dumps(E, indent=2))
-        print(f"written: {out}")
+        section("ensembles", lambda: ensemble_section(a.quick)[0], lambda E: render_ensemble(E, date, machine),
+                ENSEMBLE_BEGIN, ENSEMBLE_END)
         return
     if a.only == "e2e":
-        print("end to end through the CLI ...", flush=True)
-        E = cli_end_to_end(repeat=2 if a.quick else 3)
-        _replace_section(out, render_e2e(E, date, _machine()), E2E_BEGIN, E2E_END)
-        print(json.dumps(E, indent=2))
-        print(f"written: {out}")
+        section("end to end through the CLI", lambda: cli_end_to_end(repeat=2 if a.quick else 3),
+                lambda E: render_e2e(E, date, _machine()), E2E_BEGIN, E2E_END)
         return
     if a.only == "certification":
-        print("certification ...", flush=True)
-        ds, _ = fashion_or_synthetic()
-        C = certification(prepare(mnist_config(ds), ds), ds, rep)
-        _replace_section(out, render_certification(C, date, _machine()), CERT_BEGIN, CERT_END)
-        print(json.dumps(C, indent=2))
-        print(f"written: {out}")
+        def measure_certification() -> dict:
+            ds, _ = fashion_or_synthetic()
+            return certification(prepare(mnist_config(ds), ds), ds, rep)
+
+        section("certification", measure_certification, lambda C: render_certification(C, date, _machine()),
+                CERT_BEGIN, CERT_END)
         return
     if a.only == "train":
         print("training (paper MNIST setting) ...", flush=True)
@@ -300,11 +302,8 @@ def main() -> None:
         print("\n".join(render_training(tr, ds_name)))
         return
     if a.only == "reproduce":
-        print("scripts/reproduce-figures ...", flush=True)
-        P = reproduce_figures(a.specs, a.jobs, keep=a.keep_figures)
-        _replace_section(out, render_reproduce(P, date, _machine()), REPRO_BEGIN, REPRO_END)
-        print(json.dumps(P, indent=2))
-        print(f"written: {out}")
+        section("scripts/reproduce-figures", lambda: reproduce_figures(a.specs, a.jobs, keep=a.keep_figures),
+                lambda P: render_reproduce(P, date, _machine()), REPRO_BEGIN, REPRO_END)
         return
     R: dict = {"date": date, "machine": _machine()}
     print("ceilings ...", flush=True)
@@ -631,18 +630,14 @@ def certification(setup, ds, rep: int) -> dict:
                 if a is None:
                     return
                 if mkl is not None:  # MKL's packed product, the weights packed once per chunk (as the default)
-                    mkl.cblas_sgemm_compute(smoothing._CBLAS_ROW_MAJOR, smoothing._CBLAS_NO_TRANS, smoothing._CBLAS_PACKED,
-                                            kb, Wp.shape[0], d + 1, Xp.data_ptr() + a * (d + 1) * 4, d + 1,
-                                            packed.data_ptr(), d + 1, 0.0, buf.data_ptr(), Wp.shape[0])
+                    smoothing.packed_product(mkl, Xp.data_ptr() + a * (d + 1) * 4, kb, packed.data_ptr(), Wp.shape[0],
+                                             d + 1, buf.data_ptr())
                 else:
                     torch.mm(Xs[a : min(n, a + kb)], Ws, out=buf[: min(n, a + kb) - a])
 
         for _ in range(0, M, 250):
             if mkl is not None:
-                size = mkl.cblas_sgemm_pack_get_size(smoothing._CBLAS_B_MATRIX, kb, Wp.shape[0], d + 1)
-                packed = torch.empty(size // 4 + 16, dtype=torch.float32)
-                mkl.cblas_sgemm_pack(smoothing._CBLAS_ROW_MAJOR, smoothing._CBLAS_B_MATRIX, smoothing._CBLAS_TRANS, kb,
-                                     Wp.shape[0], d + 1, 1.0, Wp.data_ptr(), d + 1, packed.data_ptr())
+                packed = smoothing.pack_operand(mkl, Wp, kb)
             blocks, lock = iter(range(0, n, kb)), threading.Lock()
             smoothing._single_threaded_products(lambda threads: kernels.parallel_for(threads, run, threads=threads))
 

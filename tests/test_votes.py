@@ -109,6 +109,14 @@ def test_linear_counts_identical_to_the_torch_path(monkeypatch, C, dtype):
         assert 0 < recomputed < 2 * n * M
 
 
+def _without_float32_margin(monkeypatch) -> None:
+    """The float32 margin set to 0 (every float32 argmax taken as the vote; float64's margin kept): the counts are
+    then wrong where the tests use it, so their equality checks can fail."""
+    real = exact_votes.margin_threshold
+    monkeypatch.setattr(exact_votes, "margin_threshold",
+                        lambda px, k, dtype: real(px, k, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+
+
 def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch):
     """Points on decision boundaries at sigma = 1e-7: float32 rounding (~1e-6) is above the noise of the
     top-two gap, so most float32 argmaxes are not certified and their votes come from the float64 logits;
@@ -125,9 +133,7 @@ def test_mixed_counts_equal_float64_counts_where_float32_flips_votes(monkeypatch
         small = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
     assert torch.equal(small[0], ref) and small[1] == recomputed
     # without the margin (every float32 argmax taken as the vote) the counts are wrong: the test can fail
-    real = exact_votes.margin_threshold
-    monkeypatch.setattr(exact_votes, "margin_threshold",
-                        lambda px, d, dtype: real(px, d, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+    _without_float32_margin(monkeypatch)
     bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(5), 50, 64, torch.float64)
     assert not torch.equal(bare, ref)
 
@@ -142,9 +148,7 @@ def test_mixed_counts_on_sparse_points_equal_float64_counts(monkeypatch):
     got, recomputed, _ = _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64)
     ref, _, _ = torch_counts(monkeypatch, lambda: _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64))
     assert torch.equal(got, ref) and recomputed > 0
-    real = exact_votes.margin_threshold
-    monkeypatch.setattr(exact_votes, "margin_threshold",
-                        lambda px, k, dtype: real(px, k, dtype) * (0.0 if dtype == torch.float32 else 1.0))
+    _without_float32_margin(monkeypatch)
     bare, _, _ = _linear_votes(W, b, X, 1e-7, M, gen(25), 50, 64, torch.float64)
     assert not torch.equal(bare, ref)
 

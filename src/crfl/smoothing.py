@@ -397,6 +397,26 @@ def _mkl_packed() -> ctypes.CDLL | None:
     return lib if _packed_product_checks(lib) else None
 
 
+def pack_operand(lib: ctypes.CDLL, B: torch.Tensor, rows: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """MKL's packed form of B^T for B a contiguous float32 (n, k) (the votes' operand: one row per class and
+    model), for products with blocks of ``rows`` rows (cblas_sgemm_pack: the same floats, laid out for MKL's
+    kernels); into ``into`` where it is large enough, else a new buffer."""
+    n, k = B.shape
+    size = lib.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, rows, n, k)
+    if into is None or into.numel() * 4 < size:
+        into = torch.empty(size // 4 + 16, dtype=torch.float32)
+    lib.cblas_sgemm_pack(_CBLAS_ROW_MAJOR, _CBLAS_B_MATRIX, _CBLAS_TRANS, rows, n, k, 1.0, B.data_ptr(), k,
+                         into.data_ptr())
+    return into
+
+
+def packed_product(lib: ctypes.CDLL, a_at: int, rows: int, packed_at: int, n: int, k: int, out_at: int) -> None:
+    """out (rows, n) = A (rows, k) B^T at the addresses given (row-major, contiguous), B^T packed by
+    :func:`pack_operand` for blocks of ``rows`` rows (cblas_sgemm_compute)."""
+    lib.cblas_sgemm_compute(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_PACKED, rows, n, k, a_at, k, packed_at, k, 0.0,
+                            out_at, n)
+
+
 def _packed_product_checks(lib: ctypes.CDLL) -> bool:
     """One small packed product with integer entries (exact in float32, in any order) equals torch.mm's: the
     symbols take the arguments as declared here (a 32-bit MKL_INT, row-major, the packed identifiers)."""
@@ -404,13 +424,10 @@ def _packed_product_checks(lib: ctypes.CDLL) -> bool:
     g = torch.Generator().manual_seed(0)
     A = torch.randint(-8, 9, (m, k), generator=g).float()
     B = torch.randint(-8, 9, (n, k), generator=g).float()  # the operand as the votes lay it out: rows of B^T
-    size = lib.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, m, n, k)
-    if not 0 < size < 1 << 30:
+    if not 0 < lib.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, m, n, k) < 1 << 30:
         return False
-    packed, out = torch.zeros(size // 4 + 16, dtype=torch.float32), torch.full((m, n), math.nan, dtype=torch.float32)
-    lib.cblas_sgemm_pack(_CBLAS_ROW_MAJOR, _CBLAS_B_MATRIX, _CBLAS_TRANS, m, n, k, 1.0, B.data_ptr(), k, packed.data_ptr())
-    lib.cblas_sgemm_compute(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_PACKED, m, n, k, A.data_ptr(), k,
-                            packed.data_ptr(), k, 0.0, out.data_ptr(), n)
+    packed, out = pack_operand(lib, B, m), torch.full((m, n), math.nan, dtype=torch.float32)
+    packed_product(lib, A.data_ptr(), m, packed.data_ptr(), n, k, out.data_ptr())
     return bool(torch.equal(out, A @ B.T))
 
 
@@ -525,17 +542,11 @@ def _linear_votes(
     packed_buf: list[torch.Tensor] = []  # MKL's packed copy of a chunk's float32 operands (reused from chunk to chunk)
 
     def pack(Wcm: torch.Tensor, reuse: bool) -> torch.Tensor:
-        """MKL's packed form of the (d + 1, C m) operand Wcm^T, for products with blocks of LINEAR_POINT_BLOCK
-        points (cblas_sgemm_pack: the same floats, laid out for MKL's kernels). ``reuse``: into the buffer of the
-        previous chunk (only where chunks run one after another: not while a helper thread prepares the next)."""
-        N, K = Wcm.shape
-        size = mkl.cblas_sgemm_pack_get_size(_CBLAS_B_MATRIX, LINEAR_POINT_BLOCK, N, K)
-        if not reuse or not packed_buf or packed_buf[0].numel() * 4 < size:
-            packed_buf[:] = [torch.empty(size // 4 + 16, dtype=torch.float32)]
-        out = packed_buf[0]
-        mkl.cblas_sgemm_pack(_CBLAS_ROW_MAJOR, _CBLAS_B_MATRIX, _CBLAS_TRANS, LINEAR_POINT_BLOCK, N, K, 1.0,
-                             Wcm.data_ptr(), K, out.data_ptr())
-        return out
+        """The chunk's operand packed for blocks of LINEAR_POINT_BLOCK points (:func:`pack_operand`). ``reuse``:
+        into the buffer of the previous chunk (only where chunks run one after another: not while a helper thread
+        prepares the next)."""
+        packed_buf[:] = [pack_operand(mkl, Wcm, LINEAR_POINT_BLOCK, packed_buf[0] if reuse and packed_buf else None)]
+        return packed_buf[0]
 
     def noisy_model(E: torch.Tensor, fill: _Fill | None = None, m0: int = 0, into: torch.Tensor | None = None
                     ) -> Callable[[int, int, torch.Tensor], None]:
@@ -592,9 +603,7 @@ def _linear_votes(
                     # float32 logits: one torch.mm with the bias as the (d + 1)-th term (an addmm would first copy
                     # the bias into the output); each vote whose float32 top-two gap proves it exact, the rest pending
                     if packed_at is not None:  # the whole block (X32's rows past n are zeros): MKL's packed product
-                        mkl.cblas_sgemm_compute(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_PACKED, LINEAR_POINT_BLOCK,
-                                                C * m, d + 1, x_at + a * (d + 1) * 4, d + 1, packed_at, d + 1, 0.0,
-                                                buf_at, C * m)
+                        packed_product(mkl, x_at + a * (d + 1) * 4, LINEAR_POINT_BLOCK, packed_at, C * m, d + 1, buf_at)
                         lp = buf_at
                     else:
                         lp = torch.mm(X32[a:z], Wcm.T, out=buf[: z - a]).data_ptr()  # (buf holds the products)
