@@ -683,23 +683,7 @@ def _linear_votes(
     return counts, sum(r for r, _ in stats), sum(k for _, k in stats)
 
 
-_FLT_MIN, _DBL_MIN = 2.0 ** -126, 2.0 ** -1022
-
-
-_RANGE_BLOCK = 1 << 15  # entries per pass of the range checks: the temporaries stay in cache
-
-
-def _in_float32_range(*ts: torch.Tensor) -> bool:
-    """Every nonzero entry has FLT_MIN <= |v| <= 1e37 (NaN fails): its float32 cast has a relative error <= u.
-    In blocks of entries, so that no temporary the size of the tensor is made. The torch statement of the range
-    condition the compiled passes (scan_points, prep_mixed_f32) check; tests compare them."""
-    for t in ts:
-        flat = t.reshape(-1)
-        for i in range(0, flat.numel(), _RANGE_BLOCK):
-            a = flat[i : i + _RANGE_BLOCK].abs()
-            if not bool(a.max() <= 1e37) or bool(((a < _FLT_MIN) & (a > 0)).any()):  # a NaN fails the first test
-                return False
-    return True
+_DBL_MIN = 2.0 ** -1022
 
 
 def monte_carlo_votes_linear(
